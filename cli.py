@@ -1,0 +1,292 @@
+"""``sllm``: start a cluster, send it requests, and look inside it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+store_app = typer.Typer(no_args_is_help=True, help="The checkpoint store: convert and benchmark.")
+app.add_typer(store_app, name="store")
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _client(cluster: Optional[str]) -> Any:
+    from sllm_actors.client import Client, ClusterUnavailable, resolve_endpoint
+    from sllm_actors.topology import TopologyError
+
+    try:
+        return Client(resolve_endpoint(cluster))
+    except (ClusterUnavailable, TopologyError) as exc:
+        _fail(str(exc))
+
+
+ClusterOpt = typer.Option(None, "--cluster", help="client endpoint tcp://HOST:PORT (else $SLLM_CLUSTER, else ./topology.yaml)")
+
+
+@app.command()
+def up(
+    topology: Path = typer.Argument(..., help="the cluster's topology.yaml"),
+    headless: bool = typer.Option(False, "--headless", help="no TUI: log, print 'ready', run until SIGINT/SIGTERM"),
+    ready_timeout: float = typer.Option(300.0, help="seconds to wait for every node to join"),
+) -> None:
+    """Start the controller and the local nodes of TOPOLOGY."""
+    from sllm_actors.controller import Controller
+    from sllm_actors.models import ModelSourceError, prepare_default_model
+    from sllm_actors.topology import DEFAULT_MODEL_SOURCE, TopologyError, load_topology
+
+    logging.basicConfig(level=os.environ.get("SLLM_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s controller %(levelname)s %(name)s: %(message)s")
+    try:
+        topo = load_topology(topology)
+    except TopologyError as exc:
+        _fail(str(exc))
+    if any(m.source == DEFAULT_MODEL_SOURCE for m in topo.models):
+        try:
+            prepare_default_model(say=lambda text: console.print(text))
+        except ModelSourceError as exc:
+            _fail(str(exc))
+    controller = Controller(topo)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        controller.start()
+    except Exception as exc:  # a port in use, most often: say which and stop what started
+        controller.stop()
+        _fail(f"cannot start the controller: {exc}")
+    try:
+        if not controller.wait_ready(ready_timeout) and not stop.is_set():
+            missing = sorted(controller.node_names - set(controller.alive_nodes()))
+            console.print(f"[yellow]warning:[/] nodes not joined after {ready_timeout:.0f}s: {', '.join(missing)}")
+        ctx = controller.context
+        print(f"ready: client endpoint {ctx.client_endpoint} state endpoint {ctx.state_endpoint} "
+              f"nodes {','.join(sorted(controller.node_names))}", flush=True)
+        if not headless and sys.stdout.isatty():
+            console.print("(the interactive TUI is not built yet; logging instead. Ctrl-C stops the cluster.)")
+        while not stop.wait(0.5):
+            pass
+    finally:
+        console.print("stopping the cluster...")
+        controller.stop()
+        console.print("stopped")
+
+
+@app.command()
+def node(
+    join: str = typer.Option(..., "--join", help="the controller's cluster endpoint, tcp://HOST:PORT"),
+    name: str = typer.Option(..., "--name", help="this node's name in the topology"),
+) -> None:
+    """Run a node process that joins a controller (for nodes on other hosts)."""
+    from sllm_actors.node import main as node_main
+
+    raise typer.Exit(node_main(["--join", join, "--name", name]))
+
+
+@app.command()
+def generate(
+    model: str,
+    prompt: str,
+    max_tokens: int = typer.Option(128, "--max-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    chat: bool = typer.Option(False, "--chat", help="apply the model's chat template"),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    cluster: Optional[str] = ClusterOpt,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end instead of streaming"),
+) -> None:
+    """Stream MODEL's answer to PROMPT."""
+    from sllm_actors.client import ClusterUnavailable, Completion, RequestError, TokenEvent
+
+    client = _client(cluster)
+    try:
+        for event in client.generate(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                     seed=seed, chat=chat, stop=stop or []):
+            if isinstance(event, TokenEvent) and not as_json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif isinstance(event, Completion):
+                if as_json:
+                    print(json.dumps(event.to_json()))
+                else:
+                    print()
+                    console.print(f"[dim]{len(event.token_ids)} tokens, ttft {event.ttft_s:.3f}s, "
+                                  f"total {event.total_s:.3f}s, {event.finish_reason}"
+                                  + (f", {len(event.migrations)} migration(s)" if event.migrations else "") + "[/]")
+    except (RequestError, ClusterUnavailable) as exc:
+        _fail(str(exc), 1)
+    finally:
+        client.close()
+
+
+@app.command()
+def status(cluster: Optional[str] = ClusterOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Nodes, GPUs, instances, requests in flight and storage tiers."""
+    from sllm_actors.client import ClusterUnavailable, RequestError
+
+    client = _client(cluster)
+    try:
+        st = client.status()
+    except (RequestError, ClusterUnavailable) as exc:
+        _fail(str(exc), 1)
+    finally:
+        client.close()
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    _print_status(st)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    t = Table(title="nodes")
+    for col in ("name", "pid", "alive", "restarts"):
+        t.add_column(col)
+    for n in st["nodes"]:
+        t.add_row(n["name"], str(n["pid"]), "yes" if n["alive"] else "[red]no[/]", str(n["restarts"]))
+    out.print(t)
+    t = Table(title="gpus")
+    for col in ("node", "device", "memory used / total", "models"):
+        t.add_column(col)
+    for g in st["gpus"]:
+        t.add_row(g["node"], f"gpu-{g['index']} ({g['device']})",
+                  f"{_gib(g['memory_used'])} / {_gib(g['memory_total'])}", ", ".join(g["models"]))
+    out.print(t)
+    t = Table(title="instances")
+    for col in ("instance", "model", "where", "state", "requests", "loaded from"):
+        t.add_column(col)
+    for i in st["instances"]:
+        t.add_row(i["instance_id"], i["model"], f"{i['node']}/gpu-{i['gpu']}", i["state"], str(len(i["requests"])),
+                  f"{i['tier']} {i['load_s']:.2f}s" if i["tier"] else "")
+    out.print(t)
+    t = Table(title="requests in flight")
+    for col in ("request", "model", "tokens", "where", "state"):
+        t.add_column(col)
+    for r in st["requests"]:
+        t.add_row(r["request_id"], r["model"], str(r["tokens"]), f"{r['node']}/{r['instance_id']}", r["state"])
+    out.print(t)
+    t = Table(title="storage tiers")
+    for col in ("node", "tier", "models", "used / capacity", "bandwidth"):
+        t.add_column(col)
+    for tier in st["tiers"]:
+        cap = tier.get("capacity_bytes", 0)
+        bw = tier.get("bandwidth", 0.0)
+        t.add_row(tier["node"], tier["tier"], ", ".join(tier.get("models", [])),
+                  f"{_gib(tier.get('used_bytes', 0))} / {_gib(cap) if cap else '-'}",
+                  f"{bw / 1e9:.2f} GB/s" if bw else "-")
+    out.print(t)
+
+
+@app.command()
+def deploy(
+    name: str,
+    source: Path = typer.Option(..., "--source", help="a Hugging Face model directory or a .gguf file"),
+    cluster: Optional[str] = ClusterOpt,
+) -> None:
+    """Register model NAME from SOURCE with the running cluster."""
+    from sllm_actors.client import ClusterUnavailable, RequestError
+
+    client = _client(cluster)
+    try:
+        out.print(client.deploy(name, str(source)))
+    except (RequestError, ClusterUnavailable) as exc:
+        _fail(str(exc), 1)
+    finally:
+        client.close()
+
+
+@app.command()
+def migrate(
+    request_id: str,
+    to: str = typer.Option(..., "--to", help="destination NODE or NODE/gpu-N"),
+    cluster: Optional[str] = ClusterOpt,
+) -> None:
+    """Live-migrate a running request to another GPU."""
+    from sllm_actors.client import ClusterUnavailable, RequestError
+
+    client = _client(cluster)
+    try:
+        out.print(client.migrate(request_id, to))
+    except (RequestError, ClusterUnavailable) as exc:
+        _fail(str(exc), 1)
+    finally:
+        client.close()
+
+
+@app.command("kill-node")
+def kill_node(node_name: str, cluster: Optional[str] = ClusterOpt) -> None:
+    """SIGKILL a local node process (to watch the cluster recover)."""
+    from sllm_actors.client import ClusterUnavailable, RequestError
+
+    client = _client(cluster)
+    try:
+        out.print(client.kill_node(node_name))
+    except (RequestError, ClusterUnavailable) as exc:
+        _fail(str(exc), 1)
+    finally:
+        client.close()
+
+
+@app.command()
+def prepare() -> None:
+    """Fetch and convert the default model (SmolLM2-135M-Instruct) into the local cache."""
+    from sllm_actors.models import ModelSourceError, prepare_default_model
+
+    try:
+        path = prepare_default_model(say=lambda text: console.print(text))
+    except ModelSourceError as exc:
+        _fail(str(exc))
+    out.print(f"default model ready at {path}")
+
+
+@store_app.command("convert")
+def store_convert(src: Path, dest: Path) -> None:
+    """Convert SRC (HF directory, .gguf, or sllm-store directory) into our checkpoint format at DEST."""
+    from sllm_actors.storage import CheckpointError
+    from sllm_actors.storage.convert import convert_cli
+
+    try:
+        convert_cli(str(src), str(dest))
+    except (CheckpointError, ValueError, OSError) as exc:
+        _fail(str(exc))
+
+
+@store_app.command("bench")
+def store_bench(
+    device: str = typer.Option("cpu", "--device"),
+    size: float = typer.Option(1.0, "--size", help="checkpoint size in GB"),
+    as_json: Optional[Path] = typer.Option(None, "--json", help="write the figures to this file"),
+) -> None:
+    """Loader bandwidth against the hardware ceilings and the usual baselines, in one run."""
+    from sllm_actors.storage.bench import run_bench
+
+    run_bench(device, size, str(as_json) if as_json else None)
+
+
+if __name__ == "__main__":
+    app()

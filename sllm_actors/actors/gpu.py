@@ -1,0 +1,138 @@
+"""GpuActor: one device (``cuda:N`` or ``cpu``), the parent of the model instances on it.
+
+Instances are temporary children: a crashed instance is not restarted here, since where a model
+runs next is the scheduler's decision; the GPU reports ``InstanceGone`` and the router resumes the
+instance's requests from its token logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pykka
+
+from sllm_actors.actors.instance import ModelInstanceActor
+from sllm_actors.messages import InstanceGone, LoadFailed, LoadModel, UnloadModel
+from sllm_actors.node_context import NodeContext
+from sllm_actors.supervisor import ChildExited, SupervisedActor
+from sllm_actors.topology import GpuSpec
+
+log = logging.getLogger(__name__)
+
+
+def instance_actor_name(instance_id: str) -> str:
+    return f"instance/{instance_id}"
+
+
+class GpuActor(SupervisedActor):
+    def __init__(
+        self, supervisor: pykka.ActorRef[Any], name: str, *, node: NodeContext, index: int, spec: GpuSpec
+    ) -> None:
+        super().__init__(supervisor, name)
+        self.node = node
+        self.index = index
+        self.spec = spec
+        self.instances: dict[str, pykka.ActorRef[Any]] = {}
+        self.unloading: set[str] = set()
+
+    def started(self) -> None:
+        total = self.spec.memory_bytes
+        if self.spec.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"{self.spec.device} is in the topology but this host has no CUDA device")
+            free, device_total = torch.cuda.mem_get_info(torch.device(self.spec.device))
+            total = min(total, device_total) if total else device_total
+        self.memory_total = total
+        self._publish()
+
+    def stopping(self) -> None:
+        for instance_id, ref in list(self.instances.items()):
+            self.node.directory.remove(instance_actor_name(instance_id), ref)
+            try:
+                ref.stop(block=True, timeout=10)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                pass
+        self.instances.clear()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, LoadModel):
+            self._load(message)
+        elif isinstance(message, UnloadModel):
+            self._unload(message.instance_id)
+        elif isinstance(message, ChildExited):
+            self._instance_exited(message)
+        else:
+            raise TypeError(f"{self.name}: unexpected message {message!r}")
+        return None
+
+    def _load(self, msg: LoadModel) -> None:
+        if msg.instance_id in self.instances:
+            return  # a repeated order; the first one is loading or loaded
+        name = instance_actor_name(msg.instance_id)
+        try:
+            ref = ModelInstanceActor.start(
+                self.actor_ref,
+                name,
+                node=self.node,
+                instance_id=msg.instance_id,
+                model_name=msg.model,
+                source=msg.source,
+                gpu_index=self.index,
+                device=self.spec.device,
+                max_concurrency=msg.max_concurrency,
+            )
+        except Exception as exc:  # the actor could not even be created: report, stay up
+            self.node.send(LoadFailed(msg.instance_id, self.node.name, msg.model, f"cannot start instance: {exc}"))
+            return
+        self.instances[msg.instance_id] = ref
+        self.node.directory.put(name, ref)
+        self._publish()
+
+    def _unload(self, instance_id: str) -> None:
+        ref = self.instances.get(instance_id)
+        if ref is None:
+            self.node.send(InstanceGone(instance_id, self.node.name, "unloaded"))
+            return
+        self.unloading.add(instance_id)
+        ref.stop(block=False)
+
+    def _instance_exited(self, notice: ChildExited) -> None:
+        instance_id = notice.name.removeprefix("instance/")
+        ref = self.instances.pop(instance_id, None)
+        if ref is None:
+            return
+        self.node.directory.remove(notice.name, ref)
+        self.node.board.remove_instance(instance_id)
+        if instance_id in self.unloading:
+            self.unloading.discard(instance_id)
+            reason = "unloaded"
+        elif notice.abnormal:
+            reason = notice.reason
+            self.node.event("crash", f"instance {instance_id} on {self.node.name}/gpu-{self.index} {reason}")
+        else:
+            reason = "stopped"
+        self._free_device_memory()
+        self.node.send(InstanceGone(instance_id, self.node.name, reason))
+        self._publish()
+
+    def _free_device_memory(self) -> None:
+        if self.spec.device.startswith("cuda"):
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def _publish(self) -> None:
+        used = sum(i.get("memory_bytes", 0) for i in self.node.board.instances_on(self.index))
+        self.node.board.update_gpu(
+            self.index,
+            device=self.spec.device,
+            memory_total=self.memory_total,
+            memory_used=used,
+            instances=sorted(self.instances),
+        )

@@ -1,0 +1,135 @@
+"""NodeProcessActor: keeps one local node process running.
+
+The unit of crash is the node process. A watcher thread waits on the process; when it exits without
+being asked to, the registry hears it at once (faster than missed heartbeats) and the process is
+started again, within a restart intensity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import IO, Any
+
+import pykka
+
+from sllm_actors.cluster_context import ClusterContext
+from sllm_actors.messages import NodeProcessExited
+from sllm_actors.supervisor import SupervisedActor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessExited:
+    """In-process: the watcher saw the process end."""
+
+    pid: int
+    returncode: int
+
+
+@dataclass(frozen=True)
+class Kill:
+    """In-process: SIGKILL the node process (operators' drills, tests)."""
+
+
+class NodeProcessActor(SupervisedActor):
+    def __init__(
+        self,
+        supervisor: pykka.ActorRef[Any],
+        name: str,
+        *,
+        cluster: ClusterContext,
+        node: str,
+        log_file: IO[bytes] | None = None,
+        max_restarts: int = 5,
+        period_s: float = 60.0,
+    ) -> None:
+        super().__init__(supervisor, name)
+        self.cluster = cluster
+        self.node = node
+        self.log_file = log_file
+        self.max_restarts = max_restarts
+        self.period_s = period_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts: deque[float] = deque()
+        self.restart_count = 0
+        self.stopping_now = False
+
+    def started(self) -> None:
+        self._spawn()
+
+    def stopping(self) -> None:
+        self.stopping_now = True
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            log.warning("%s: did not stop on SIGTERM within 20s; killing it", self.node)
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, ProcessExited):
+            self._exited(message)
+        elif isinstance(message, Kill):
+            if self.proc is not None and self.proc.poll() is None:
+                log.warning("%s: killing pid %d on request", self.node, self.proc.pid)
+                self.cluster.events.emit("kill", f"SIGKILL {self.node} (pid {self.proc.pid})", {"node": self.node})
+                os.kill(self.proc.pid, signal.SIGKILL)
+            return self.proc.pid if self.proc else 0
+        elif message == "pid":
+            return self.proc.pid if self.proc and self.proc.poll() is None else 0
+        else:
+            raise TypeError(f"{self.name}: unexpected message {message!r}")
+        return None
+
+    def _spawn(self) -> None:
+        cmd = [
+            sys.executable, "-m", "sllm_actors.node",
+            "--join", self.cluster.cluster_endpoint, "--name", self.node, "--exit-with-controller",
+        ]
+        stderr = self.log_file if self.log_file is not None else None
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+        log.info("%s: started node process pid %d", self.node, self.proc.pid)
+        proc, me = self.proc, self.actor_ref
+
+        def watch() -> None:
+            code = proc.wait()
+            try:
+                me.tell(ProcessExited(proc.pid, code))
+            except pykka.ActorDeadError:
+                pass  # we are shutting down and asked for this exit
+
+        threading.Thread(target=watch, name=f"watch-{self.node}", daemon=True).start()
+
+    def _exited(self, msg: ProcessExited) -> None:
+        if self.stopping_now or self.proc is None or self.proc.pid != msg.pid:
+            return
+        log.warning("%s: node process pid %d exited with code %d", self.node, msg.pid, msg.returncode)
+        self.cluster.directory.tell("registry", NodeProcessExited(self.node, msg.returncode))
+        now = time.monotonic()
+        self.restarts.append(now)
+        while self.restarts and now - self.restarts[0] > self.period_s:
+            self.restarts.popleft()
+        if len(self.restarts) > self.max_restarts:
+            why = f"{self.node} exited {len(self.restarts)} times in {self.period_s:.0f}s; not restarting it"
+            log.error(why)
+            self.cluster.events.emit("error", why, {"node": self.node})
+            return
+        self.restart_count += 1
+        self.cluster.events.emit(
+            "restart", f"restarting {self.node} (exit code {msg.returncode}, restart #{self.restart_count})",
+            {"node": self.node},
+        )
+        self._spawn()

@@ -1,0 +1,155 @@
+"""NodeRegistryActor: which nodes are alive, on evidence only.
+
+A node is alive from its ``NodeHello`` until it misses ``MISSED_BEATS`` heartbeats (any message
+counts as a beat) or its process sentinel fires; a hello with a new incarnation means the old
+process is gone. Each decision is logged with the node's name and published as an event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+
+from sllm_actors.cluster_context import ClusterContext
+from sllm_actors.messages import (
+    Heartbeat,
+    NodeConfig,
+    NodeHello,
+    NodeLost,
+    NodeProcessExited,
+    NodeStatus,
+    NodeUp,
+    Query,
+    Tick,
+)
+from sllm_actors.supervisor import SupervisedActor
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5
+MISSED_BEATS = 3
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    incarnation: str = ""
+    pid: int = 0
+    alive: bool = False
+    ready: bool = False
+    """Alive and its actors built: it reported its first status. Only then does it get work."""
+    last_seen: float = 0.0
+    joined_at: float = 0.0
+    status: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    local: bool = True
+
+
+@dataclass(frozen=True)
+class Seen:
+    """In-process: any message from a node (a beat)."""
+
+    node: str
+
+
+class NodeRegistryActor(SupervisedActor):
+    def __init__(self, supervisor: pykka.ActorRef[Any], name: str, *, cluster: ClusterContext) -> None:
+        super().__init__(supervisor, name)
+        self.cluster = cluster
+        self.nodes: dict[str, NodeRecord] = {
+            n.name: NodeRecord(n.name, local=n.host == "local") for n in cluster.topology.nodes
+        }
+        self.seq = 0
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Seen):
+            rec = self.nodes.get(message.node)
+            if rec is not None and rec.alive:
+                rec.last_seen = time.monotonic()
+        elif isinstance(message, NodeHello):
+            self._hello(message)
+        elif isinstance(message, Heartbeat):
+            pass  # Seen already counted it
+        elif isinstance(message, NodeStatus):
+            rec = self.nodes.get(message.node)
+            if rec is not None and rec.alive and message.status.get("incarnation") == rec.incarnation:
+                rec.status = message.status
+                if not rec.ready:
+                    rec.ready = True
+                    self.cluster.events.emit("node", f"{rec.name} ready", {"node": rec.name})
+                    self.cluster.directory.tell("scheduler", NodeUp(rec.name, rec.incarnation))
+        elif isinstance(message, Tick):
+            self._check(message.now)
+        elif isinstance(message, NodeProcessExited):
+            rec = self.nodes.get(message.node)
+            if rec is not None:
+                rec.restarts += 1
+                if rec.alive:
+                    self._lost(rec, f"process exited with code {message.returncode}")
+        elif isinstance(message, Query):
+            return self._query(message.what)
+        else:
+            raise TypeError(f"{self.name}: unexpected message {message!r}")
+        return None
+
+    def _hello(self, hello: NodeHello) -> None:
+        rec = self.nodes.get(hello.node)
+        if rec is None:
+            return  # the controller already refused it; unknown names never reach here
+        if rec.alive and rec.incarnation == hello.incarnation:
+            return  # a repeated hello from the same process
+        if rec.alive:
+            self._lost(rec, "a new process of the same name joined")
+        rec.alive = True
+        rec.ready = False
+        rec.incarnation = hello.incarnation
+        rec.pid = hello.pid
+        rec.last_seen = time.monotonic()
+        rec.joined_at = time.time()
+        rec.status = {}
+        spec = self.cluster.topology.node(hello.node)
+        self.cluster.to_node(hello.node, NodeConfig(hello.node, spec.to_dict()))
+        log.info("registry: node %s joined (pid %d)", hello.node, hello.pid)
+        self.cluster.events.emit("node", f"{hello.node} joined (pid {hello.pid})", {"node": hello.node})
+
+    def _check(self, now: float) -> None:
+        self.seq += 1
+        for rec in self.nodes.values():
+            if not rec.alive:
+                continue
+            silent = now - rec.last_seen
+            if silent > HEARTBEAT_S * MISSED_BEATS:
+                self._lost(rec, f"missed {MISSED_BEATS} heartbeats ({silent:.1f}s silent)")
+            else:
+                self.cluster.to_node(rec.name, Heartbeat("controller", self.seq))
+
+    def _lost(self, rec: NodeRecord, reason: str) -> None:
+        rec.alive = False
+        rec.ready = False
+        rec.status = {}
+        log.warning("registry: node %s is dead: %s", rec.name, reason)
+        self.cluster.events.emit("crash", f"{rec.name} lost: {reason}", {"node": rec.name})
+        self.cluster.directory.tell("scheduler", NodeLost(rec.name, reason))
+
+    def _query(self, what: str) -> Any:
+        if what == "alive":
+            return sorted(n for n, r in self.nodes.items() if r.alive and r.ready)
+        if what == "nodes":
+            return [
+                {
+                    "name": r.name,
+                    "pid": r.pid,
+                    "alive": r.alive,
+                    "ready": r.ready,
+                    "local": r.local,
+                    "restarts": r.restarts,
+                    "incarnation": r.incarnation,
+                    "status": r.status,
+                }
+                for r in self.nodes.values()
+            ]
+        raise ValueError(f"unknown query {what!r}")

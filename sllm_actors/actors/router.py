@@ -1,0 +1,321 @@
+"""RouterActor: the clients' side of the cluster.
+
+It keeps each request's token log (in the controller-owned RequestTable), forwards tokens to the
+client as they arrive, and when an instance is lost resumes the request from that log on another
+instance, so the client sees one stream with no token lost or repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+import pykka
+
+from sllm_actors.cluster_context import ClusterContext, RequestRecord
+from sllm_actors.messages import (
+    CancelInference,
+    CancelRequest,
+    ClientGone,
+    ClusterSnapshot,
+    ErrorReply,
+    FromClient,
+    GenerateDone,
+    GenerateRequest,
+    InferenceDone,
+    InferenceFailed,
+    InstancesLost,
+    Place,
+    Placed,
+    PlacementFailed,
+    PromptAccepted,
+    Query,
+    RequestFinished,
+    StartInference,
+    StatusReply,
+    StatusRequest,
+    TokenChunk,
+)
+from sllm_actors.supervisor import SupervisedActor
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 1_000_000
+MAX_TOKENS_LIMIT = 1 << 20
+
+
+class RouterActor(SupervisedActor):
+    def __init__(self, supervisor: pykka.ActorRef[Any], name: str, *, cluster: ClusterContext) -> None:
+        super().__init__(supervisor, name)
+        self.cluster = cluster
+        self.requests = cluster.table.requests
+
+    def started(self) -> None:
+        # A restarted router picks up the token logs its predecessor left and re-places each request.
+        for rec in self.requests.values():
+            self._resume(rec, "router restarted")
+
+    # ------------------------------------------------------------------ messages
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, FromClient):
+            self._from_client(message.peer, message.message)
+        elif isinstance(message, TokenChunk):
+            self._tokens(message)
+        elif isinstance(message, PromptAccepted):
+            rec = self.requests.get(message.request_id)
+            if rec is not None and rec.prompt_ids is None:
+                rec.prompt_ids = list(message.prompt_ids)
+        elif isinstance(message, InferenceDone):
+            self._done(message)
+        elif isinstance(message, InferenceFailed):
+            self._failed(message)
+        elif isinstance(message, Placed):
+            self._placed(message)
+        elif isinstance(message, PlacementFailed):
+            rec = self.requests.get(message.request_id)
+            if rec is not None:
+                self._finish_with_error(rec, message.code, message.message)
+        elif isinstance(message, InstancesLost):
+            for rec in list(self.requests.values()):
+                if rec.instance_id in message.instance_ids:
+                    self._resume(rec, message.reason)
+        elif isinstance(message, ClientGone):
+            for rec in [r for r in self.requests.values() if r.client == message.peer]:
+                log.info("router: client of %s is gone; cancelling it", rec.request_id)
+                self._cancel(rec)
+        elif isinstance(message, Query):
+            return self._query(message.what)
+        else:
+            raise TypeError(f"{self.name}: unexpected message {message!r}")
+        return None
+
+    def _from_client(self, peer: bytes, msg: Any) -> None:
+        if isinstance(msg, GenerateRequest):
+            self._generate(peer, msg)
+        elif isinstance(msg, CancelRequest):
+            rec = self.requests.get(msg.request_id)
+            if rec is not None and rec.client == peer:
+                self._cancel(rec)
+                self.cluster.to_client(peer, ErrorReply(msg.request_id, "cancelled", "cancelled by the client"))
+        elif isinstance(msg, StatusRequest):
+            self.cluster.to_client(peer, StatusReply(msg.request_id, self.status()))
+        else:
+            self.cluster.to_client(peer, ErrorReply(getattr(msg, "request_id", ""), "unexpected",
+                                                    f"the router does not take {msg.tag} messages"))
+
+    # ------------------------------------------------------------------ request lifecycle
+
+    def _generate(self, peer: bytes, msg: GenerateRequest) -> None:
+        problem = _validate(msg)
+        if not problem and msg.request_id in self.requests:
+            problem = f"request id {msg.request_id!r} is already in flight"
+        if problem:
+            self.cluster.to_client(peer, ErrorReply(msg.request_id, "bad_request", problem))
+            return
+        seed = msg.seed if msg.seed is not None else secrets.randbits(63)
+        rec = RequestRecord(
+            request_id=msg.request_id, client=peer, model=msg.model, prompt=msg.prompt, chat=msg.chat,
+            max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, seed=seed, stop=list(msg.stop),
+        )
+        self.requests[msg.request_id] = rec
+        self.cluster.directory.tell("scheduler", Place(rec.request_id, rec.model))
+
+    def _placed(self, msg: Placed) -> None:
+        rec = self.requests.get(msg.request_id)
+        if rec is None:
+            # Finished or cancelled while placement was under way: give the slot back.
+            self.cluster.directory.tell("scheduler", RequestFinished(msg.request_id, msg.instance_id))
+            return
+        rec.node, rec.instance_id = msg.node, msg.instance_id
+        if rec.state == "resuming" and rec.active_migration is not None:
+            rec.active_migration["to"] = f"{msg.node}/{msg.instance_id}"
+        rec.state = "running"
+        self.cluster.to_node(msg.node, self._start_message(rec))
+
+    def _start_message(self, rec: RequestRecord) -> StartInference:
+        return StartInference(
+            request_id=rec.request_id, instance_id=rec.instance_id, prompt=rec.prompt if rec.prompt_ids is None else "",
+            chat=rec.chat, prompt_ids=rec.prompt_ids or [], generated_ids=list(rec.generated),
+            max_tokens=rec.max_tokens, temperature=rec.temperature, top_p=rec.top_p, seed=rec.seed, stop=rec.stop,
+            text_so_far=rec.text,
+        )
+
+    def _tokens(self, chunk: TokenChunk) -> None:
+        rec = self.requests.get(chunk.request_id)
+        if rec is None:
+            return
+        have = len(rec.generated)
+        if chunk.index + len(chunk.token_ids) <= have:
+            return  # a late or repeated chunk (from a source after a migration or a resume)
+        if chunk.index > have:
+            log.error("router: %s: chunk at %d but the log has %d tokens; dropped", rec.request_id, chunk.index, have)
+            return
+        new_ids = chunk.token_ids[have - chunk.index :]
+        now = time.monotonic()
+        if rec.first_token_at is None:
+            rec.first_token_at = now
+        if rec.active_migration is not None and rec.last_token_at is not None:
+            gap = now - rec.last_token_at
+            rec.active_migration["pause_s"] = max(rec.active_migration.get("pause_s", 0.0), gap)
+            if rec.active_migration.get("kind") == "resume":
+                rec.migrations.append(rec.active_migration)
+                rec.active_migration = None
+        rec.last_token_at = now
+        rec.generated.extend(new_ids)
+        # The text of a partial overlap is not split per token; only whole new chunks carry text.
+        text = chunk.text if chunk.index == have else ""
+        rec.text += text
+        self.cluster.to_client(rec.client, TokenChunk(rec.request_id, have, new_ids, text))
+
+    def _done(self, msg: InferenceDone) -> None:
+        rec = self.requests.get(msg.request_id)
+        if rec is None or msg.instance_id != rec.instance_id:
+            return  # the instance this request left behind
+        if msg.n_generated > len(rec.generated):
+            log.error("router: %s done at %d tokens but the log has %d", rec.request_id, msg.n_generated,
+                      len(rec.generated))
+        self.requests.pop(rec.request_id, None)
+        self.cluster.directory.tell("scheduler", RequestFinished(rec.request_id, rec.instance_id))
+        now = time.monotonic()
+        if rec.active_migration is not None:
+            rec.migrations.append(rec.active_migration)
+        self.cluster.to_client(rec.client, GenerateDone(
+            request_id=rec.request_id, model=rec.model, token_ids=list(rec.generated), text=rec.text,
+            finish_reason=msg.finish_reason,
+            ttft_s=(rec.first_token_at or now) - rec.created, total_s=now - rec.created,
+            prompt_tokens=len(rec.prompt_ids or []), migrations=rec.migrations,
+        ))
+
+    def _failed(self, msg: InferenceFailed) -> None:
+        rec = self.requests.get(msg.request_id)
+        if rec is None or msg.instance_id != rec.instance_id:
+            return
+        if msg.code == "no_instance":
+            self._resume(rec, msg.message)
+            return
+        self._finish_with_error(rec, msg.code, msg.message)
+
+    def _finish_with_error(self, rec: RequestRecord, code: str, message: str) -> None:
+        self.requests.pop(rec.request_id, None)
+        if rec.instance_id:
+            self.cluster.directory.tell("scheduler", RequestFinished(rec.request_id, rec.instance_id))
+        self.cluster.to_client(rec.client, ErrorReply(rec.request_id, code, message))
+
+    def _cancel(self, rec: RequestRecord) -> None:
+        self.requests.pop(rec.request_id, None)
+        if rec.instance_id:
+            self.cluster.to_node(rec.node, CancelInference(rec.request_id, rec.instance_id))
+            self.cluster.directory.tell("scheduler", RequestFinished(rec.request_id, rec.instance_id))
+
+    def _resume(self, rec: RequestRecord, reason: str) -> None:
+        """Continue a request from its token log on whatever instance the scheduler finds."""
+        lost = f"{rec.node}/{rec.instance_id}" if rec.instance_id else "(unplaced)"
+        log.warning("router: resuming %s after %s: %s (%d tokens in the log)", rec.request_id, lost, reason,
+                    len(rec.generated))
+        self.cluster.events.emit(
+            "resume", f"resume {rec.request_id} from its token log ({len(rec.generated)} tokens): {reason}",
+            {"request_id": rec.request_id},
+        )
+        if rec.active_migration is None:
+            rec.active_migration = {
+                "kind": "resume", "from": lost, "to": "", "reason": reason, "rounds": 1,
+                "tokens_recomputed": len(rec.prompt_ids or []) + len(rec.generated), "pause_s": 0.0,
+                "started": time.time(),
+            }
+        old_instance = rec.instance_id
+        rec.state, rec.node, rec.instance_id = "resuming", "", ""
+        self.cluster.directory.tell("scheduler", Place(rec.request_id, rec.model, resume=True,
+                                                       exclude_instance=old_instance))
+
+    # ------------------------------------------------------------------ status
+
+    def _query(self, what: str) -> Any:
+        if what == "publish":
+            self.cluster.publish(ClusterSnapshot(time.time(), self.status()))
+            return None
+        if what == "requests":
+            return self._requests_view()
+        if what == "status":
+            return self.status()
+        raise ValueError(f"unknown query {what!r}")
+
+    def _requests_view(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        out = []
+        for rec in self.requests.values():
+            elapsed = now - (rec.first_token_at or now)
+            out.append({
+                "request_id": rec.request_id, "model": rec.model, "state": rec.state, "tokens": len(rec.generated),
+                "node": rec.node, "instance_id": rec.instance_id,
+                "tokens_per_s": round(len(rec.generated) / elapsed, 1) if elapsed > 0 else 0.0,
+                "migrations": len(rec.migrations),
+            })
+        return out
+
+    def status(self) -> dict[str, Any]:
+        directory = self.cluster.directory
+        nodes = _ask(directory.get("registry"), Query("nodes"), [])
+        instances = _ask(directory.get("scheduler"), Query("instances"), [])
+        models = _ask(directory.get("scheduler"), Query("models"), [])
+        queue = _ask(directory.get("scheduler"), Query("queue"), [])
+        gpus, tiers = [], []
+        for node in nodes:
+            status = node.get("status") or {}
+            spec = self.cluster.topology.node(node["name"])
+            for index, gpu in enumerate(spec.gpus):
+                on_gpu = [i for i in instances if i["node"] == node["name"] and i["gpu"] == index]
+                gpus.append({
+                    "node": node["name"], "index": index, "device": gpu.device,
+                    "memory_total": gpu.memory_bytes, "memory_used": sum(i["memory_bytes"] for i in on_gpu),
+                    "models": [i["model"] for i in on_gpu],
+                })
+            for tier in status.get("tiers", []):
+                tiers.append({"node": node["name"], **tier})
+            node.pop("status", None)
+            node["instances_reported"] = len(status.get("instances", []))
+        return {
+            "time": time.time(),
+            "client_endpoint": self.cluster.client_endpoint,
+            "nodes": nodes,
+            "gpus": gpus,
+            "instances": instances,
+            "models": models,
+            "queue": queue,
+            "requests": self._requests_view(),
+            "tiers": tiers,
+            "events": self.cluster.events.recent(50),
+        }
+
+
+def _ask(ref: pykka.ActorRef[Any] | None, message: Any, default: Any) -> Any:
+    if ref is None:
+        return default
+    try:
+        return ref.ask(message, timeout=2.0)
+    except (pykka.ActorDeadError, pykka.Timeout):
+        return default
+
+
+def _validate(msg: GenerateRequest) -> str:
+    if not msg.request_id:
+        return "request_id is empty"
+    if not msg.model:
+        return "model is empty"
+    if not msg.prompt.strip():
+        return "the prompt is empty"
+    if len(msg.prompt) > MAX_PROMPT_CHARS:
+        return f"the prompt has {len(msg.prompt)} characters; the limit is {MAX_PROMPT_CHARS}"
+    if msg.max_tokens <= 0:
+        return f"max_tokens must be positive, got {msg.max_tokens}"
+    if msg.max_tokens > MAX_TOKENS_LIMIT:
+        return f"max_tokens must be at most {MAX_TOKENS_LIMIT}, got {msg.max_tokens}"
+    if msg.temperature < 0:
+        return f"temperature must be >= 0, got {msg.temperature}"
+    if not 0 < msg.top_p <= 1:
+        return f"top_p must be in (0, 1], got {msg.top_p}"
+    if msg.seed is not None and msg.seed < 0:
+        return f"seed must be >= 0, got {msg.seed}"
+    return ""

@@ -1,0 +1,345 @@
+"""SchedulerActor: which instance serves a request, and where a model starts.
+
+Placement here: a ready instance of the model with room; else one that is loading; else a new
+instance on the first GPU with memory for it (unloading idle instances of other models if that makes
+room); else the request waits in a queue until capacity appears or its timeout ends it with a clear
+error. Idle instances go after the model's ``keep_alive``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pykka
+
+from sllm_actors.cluster_context import ClusterContext
+from sllm_actors.messages import (
+    Ack,
+    DeployModel,
+    ErrorReply,
+    FromClient,
+    InstanceGone,
+    InstanceReady,
+    InstancesLost,
+    LoadFailed,
+    LoadModel,
+    NodeLost,
+    NodeUp,
+    Place,
+    Placed,
+    PlacementFailed,
+    Query,
+    RequestFinished,
+    Tick,
+    UnloadModel,
+)
+from sllm_actors.models import default_model_dir, directory_bytes, is_model_dir
+from sllm_actors.supervisor import SupervisedActor
+from sllm_actors.topology import DEFAULT_MODEL_SOURCE, ModelSpec
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_MODEL_BYTES = 1 << 30
+LOAD_OVERHEAD = 1.15
+"""Room for activations and KV caches beside the weights."""
+
+
+@dataclass
+class Instance:
+    instance_id: str
+    node: str
+    gpu: int
+    model: str
+    memory_bytes: int
+    state: str = "loading"  # loading, ready, unloading
+    requests: set[str] = field(default_factory=set)
+    waiters: list[str] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+    load_s: float = 0.0
+    tier: str = ""
+
+
+@dataclass
+class Waiting:
+    request_id: str
+    model: str
+    since: float
+
+
+class SchedulerActor(SupervisedActor):
+    def __init__(self, supervisor: pykka.ActorRef[Any], name: str, *, cluster: ClusterContext) -> None:
+        super().__init__(supervisor, name)
+        self.cluster = cluster
+        self.topology = cluster.topology
+        self.catalog: dict[str, ModelSpec] = {m.name: m for m in self.topology.models}
+        self.model_bytes: dict[str, int] = {}
+        self.alive: set[str] = set()
+        self.instances: dict[str, Instance] = {}
+        self.queue: list[Waiting] = []
+        self._ids = itertools.count(1)
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ messages
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Place):
+            self._place(message.request_id, message.model, exclude=message.exclude_instance)
+        elif isinstance(message, RequestFinished):
+            inst = self.instances.get(message.instance_id)
+            if inst is not None:
+                inst.requests.discard(message.request_id)
+                inst.last_used = time.monotonic()
+            self.queue = [w for w in self.queue if w.request_id != message.request_id]
+            self._drain_queue()
+        elif isinstance(message, InstanceReady):
+            self._ready(message)
+        elif isinstance(message, LoadFailed):
+            self._load_failed(message)
+        elif isinstance(message, InstanceGone):
+            self._gone([message.instance_id], message.reason)
+        elif isinstance(message, NodeUp):
+            self.alive.add(message.node)
+            self._drain_queue()
+        elif isinstance(message, NodeLost):
+            self.alive.discard(message.node)
+            lost = [i.instance_id for i in self.instances.values() if i.node == message.node]
+            self._gone(lost, f"node {message.node} lost: {message.reason}")
+        elif isinstance(message, Tick):
+            self._tick(message.now)
+        elif isinstance(message, FromClient) and isinstance(message.message, DeployModel):
+            self._deploy(message.peer, message.message)
+        elif isinstance(message, Query):
+            return self._query(message.what)
+        else:
+            raise TypeError(f"{self.name}: unexpected message {message!r}")
+        return None
+
+    # ------------------------------------------------------------------ placement
+
+    def _place(self, request_id: str, model: str, exclude: str = "") -> None:
+        spec = self.catalog.get(model)
+        if spec is None:
+            known = ", ".join(sorted(self.catalog)) or "none"
+            self._fail(request_id, "unknown_model", f"model {model!r} is not deployed (deployed: {known})")
+            return
+        ready = [
+            i for i in self.instances.values()
+            if i.model == model and i.state == "ready" and i.node in self.alive and i.instance_id != exclude
+            and len(i.requests) < spec.target_concurrency
+        ]
+        if ready:
+            inst = min(ready, key=lambda i: len(i.requests))
+            self._assign(inst, request_id)
+            return
+        loading = [
+            i for i in self.instances.values()
+            if i.model == model and i.state == "loading" and len(i.waiters) < spec.target_concurrency
+        ]
+        if loading:
+            loading[0].waiters.append(request_id)
+            return
+        if self._start_instance(spec, request_id):
+            return
+        self.queue.append(Waiting(request_id, model, time.monotonic()))
+        log.info("scheduler: %s waits for capacity for %s", request_id, model)
+
+    def _start_instance(self, spec: ModelSpec, first_waiter: str) -> bool:
+        count = sum(1 for i in self.instances.values() if i.model == spec.name and i.state != "unloading")
+        if count >= spec.max_instances:
+            return False
+        need = self._need_bytes(spec)
+        slot = self._find_gpu(need) or self._make_room(need)
+        if slot is None:
+            return False
+        node, gpu = slot
+        instance_id = f"{spec.name}-{next(self._ids)}"
+        inst = Instance(instance_id, node, gpu, spec.name, need, waiters=[first_waiter])
+        self.instances[instance_id] = inst
+        self.cluster.to_node(node, LoadModel(instance_id, spec.name, spec.source, gpu, spec.target_concurrency))
+        self.cluster.events.emit(
+            "schedule", f"start {spec.name} on {node}/gpu-{gpu} for {first_waiter}",
+            {"model": spec.name, "node": node, "gpu": gpu},
+        )
+        return True
+
+    def _gpus(self) -> list[tuple[str, int, int]]:
+        """(node, gpu index, free bytes) of every GPU on an alive node, in topology order."""
+        out = []
+        for node in self.topology.nodes:
+            if node.name not in self.alive:
+                continue
+            for index, gpu in enumerate(node.gpus):
+                used = sum(
+                    i.memory_bytes for i in self.instances.values() if i.node == node.name and i.gpu == index
+                )
+                out.append((node.name, index, gpu.memory_bytes - used))
+        return out
+
+    def _find_gpu(self, need: int) -> tuple[str, int] | None:
+        for node, gpu, free in self._gpus():
+            if free >= need:
+                return node, gpu
+        return None
+
+    def _make_room(self, need: int) -> tuple[str, int] | None:
+        """Unload idle instances (least recently used first) on the GPU where that frees enough."""
+        for node, gpu, free in self._gpus():
+            idle = sorted(
+                (i for i in self.instances.values()
+                 if i.node == node and i.gpu == gpu and i.state == "ready" and not i.requests and not i.waiters),
+                key=lambda i: i.last_used,
+            )
+            if free + sum(i.memory_bytes for i in idle) < need:
+                continue
+            for inst in idle:
+                if free >= need:
+                    break
+                self._unload(inst, "to make room")
+                free += inst.memory_bytes
+            return node, gpu
+        return None
+
+    def _unload(self, inst: Instance, why: str) -> None:
+        inst.state = "unloading"
+        self.cluster.to_node(inst.node, UnloadModel(inst.instance_id))
+        self.cluster.events.emit(
+            "unload", f"unload {inst.model} from {inst.node}/gpu-{inst.gpu} ({why})",
+            {"model": inst.model, "node": inst.node},
+        )
+
+    def _need_bytes(self, spec: ModelSpec) -> int:
+        known = self.model_bytes.get(spec.name)
+        if known is None:
+            known = _estimate_source_bytes(spec.source)
+            self.model_bytes[spec.name] = known
+        return int(known * LOAD_OVERHEAD)
+
+    def _assign(self, inst: Instance, request_id: str) -> None:
+        inst.requests.add(request_id)
+        inst.last_used = time.monotonic()
+        self.cluster.directory.tell("router", Placed(request_id, inst.node, inst.instance_id))
+
+    def _fail(self, request_id: str, code: str, message: str) -> None:
+        self.cluster.directory.tell("router", PlacementFailed(request_id, code, message))
+
+    # ------------------------------------------------------------------ instance lifecycle
+
+    def _ready(self, msg: InstanceReady) -> None:
+        inst = self.instances.get(msg.instance_id)
+        if inst is None:
+            # Loaded after we gave up on it (node lost and back, say): nobody waits; unload it.
+            self.cluster.to_node(msg.node, UnloadModel(msg.instance_id))
+            return
+        inst.state = "ready"
+        inst.load_s = msg.load_s
+        inst.tier = msg.tier
+        if msg.memory_bytes:
+            inst.memory_bytes = int(msg.memory_bytes * LOAD_OVERHEAD)
+            self.model_bytes[inst.model] = msg.memory_bytes
+        waiters, inst.waiters = inst.waiters, []
+        for request_id in waiters:
+            self._assign(inst, request_id)
+        self._drain_queue()
+
+    def _load_failed(self, msg: LoadFailed) -> None:
+        inst = self.instances.pop(msg.instance_id, None)
+        if inst is None:
+            return
+        self.cluster.events.emit("error", f"loading {msg.model} on {msg.node} failed: {msg.error}",
+                                 {"model": msg.model, "node": msg.node})
+        for request_id in inst.waiters:
+            self._fail(request_id, "load_failed", f"loading {msg.model} on {msg.node} failed: {msg.error}")
+        self._drain_queue()
+
+    def _gone(self, instance_ids: list[str], reason: str) -> None:
+        lost_with_requests = []
+        orphans: list[tuple[str, str]] = []
+        for instance_id in instance_ids:
+            inst = self.instances.pop(instance_id, None)
+            if inst is None:
+                continue
+            if inst.requests:
+                lost_with_requests.append(instance_id)
+            orphans += [(r, inst.model) for r in inst.waiters]
+        if lost_with_requests:
+            self.cluster.directory.tell("router", InstancesLost(lost_with_requests, reason))
+        for request_id, model in orphans:
+            self._place(request_id, model)
+        self._drain_queue()
+
+    def _drain_queue(self) -> None:
+        waiting, self.queue = self.queue, []
+        for w in waiting:
+            before = len(self.queue)
+            self._place(w.request_id, w.model)
+            if len(self.queue) > before:
+                self.queue[-1] = w  # still waiting: keep its original arrival time for the timeout
+
+    def _tick(self, now: float) -> None:
+        timeout = self.topology.scheduler.queue_timeout_s
+        expired = [w for w in self.queue if now - w.since > timeout]
+        for w in expired:
+            self.queue.remove(w)
+            self._fail(w.request_id, "no_capacity",
+                       f"no GPU could serve {w.model} within {timeout:.0f}s (all busy or too small)")
+        for inst in list(self.instances.values()):
+            spec = self.catalog.get(inst.model)
+            if spec is None or inst.state != "ready" or inst.requests or inst.waiters:
+                continue
+            if now - inst.last_used > spec.keep_alive_s:
+                count = sum(1 for i in self.instances.values() if i.model == inst.model and i.state == "ready")
+                if count > spec.min_instances:
+                    self._unload(inst, f"idle for {spec.keep_alive_s:.0f}s, scale down")
+
+    # ------------------------------------------------------------------ operators
+
+    def _deploy(self, peer: bytes, msg: DeployModel) -> None:
+        source = Path(msg.source).expanduser()
+        if not (is_model_dir(source) or (source.is_file() and source.suffix == ".gguf")):
+            self.cluster.to_client(peer, ErrorReply(
+                msg.request_id, "bad_source",
+                f"{msg.source}: not a model directory (no config.json) nor a .gguf file on the controller's host",
+            ))
+            return
+        self.catalog[msg.name] = ModelSpec(name=msg.name, source=str(source.resolve()))
+        self.model_bytes.pop(msg.name, None)
+        self.cluster.events.emit("deploy", f"deployed {msg.name} from {source}", {"model": msg.name})
+        self.cluster.to_client(peer, Ack(msg.request_id, f"deployed {msg.name}"))
+
+    def _query(self, what: str) -> Any:
+        if what == "instances":
+            return [
+                {
+                    "instance_id": i.instance_id, "node": i.node, "gpu": i.gpu, "model": i.model, "state": i.state,
+                    "requests": sorted(i.requests), "waiting": len(i.waiters), "memory_bytes": i.memory_bytes,
+                    "load_s": round(i.load_s, 3), "tier": i.tier,
+                }
+                for i in self.instances.values()
+            ]
+        if what == "models":
+            return [{"name": m.name, "source": m.source} for m in self.catalog.values()]
+        if what == "queue":
+            return [{"request_id": w.request_id, "model": w.model} for w in self.queue]
+        raise ValueError(f"unknown query {what!r}")
+
+
+def _estimate_source_bytes(source: str) -> int:
+    if source == DEFAULT_MODEL_SOURCE:
+        path = default_model_dir()
+        return directory_weight_bytes(path) if path.exists() else 600 * 1024**2
+    path = Path(source)
+    if path.exists():
+        return directory_weight_bytes(path)
+    return UNKNOWN_MODEL_BYTES
+
+
+def directory_weight_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    weights = [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".gguf") and p.is_file()]
+    return sum(p.stat().st_size for p in weights) or directory_bytes(path)

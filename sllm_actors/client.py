@@ -1,0 +1,256 @@
+"""The Python client of a running cluster (what ``sllm generate`` and ``sllm status`` use).
+
+    client = Client("tcp://127.0.0.1:7700")
+    for event in client.generate("smollm2-135m", "What is the capital of France?", chat=True):
+        if isinstance(event, TokenEvent):
+            print(event.text, end="", flush=True)
+        else:
+            print(event.ttft_s, event.total_s)
+
+One ``Client`` is one ZeroMQ DEALER socket: use it from one thread; open one per thread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from sllm_actors import wire
+from sllm_actors.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    CancelRequest,
+    DeployModel,
+    ErrorReply,
+    GenerateDone,
+    GenerateRequest,
+    Hello,
+    KillNode,
+    Message,
+    MigrateCommand,
+    ProtocolError,
+    StatusReply,
+    StatusRequest,
+    TokenChunk,
+    Welcome,
+)
+
+
+class ClusterUnavailable(ConnectionError):
+    """No cluster answered at the endpoint in time."""
+
+
+class RequestError(RuntimeError):
+    """The cluster refused or failed a request; ``code`` is machine-readable."""
+
+    def __init__(self, request_id: str, code: str, message: str) -> None:
+        super().__init__(f"{message} [{code}]")
+        self.request_id = request_id
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    model: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    ttft_s: float
+    total_s: float
+    prompt_tokens: int
+    migrations: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id, "model": self.model, "token_ids": self.token_ids, "text": self.text,
+            "finish_reason": self.finish_reason, "ttft_s": self.ttft_s, "total_s": self.total_s,
+            "prompt_tokens": self.prompt_tokens, "migrations": self.migrations,
+        }
+
+
+def resolve_endpoint(cluster: str | None = None, cwd: Path | None = None) -> str:
+    """``--cluster``, else ``$SLLM_CLUSTER``, else the controller of ``./topology.yaml``."""
+    if cluster:
+        return cluster
+    env = os.environ.get("SLLM_CLUSTER")
+    if env:
+        return env
+    path = (cwd or Path.cwd()) / "topology.yaml"
+    if path.is_file():
+        from sllm_actors.topology import load_topology
+
+        return load_topology(path).controller.client_endpoint
+    raise ClusterUnavailable(
+        "no cluster endpoint: pass --cluster tcp://HOST:PORT, set SLLM_CLUSTER, or run where topology.yaml is"
+    )
+
+
+class Client:
+    def __init__(self, endpoint: str, *, connect_timeout: float = 5.0, idle_timeout: float = 900.0) -> None:
+        self.endpoint = endpoint
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self._context = zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self.state_endpoint = ""
+
+    # ------------------------------------------------------------------ connection
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is not None:
+            return self._socket
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"client-{uuid.uuid4().hex[:12]}".encode())
+        sock.connect(self.endpoint)
+        self._socket = sock
+        sock.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "client")))
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            msg = self._recv(deadline, connecting=True)
+            if isinstance(msg, Welcome):
+                self.state_endpoint = msg.state_endpoint
+                return sock
+            if isinstance(msg, ErrorReply):
+                self.close()
+                raise ClusterUnavailable(f"the cluster at {self.endpoint} refused us: {msg.message}")
+
+    def _recv(self, deadline: float, connecting: bool = False) -> Message:
+        assert self._socket is not None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._socket.poll(int(remaining * 1000)):
+                self.close()
+                if connecting:
+                    raise ClusterUnavailable(
+                        f"no sllm cluster answered at {self.endpoint} within {self.connect_timeout:.0f}s "
+                        "(is `sllm up` running there?)"
+                    )
+                raise ClusterUnavailable(
+                    f"the cluster at {self.endpoint} went silent for {self.idle_timeout:.0f}s; giving up"
+                )
+            frames = self._socket.recv_multipart()
+            try:
+                _, msg = wire.unpack(frames)
+            except ProtocolError as exc:
+                raise RequestError("", "bad_message", f"the cluster sent a frame we cannot read: {exc}") from None
+            return msg
+
+    def _send(self, msg: Message) -> None:
+        self._connect().send_multipart(wire.pack(msg))
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _await_reply(self, request_id: str, timeout: float) -> Message:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._recv(deadline)
+            if getattr(msg, "request_id", None) != request_id:
+                continue  # a stray reply of an earlier, abandoned request
+            if isinstance(msg, ErrorReply):
+                raise RequestError(request_id, msg.code, msg.message)
+            return msg
+
+    # ------------------------------------------------------------------ requests
+
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool = False,
+        stop: list[str] | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[TokenEvent | Completion]:
+        """Token events as they arrive, then one Completion. Raises RequestError on refusal."""
+        request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
+        self._send(GenerateRequest(
+            request_id=request_id, model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, chat=chat, stop=list(stop or []),
+        ))
+        finished = False
+        try:
+            while True:
+                msg = self._await_reply(request_id, self.idle_timeout)
+                if isinstance(msg, TokenChunk):
+                    yield TokenEvent(msg.request_id, msg.index, list(msg.token_ids), msg.text)
+                elif isinstance(msg, GenerateDone):
+                    finished = True
+                    yield Completion(
+                        request_id=msg.request_id, model=msg.model, token_ids=list(msg.token_ids), text=msg.text,
+                        finish_reason=msg.finish_reason, ttft_s=msg.ttft_s, total_s=msg.total_s,
+                        prompt_tokens=msg.prompt_tokens, migrations=list(msg.migrations),
+                    )
+                    return
+        except RequestError:
+            finished = True
+            raise
+        finally:
+            if not finished and self._socket is not None:
+                # The caller stopped reading: free the GPU time instead of generating for nobody.
+                self._socket.send_multipart(wire.pack(CancelRequest(request_id)))
+
+    def complete(self, model: str, prompt: str, **kwargs: Any) -> Completion:
+        """generate() without streaming: the Completion alone."""
+        for event in self.generate(model, prompt, **kwargs):
+            if isinstance(event, Completion):
+                return event
+        raise RequestError("", "incomplete", "the stream ended without a completion")
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        request_id = f"status-{uuid.uuid4().hex[:8]}"
+        self._send(StatusRequest(request_id))
+        reply = self._await_reply(request_id, timeout)
+        assert isinstance(reply, StatusReply)
+        return reply.status
+
+    def deploy(self, name: str, source: str, timeout: float = 30.0) -> str:
+        request_id = f"deploy-{uuid.uuid4().hex[:8]}"
+        self._send(DeployModel(request_id, name, str(Path(source).expanduser().resolve())))
+        reply = self._await_reply(request_id, timeout)
+        assert isinstance(reply, Ack)
+        return reply.detail
+
+    def migrate(self, request_id: str, target: str, timeout: float = 300.0) -> str:
+        cmd_id = f"migrate-{uuid.uuid4().hex[:8]}"
+        self._send(MigrateCommand(cmd_id, request_id, target))
+        reply = self._await_reply(cmd_id, timeout)
+        assert isinstance(reply, Ack)
+        return reply.detail
+
+    def kill_node(self, node: str, timeout: float = 10.0) -> str:
+        request_id = f"kill-{uuid.uuid4().hex[:8]}"
+        self._send(KillNode(request_id, node))
+        reply = self._await_reply(request_id, timeout)
+        assert isinstance(reply, Ack)
+        return reply.detail

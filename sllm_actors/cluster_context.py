@@ -1,0 +1,94 @@
+"""What the controller's actors share: the topology, the sockets' send side, the event log, and the
+request table (the token logs), which outlives a crashed router so a restarted one resumes them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from sllm_actors.messages import ClusterEvent, Message
+from sllm_actors.supervisor import Directory
+from sllm_actors.topology import Topology
+from sllm_actors.transport import Transport
+
+CLIENTS = "clients"
+CLUSTER = "cluster"
+STATE = "state"
+
+
+class EventLog:
+    def __init__(self, transport: Transport, keep: int = 300) -> None:
+        self.transport = transport
+        self._events: deque[ClusterEvent] = deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def add(self, event: ClusterEvent) -> None:
+        with self._lock:
+            self._events.append(event)
+        self.transport.send(STATE, event)
+
+    def emit(self, kind: str, text: str, data: dict[str, Any] | None = None) -> None:
+        self.add(ClusterEvent(time.time(), kind, text, data or {}))
+
+    def recent(self, n: int = 50) -> list[dict[str, Any]]:
+        with self._lock:
+            items = list(self._events)[-n:]
+        return [{"time": e.time, "kind": e.kind, "text": e.text, **({"data": e.data} if e.data else {})} for e in items]
+
+
+@dataclass
+class RequestRecord:
+    """A request's resumable state: everything needed to continue it on any instance."""
+
+    request_id: str
+    client: bytes
+    model: str
+    prompt: str
+    chat: bool
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: list[str]
+    prompt_ids: list[int] | None = None
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    node: str = ""
+    instance_id: str = ""
+    state: str = "placing"
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    migrations: list[dict[str, Any]] = field(default_factory=list)
+    active_migration: dict[str, Any] | None = None
+
+
+class RequestTable:
+    """Owned by the controller, used only from the router's thread (one at a time)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, RequestRecord] = {}
+
+
+@dataclass
+class ClusterContext:
+    topology: Topology
+    transport: Transport
+    directory: Directory
+    events: EventLog
+    table: RequestTable
+    client_endpoint: str = ""
+    cluster_endpoint: str = ""
+    state_endpoint: str = ""
+
+    def to_client(self, peer: bytes, msg: Message) -> None:
+        self.transport.send(CLIENTS, msg, peer=peer)
+
+    def to_node(self, node: str, msg: Message) -> None:
+        self.transport.send(CLUSTER, msg, peer=node.encode())
+
+    def publish(self, msg: Message) -> None:
+        self.transport.send(STATE, msg)

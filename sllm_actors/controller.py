@@ -1,0 +1,229 @@
+"""The controller process: router, scheduler, node registry and local node processes, supervised.
+
+Three sockets: clients (ROUTER), nodes (ROUTER; a node's identity is its name, and a message with an
+address is relayed to that node, which is how two nodes talk during a migration), and state (PUB:
+snapshots and events for TUIs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import pykka
+
+from sllm_actors.actors.node_process import Kill, NodeProcessActor
+from sllm_actors.actors.registry import NodeRegistryActor, Seen
+from sllm_actors.actors.router import RouterActor
+from sllm_actors.actors.scheduler import SchedulerActor
+from sllm_actors.cluster_context import CLIENTS, CLUSTER, STATE, ClusterContext, EventLog, RequestTable
+from sllm_actors.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    CancelRequest,
+    ClientGone,
+    ClusterEvent,
+    ClusterSnapshot,
+    DeployModel,
+    ErrorReply,
+    FromClient,
+    GenerateRequest,
+    Heartbeat,
+    Hello,
+    InferenceDone,
+    InferenceFailed,
+    InstanceGone,
+    InstanceReady,
+    KillNode,
+    LoadFailed,
+    Message,
+    MigrateCommand,
+    MigrationEnded,
+    Migrated,
+    NodeHello,
+    NodeStatus,
+    PromptAccepted,
+    Query,
+    StatusRequest,
+    Tick,
+    TokenChunk,
+    Welcome,
+)
+from sllm_actors.supervisor import ChildSpec, Directory, Supervisor
+from sllm_actors.topology import Topology
+from sllm_actors.transport import Transport
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.5
+SNAPSHOT_S = 0.5
+
+_TO_ROUTER = (TokenChunk, PromptAccepted, InferenceDone, InferenceFailed, Migrated)
+_TO_SCHEDULER = (InstanceReady, LoadFailed, InstanceGone, MigrationEnded)
+
+
+class Controller:
+    def __init__(self, topology: Topology, *, spawn_local_nodes: bool = True, node_log: IO[bytes] | None = None,
+                 cluster_name: str = "sllm") -> None:
+        self.topology = topology
+        self.spawn_local_nodes = spawn_local_nodes
+        self.node_log = node_log
+        self.cluster_name = cluster_name
+        self.transport = Transport("controller")
+        self.directory = Directory()
+        self.events = EventLog(self.transport)
+        self.table = RequestTable()
+        self.context = ClusterContext(topology, self.transport, self.directory, self.events, self.table)
+        self.supervisor: pykka.ActorRef[Any] | None = None
+        self.node_names = {n.name for n in topology.nodes}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        ctl = self.topology.controller
+        ctx = self.context
+        ctx.client_endpoint = self.transport.bind_router(
+            CLIENTS, ctl.endpoint(ctl.client_port), self._from_client, on_unreachable=self._client_gone
+        )
+        # A restarted node reconnects with the same identity: it takes over the old connection.
+        ctx.cluster_endpoint = self.transport.bind_router(
+            CLUSTER, ctl.endpoint(ctl.cluster_port), self._from_node, handover=True
+        )
+        ctx.state_endpoint = self.transport.bind_pub(STATE, ctl.endpoint(ctl.state_port))
+        self.transport.every(TICK_S, self._tick)
+        self.transport.every(SNAPSHOT_S, self._snapshot)
+        children = [
+            ChildSpec("registry", lambda sup, name: NodeRegistryActor.start(sup, name, cluster=ctx)),
+            ChildSpec("scheduler", lambda sup, name: SchedulerActor.start(sup, name, cluster=ctx)),
+            ChildSpec("router", lambda sup, name: RouterActor.start(sup, name, cluster=ctx)),
+        ]
+        if self.spawn_local_nodes:
+            for node in self.topology.nodes:
+                if node.host == "local":
+                    children.append(ChildSpec(
+                        f"process/{node.name}",
+                        lambda sup, name, node=node.name: NodeProcessActor.start(
+                            sup, name, cluster=ctx, node=node, log_file=self.node_log
+                        ),
+                    ))
+        self.transport.start()
+        self.supervisor = Supervisor.start(
+            None, "controller/supervisor", children, self.directory,
+            strategy="one_for_one", max_restarts=10, period_s=30.0,
+            on_event=lambda kind, text, data: self.events.emit(kind, text, data),
+        )
+        self.events.emit("start", f"controller up: clients at {ctx.client_endpoint}")
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once every node of the topology has joined."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if set(self.alive_nodes()) >= self.node_names:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def alive_nodes(self) -> list[str]:
+        ref = self.directory.get("registry")
+        if ref is None:
+            return []
+        try:
+            return ref.ask(Query("alive"), timeout=2)
+        except (pykka.ActorDeadError, pykka.Timeout):
+            return []
+
+    def status(self) -> dict[str, Any]:
+        ref = self.directory.get("router")
+        return ref.ask(Query("status"), timeout=5) if ref else {}
+
+    def kill_node(self, node: str) -> int:
+        ref = self.directory.get(f"process/{node}")
+        if ref is None:
+            raise KeyError(f"{node} is not a local node of this controller")
+        return ref.ask(Kill(), timeout=5)
+
+    def stop(self) -> None:
+        if self.supervisor is not None:
+            try:
+                self.supervisor.stop(block=True, timeout=60)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                log.error("controller: supervisor did not stop in time")
+        pykka.ActorRegistry.stop_all(block=True, timeout=10)
+        self.transport.stop()
+
+    # ------------------------------------------------------------------ IO thread: dispatch only
+
+    def _from_client(self, peer: bytes, address: str, msg: Message) -> None:
+        if isinstance(msg, Hello):
+            if msg.protocol_version != PROTOCOL_VERSION:
+                self.context.to_client(peer, ErrorReply("", "version_mismatch",
+                                                        f"protocol version {msg.protocol_version} is not supported; "
+                                                        f"this cluster speaks {PROTOCOL_VERSION}"))
+            else:
+                self.context.to_client(peer, Welcome(PROTOCOL_VERSION, self.cluster_name, self.context.state_endpoint))
+        elif isinstance(msg, (GenerateRequest, CancelRequest, StatusRequest)):
+            self._tell("router", FromClient(peer, msg), peer, msg)
+        elif isinstance(msg, (DeployModel, MigrateCommand)):
+            self._tell("scheduler", FromClient(peer, msg), peer, msg)
+        elif isinstance(msg, KillNode):
+            try:
+                pid = self.kill_node(msg.node)
+                self.context.to_client(peer, Ack(msg.request_id, f"killed {msg.node} (pid {pid})"))
+            except KeyError as exc:
+                self.context.to_client(peer, ErrorReply(msg.request_id, "unknown_node", str(exc.args[0])))
+        elif isinstance(msg, Heartbeat):
+            pass
+        else:
+            self.context.to_client(peer, ErrorReply(getattr(msg, "request_id", ""), "unexpected",
+                                                    f"clients may not send {msg.tag} messages"))
+
+    def _tell(self, actor: str, wrapped: Any, peer: bytes, msg: Message) -> None:
+        if not self.directory.tell(actor, wrapped):
+            self.context.to_client(peer, ErrorReply(getattr(msg, "request_id", ""), "unavailable",
+                                                    f"the {actor} is restarting; try again"))
+
+    def _from_node(self, peer: bytes, address: str, msg: Message) -> None:
+        node = peer.decode(errors="replace")
+        if node not in self.node_names:
+            self.transport.send(CLUSTER, ErrorReply("", "rejected", f"node {node!r} is not in the topology "
+                                                    f"{self.topology.path}"), peer=peer)
+            return
+        if address:
+            if address in self.node_names:
+                self.context.to_node(address, msg)  # node-to-node (migration), relayed
+            return
+        self.directory.tell("registry", Seen(node))
+        if isinstance(msg, NodeHello):
+            if msg.protocol_version != PROTOCOL_VERSION:
+                self.transport.send(CLUSTER, ErrorReply("", "version_mismatch",
+                                                        f"node speaks protocol {msg.protocol_version}, the "
+                                                        f"controller {PROTOCOL_VERSION}"), peer=peer)
+                return
+            self.directory.tell("registry", msg)
+        elif isinstance(msg, NodeStatus):
+            self.directory.tell("registry", msg)
+        elif isinstance(msg, _TO_ROUTER):
+            self.directory.tell("router", msg)
+        elif isinstance(msg, _TO_SCHEDULER):
+            self.directory.tell("scheduler", msg)
+        elif isinstance(msg, ClusterEvent):
+            self.events.add(msg)
+        elif isinstance(msg, (Heartbeat, ErrorReply)):
+            if isinstance(msg, ErrorReply):
+                log.warning("controller: %s reports: %s", node, msg.message)
+        else:
+            log.warning("controller: unexpected %s from %s", msg.tag, node)
+
+    def _client_gone(self, peer: bytes) -> None:
+        self.directory.tell("router", ClientGone(peer))
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self.directory.tell("registry", Tick(now))
+        self.directory.tell("scheduler", Tick(now))
+
+    def _snapshot(self) -> None:
+        # Built in the router's thread: the IO thread must not wait on actors.
+        self.directory.tell("router", Query("publish"))

@@ -1,0 +1,680 @@
+"""Every message of the sllm-actors protocol, and its wire form.
+
+A message is an immutable, typed record with a type tag. On the wire it is one msgpack body
+``[tag, {field: value}]`` inside an envelope of three frames (see :mod:`sllm_actors.wire`):
+``[b"SLLM/<version>", address, body]``. Fields are append-only: a new field goes at the end
+with a default, so an older peer's message still decodes.
+
+Decoding checks the tag and every field's type against the record's annotations, so a garbage
+frame becomes a :class:`ProtocolError` naming the problem, never an exception inside an actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""Bodies above this are refused before unpacking; tokens and status fit in far less."""
+
+
+class ProtocolError(ValueError):
+    """A frame or body that does not follow the protocol. The message names the problem."""
+
+    def __init__(self, problem: str, request_id: str = "") -> None:
+        super().__init__(problem)
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    tag: ClassVar[str] = ""
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+_FIELD_TYPES: dict[type[Message], dict[str, Any]] = {}
+
+
+def _register(cls: type[Message]) -> type[Message]:
+    if not cls.tag or cls.tag in _REGISTRY:
+        raise RuntimeError(f"message {cls.__name__} needs a unique tag, got {cls.tag!r}")
+    _REGISTRY[cls.tag] = cls
+    return cls
+
+
+def message_types() -> dict[str, type[Message]]:
+    return dict(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- handshake, liveness
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message of any peer; the controller answers Welcome or ErrorReply (version mismatch)."""
+
+    tag: ClassVar[str] = "hello"
+    protocol_version: int
+    role: str  # "client", "node" or "tui"
+    name: str = ""
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    tag: ClassVar[str] = "welcome"
+    protocol_version: int
+    cluster: str
+    state_endpoint: str = ""
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """Sent both ways every heartbeat interval; any message also counts as a beat."""
+
+    tag: ClassVar[str] = "heartbeat"
+    sender: str
+    seq: int
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Message):
+    """A failed request returned as data. ``code`` is machine-readable, ``message`` is for people."""
+
+    tag: ClassVar[str] = "error"
+    request_id: str
+    code: str
+    message: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    tag: ClassVar[str] = "ack"
+    request_id: str
+    detail: str = ""
+
+
+# ----------------------------------------------------------------------------- client <-> router
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class GenerateRequest(Message):
+    tag: ClassVar[str] = "generate"
+    request_id: str
+    model: str
+    prompt: str
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    chat: bool = False
+    stop: list[str] = field(default_factory=list)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class CancelRequest(Message):
+    tag: ClassVar[str] = "cancel"
+    request_id: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class TokenChunk(Message):
+    """Tokens of one request, from the instance to the router and on to the client.
+
+    ``index`` is the position of the first token in the request's generated sequence, so a
+    receiver recognises a chunk it already has (after a resume) and drops it.
+    """
+
+    tag: ClassVar[str] = "tokens"
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class GenerateDone(Message):
+    """The router's last message of a request to its client."""
+
+    tag: ClassVar[str] = "generate_done"
+    request_id: str
+    model: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    ttft_s: float
+    total_s: float
+    prompt_tokens: int
+    migrations: list[dict[str, Any]] = field(default_factory=list)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class StatusRequest(Message):
+    tag: ClassVar[str] = "status"
+    request_id: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    tag: ClassVar[str] = "status_reply"
+    request_id: str
+    status: dict[str, Any]
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class DeployModel(Message):
+    tag: ClassVar[str] = "deploy"
+    request_id: str
+    name: str
+    source: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class MigrateCommand(Message):
+    """An operator's order to move running request ``subject`` to ``target`` (``node`` or ``node/gpu-N``).
+
+    ``request_id`` identifies the command itself, for its Ack or ErrorReply.
+    """
+
+    tag: ClassVar[str] = "migrate_command"
+    request_id: str
+    subject: str
+    target: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class KillNode(Message):
+    """An operator's order to SIGKILL a local node process (demos, recovery drills)."""
+
+    tag: ClassVar[str] = "kill_node"
+    request_id: str
+    node: str
+
+
+# ----------------------------------------------------------------------------- controller <-> node
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class NodeHello(Message):
+    tag: ClassVar[str] = "node_hello"
+    protocol_version: int
+    node: str
+    pid: int
+    incarnation: str
+    """A fresh id per process start, so a restarted node is told apart from a reconnect."""
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class NodeConfig(Message):
+    """Controller -> node after NodeHello: the node's part of the topology (GPUs, tiers)."""
+
+    tag: ClassVar[str] = "node_config"
+    node: str
+    spec: dict[str, Any]
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class NodeStatus(Message):
+    """A node's view of itself: GPUs, instances, storage tiers. Sent on change."""
+
+    tag: ClassVar[str] = "node_status"
+    node: str
+    status: dict[str, Any]
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class LoadModel(Message):
+    tag: ClassVar[str] = "load_model"
+    instance_id: str
+    model: str
+    source: str
+    gpu: int
+    max_concurrency: int = 4
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class InstanceReady(Message):
+    tag: ClassVar[str] = "instance_ready"
+    instance_id: str
+    node: str
+    gpu: int
+    model: str
+    load_s: float
+    tier: str
+    memory_bytes: int
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class LoadFailed(Message):
+    tag: ClassVar[str] = "load_failed"
+    instance_id: str
+    node: str
+    model: str
+    error: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class UnloadModel(Message):
+    tag: ClassVar[str] = "unload_model"
+    instance_id: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class InstanceGone(Message):
+    """An instance stopped: unloaded on purpose, or crashed (``reason`` says which)."""
+
+    tag: ClassVar[str] = "instance_gone"
+    instance_id: str
+    node: str
+    reason: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class StartInference(Message):
+    """Run (or resume) a request on an instance.
+
+    A fresh request carries ``prompt``; a resumed one carries the token log: ``prompt_ids`` and
+    the ``generated_ids`` so far. Sampling is a function of (seed, step), so a resumed seeded
+    request continues exactly as it would have.
+    """
+
+    tag: ClassVar[str] = "start_inference"
+    request_id: str
+    instance_id: str
+    prompt: str
+    chat: bool
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: list[str]
+    text_so_far: str = ""
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class PromptAccepted(Message):
+    """The instance's tokenization of a fresh prompt, so the router's token log starts complete."""
+
+    tag: ClassVar[str] = "prompt_accepted"
+    request_id: str
+    instance_id: str
+    prompt_ids: list[int]
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class InferenceDone(Message):
+    tag: ClassVar[str] = "inference_done"
+    request_id: str
+    instance_id: str
+    finish_reason: str
+    n_generated: int
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class InferenceFailed(Message):
+    tag: ClassVar[str] = "inference_failed"
+    request_id: str
+    instance_id: str
+    code: str
+    message: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class CancelInference(Message):
+    tag: ClassVar[str] = "cancel_inference"
+    request_id: str
+    instance_id: str
+
+
+# ----------------------------------------------------------------------------- live migration
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class MigrateOut(Message):
+    """Scheduler -> source instance: move every request to ``dest_instance`` on ``dest_node``."""
+
+    tag: ClassVar[str] = "migrate_out"
+    migration_id: str
+    instance_id: str
+    dest_node: str
+    dest_instance: str
+    request_ids: list[str]
+    delta_tokens: int = 8
+    max_rounds: int = 3
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ResumeRequest(Message):
+    """Source -> destination: recompute the KV cache for these tokens (round ``round``).
+
+    Round 0 carries the whole token log; later rounds carry only ``new_ids`` produced since.
+    """
+
+    tag: ClassVar[str] = "resume"
+    migration_id: str
+    round: int
+    request_id: str
+    dest_instance: str
+    source_node: str
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: list[str]
+    text_so_far: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ResumeDone(Message):
+    tag: ClassVar[str] = "resume_done"
+    migration_id: str
+    round: int
+    request_id: str
+    n_tokens: int
+    recompute_s: float
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ResumeFailed(Message):
+    tag: ClassVar[str] = "resume_failed"
+    migration_id: str
+    round: int
+    request_id: str
+    message: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Migrated(Message):
+    """Source -> router: the source stopped ``request_id``; the destination continues it."""
+
+    tag: ClassVar[str] = "migrated"
+    migration_id: str
+    request_id: str
+    source_instance: str
+    dest_node: str
+    dest_instance: str
+    n_generated: int
+    rounds: int
+    tokens_recomputed: int
+    total_s: float
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ContinueInference(Message):
+    """Router -> destination: the route now points here; generate from token ``from_index``."""
+
+    tag: ClassVar[str] = "continue"
+    migration_id: str
+    request_id: str
+    instance_id: str
+    generated_ids: list[int]
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class MigrationEnded(Message):
+    """Source -> scheduler: the migration of an instance finished (``outcome``: done/aborted)."""
+
+    tag: ClassVar[str] = "migration_ended"
+    migration_id: str
+    instance_id: str
+    outcome: str
+    detail: str = ""
+
+
+# ----------------------------------------------------------------------------- state for observers
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ClusterEvent(Message):
+    """One line of the cluster's event log: loads, migrations, crashes, restarts, scale-downs."""
+
+    tag: ClassVar[str] = "event"
+    time: float
+    kind: str
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot(Message):
+    tag: ClassVar[str] = "snapshot"
+    time: float
+    status: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _field_types(cls: type[Message]) -> dict[str, Any]:
+    cached = _FIELD_TYPES.get(cls)
+    if cached is None:
+        hints = typing.get_type_hints(cls)
+        cached = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+        _FIELD_TYPES[cls] = cached
+    return cached
+
+
+def encode(msg: Message) -> bytes:
+    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    return msgpack.packb([msg.tag, fields], use_bin_type=True)
+
+
+def decode(body: bytes) -> Message:
+    """Bytes to a message, or ProtocolError naming what is wrong."""
+    if len(body) > MAX_BODY_BYTES:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES} bytes")
+    try:
+        raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage input
+        raise ProtocolError(f"body is not valid msgpack: {exc.__class__.__name__}: {exc}") from None
+    if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], str) and isinstance(raw[1], dict)):
+        raise ProtocolError("body must be a msgpack array [tag, {fields}]")
+    tag, fields = raw
+    request_id = fields.get("request_id", "") if isinstance(fields.get("request_id"), str) else ""
+    cls = _REGISTRY.get(tag)
+    if cls is None:
+        raise ProtocolError(f"unknown message tag {tag!r}", request_id)
+    types_by_name = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in fields.items():
+        expected = types_by_name.get(name)
+        if expected is None:
+            continue  # a newer peer's appended field: ignore, per the append-only rule
+        problem = _type_problem(value, expected)
+        if problem:
+            raise ProtocolError(f"{tag}.{name}: {problem}", request_id)
+        kwargs[name] = value
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ProtocolError(f"{tag}: missing field(s) {', '.join(missing)}", request_id)
+    return cls(**kwargs)
+
+
+def _type_problem(value: Any, expected: Any) -> str:
+    """'' if value fits the annotation, else a short description of the mismatch."""
+    origin = typing.get_origin(expected)
+    if expected is Any:
+        return ""
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(expected)
+        if all(_type_problem(value, opt) for opt in options):
+            return f"expected {_type_name(expected)}, got {type(value).__name__}"
+        return ""
+    if expected is type(None):
+        return "" if value is None else f"expected null, got {type(value).__name__}"
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return "" if ok else f"expected float, got {type(value).__name__}"
+    if expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return "" if ok else f"expected int, got {type(value).__name__}"
+    if expected in (str, bool, bytes):
+        return "" if isinstance(value, expected) else f"expected {expected.__name__}, got {type(value).__name__}"
+    if origin is list:
+        if not isinstance(value, list):
+            return f"expected {_type_name(expected)}, got {type(value).__name__}"
+        (item_type,) = typing.get_args(expected)
+        for i, item in enumerate(value):
+            problem = _type_problem(item, item_type)
+            if problem:
+                return f"item {i}: {problem}"
+        return ""
+    if origin is dict:
+        if not isinstance(value, dict):
+            return f"expected {_type_name(expected)}, got {type(value).__name__}"
+        key_type, value_type = typing.get_args(expected)
+        for k, v in value.items():
+            problem = _type_problem(k, key_type) or _type_problem(v, value_type)
+            if problem:
+                return f"entry {k!r}: {problem}"
+        return ""
+    raise TypeError(f"unsupported annotation {expected!r} in a message")
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+# ----------------------------------------------------------------------------- in-process only
+# Messages between actors of one process. They are typed like the rest but never registered for
+# the wire, so a peer cannot send them.
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Router -> scheduler: find (or start) an instance of ``model`` for a request."""
+
+    request_id: str
+    model: str
+    resume: bool = False
+    exclude_instance: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    request_id: str
+    node: str
+    instance_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementFailed:
+    request_id: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFinished:
+    """Router -> scheduler: the request no longer occupies ``instance_id``."""
+
+    request_id: str
+    instance_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstancesLost:
+    """Scheduler -> router: these instances are gone; resume their requests elsewhere."""
+
+    instance_ids: list[str]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeUp:
+    node: str
+    incarnation: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLost:
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeProcessExited:
+    """A local node process ended (its sentinel fired): evidence that outruns missed heartbeats."""
+
+    node: str
+    returncode: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientGone:
+    """The client socket could not reach ``peer`` any more: its requests are cancelled."""
+
+    peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Periodic wake-up from the controller's IO thread (liveness checks, keep-alive, timeouts)."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class FromClient:
+    """A client's wire message with the peer identity to answer."""
+
+    peer: bytes
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """An ``ask`` for an actor's view, for status and snapshots."""
+
+    what: str

@@ -1,0 +1,225 @@
+"""The node process: a NodeSupervisor over storage tiers and GPUs, linked to the controller.
+
+Started by ``sllm up`` for local nodes (``python -m sllm_actors.node``) or by hand on another host
+with ``sllm node --join tcp://CONTROLLER:PORT --name NAME``. The node learns its GPUs and tiers
+from the controller (``NodeConfig``), so the topology file lives in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+from sllm_actors.actors.gpu import GpuActor, instance_actor_name
+from sllm_actors.actors.repository_tier import RepositoryTierActor
+from sllm_actors.messages import (
+    PROTOCOL_VERSION,
+    CancelInference,
+    ErrorReply,
+    Heartbeat,
+    InferenceFailed,
+    InstanceGone,
+    LoadFailed,
+    LoadModel,
+    Message,
+    NodeConfig,
+    NodeHello,
+    NodeStatus,
+    StartInference,
+    UnloadModel,
+    Welcome,
+)
+from sllm_actors.node_context import NodeContext
+from sllm_actors.storage_client import StorageClient
+from sllm_actors.supervisor import ChildSpec, Directory, Supervisor
+from sllm_actors.topology import NodeSpec
+from sllm_actors.transport import Transport
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5
+CONTROLLER_LOST_S = 10.0
+"""A local node exits when its controller has been silent this long (it would be an orphan)."""
+EXIT_GAVE_UP = 3
+
+
+class Node:
+    def __init__(self, join: str, name: str, *, exit_with_controller: bool = False) -> None:
+        self.join = join
+        self.name = name
+        self.exit_with_controller = exit_with_controller
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.transport = Transport(f"node:{name}")
+        self.directory = Directory()
+        self.context = NodeContext(name, self._send, self.directory)
+        self.spec: NodeSpec | None = None
+        self.configured = threading.Event()
+        self.done = threading.Event()
+        self.exit_code = 0
+        self.supervisor: Any = None
+        self._last_heard = time.monotonic()
+        self._sent_version = -1
+        self._seq = 0
+        self._last_status_sent = 0.0
+
+    def _send(self, msg: Message, address: str = "") -> None:
+        self.transport.send("controller", msg, address=address)
+
+    # ------------------------------------------------------------------ IO thread callbacks
+
+    def _on_message(self, peer: bytes, address: str, msg: Message) -> None:
+        self._last_heard = time.monotonic()
+        if isinstance(msg, NodeConfig):
+            if not self.configured.is_set():
+                self.spec = NodeSpec.from_dict(msg.spec)
+                self.configured.set()
+        elif isinstance(msg, (Welcome, Heartbeat)):
+            pass
+        elif isinstance(msg, ErrorReply):
+            log.error("%s: the controller says: %s (%s)", self.name, msg.message, msg.code)
+            if msg.code in ("rejected", "version_mismatch"):
+                self.exit_code = 2
+                self.done.set()
+        elif isinstance(msg, LoadModel):
+            if not self.directory.tell(f"gpu-{msg.gpu}", msg):
+                self._send(LoadFailed(msg.instance_id, self.name, msg.model, f"{self.name} has no gpu-{msg.gpu}"))
+        elif isinstance(msg, UnloadModel):
+            gpu = self._gpu_of(msg.instance_id)
+            if gpu is None or not self.directory.tell(f"gpu-{gpu}", msg):
+                self._send(InstanceGone(msg.instance_id, self.name, "unloaded"))
+        elif hasattr(msg, "instance_id") or hasattr(msg, "dest_instance"):
+            target = getattr(msg, "dest_instance", None) or msg.instance_id  # type: ignore[attr-defined]
+            if not self.directory.tell(instance_actor_name(target), msg):
+                self._no_instance(msg, target)
+        else:
+            log.warning("%s: ignoring unexpected %s", self.name, msg.tag)
+
+    def _no_instance(self, msg: Message, instance_id: str) -> None:
+        if isinstance(msg, StartInference):
+            self._send(InferenceFailed(msg.request_id, instance_id, "no_instance",
+                                       f"instance {instance_id} is not on {self.name}"))
+        elif not isinstance(msg, CancelInference):
+            log.warning("%s: %s for instance %s, which is not here", self.name, msg.tag, instance_id)
+
+    def _gpu_of(self, instance_id: str) -> int | None:
+        _, snapshot = self.context.board.snapshot()
+        for inst in snapshot["instances"]:
+            if inst["instance_id"] == instance_id:
+                return int(inst["gpu"])
+        return None
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if not self.configured.is_set():
+            self._send(NodeHello(PROTOCOL_VERSION, self.name, os.getpid(), self.incarnation))
+        self._seq += 1
+        self._send(Heartbeat(self.name, self._seq))
+        if self.exit_with_controller and now - self._last_heard > CONTROLLER_LOST_S:
+            log.error("%s: controller silent for %.0fs; exiting", self.name, now - self._last_heard)
+            self.exit_code = 1
+            self.done.set()
+
+    def _publish_status(self) -> None:
+        version, snapshot = self.context.board.snapshot()
+        now = time.monotonic()
+        # Send on change, and at least every few seconds so a restarted controller catches up.
+        if version != self._sent_version or now - self._last_status_sent > 5.0:
+            self._sent_version = version
+            self._last_status_sent = now
+            snapshot["pid"] = os.getpid()
+            snapshot["incarnation"] = self.incarnation
+            self._send(NodeStatus(self.name, snapshot))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        self.transport.connect_dealer("controller", self.join, self.name, self._on_message)
+        self.transport.every(HEARTBEAT_S, self._tick)
+        self.transport.start()
+        self._send(NodeHello(PROTOCOL_VERSION, self.name, os.getpid(), self.incarnation))
+        deadline = time.monotonic() + 60
+        while not self.configured.wait(0.2):
+            if self.done.is_set():
+                return self.stop()
+            if time.monotonic() > deadline:
+                log.error("%s: no controller answered at %s within 60s", self.name, self.join)
+                self.exit_code = 2
+                return self.stop()
+        assert self.spec is not None
+        # transformers imports lazily, and two instances loading at once in their own threads race on
+        # that import ("cannot import name AutoModelForCausalLM"): import once, here, first.
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: F401
+
+        if self.spec.threads:
+            torch.set_num_threads(self.spec.threads)
+        self.context.storage = StorageClient(self.context, self.spec)
+        children = self.context.storage.child_specs()
+        for index, gpu in enumerate(self.spec.gpus):
+            children.append(
+                ChildSpec(
+                    f"gpu-{index}",
+                    lambda sup, name, index=index, gpu=gpu: GpuActor.start(
+                        sup, name, node=self.context, index=index, spec=gpu
+                    ),
+                )
+            )
+        self.supervisor = Supervisor.start(
+            None,
+            f"{self.name}/supervisor",
+            children,
+            self.directory,
+            strategy="one_for_one",
+            max_restarts=5,
+            period_s=10.0,
+            on_give_up=self._give_up,
+            on_event=lambda kind, text, data: self.context.event(kind, text, data),
+        )
+        self.transport.every(0.1, self._publish_status)
+        log.info("%s: up with %d device(s), pid %d", self.name, len(self.spec.gpus), os.getpid())
+        self.done.wait()
+        return self.stop()
+
+    def _give_up(self, why: str) -> None:
+        self.exit_code = EXIT_GAVE_UP
+        self.done.set()
+
+    def stop(self) -> int:
+        if self.supervisor is not None:
+            try:
+                self.supervisor.stop(block=True, timeout=15)
+            except Exception:  # already stopped after giving up
+                pass
+        self.transport.stop()
+        return self.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sllm-node")
+    parser.add_argument("--join", required=True, help="the controller's cluster endpoint, tcp://HOST:PORT")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--exit-with-controller", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("SLLM_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s",
+    )
+    node = Node(args.join, args.name, exit_with_controller=args.exit_with_controller)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        node.done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return node.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""What the actors of one node process share: its name, its link to the controller, its board.
+
+The board is where each actor publishes its own state (an instance's requests, a tier's contents);
+the node's IO thread sends it to the controller when it changed. Actors write only their own entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sllm_actors.messages import ClusterEvent, Message
+from sllm_actors.supervisor import Directory
+
+
+class NodeBoard:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gpus: dict[int, dict[str, Any]] = {}
+        self._instances: dict[str, dict[str, Any]] = {}
+        self._tiers: dict[str, dict[str, Any]] = {}
+        self.version = 0
+
+    def update_gpu(self, index: int, **fields: Any) -> None:
+        with self._lock:
+            self._gpus.setdefault(index, {"index": index}).update(fields)
+            self.version += 1
+
+    def update_instance(self, instance_id: str, **fields: Any) -> None:
+        with self._lock:
+            self._instances.setdefault(instance_id, {"instance_id": instance_id}).update(fields)
+            self.version += 1
+
+    def remove_instance(self, instance_id: str) -> None:
+        with self._lock:
+            if self._instances.pop(instance_id, None) is not None:
+                self.version += 1
+
+    def update_tier(self, tier: str, **fields: Any) -> None:
+        with self._lock:
+            self._tiers.setdefault(tier, {"tier": tier}).update(fields)
+            self.version += 1
+
+    def instances_on(self, gpu: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return [copy.deepcopy(i) for i in self._instances.values() if i.get("gpu") == gpu]
+
+    def snapshot(self) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            return self.version, {
+                "gpus": [copy.deepcopy(self._gpus[i]) for i in sorted(self._gpus)],
+                "instances": [copy.deepcopy(v) for v in self._instances.values()],
+                "tiers": [copy.deepcopy(self._tiers[t]) for t in sorted(self._tiers)],
+            }
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    tier: str
+    memory_bytes: int
+
+
+class NodeContext:
+    def __init__(
+        self,
+        name: str,
+        send: Callable[[Message, str], None],
+        directory: Directory,
+    ) -> None:
+        self.name = name
+        self._send = send
+        self.directory = directory
+        self.board = NodeBoard()
+        self.storage: Any = None  # set by the node once its tier actors exist
+
+    def send(self, msg: Message, address: str = "") -> None:
+        """To the controller, or through it to the node named ``address``."""
+        self._send(msg, address)
+
+    def event(self, kind: str, text: str, data: dict[str, Any] | None = None) -> None:
+        self._send(ClusterEvent(time.time(), kind, text, {"node": self.name, **(data or {})}), "")

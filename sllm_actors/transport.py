@@ -1,0 +1,233 @@
+"""One IO thread per process owns every ZeroMQ socket of that process.
+
+ZeroMQ sockets are not thread-safe and actors each run in their own thread, so actors never touch a
+socket: :meth:`Transport.send` encodes in the caller's thread, queues the frames and wakes the IO
+thread through a pipe. Incoming frames are decoded in the IO thread and handed to a callback that
+must only ``tell`` actors (never block). Frames that break the protocol are answered with an
+``ErrorReply`` naming the problem; no actor ever sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+
+from sllm_actors import wire
+from sllm_actors.messages import MAX_BODY_BYTES, ErrorReply, Message, ProtocolError
+
+log = logging.getLogger(__name__)
+
+OnMessage = Callable[[bytes, str, Message], None]
+"""(peer identity or b"" on a DEALER, address, message), called in the IO thread."""
+OnUnreachable = Callable[[bytes], None]
+
+
+@dataclass
+class _Endpoint:
+    socket: zmq.Socket
+    kind: int
+    on_message: OnMessage | None
+    on_unreachable: OnUnreachable | None = None
+    bad_frames: int = 0
+
+
+@dataclass(order=True)
+class _Timer:
+    due: float
+    interval: float = field(compare=False)
+    fn: Callable[[], None] = field(compare=False)
+
+
+class Transport:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.context = zmq.Context()
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._outbox: queue.SimpleQueue[tuple[str, list[bytes]]] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._timers: list[_Timer] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-io", daemon=True)
+        self._started = False
+
+    # ------------------------------------------------------------------ setup (before start)
+
+    def bind_router(
+        self,
+        key: str,
+        endpoint: str,
+        on_message: OnMessage,
+        on_unreachable: OnUnreachable | None = None,
+        handover: bool = False,
+    ) -> str:
+        sock = self.context.socket(zmq.ROUTER)
+        if handover:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Above this ZeroMQ drops the peer; below it we answer oversized frames with an error.
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_BODY_BYTES)
+        if on_unreachable is not None:
+            # Without this ROUTER silently drops frames for a vanished peer; we want to know.
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        bound = _bind(sock, endpoint)
+        self._endpoints[key] = _Endpoint(sock, zmq.ROUTER, on_message, on_unreachable)
+        return bound
+
+    def connect_dealer(self, key: str, endpoint: str, identity: str, on_message: OnMessage) -> None:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_BODY_BYTES)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(endpoint)
+        self._endpoints[key] = _Endpoint(sock, zmq.DEALER, on_message)
+
+    def bind_pub(self, key: str, endpoint: str) -> str:
+        sock = self.context.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        bound = _bind(sock, endpoint)
+        self._endpoints[key] = _Endpoint(sock, zmq.PUB, None)
+        return bound
+
+    def every(self, interval_s: float, fn: Callable[[], None]) -> None:
+        """Run fn in the IO thread every interval (heartbeats, snapshots); fn must be quick."""
+        self._timers.append(_Timer(time.monotonic() + interval_s, interval_s, fn))
+
+    def start(self) -> None:
+        self._started = True
+        self._thread.start()
+
+    # ------------------------------------------------------------------ any thread
+
+    def send(self, key: str, msg: Message, *, peer: bytes = b"", address: str = "") -> None:
+        frames = wire.pack(msg, address)
+        if peer:
+            frames.insert(0, peer)
+        self._outbox.put((key, frames))
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already; the IO thread will drain the outbox
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:
+            pass
+        if self._started and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        for ep in self._endpoints.values():
+            ep.socket.close(linger=0)
+        self.context.term()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    # ------------------------------------------------------------------ IO thread
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_read, zmq.POLLIN)
+        by_socket: dict[zmq.Socket, tuple[str, _Endpoint]] = {}
+        for key, ep in self._endpoints.items():
+            if ep.kind != zmq.PUB:
+                poller.register(ep.socket, zmq.POLLIN)
+                by_socket[ep.socket] = (key, ep)
+        while not self._stop.is_set():
+            timeout_ms = self._run_due_timers()
+            try:
+                ready = dict(poller.poll(timeout_ms))
+            except zmq.ZMQError as exc:
+                if self._stop.is_set():
+                    break
+                log.error("%s: poll failed: %s", self.name, exc)
+                continue
+            if self._wake_read in ready:
+                try:
+                    while os.read(self._wake_read, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            self._flush_outbox()
+            for sock, (key, ep) in by_socket.items():
+                if sock in ready:
+                    self._receive(key, ep)
+
+    def _run_due_timers(self) -> int:
+        now = time.monotonic()
+        next_due = now + 0.05
+        for timer in self._timers:
+            if timer.due <= now:
+                timer.due = now + timer.interval
+                try:
+                    timer.fn()
+                except Exception:
+                    log.exception("%s: timer callback failed", self.name)
+            next_due = min(next_due, timer.due)
+        return max(0, int((next_due - time.monotonic()) * 1000))
+
+    def _flush_outbox(self) -> None:
+        while True:
+            try:
+                key, frames = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            ep = self._endpoints.get(key)
+            if ep is None:
+                log.error("%s: no socket %r for an outgoing message", self.name, key)
+                continue
+            try:
+                ep.socket.send_multipart(frames, copy=False)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH and ep.on_unreachable is not None:
+                    ep.on_unreachable(frames[0])
+                elif exc.errno != zmq.EHOSTUNREACH:
+                    log.warning("%s: send on %s failed: %s", self.name, key, exc)
+
+    def _receive(self, key: str, ep: _Endpoint) -> None:
+        for _ in range(1000):  # bounded so one busy socket cannot starve the others
+            try:
+                frames = ep.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer = b""
+            if ep.kind == zmq.ROUTER:
+                peer, frames = frames[0], frames[1:]
+            try:
+                address, msg = wire.unpack(frames)
+            except ProtocolError as exc:
+                ep.bad_frames += 1
+                log.warning("%s: bad frame on %s from %r: %s", self.name, key, peer, exc)
+                reply = wire.pack(ErrorReply(exc.request_id, "bad_message", str(exc)))
+                try:
+                    ep.socket.send_multipart([peer, *reply] if peer else reply, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the sender of garbage is gone; nothing to tell
+                continue
+            assert ep.on_message is not None
+            try:
+                ep.on_message(peer, address, msg)
+            except Exception:
+                # A dispatch bug must not take the whole process's IO down with it.
+                log.exception("%s: handling %s from %r failed", self.name, msg.tag, peer)
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind and return the concrete endpoint (port 0 means any free port)."""
+    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+        host = endpoint[len("tcp://") : -len(":0")]
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        return f"tcp://{host}:{port}"
+    sock.bind(endpoint)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -1,0 +1,171 @@
+"""Fixtures that start real clusters (real processes, real sockets) and stop everything they start."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sllm_actors.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sllm_actors.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", arch="gpt2", seed=1)
+
+
+@dataclass
+class RunningCluster:
+    proc: subprocess.Popen[str]
+    endpoint: str
+    state_endpoint: str
+    topology: Path
+    lines: list[str]
+
+    def client(self, **kwargs: Any) -> Any:
+        from sllm_actors.client import Client
+
+        return Client(self.endpoint, **kwargs)
+
+    def node_pids(self) -> dict[str, int]:
+        with self.client() as c:
+            return {n["name"]: n["pid"] for n in c.status()["nodes"] if n["alive"]}
+
+    def wait_for(self, predicate: Any, timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            with self.client() as c:
+                last = c.status()
+            result = predicate(last)
+            if result:
+                return result
+            time.sleep(0.1)  # polling a condition with a deadline, not waiting a fixed time
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last status: {last}")
+
+
+def write_topology(path: Path, models: dict[str, Path | str], *, nodes: int = 2, gpus_per_node: int = 1,
+                   memory: str = "1GiB", extra: dict[str, Any] | None = None) -> Path:
+    data: dict[str, Any] = {
+        "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0},
+        "nodes": [
+            {
+                "name": f"node-{i + 1}",
+                "gpus": [{"device": "cpu", "memory": memory} for _ in range(gpus_per_node)],
+                "threads": 1,
+                "dram": {"capacity": "1GiB"},
+                "ssd": {"path": str(path.parent / f"ssd-{i + 1}"), "capacity": "2GiB"},
+            }
+            for i in range(nodes)
+        ],
+        "models": [{"name": name, "source": str(src), "keep_alive": "5m"} for name, src in models.items()],
+    }
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def start_cluster(topology: Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> RunningCluster:
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), "up", str(topology), "--headless"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=topology.parent,
+        env={**os.environ, "SLLM_HOME": str(topology.parent / "home"), **(env or {})},
+    )
+    lines: list[str] = []
+    ready: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready:"):
+                ready.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        line = ready.get(timeout=timeout)
+    except queue.Empty:
+        proc.kill()
+        raise AssertionError("sllm up did not print ready:\n" + "".join(lines[-50:])) from None
+    words = line.split()
+    return RunningCluster(proc, words[words.index("client") + 2], words[words.index("state") + 2], topology, lines)
+
+
+def stop_cluster(cluster: RunningCluster) -> None:
+    pids = []
+    try:
+        pids = list(cluster.node_pids().values())
+    except Exception:
+        pass  # the cluster may already be down; the process check below still runs
+    if cluster.proc.poll() is None:
+        cluster.proc.send_signal(signal.SIGTERM)
+        try:
+            cluster.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            cluster.proc.kill()
+            cluster.proc.wait()
+            raise AssertionError("sllm up did not stop within 60s of SIGTERM")
+    for pid in pids:
+        deadline = time.monotonic() + 15
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"node process {pid} outlived sllm up (an orphan)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[RunningCluster] = []
+
+    def make(models: dict[str, Path | str], **kwargs: Any) -> RunningCluster:
+        env = kwargs.pop("env", None)
+        topo = write_topology(tmp_path / f"topology-{len(started)}.yaml", models, **kwargs)
+        cluster = start_cluster(topo, env=env)
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        stop_cluster(cluster)
+
+
+@pytest.fixture
+def cluster(cluster_factory: Any, tiny_model: Path) -> RunningCluster:
+    return cluster_factory({"tiny": tiny_model})
