@@ -206,6 +206,8 @@ class Controller:
             self.directory.tell("registry", msg)
         elif isinstance(msg, _TO_ROUTER):
             self.directory.tell("router", msg)
+            if isinstance(msg, Migrated):
+                self.directory.tell("scheduler", msg)  # it moves the request's slot to the destination
         elif isinstance(msg, _TO_SCHEDULER):
             self.directory.tell("scheduler", msg)
         elif isinstance(msg, ClusterEvent):

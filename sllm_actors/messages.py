@@ -366,7 +366,7 @@ class CancelInference(Message):
 @_register
 @dataclass(frozen=True, slots=True)
 class MigrateOut(Message):
-    """Scheduler -> source instance: move every request to ``dest_instance`` on ``dest_node``."""
+    """Scheduler -> source instance: move ``request_ids`` to ``dest_instance`` on ``dest_node``."""
 
     tag: ClassVar[str] = "migrate_out"
     migration_id: str
@@ -381,17 +381,19 @@ class MigrateOut(Message):
 @_register
 @dataclass(frozen=True, slots=True)
 class ResumeRequest(Message):
-    """Source -> destination: recompute the KV cache for these tokens (round ``round``).
+    """Source -> destination instance: recompute the KV cache for these tokens (round ``round``).
 
-    Round 0 carries the whole token log; later rounds carry only ``new_ids`` produced since.
+    Round 0 carries the whole token log; later rounds carry in ``generated_ids`` only the tokens
+    produced since the previous round.
     """
 
     tag: ClassVar[str] = "resume"
     migration_id: str
     round: int
     request_id: str
-    dest_instance: str
+    instance_id: str
     source_node: str
+    source_instance: str
     prompt_ids: list[int]
     generated_ids: list[int]
     max_tokens: int
@@ -405,10 +407,13 @@ class ResumeRequest(Message):
 @_register
 @dataclass(frozen=True, slots=True)
 class ResumeDone(Message):
+    """Destination -> source instance (``instance_id``): round ``round`` is recomputed."""
+
     tag: ClassVar[str] = "resume_done"
     migration_id: str
     round: int
     request_id: str
+    instance_id: str
     n_tokens: int
     recompute_s: float
 
@@ -420,13 +425,26 @@ class ResumeFailed(Message):
     migration_id: str
     round: int
     request_id: str
+    instance_id: str
     message: str
 
 
 @_register
 @dataclass(frozen=True, slots=True)
+class AbortMigration(Message):
+    """Scheduler -> source instance: give up ``migration_id`` (its destination died); keep generating."""
+
+    tag: ClassVar[str] = "abort_migration"
+    migration_id: str
+    instance_id: str
+    reason: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
 class Migrated(Message):
-    """Source -> router: the source stopped ``request_id``; the destination continues it."""
+    """Source -> router: the source stopped ``request_id`` after ``n_generated`` tokens; the destination
+    holds its KV cache and continues once the router re-routes (a StartInference with the whole log)."""
 
     tag: ClassVar[str] = "migrated"
     migration_id: str
@@ -442,20 +460,8 @@ class Migrated(Message):
 
 @_register
 @dataclass(frozen=True, slots=True)
-class ContinueInference(Message):
-    """Router -> destination: the route now points here; generate from token ``from_index``."""
-
-    tag: ClassVar[str] = "continue"
-    migration_id: str
-    request_id: str
-    instance_id: str
-    generated_ids: list[int]
-
-
-@_register
-@dataclass(frozen=True, slots=True)
 class MigrationEnded(Message):
-    """Source -> scheduler: the migration of an instance finished (``outcome``: done/aborted)."""
+    """Source -> scheduler: a migration order finished; ``outcome`` is ``done`` or ``aborted``."""
 
     tag: ClassVar[str] = "migration_ended"
     migration_id: str
@@ -649,6 +655,16 @@ class NodeProcessExited:
 
     node: str
     returncode: int
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStarted:
+    """Scheduler -> router: ``request_id`` is being migrated (the router times the pause)."""
+
+    request_id: str
+    migration_id: str
+    source: str
+    dest: str
 
 
 @dataclass(frozen=True, slots=True)

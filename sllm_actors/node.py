@@ -32,6 +32,8 @@ from sllm_actors.messages import (
     NodeConfig,
     NodeHello,
     NodeStatus,
+    ResumeFailed,
+    ResumeRequest,
     StartInference,
     UnloadModel,
     Welcome,
@@ -94,17 +96,20 @@ class Node:
             gpu = self._gpu_of(msg.instance_id)
             if gpu is None or not self.directory.tell(f"gpu-{gpu}", msg):
                 self._send(InstanceGone(msg.instance_id, self.name, "unloaded"))
-        elif hasattr(msg, "instance_id") or hasattr(msg, "dest_instance"):
-            target = getattr(msg, "dest_instance", None) or msg.instance_id  # type: ignore[attr-defined]
+        elif hasattr(msg, "instance_id"):
+            target = msg.instance_id  # type: ignore[attr-defined]
             if not self.directory.tell(instance_actor_name(target), msg):
                 self._no_instance(msg, target)
         else:
             log.warning("%s: ignoring unexpected %s", self.name, msg.tag)
 
     def _no_instance(self, msg: Message, instance_id: str) -> None:
+        missing = f"instance {instance_id} is not on {self.name}"
         if isinstance(msg, StartInference):
-            self._send(InferenceFailed(msg.request_id, instance_id, "no_instance",
-                                       f"instance {instance_id} is not on {self.name}"))
+            self._send(InferenceFailed(msg.request_id, instance_id, "no_instance", missing))
+        elif isinstance(msg, ResumeRequest):
+            self._send(ResumeFailed(msg.migration_id, msg.round, msg.request_id, msg.source_instance, missing),
+                       msg.source_node)
         elif not isinstance(msg, CancelInference):
             log.warning("%s: %s for instance %s, which is not here", self.name, msg.tag, instance_id)
 

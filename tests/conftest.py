@@ -34,6 +34,15 @@ def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", arch="gpt2", seed=1)
 
 
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 10 ms a token on one CPU thread: slow enough that a migration lands mid-stream."""
+    from sllm_actors.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "slow-llama", arch="llama", seed=7, hidden_size=384,
+                           layers=6)
+
+
 @dataclass
 class RunningCluster:
     proc: subprocess.Popen[str]

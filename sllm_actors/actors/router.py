@@ -27,6 +27,9 @@ from sllm_actors.messages import (
     InferenceDone,
     InferenceFailed,
     InstancesLost,
+    Migrated,
+    MigrationEnded,
+    MigrationStarted,
     Place,
     Placed,
     PlacementFailed,
@@ -78,6 +81,17 @@ class RouterActor(SupervisedActor):
             rec = self.requests.get(message.request_id)
             if rec is not None:
                 self._finish_with_error(rec, message.code, message.message)
+        elif isinstance(message, MigrationStarted):
+            self._migration_started(message)
+        elif isinstance(message, Migrated):
+            self._migrated(message)
+        elif isinstance(message, MigrationEnded):
+            for rec in self.requests.values():
+                mig = rec.active_migration
+                if mig is not None and mig.get("migration_id") == message.migration_id and not mig.get("switched"):
+                    mig["detail"] = message.detail
+                    self._close_migration(rec, outcome=message.outcome)
+                    rec.state = "running"
         elif isinstance(message, InstancesLost):
             for rec in list(self.requests.values()):
                 if rec.instance_id in message.instance_ids:
@@ -132,6 +146,7 @@ class RouterActor(SupervisedActor):
         rec.node, rec.instance_id = msg.node, msg.instance_id
         if rec.state == "resuming" and rec.active_migration is not None:
             rec.active_migration["to"] = f"{msg.node}/{msg.instance_id}"
+            rec.active_migration["switched"] = True
         rec.state = "running"
         self.cluster.to_node(msg.node, self._start_message(rec))
 
@@ -160,15 +175,56 @@ class RouterActor(SupervisedActor):
         if rec.active_migration is not None and rec.last_token_at is not None:
             gap = now - rec.last_token_at
             rec.active_migration["pause_s"] = max(rec.active_migration.get("pause_s", 0.0), gap)
-            if rec.active_migration.get("kind") == "resume":
-                rec.migrations.append(rec.active_migration)
-                rec.active_migration = None
+            if rec.active_migration.get("switched"):
+                self._close_migration(rec)
         rec.last_token_at = now
         rec.generated.extend(new_ids)
         # The text of a partial overlap is not split per token; only whole new chunks carry text.
         text = chunk.text if chunk.index == have else ""
         rec.text += text
         self.cluster.to_client(rec.client, TokenChunk(rec.request_id, have, new_ids, text))
+
+    def _migration_started(self, msg: MigrationStarted) -> None:
+        rec = self.requests.get(msg.request_id)
+        if rec is None:
+            return
+        if rec.active_migration is not None:
+            self._close_migration(rec, outcome="superseded")
+        rec.state = "migrating"
+        rec.active_migration = {
+            "kind": "migration", "migration_id": msg.migration_id, "from": msg.source, "to": msg.dest,
+            "rounds": 0, "tokens_recomputed": 0, "total_s": 0.0, "pause_s": 0.0, "started": time.time(),
+            "switched": False,
+        }
+
+    def _migrated(self, msg: Migrated) -> None:
+        """The source stopped; point the route at the destination and send it the whole log."""
+        rec = self.requests.get(msg.request_id)
+        if rec is None or rec.instance_id != msg.source_instance:
+            return  # finished meanwhile, or a stale notice from an instance this request already left
+        if msg.n_generated != len(rec.generated):
+            log.error("router: %s migrated at %d tokens but the log has %d; the log wins", rec.request_id,
+                      msg.n_generated, len(rec.generated))
+        mig = rec.active_migration
+        if mig is None or mig.get("migration_id") != msg.migration_id:
+            mig = {"kind": "migration", "migration_id": msg.migration_id, "pause_s": 0.0, "started": time.time()}
+            rec.active_migration = mig
+        mig.update({
+            "from": f"{rec.node}/{msg.source_instance}", "to": f"{msg.dest_node}/{msg.dest_instance}",
+            "rounds": msg.rounds, "tokens_recomputed": msg.tokens_recomputed, "total_s": msg.total_s,
+            "switched": True,
+        })
+        rec.node, rec.instance_id, rec.state = msg.dest_node, msg.dest_instance, "running"
+        self.cluster.to_node(rec.node, self._start_message(rec))
+
+    def _close_migration(self, rec: RequestRecord, outcome: str = "done") -> None:
+        mig = rec.active_migration
+        rec.active_migration = None
+        if mig is None:
+            return
+        mig.pop("switched", None)
+        mig["outcome"] = outcome
+        rec.migrations.append(mig)
 
     def _done(self, msg: InferenceDone) -> None:
         rec = self.requests.get(msg.request_id)
@@ -181,7 +237,7 @@ class RouterActor(SupervisedActor):
         self.cluster.directory.tell("scheduler", RequestFinished(rec.request_id, rec.instance_id))
         now = time.monotonic()
         if rec.active_migration is not None:
-            rec.migrations.append(rec.active_migration)
+            self._close_migration(rec, outcome="done" if rec.active_migration.get("switched") else "finished first")
         self.cluster.to_client(rec.client, GenerateDone(
             request_id=rec.request_id, model=rec.model, token_ids=list(rec.generated), text=rec.text,
             finish_reason=msg.finish_reason,
@@ -219,11 +275,13 @@ class RouterActor(SupervisedActor):
             "resume", f"resume {rec.request_id} from its token log ({len(rec.generated)} tokens): {reason}",
             {"request_id": rec.request_id},
         )
+        if rec.active_migration is not None and rec.active_migration.get("kind") != "resume":
+            self._close_migration(rec, outcome="interrupted")
         if rec.active_migration is None:
             rec.active_migration = {
                 "kind": "resume", "from": lost, "to": "", "reason": reason, "rounds": 1,
                 "tokens_recomputed": len(rec.prompt_ids or []) + len(rec.generated), "pause_s": 0.0,
-                "started": time.time(),
+                "started": time.time(), "switched": False,
             }
         old_instance = rec.instance_id
         rec.state, rec.node, rec.instance_id = "resuming", "", ""
@@ -261,6 +319,7 @@ class RouterActor(SupervisedActor):
         instances = _ask(directory.get("scheduler"), Query("instances"), [])
         models = _ask(directory.get("scheduler"), Query("models"), [])
         queue = _ask(directory.get("scheduler"), Query("queue"), [])
+        migrations = _ask(directory.get("scheduler"), Query("migrations"), [])
         gpus, tiers = [], []
         for node in nodes:
             status = node.get("status") or {}
@@ -284,6 +343,7 @@ class RouterActor(SupervisedActor):
             "instances": instances,
             "models": models,
             "queue": queue,
+            "migrations": migrations,
             "requests": self._requests_view(),
             "tiers": tiers,
             "events": self.cluster.events.recent(50),

@@ -28,6 +28,12 @@ from sllm_actors.messages import (
     InstancesLost,
     LoadFailed,
     LoadModel,
+    MigrateCommand,
+    MigrateOut,
+    Migrated,
+    MigrationEnded,
+    MigrationStarted,
+    AbortMigration,
     NodeLost,
     NodeUp,
     Place,
@@ -65,6 +71,19 @@ class Instance:
 
 
 @dataclass
+class MigrationOrder:
+    migration_id: str
+    source: str
+    dest: str
+    request_ids: list[str]
+    peer: bytes = b""
+    command_id: str = ""
+    reason: str = ""
+    sent: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class Waiting:
     request_id: str
     model: str
@@ -81,6 +100,7 @@ class SchedulerActor(SupervisedActor):
         self.alive: set[str] = set()
         self.instances: dict[str, Instance] = {}
         self.queue: list[Waiting] = []
+        self.migrations: dict[str, MigrationOrder] = {}
         self._ids = itertools.count(1)
         self.started_at = time.time()
 
@@ -113,6 +133,12 @@ class SchedulerActor(SupervisedActor):
             self._tick(message.now)
         elif isinstance(message, FromClient) and isinstance(message.message, DeployModel):
             self._deploy(message.peer, message.message)
+        elif isinstance(message, FromClient) and isinstance(message.message, MigrateCommand):
+            self._migrate_command(message.peer, message.message)
+        elif isinstance(message, Migrated):
+            self._request_moved(message)
+        elif isinstance(message, MigrationEnded):
+            self._migration_ended(message)
         elif isinstance(message, Query):
             return self._query(message.what)
         else:
@@ -156,16 +182,19 @@ class SchedulerActor(SupervisedActor):
         slot = self._find_gpu(need) or self._make_room(need)
         if slot is None:
             return False
+        self._load_on(spec, slot, [first_waiter], f"for {first_waiter}")
+        return True
+
+    def _load_on(self, spec: ModelSpec, slot: tuple[str, int], waiters: list[str], why: str) -> Instance:
         node, gpu = slot
         instance_id = f"{spec.name}-{next(self._ids)}"
-        inst = Instance(instance_id, node, gpu, spec.name, need, waiters=[first_waiter])
+        inst = Instance(instance_id, node, gpu, spec.name, self._need_bytes(spec), waiters=list(waiters))
         self.instances[instance_id] = inst
         self.cluster.to_node(node, LoadModel(instance_id, spec.name, spec.source, gpu, spec.target_concurrency))
         self.cluster.events.emit(
-            "schedule", f"start {spec.name} on {node}/gpu-{gpu} for {first_waiter}",
-            {"model": spec.name, "node": node, "gpu": gpu},
+            "schedule", f"start {spec.name} on {node}/gpu-{gpu} {why}", {"model": spec.name, "node": node, "gpu": gpu},
         )
-        return True
+        return inst
 
     def _gpus(self) -> list[tuple[str, int, int]]:
         """(node, gpu index, free bytes) of every GPU on an alive node, in topology order."""
@@ -180,15 +209,19 @@ class SchedulerActor(SupervisedActor):
                 out.append((node.name, index, gpu.memory_bytes - used))
         return out
 
-    def _find_gpu(self, need: int) -> tuple[str, int] | None:
+    def _find_gpu(self, need: int, only: tuple[str, int | None] | None = None) -> tuple[str, int] | None:
         for node, gpu, free in self._gpus():
+            if only is not None and (node != only[0] or (only[1] is not None and gpu != only[1])):
+                continue
             if free >= need:
                 return node, gpu
         return None
 
-    def _make_room(self, need: int) -> tuple[str, int] | None:
+    def _make_room(self, need: int, only: tuple[str, int | None] | None = None) -> tuple[str, int] | None:
         """Unload idle instances (least recently used first) on the GPU where that frees enough."""
         for node, gpu, free in self._gpus():
+            if only is not None and (node != only[0] or (only[1] is not None and gpu != only[1])):
+                continue
             idle = sorted(
                 (i for i in self.instances.values()
                  if i.node == node and i.gpu == gpu and i.state == "ready" and not i.requests and not i.waiters),
@@ -244,6 +277,9 @@ class SchedulerActor(SupervisedActor):
         waiters, inst.waiters = inst.waiters, []
         for request_id in waiters:
             self._assign(inst, request_id)
+        for order in self.migrations.values():
+            if order.dest == inst.instance_id and not order.sent:
+                self._send_order(order)
         self._drain_queue()
 
     def _load_failed(self, msg: LoadFailed) -> None:
@@ -254,6 +290,8 @@ class SchedulerActor(SupervisedActor):
                                  {"model": msg.model, "node": msg.node})
         for request_id in inst.waiters:
             self._fail(request_id, "load_failed", f"loading {msg.model} on {msg.node} failed: {msg.error}")
+        for order in [o for o in self.migrations.values() if o.dest == msg.instance_id]:
+            self._end_order(order, "aborted", f"loading the destination failed: {msg.error}")
         self._drain_queue()
 
     def _gone(self, instance_ids: list[str], reason: str) -> None:
@@ -263,6 +301,16 @@ class SchedulerActor(SupervisedActor):
             inst = self.instances.pop(instance_id, None)
             if inst is None:
                 continue
+            for order in list(self.migrations.values()):
+                if order.dest == instance_id:
+                    src = self.instances.get(order.source)
+                    if src is not None and order.sent:
+                        self.cluster.to_node(src.node, AbortMigration(order.migration_id, src.instance_id, reason))
+                    else:
+                        self._end_order(order, "aborted", f"destination lost: {reason}")
+                elif order.source == instance_id:
+                    # The router resumes those requests from their logs; the order itself is moot.
+                    self._end_order(order, "aborted", f"source lost: {reason}")
             if inst.requests:
                 lost_with_requests.append(instance_id)
             orphans += [(r, inst.model) for r in inst.waiters]
@@ -311,6 +359,116 @@ class SchedulerActor(SupervisedActor):
         self.cluster.events.emit("deploy", f"deployed {msg.name} from {source}", {"model": msg.name})
         self.cluster.to_client(peer, Ack(msg.request_id, f"deployed {msg.name}"))
 
+    # ------------------------------------------------------------------ live migration
+
+    def _migrate_command(self, peer: bytes, cmd: MigrateCommand) -> None:
+        def refuse(code: str, message: str) -> None:
+            self.cluster.to_client(peer, ErrorReply(cmd.request_id, code, message))
+
+        src = next((i for i in self.instances.values() if cmd.subject in i.requests), None)
+        if src is None:
+            refuse("not_running", f"request {cmd.subject} is not running on any instance")
+            return
+        node, _, gpu_part = cmd.target.partition("/")
+        if node not in {n.name for n in self.topology.nodes}:
+            refuse("unknown_node", f"no node {node!r} in the topology")
+            return
+        if node not in self.alive:
+            refuse("node_down", f"node {node} is not up")
+            return
+        gpu: int | None = None
+        if gpu_part:
+            try:
+                gpu = int(gpu_part.removeprefix("gpu-"))
+            except ValueError:
+                refuse("bad_target", f"target {cmd.target!r}: expected NODE or NODE/gpu-N")
+                return
+            if not 0 <= gpu < len(self.topology.node(node).gpus):
+                refuse("bad_target", f"{node} has no gpu-{gpu}")
+                return
+        if node == src.node and gpu in (None, src.gpu) and len(self.topology.node(node).gpus) == 1:
+            refuse("already_there", f"request {cmd.subject} already runs on {src.node}/gpu-{src.gpu}")
+            return
+        order = self._migrate([cmd.subject], src, (node, gpu), f"operator order {cmd.request_id}")
+        if order is None:
+            refuse("no_room", f"no room for {src.model} on {cmd.target}")
+            return
+        order.peer, order.command_id = peer, cmd.request_id
+
+    def _migrate(self, request_ids: list[str], src: Instance, where: tuple[str, int | None],
+                 reason: str) -> MigrationOrder | None:
+        """Move requests of ``src`` to an instance of its model at ``where`` (loading one if needed)."""
+        spec = self.catalog[src.model]
+        dest = next(
+            (i for i in self.instances.values()
+             if i.model == src.model and i.node == where[0] and (where[1] is None or i.gpu == where[1])
+             and i.instance_id != src.instance_id and i.state in ("ready", "loading")
+             and len(i.requests) + len(i.waiters) + len(request_ids) <= spec.target_concurrency),
+            None,
+        )
+        if dest is None:
+            need = self._need_bytes(spec)
+            slot = self._find_gpu(need, where) or self._make_room(need, where)
+            if slot is None:
+                return None
+            dest = self._load_on(spec, slot, [], f"as the destination of a migration ({reason})")
+        migration_id = f"mig-{next(self._ids)}"
+        order = MigrationOrder(migration_id, src.instance_id, dest.instance_id, list(request_ids), reason=reason)
+        self.migrations[migration_id] = order
+        for request_id in request_ids:
+            self.cluster.directory.tell("router", MigrationStarted(
+                request_id, migration_id, f"{src.node}/{src.instance_id}", f"{dest.node}/{dest.instance_id}"))
+        self.cluster.events.emit(
+            "migrate", f"migrate {', '.join(request_ids)} {src.node}/gpu-{src.gpu} -> {dest.node}/gpu-{dest.gpu} "
+                       f"({reason})", {"migration_id": migration_id})
+        if dest.state == "ready":
+            self._send_order(order)
+        return order
+
+    def _send_order(self, order: MigrationOrder) -> None:
+        src, dest = self.instances.get(order.source), self.instances.get(order.dest)
+        if src is None or dest is None:
+            self._end_order(order, "aborted", "the source or destination is gone")
+            return
+        order.sent = True
+        sched = self.topology.scheduler
+        self.cluster.to_node(src.node, MigrateOut(
+            order.migration_id, src.instance_id, dest.node, dest.instance_id, order.request_ids,
+            sched.migration_delta_tokens, sched.migration_max_rounds,
+        ))
+
+    def _request_moved(self, msg: Migrated) -> None:
+        src, dest = self.instances.get(msg.source_instance), self.instances.get(msg.dest_instance)
+        if src is not None:
+            src.requests.discard(msg.request_id)
+            src.last_used = time.monotonic()
+        if dest is not None:
+            dest.requests.add(msg.request_id)
+            dest.last_used = time.monotonic()
+
+    def _migration_ended(self, msg: MigrationEnded) -> None:
+        order = self.migrations.get(msg.migration_id)
+        if order is not None:
+            self._end_order(order, msg.outcome, msg.detail)
+
+    def _end_order(self, order: MigrationOrder, outcome: str, detail: str) -> None:
+        self.migrations.pop(order.migration_id, None)
+        took = time.monotonic() - order.started
+        if outcome != "done":
+            # The router is told so the request's stream record says the migration did not happen.
+            self.cluster.directory.tell("router", MigrationEnded(order.migration_id, order.source, outcome, detail))
+        self.cluster.events.emit("migrate", f"migration {order.migration_id} {outcome} in {took:.2f}s"
+                                 + (f": {detail}" if detail else ""), {"migration_id": order.migration_id})
+        if order.peer:
+            if outcome == "done":
+                dest = self.instances.get(order.dest)
+                where = f"{dest.node}/gpu-{dest.gpu}" if dest else order.dest
+                text = f"migrated {', '.join(order.request_ids)} to {where} in {took:.2f}s"
+                self.cluster.to_client(order.peer, Ack(order.command_id, f"{text} ({detail})" if detail else text))
+            else:
+                self.cluster.to_client(order.peer, ErrorReply(order.command_id, "migration_aborted", detail))
+        self._drain_queue()
+
     def _query(self, what: str) -> Any:
         if what == "instances":
             return [
@@ -323,6 +481,13 @@ class SchedulerActor(SupervisedActor):
             ]
         if what == "models":
             return [{"name": m.name, "source": m.source} for m in self.catalog.values()]
+        if what == "migrations":
+            return [
+                {"migration_id": o.migration_id, "source": o.source, "dest": o.dest, "requests": o.request_ids,
+                 "state": "running" if o.sent else "loading destination",
+                 "seconds": round(time.monotonic() - o.started, 2)}
+                for o in self.migrations.values()
+            ]
         if what == "queue":
             return [{"request_id": w.request_id, "model": w.model} for w in self.queue]
         raise ValueError(f"unknown query {what!r}")

@@ -1,0 +1,3 @@
+from sllm_actors.tui import main
+
+raise SystemExit(main())
