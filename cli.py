@@ -52,8 +52,21 @@ def up(
     from sllm_actors.models import ModelSourceError, prepare_default_model
     from sllm_actors.topology import DEFAULT_MODEL_SOURCE, TopologyError, load_topology
 
-    logging.basicConfig(level=os.environ.get("SLLM_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s controller %(levelname)s %(name)s: %(message)s")
+    interactive = not headless and sys.stdin.isatty() and sys.stdout.isatty()
+    log_format = "%(asctime)s controller %(levelname)s %(name)s: %(message)s"
+    node_log = None
+    if interactive:
+        # The TUI owns the terminal: the controller's and the nodes' logs go to a file instead.
+        from sllm_actors.models import sllm_home
+
+        log_path = sllm_home() / "logs" / "cluster.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        logging.basicConfig(level=os.environ.get("SLLM_LOG_LEVEL", "INFO"), format=log_format,
+                            filename=str(log_path))
+        node_log = open(log_path, "ab")
+        console.print(f"logs: {log_path}")
+    else:
+        logging.basicConfig(level=os.environ.get("SLLM_LOG_LEVEL", "INFO"), format=log_format)
     try:
         topo = load_topology(topology)
     except TopologyError as exc:
@@ -63,8 +76,15 @@ def up(
             prepare_default_model(say=lambda text: console.print(text))
         except ModelSourceError as exc:
             _fail(str(exc))
-    controller = Controller(topo)
+    controller = Controller(topo, node_log=node_log)
     stop = threading.Event()
+    stopped = threading.Event()
+
+    def stop_cluster() -> None:
+        # Controller.stop closes its sockets: once only, whether the TUI's quit or the finally below runs it.
+        if not stopped.is_set():
+            stopped.set()
+            controller.stop()
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
@@ -77,20 +97,42 @@ def up(
         controller.stop()
         _fail(f"cannot start the controller: {exc}")
     try:
+        if interactive:
+            from sllm_actors.tui import run_tui
+
+            # No wait for the nodes: the TUI shows them join. Quitting it (q) stops the cluster;
+            # SIGINT/SIGTERM set `stop`, which quits the TUI the same way.
+            run_tui(controller.context.client_endpoint, stop_cluster=stop_cluster, exit_when=stop)
+            return
         if not controller.wait_ready(ready_timeout) and not stop.is_set():
             missing = sorted(controller.node_names - set(controller.alive_nodes()))
             console.print(f"[yellow]warning:[/] nodes not joined after {ready_timeout:.0f}s: {', '.join(missing)}")
         ctx = controller.context
         print(f"ready: client endpoint {ctx.client_endpoint} state endpoint {ctx.state_endpoint} "
               f"nodes {','.join(sorted(controller.node_names))}", flush=True)
-        if not headless and sys.stdout.isatty():
-            console.print("(the interactive TUI is not built yet; logging instead. Ctrl-C stops the cluster.)")
         while not stop.wait(0.5):
             pass
     finally:
-        console.print("stopping the cluster...")
-        controller.stop()
+        if not stopped.is_set():
+            console.print("stopping the cluster...")
+            stop_cluster()
         console.print("stopped")
+        if node_log is not None:
+            node_log.close()
+
+
+@app.command()
+def tui(cluster: Optional[str] = ClusterOpt) -> None:
+    """Watch and steer a running cluster in an interactive TUI (any number of them can attach)."""
+    from sllm_actors.client import ClusterUnavailable, resolve_endpoint
+    from sllm_actors.topology import TopologyError
+    from sllm_actors.tui import run_tui
+
+    try:
+        endpoint = resolve_endpoint(cluster)
+    except (ClusterUnavailable, TopologyError) as exc:
+        _fail(str(exc))
+    run_tui(endpoint)
 
 
 @app.command()

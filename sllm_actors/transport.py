@@ -121,6 +121,8 @@ class Transport:
             pass  # the pipe is full of wake-ups already; the IO thread will drain the outbox
 
     def stop(self) -> None:
+        if self._stop.is_set():
+            return  # already stopped: the pipe and sockets are closed
         self._stop.set()
         try:
             os.write(self._wake_write, b"!")

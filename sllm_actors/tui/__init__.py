@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 from collections.abc import Callable
 
@@ -22,6 +23,10 @@ def run_tui(endpoint: str, *, stop_cluster: Callable[[], None] | None = None,
     other way (an exception), so a cluster started with the TUI never outlives it. Setting ``exit_when``
     (from a signal handler, say) quits as if the user had pressed q.
     """
+    # Textual prefers COLUMNS/LINES to the terminal's own size; values inherited from a parent (a shell that
+    # exports them, a tmux pane created at another size) would pin the layout and ignore every resize.
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
     app = SllmTui(endpoint, on_quit=stop_cluster, exit_when=exit_when)
     try:
         app.run()
@@ -34,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from sllm_actors.topology import TopologyError
 
     parser = argparse.ArgumentParser(prog="python -m sllm_actors.tui", description=__doc__.splitlines()[0])
-    parser.add_argument("--cluster", help="client endpoint tcp://HOST:PORT (else $SLLM_CLUSTER, else ./topology.yaml)")
+    parser.add_argument("--cluster",
+                        help="client endpoint tcp://HOST:PORT (else $SLLM_CLUSTER, else ./topology.yaml)")
     args = parser.parse_args(argv)
     try:
         endpoint = resolve_endpoint(args.cluster)

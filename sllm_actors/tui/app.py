@@ -27,7 +27,19 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, RichLog, Select, Sparkline, Static, Tree
+from textual.widgets import (
+    Checkbox,
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    RichLog,
+    Select,
+    Sparkline,
+    Static,
+    Tree,
+)
 from textual.widgets.tree import TreeNode
 
 from sllm_actors.client import Client, ClusterUnavailable, Completion, RequestError, TokenEvent
@@ -196,6 +208,7 @@ class SllmTui(App[None]):
     (``sllm up`` passes the controller's stop, so quitting its TUI stops the cluster)."""
 
     TITLE = "sllm"
+    ENABLE_COMMAND_PALETTE = False  # every action has its key, listed in the footer
     CSS = """
     Screen { layout: vertical; }
     .row { height: 1fr; }
@@ -235,6 +248,7 @@ class SllmTui(App[None]):
         self.endpoint = endpoint
         self.on_quit = on_quit
         self.on_quit_called = False
+        self._on_quit_lock = threading.Lock()
         self.exit_when = exit_when
         self.refresh_s = refresh_s
         self.action_timeout_s = action_timeout_s
@@ -256,7 +270,8 @@ class SllmTui(App[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="top", classes="row"):
-            yield ActorTree(Text("controller"), data=Item("controller", "controller"), id="actors", classes="pane")
+            yield ActorTree(Text("controller"), data=Item("controller", "controller"), id="actors",
+                            classes="pane")
             with Vertical(id="right"):
                 yield Table(id="resources", classes="pane", cursor_type="row")
                 yield Table(id="requests", classes="pane", cursor_type="row")
@@ -283,8 +298,8 @@ class SllmTui(App[None]):
             self.query_one(selector).border_title = title
         self.query_one("#resources", Table).add_columns("where", "what", "fill", "used / total", "bandwidth",
                                                         "contents")
-        self.query_one("#requests", Table).add_columns("request", "model", "state", "tokens", "tok/s", "where",
-                                                       "migr")
+        self.query_one("#requests", Table).add_columns("request", "model", "state", "tokens", "tok/s",
+                                                       "where", "migr")
         self.query_one("#migrations", Table).add_columns("migration", "requests", "from", "to", "state",
                                                          "round", "recomputed", "pause", "elapsed")
         tree = self.query_one(ActorTree)
@@ -313,8 +328,8 @@ class SllmTui(App[None]):
                     state_endpoint = client.state_endpoint
             except (ClusterUnavailable, RequestError) as exc:
                 if not said:
-                    self.post_message(Note(f"cannot reach the cluster: {exc}; retrying every {RECONNECT_S:.0f}s",
-                                           error=True))
+                    self.post_message(Note(
+                        f"cannot reach the cluster: {exc}; retrying every {RECONNECT_S:.0f}s", error=True))
                     said = True
                 self._threads_stop.wait(RECONNECT_S)
                 continue
@@ -367,17 +382,19 @@ class SllmTui(App[None]):
         label = "model load time (s): "
         label += f"last {loads[-1]:.2f} · max {max(loads):.2f} · n={len(loads)}" if loads else "no loads yet"
         self.query_one("#load-label", Static).update(label)
-        self.query_one("#load-times", Sparkline).data = loads or [0.0]
+        # All-equal data draws as full blocks; nothing to show reads better as an empty line.
+        self.query_one("#load-times", Sparkline).data = loads if any(loads) else []
         rates = [s.value for s in self.memory.throughput]
         self.query_one("#throughput-label", Static).update(
             f"throughput (tok/s): now {rates[-1]:.0f} · max {max(rates):.0f}" if rates else "")
-        self.query_one("#throughput", Sparkline).data = rates or [0.0]
+        self.query_one("#throughput", Sparkline).data = rates if any(rates) else []
 
     def _draw_title(self) -> None:
         since = self._since_message
         nodes = self.status.get("nodes", [])
         up = sum(1 for n in nodes if n.get("alive"))
-        parts = [self.endpoint, f"{up}/{len(nodes)} nodes up", f"{len(self.status.get('requests', []))} requests"]
+        requests = len(self.status.get("requests", []))
+        parts = [self.endpoint, f"{up}/{len(nodes)} nodes up", f"{requests} requests"]
         if since is not None and since > STALE_S:
             parts.append(f"no snapshot for {since:.0f}s: is the cluster up?")
         self.sub_title = " · ".join(parts)
@@ -394,14 +411,17 @@ class SllmTui(App[None]):
                 if node.tree is tree and node.parent is not None and node in node.parent.children:
                     node.remove()
         for key, parent_key, label, item in lines:
-            node = self._actor_nodes.get(key)
-            if node is None:
-                parent = self._actor_nodes[parent_key or "controller"]
-                leaf = item.kind in ("actor", "instance", "tier")
-                node = parent.add_leaf(label, data=item) if leaf else parent.add(label, data=item, expand=True)
-                self._actor_nodes[key] = node
-            elif node.data != item:
+            existing = self._actor_nodes.get(key)
+            if existing is not None:
+                node = existing
                 node.data = item
+            else:
+                parent = self._actor_nodes[parent_key or "controller"]
+                if item.kind in ("actor", "instance", "tier"):
+                    node = parent.add_leaf(label, data=item)
+                else:
+                    node = parent.add(label, data=item, expand=True)
+                self._actor_nodes[key] = node
             if self._actor_labels.get(key) != label:
                 node.set_label(label)
                 self._actor_labels[key] = label
@@ -447,11 +467,16 @@ class SllmTui(App[None]):
         self.post_message(ClusterStopped())
 
     def run_on_quit(self) -> None:
-        """Call on_quit once, whoever asks first (the quit key, or run_tui after a crash)."""
-        if self.on_quit is None or self.on_quit_called:
-            return
-        self.on_quit_called = True
-        self.on_quit()
+        """Call on_quit once, whoever asks first (the quit key, or run_tui once the app has ended).
+
+        A second caller waits for the first call to finish, so run_tui never returns (and lets the process
+        exit) while the cluster is still stopping on the quit thread.
+        """
+        with self._on_quit_lock:
+            if self.on_quit is None or self.on_quit_called:
+                return
+            self.on_quit_called = True
+            self.on_quit()
 
     def on_cluster_stopped(self, message: ClusterStopped) -> None:
         self.exit()
@@ -576,7 +601,7 @@ def _sync_table(table: DataTable[Any], rows: list[tuple[str, Cells]]) -> None:
     columns = [column.key for column in table.ordered_columns]
     for key, cells in rows:
         if key in table.rows:
-            for column, cell in zip(columns, cells):
+            for column, cell in zip(columns, cells, strict=True):
                 if table.get_cell(key, column) != cell:
                     table.update_cell(key, column, cell, update_width=True)
         else:

@@ -65,7 +65,8 @@ class FeedUpdate:
 
 
 class ClusterFeed:
-    def __init__(self, state_endpoint: str, *, context: zmq.Context | None = None, remember: int = 2000) -> None:
+    def __init__(self, state_endpoint: str, *, context: zmq.Context | None = None,
+                 remember: int = 2000) -> None:
         self.state_endpoint = state_endpoint
         self._context = context or zmq.Context.instance()
         self._lock = threading.Lock()

@@ -91,11 +91,10 @@ def state_text(state: str) -> Text:
     return Text(state or "?", style=STATE_STYLES.get(state, ""))
 
 
-def where(node: str, instance_id: str = "", gpu: int | None = None) -> str:
+def where(node: str, instance_id: str = "") -> str:
     if not node:
         return "-"
-    place = node if gpu is None else f"{node}/gpu-{gpu}"
-    return f"{place}/{instance_id}" if instance_id else place
+    return f"{node}/{instance_id}" if instance_id else node
 
 
 def event_text(event: Event) -> Text:
@@ -169,6 +168,12 @@ def instance_state(instance: dict[str, Any]) -> str:
         # The scheduler says "ready"; what an operator wants to see is whether it is working.
         return "running" if instance.get("requests") else "idle"
     return state
+
+
+def gpu_state(instances: list[dict[str, Any]]) -> str:
+    """A GPU is as busy as its busiest instance: loading or migrating first, then running, else idle."""
+    states = {instance_state(i) for i in instances}
+    return next((s for s in ("loading", "migrating", "running") if s in states), "idle")
 
 
 def gpu_label(gpu: dict[str, Any]) -> str:
@@ -304,16 +309,14 @@ def tree_lines(status: dict[str, Any], memory: EventMemory) -> list[TreeLine]:
         for g in (g for g in status.get("gpus", []) if g.get("node") == name):
             gpu_name = f"gpu-{g.get('index', '?')}"
             used, total = float(g.get("memory_used", 0)), float(g.get("memory_total", 0))
+            on_gpu = [i for i in instances if i.get("node") == name and i.get("gpu") == g.get("index")]
             label = Text(f"{gpu_name} ({g.get('device', '?')}) ")
-            label.append_text(state_text("dead" if state in ("dead", "restarting") else
-                                         "running" if g.get("models") else "idle"))
+            label.append_text(state_text("dead" if state in ("dead", "restarting") else gpu_state(on_gpu)))
             label.append(f" {fmt_bytes(used)}/{fmt_bytes(total)}", style="dim")
             label.append_text(_restarts(memory.restarts_of(name, gpu_name)))
             gpu_key = f"gpu:{name}/{gpu_name}"
             lines.append((gpu_key, node_key, label, Item("gpu", gpu_label(g), name)))
-            for inst in instances:
-                if inst.get("node") != name or inst.get("gpu") != g.get("index"):
-                    continue
+            for inst in on_gpu:
                 instance_id = str(inst.get("instance_id", "?"))
                 label = Text(f"{instance_id} ")
                 label.append_text(state_text(instance_state(inst)))
@@ -322,15 +325,18 @@ def tree_lines(status: dict[str, Any], memory: EventMemory) -> list[TreeLine]:
                 if inst.get("waiting"):
                     label.append(f" +{inst['waiting']} waiting", style="yellow")
                 if inst.get("tier"):
-                    label.append(f" · from {inst['tier']} in {float(inst.get('load_s', 0.0)):.2f}s", style="dim")
+                    load_s = float(inst.get("load_s", 0.0))
+                    label.append(f" · from {inst['tier']} in {load_s:.2f}s", style="dim")
                 lines.append((f"instance:{instance_id}", gpu_key, label, Item("instance", instance_id, name)))
         for t in (t for t in status.get("tiers", []) if t.get("node") == name):
             tier = str(t.get("tier", "?"))
             used, cap = float(t.get("used_bytes", 0)), float(t.get("capacity_bytes", 0))
             label = Text(f"tier {tier} ")
             label.append(f"{used / cap * 100:.0f}% " if cap else "", style="dim")
-            label.append(", ".join(t.get("models", [])) or "(empty)", style="cyan" if t.get("models") else "dim")
-            restarts = sum(c for (nd, child), c in memory.actor_restarts.items() if nd == name and tier in child)
+            models = t.get("models", [])
+            label.append(", ".join(models) or "(empty)", style="cyan" if models else "dim")
+            restarts = sum(count for (on, child), count in memory.actor_restarts.items()
+                           if on == name and tier in child)
             label.append_text(_restarts(restarts))
             lines.append((f"tier:{name}/{tier}", node_key, label, Item("tier", tier, name)))
     return lines
