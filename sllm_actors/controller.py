@@ -51,6 +51,7 @@ from sllm_actors.messages import (
     TokenChunk,
     Welcome,
 )
+from sllm_actors.node_context import LINK_SEPARATOR
 from sllm_actors.supervisor import ChildSpec, Directory, Supervisor
 from sllm_actors.topology import Topology
 from sllm_actors.transport import Transport
@@ -58,6 +59,7 @@ from sllm_actors.transport import Transport
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5
+SEEN_EVERY_S = 0.2
 SNAPSHOT_S = 0.5
 
 _TO_ROUTER = (TokenChunk, PromptAccepted, InferenceDone, InferenceFailed, Migrated)
@@ -78,6 +80,7 @@ class Controller:
         self.context = ClusterContext(topology, self.transport, self.directory, self.events, self.table)
         self.supervisor: pykka.ActorRef[Any] | None = None
         self.node_names = {n.name for n in topology.nodes}
+        self._last_seen: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -185,7 +188,8 @@ class Controller:
                                                     f"the {actor} is restarting; try again"))
 
     def _from_node(self, peer: bytes, address: str, msg: Message) -> None:
-        node = peer.decode(errors="replace")
+        # A node's own socket is named after it; an actor's socket on that node is ``node~actor``.
+        node = peer.decode(errors="replace").split(LINK_SEPARATOR, 1)[0]
         if node not in self.node_names:
             self.transport.send(CLUSTER, ErrorReply("", "rejected", f"node {node!r} is not in the topology "
                                                     f"{self.topology.path}"), peer=peer)
@@ -194,7 +198,11 @@ class Controller:
             if address in self.node_names:
                 self.context.to_node(address, msg)  # node-to-node (migration), relayed
             return
-        self.directory.tell("registry", Seen(node))
+        now = time.monotonic()
+        if now - self._last_seen.get(node, 0.0) > SEEN_EVERY_S:
+            # Rate-limited: a beat per token would wake the registry's thread for nothing.
+            self._last_seen[node] = now
+            self.directory.tell("registry", Seen(node))
         if isinstance(msg, NodeHello):
             if msg.protocol_version != PROTOCOL_VERSION:
                 self.transport.send(CLUSTER, ErrorReply("", "version_mismatch",

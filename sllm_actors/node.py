@@ -60,7 +60,7 @@ class Node:
         self.incarnation = uuid.uuid4().hex[:12]
         self.transport = Transport(f"node:{name}")
         self.directory = Directory()
-        self.context = NodeContext(name, self._send, self.directory)
+        self.context = NodeContext(name, self._send, self.directory, self.transport.context, join)
         self.spec: NodeSpec | None = None
         self.configured = threading.Event()
         self.done = threading.Event()

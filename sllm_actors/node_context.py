@@ -13,8 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import zmq
+
+from sllm_actors import wire
 from sllm_actors.messages import ClusterEvent, Message
 from sllm_actors.supervisor import Directory
+
+
+LINK_SEPARATOR = "~"
+"""An actor's socket identity is ``node~actor``; the controller reads the node from it."""
 
 
 class NodeBoard:
@@ -66,14 +73,41 @@ class Loaded:
     memory_bytes: int
 
 
+class Link:
+    """A DEALER socket of one actor's own, to the controller, used only from that actor's thread.
+
+    Token traffic goes through it instead of the node's IO thread: a hand-off to another Python
+    thread per token costs a GIL round trip (measured at ~0.5 ms a token on 2 cores), while
+    ZeroMQ's own IO threads run without the GIL. One socket per instance also keeps every message
+    about a request in order.
+    """
+
+    def __init__(self, context: zmq.Context, endpoint: str, identity: str) -> None:
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket.setsockopt(zmq.IDENTITY, identity.encode())
+        self.socket.connect(endpoint)
+
+    def send(self, msg: Message, address: str = "") -> None:
+        self.socket.send_multipart(wire.pack(msg, address), copy=False)
+
+    def close(self) -> None:
+        # Linger so tokens already queued still reach the controller.
+        self.socket.close(linger=2000)
+
+
 class NodeContext:
     def __init__(
         self,
         name: str,
         send: Callable[[Message, str], None],
         directory: Directory,
+        zmq_context: zmq.Context | None = None,
+        controller_endpoint: str = "",
     ) -> None:
         self.name = name
+        self.zmq_context = zmq_context
+        self.controller_endpoint = controller_endpoint
         self._send = send
         self.directory = directory
         self.board = NodeBoard()
@@ -82,6 +116,12 @@ class NodeContext:
     def send(self, msg: Message, address: str = "") -> None:
         """To the controller, or through it to the node named ``address``."""
         self._send(msg, address)
+
+    def open_link(self, actor: str) -> Link | None:
+        """A socket of the calling actor's own (None without a controller endpoint, as in unit tests)."""
+        if self.zmq_context is None or not self.controller_endpoint:
+            return None
+        return Link(self.zmq_context, self.controller_endpoint, f"{self.name}{LINK_SEPARATOR}{actor}")
 
     def event(self, kind: str, text: str, data: dict[str, Any] | None = None) -> None:
         self._send(ClusterEvent(time.time(), kind, text, {"node": self.name, **(data or {})}), "")

@@ -129,7 +129,7 @@ def test_long_context_migrates_in_several_rounds(cluster_factory: Any, slow_mode
 
 def test_migrating_an_unknown_request_is_refused(cluster: RunningCluster) -> None:
     with cluster.client() as c:
-        with pytest.raises(RequestError, match="not running on any instance"):
+        with pytest.raises(RequestError, match="not a running request nor an instance"):
             c.migrate("no-such-request", "node-2")
 
 
@@ -154,3 +154,74 @@ def test_destination_killed_during_resume_aborts_and_source_goes_on(cluster_fact
     seen, done = _generate_with_action(cluster, 30, action, max_tokens=n)
     assert seen == expected, "the source kept generating; nothing lost or repeated"
     assert outcome
+
+
+def test_every_request_of_an_instance_migrates(cluster_factory: Any, slow_model: Path) -> None:
+    cluster = cluster_factory({"slow": slow_model})  # fresh: one instance, so all three share it
+    n = 300
+    expected = _reference(slow_model, n)
+    results: dict[int, Any] = {}
+    started = threading.Barrier(4)
+
+    def one(i: int) -> None:
+        with cluster.client() as client:
+            got: list[int] = []
+            stream = client.generate("slow", PROMPT, max_tokens=n, request_id=f"many-{i}")
+            for event in stream:
+                if isinstance(event, TokenEvent):
+                    got.extend(event.token_ids)
+                    if len(got) == 5:
+                        started.wait(30)
+                else:
+                    results[i] = (got, event)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    started.wait(60)
+    with cluster.client() as c:
+        st = c.status()
+        placed = {r["instance_id"] for r in st["requests"] if r["request_id"].startswith("many-")}
+        assert len(placed) == 1, st["requests"]
+        (instance_id,) = placed
+        node = next(i["node"] for i in st["instances"] if i["instance_id"] == instance_id)
+        ack = c.migrate(instance_id, "node-2" if node == "node-1" else "node-1")
+    for t in threads:
+        t.join(120)
+    assert ack.startswith("migrated many-0, many-1, many-2"), ack
+    for i in range(3):
+        got, done = results[i]
+        assert got == expected and done.token_ids == expected
+        assert [m["outcome"] for m in done.migrations if m["kind"] == "migration"] == ["done"], done.migrations
+
+
+def test_source_killed_mid_migration_resumes_from_the_token_log(cluster_factory: Any, slow_model: Path) -> None:
+    cluster = cluster_factory({"slow": slow_model},
+                              extra={"scheduler": {"migration_delta_tokens": 1, "migration_max_rounds": 50}})
+    n = 600
+    expected = _reference(slow_model, n)
+
+    def action(request_id: str) -> None:
+        with cluster.client() as c:
+            st = c.status()
+            where = next(r["node"] for r in st["requests"] if r["request_id"] == request_id)
+            source_pid = next(nd["pid"] for nd in st["nodes"] if nd["name"] == where)
+            target = "node-2" if where == "node-1" else "node-1"
+            order = threading.Thread(target=lambda: _quietly(c.migrate, request_id, target), daemon=True)
+            order.start()
+            # Many one-token rounds keep the migration open; kill the source while rounds run.
+            cluster.wait_for(lambda s: any(m["state"] == "running" for m in s.get("migrations", [])), 60,
+                             "the migration to reach its rounds")
+            os.kill(source_pid, signal.SIGKILL)
+            order.join(60)
+
+    seen, done = _generate_with_action(cluster, 40, action, max_tokens=n)
+    assert seen == expected, "the router resumed from its log: no token lost or repeated"
+    assert any(m["kind"] == "resume" for m in done.migrations), done.migrations
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except RequestError:
+        pass  # the order fails with its source; the request itself must not

@@ -34,7 +34,7 @@ from sllm_actors.messages import (
     StartInference,
     TokenChunk,
 )
-from sllm_actors.node_context import NodeContext
+from sllm_actors.node_context import Link, NodeContext
 from sllm_actors.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class ModelInstanceActor(SupervisedActor):
         self.device = device
         self.max_concurrency = max(1, max_concurrency)
         self.engine: Engine | None = None
+        self.link: Link | None = None
         self.running: dict[str, Sequence] = {}
         self.waiting: deque[StartInference] = deque()
         self.step_scheduled = False
@@ -120,14 +121,21 @@ class ModelInstanceActor(SupervisedActor):
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _send(self, msg: Any, address: str = "") -> None:
+        if self.link is not None:
+            self.link.send(msg, address)
+        else:
+            self.node.send(msg, address)
+
     def started(self) -> None:
+        self.link = self.node.open_link(self.instance_id)
         self._publish("loading")
         started = time.perf_counter()
         try:
             loaded = self.node.storage.load(self.model_name, self.source, self.device)
         except Exception as exc:  # any load problem is this request's failure, reported as data
             log.warning("%s: loading %s failed: %s", self.name, self.model_name, exc)
-            self.node.send(LoadFailed(self.instance_id, self.node.name, self.model_name, f"{exc}"))
+            self._send(LoadFailed(self.instance_id, self.node.name, self.model_name, f"{exc}"))
             self._publish("failed")
             self.actor_ref.stop(block=False)
             return
@@ -135,7 +143,7 @@ class ModelInstanceActor(SupervisedActor):
         self.memory_bytes = loaded.memory_bytes
         load_s = time.perf_counter() - started
         self._publish("idle")
-        self.node.send(
+        self._send(
             InstanceReady(
                 self.instance_id, self.node.name, self.gpu_index, self.model_name, load_s, loaded.tier,
                 loaded.memory_bytes,
@@ -146,6 +154,9 @@ class ModelInstanceActor(SupervisedActor):
                                                               "seconds": load_s})
 
     def stopping(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
         self.node.board.remove_instance(self.instance_id)
         self.engine = None
         self.running.clear()
@@ -198,7 +209,7 @@ class ModelInstanceActor(SupervisedActor):
                 prompt_ids = self.engine.tokenize(msg.prompt, msg.chat)
                 if not prompt_ids:
                     raise ValueError("the prompt tokenizes to nothing")
-                self.node.send(PromptAccepted(msg.request_id, self.instance_id, prompt_ids))
+                self._send(PromptAccepted(msg.request_id, self.instance_id, prompt_ids))
             if len(prompt_ids) + len(msg.generated_ids) >= self.engine.max_positions:
                 raise ValueError(
                     f"{len(prompt_ids) + len(msg.generated_ids)} tokens exceed the model's context of "
@@ -217,10 +228,10 @@ class ModelInstanceActor(SupervisedActor):
             )
             self.engine.prefill(seq)
         except ValueError as exc:
-            self.node.send(InferenceFailed(msg.request_id, self.instance_id, "bad_request", str(exc)))
+            self._send(InferenceFailed(msg.request_id, self.instance_id, "bad_request", str(exc)))
             return
         if len(seq.generated_ids) >= seq.max_tokens:
-            self.node.send(InferenceDone(msg.request_id, self.instance_id, "length", len(seq.generated_ids)))
+            self._send(InferenceDone(msg.request_id, self.instance_id, "length", len(seq.generated_ids)))
             return
         self.running[msg.request_id] = seq
         self._publish()
@@ -238,7 +249,7 @@ class ModelInstanceActor(SupervisedActor):
         self.engine.extend(seq, log_ids[len(have):])
         seq.text = msg.text_so_far
         if len(seq.generated_ids) >= seq.max_tokens:
-            self.node.send(InferenceDone(msg.request_id, self.instance_id, "length", len(seq.generated_ids)))
+            self._send(InferenceDone(msg.request_id, self.instance_id, "length", len(seq.generated_ids)))
             return True
         if len(self.running) >= self.max_concurrency:
             # No room right now: requeue with the whole log; the cache is rebuilt when it gets a slot.
@@ -258,7 +269,7 @@ class ModelInstanceActor(SupervisedActor):
             if queued is not None:
                 # Never started here: nothing to recompute, the router simply starts it there.
                 self.waiting.remove(queued)
-                self.node.send(Migrated(msg.migration_id, request_id, self.instance_id, msg.dest_node,
+                self._send(Migrated(msg.migration_id, request_id, self.instance_id, msg.dest_node,
                                         msg.dest_instance, 0, 0, 0, 0.0))
                 continue
             seq = self.running.get(request_id)
@@ -272,12 +283,12 @@ class ModelInstanceActor(SupervisedActor):
             self.orders[msg.migration_id] = pending
             self._publish()
         else:
-            self.node.send(MigrationEnded(msg.migration_id, self.instance_id, "done", "nothing left to migrate"))
+            self._send(MigrationEnded(msg.migration_id, self.instance_id, "done", "nothing left to migrate"))
 
     def _send_round(self, seq: Sequence, out: Outgoing, prompt_ids: list[int], new_ids: list[int]) -> None:
         out.sent_upto = len(seq.generated_ids)
         out.tokens_recomputed += len(prompt_ids) + len(new_ids)
-        self.node.send(
+        self._send(
             ResumeRequest(
                 migration_id=out.migration_id, round=out.round, request_id=seq.request_id,
                 instance_id=out.dest_instance, source_node=self.node.name, source_instance=self.instance_id,
@@ -313,7 +324,7 @@ class ModelInstanceActor(SupervisedActor):
             return
         # Few enough tokens left: stop here; the router re-routes with the whole log.
         self.running.pop(msg.request_id)
-        self.node.send(Migrated(
+        self._send(Migrated(
             out.migration_id, msg.request_id, self.instance_id, out.dest_node, out.dest_instance,
             len(seq.generated_ids), out.round + 1, out.tokens_recomputed, time.perf_counter() - out.started,
         ))
@@ -335,7 +346,7 @@ class ModelInstanceActor(SupervisedActor):
         if not pending:
             del self.orders[out.migration_id]
             detail = "; ".join(self.notes.pop(out.migration_id, []))
-            self.node.send(MigrationEnded(out.migration_id, self.instance_id, "done", detail))
+            self._send(MigrationEnded(out.migration_id, self.instance_id, "done", detail))
 
     def _abort(self, migration_id: str, reason: str) -> None:
         pending = self.orders.pop(migration_id, None)
@@ -346,7 +357,7 @@ class ModelInstanceActor(SupervisedActor):
             self.outgoing.pop(request_id, None)
         log.warning("%s: migration %s aborted: %s; generation goes on here", self.name, migration_id, reason)
         self.node.event("migrate", f"migration {migration_id} aborted: {reason}", {"migration_id": migration_id})
-        self.node.send(MigrationEnded(migration_id, self.instance_id, "aborted", reason))
+        self._send(MigrationEnded(migration_id, self.instance_id, "aborted", reason))
         self._publish()
 
     # ------------------------------------------------------------------ live migration, destination side
@@ -372,11 +383,11 @@ class ModelInstanceActor(SupervisedActor):
                 parked.round = msg.round
                 parked.since = time.monotonic()
         except (ValueError, RuntimeError) as exc:
-            self.node.send(ResumeFailed(msg.migration_id, msg.round, msg.request_id, msg.source_instance, str(exc)),
+            self._send(ResumeFailed(msg.migration_id, msg.round, msg.request_id, msg.source_instance, str(exc)),
                            msg.source_node)
             return
         n_tokens = len(msg.prompt_ids) + len(msg.generated_ids)
-        self.node.send(ResumeDone(msg.migration_id, msg.round, msg.request_id, msg.source_instance, n_tokens,
+        self._send(ResumeDone(msg.migration_id, msg.round, msg.request_id, msg.source_instance, n_tokens,
                                   time.perf_counter() - started), msg.source_node)
 
     def _expire_parked(self) -> None:
@@ -403,12 +414,12 @@ class ModelInstanceActor(SupervisedActor):
         for seq in list(self.running.values()):
             index = len(seq.generated_ids)
             token, delta = self.engine.step(seq)
-            self.node.send(TokenChunk(seq.request_id, index, [token], delta))
+            self._send(TokenChunk(seq.request_id, index, [token], delta))
             if seq.finish_reason:
                 finished.append(seq)
         for seq in finished:
             self.running.pop(seq.request_id, None)
-            self.node.send(InferenceDone(seq.request_id, self.instance_id, seq.finish_reason, len(seq.generated_ids)))
+            self._send(InferenceDone(seq.request_id, self.instance_id, seq.finish_reason, len(seq.generated_ids)))
         if finished:
             self._admit_waiting()
             self._publish()

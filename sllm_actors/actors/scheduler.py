@@ -365,9 +365,13 @@ class SchedulerActor(SupervisedActor):
         def refuse(code: str, message: str) -> None:
             self.cluster.to_client(peer, ErrorReply(cmd.request_id, code, message))
 
-        src = next((i for i in self.instances.values() if cmd.subject in i.requests), None)
+        # The subject is a request, or an instance whose every request moves.
+        src = self.instances.get(cmd.subject)
+        subjects = sorted(src.requests) if src is not None else [cmd.subject]
         if src is None:
-            refuse("not_running", f"request {cmd.subject} is not running on any instance")
+            src = next((i for i in self.instances.values() if cmd.subject in i.requests), None)
+        if src is None or not subjects:
+            refuse("not_running", f"{cmd.subject} is not a running request nor an instance serving one")
             return
         node, _, gpu_part = cmd.target.partition("/")
         if node not in {n.name for n in self.topology.nodes}:
@@ -389,7 +393,7 @@ class SchedulerActor(SupervisedActor):
         if node == src.node and gpu in (None, src.gpu) and len(self.topology.node(node).gpus) == 1:
             refuse("already_there", f"request {cmd.subject} already runs on {src.node}/gpu-{src.gpu}")
             return
-        order = self._migrate([cmd.subject], src, (node, gpu), f"operator order {cmd.request_id}")
+        order = self._migrate(subjects, src, (node, gpu), f"operator order {cmd.request_id}")
         if order is None:
             refuse("no_room", f"no room for {src.model} on {cmd.target}")
             return
