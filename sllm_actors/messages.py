@@ -694,3 +694,51 @@ class Query:
     """An ``ask`` for an actor's view, for status and snapshots."""
 
     what: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Node, in-process ask to the repository tier: a local path holding ``model`` from ``source``."""
+
+    model: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class TierLookup:
+    """Ask a tier for its copy of ``model`` (a path on SSD, a HostCheckpoint in DRAM) or None.
+
+    A DRAM hit is leased to the caller until ``TierRelease``, so it is never evicted mid-copy.
+    """
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class TierStore:
+    """Ask (SSD) or tell (DRAM) a tier to take a copy of ``model`` from the checkpoint at ``path``."""
+
+    model: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class TierRelease:
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class TierDrop:
+    """A tier's copy of ``model`` failed its checksums: delete it."""
+
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TierLoaded:
+    """A real load from this tier: ``nbytes`` in ``seconds``, to refine the measured bandwidth."""
+
+    model: str
+    nbytes: int
+    seconds: float

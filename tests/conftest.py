@@ -74,7 +74,8 @@ class RunningCluster:
 
 
 def write_topology(path: Path, models: dict[str, Path | str], *, nodes: int = 2, gpus_per_node: int = 1,
-                   memory: str = "1GiB", extra: dict[str, Any] | None = None) -> Path:
+                   memory: str = "1GiB", extra: dict[str, Any] | None = None, keep_alive: str = "5m",
+                   dram: str = "1GiB") -> Path:
     data: dict[str, Any] = {
         "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0},
         "nodes": [
@@ -82,12 +83,12 @@ def write_topology(path: Path, models: dict[str, Path | str], *, nodes: int = 2,
                 "name": f"node-{i + 1}",
                 "gpus": [{"device": "cpu", "memory": memory} for _ in range(gpus_per_node)],
                 "threads": 1,
-                "dram": {"capacity": "1GiB"},
+                "dram": {"capacity": dram},
                 "ssd": {"path": str(path.parent / f"ssd-{i + 1}"), "capacity": "2GiB"},
             }
             for i in range(nodes)
         ],
-        "models": [{"name": name, "source": str(src), "keep_alive": "5m"} for name, src in models.items()],
+        "models": [{"name": name, "source": str(src), "keep_alive": keep_alive} for name, src in models.items()],
     }
     for key, value in (extra or {}).items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -1,17 +1,21 @@
 """RepositoryTierActor: where models come from (the default model's package, model directories, GGUF).
 
-The slowest tier: fetching may download and convert. It answers ``Fetch`` with a local directory.
+The slowest tier: fetching may download and convert. It answers ``Fetch`` with a local directory,
+which the SSD tier then copies in. An optional ``repository.bandwidth`` in the topology slows
+fetches to that rate, to make tier differences visible on one machine.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any
 
 import pykka
 
+from sllm_actors.actors.tier_common import Bandwidth
+from sllm_actors.messages import Fetch
 from sllm_actors.models import directory_bytes, resolve_source
 from sllm_actors.node_context import NodeContext
 from sllm_actors.supervisor import SupervisedActor
@@ -19,29 +23,29 @@ from sllm_actors.supervisor import SupervisedActor
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Fetch:
-    """In-process ask: a local directory holding ``model`` from ``source``."""
-
-    model: str
-    source: str
-
-
 class RepositoryTierActor(SupervisedActor):
     tier = "repository"
 
-    def __init__(self, supervisor: pykka.ActorRef[Any], name: str, *, node: NodeContext) -> None:
+    def __init__(self, supervisor: pykka.ActorRef[Any], name: str, *, node: NodeContext,
+                 limit: float | None = None) -> None:
         super().__init__(supervisor, name)
         self.node = node
+        self.limit = limit
         self.known: dict[str, int] = {}
+        self.bandwidth = Bandwidth(limit or 0.0)
 
     def started(self) -> None:
         self._publish()
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Fetch):
+            started = time.perf_counter()
             path = resolve_source(message.source)
-            self.known[message.model] = directory_bytes(Path(path))
+            size = directory_bytes(Path(path))
+            if self.limit:
+                time.sleep(max(0.0, size / self.limit - (time.perf_counter() - started)))
+            self.bandwidth.observe(size, time.perf_counter() - started)
+            self.known[message.model] = size
             self._publish()
             return path
         raise TypeError(f"{self.name}: unexpected message {message!r}")
@@ -52,5 +56,5 @@ class RepositoryTierActor(SupervisedActor):
             models=sorted(self.known),
             used_bytes=sum(self.known.values()),
             capacity_bytes=0,
-            bandwidth=0.0,
+            bandwidth=self.bandwidth.value,
         )

@@ -102,6 +102,7 @@ def load_model(
     *,
     dtype: torch.dtype | None = None,
     model_class: Any = None,
+    host: Any = None,
     **loader_kwargs: Any,
 ) -> Any:
     """A transformers model (class from the config's architectures, else AutoModelForCausalLM's
@@ -110,6 +111,8 @@ def load_model(
     ``dtype`` casts floating weights if it differs from the stored dtype (a copy); by default the
     model is built in the stored dtype and the loaded tensors are used as they are.
     ``loader_kwargs`` go to ``load_state_dict`` (threads, chunk_bytes, verify, direct_io, stats).
+    ``host``: a HostCheckpoint of this checkpoint (the DRAM tier's copy) to take the weights from
+    instead of the files; the model gets its own copy, so the tier may evict it later.
     """
     from transformers import AutoConfig, GenerationConfig
 
@@ -125,7 +128,10 @@ def load_model(
     # Read the weights while the (GIL-bound) skeleton is built: the reader threads mostly wait on
     # I/O or run checksum code that releases the GIL.
     with ThreadPoolExecutor(1, thread_name_prefix="sllm-load-model") as pool:
-        future = pool.submit(load_state_dict, root, device, **loader_kwargs)
+        if host is not None:
+            future = pool.submit(host.state_dict, device, copy=True)
+        else:
+            future = pool.submit(load_state_dict, root, device, **loader_kwargs)
         try:
             with parameters_on_meta():
                 model = cls._from_config(config, dtype=build_dtype)

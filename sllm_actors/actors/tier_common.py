@@ -1,0 +1,67 @@
+"""What the storage tier actors share: bandwidth bookkeeping and the start-up measurements."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+PROBE_BYTES = 64 * 1024 * 1024
+
+
+class Bandwidth:
+    """Bytes per second: measured at start, then refined from real loads (a moving average)."""
+
+    def __init__(self, initial: float = 0.0, weight: float = 0.3) -> None:
+        self.value = initial
+        self.weight = weight
+        self.samples = 0
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        rate = nbytes / seconds
+        self.value = rate if self.samples == 0 and not self.value else (1 - self.weight) * self.value + self.weight * rate
+        self.samples += 1
+
+
+def measure_disk_read(folder: Path, nbytes: int = PROBE_BYTES) -> float:
+    """Read bandwidth of the file system under ``folder`` with the page cache evicted (bytes/s)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".bandwidth-probe-{os.getpid()}"
+    block = os.urandom(1024 * 1024)
+    try:
+        with open(probe, "wb") as f:
+            for _ in range(nbytes // len(block)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(probe, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            started = time.perf_counter()
+            while os.read(fd, 8 * 1024 * 1024):
+                pass
+            return nbytes / (time.perf_counter() - started)
+        finally:
+            os.close(fd)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def measure_host_copy(device: str = "cpu", nbytes: int = PROBE_BYTES) -> float:
+    """Copy bandwidth from host memory to ``device`` (pinned host -> GPU on CUDA; memcpy on CPU)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.startswith("cuda"))
+    src.fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src)  # first touch, outside the timing
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src, non_blocking=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 3 * nbytes / (time.perf_counter() - started)

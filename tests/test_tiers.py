@@ -1,0 +1,85 @@
+"""Loading through the storage tiers of real node processes: repository -> SSD -> DRAM, and faults."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sllm_actors.client import RequestError
+
+from .conftest import RunningCluster
+
+PROMPT = "The capital of France is"
+
+
+def _tier_of(cluster: RunningCluster, model: str) -> str:
+    with cluster.client() as c:
+        return next(i["tier"] for i in c.status()["instances"] if i["model"] == model and i["state"] == "ready")
+
+
+def _wait_scaled_to_zero(cluster: RunningCluster, model: str) -> None:
+    cluster.wait_for(lambda st: not any(i["model"] == model for i in st["instances"]), 30,
+                     f"{model} to scale to zero after its keep-alive")
+
+
+def _flip_a_byte(checkpoint: Path) -> None:
+    data = sorted(checkpoint.glob("data_*.bin"))[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+def test_cold_starts_go_repository_then_dram(cluster_factory: Any, tiny_model: Path) -> None:
+    cluster = cluster_factory({"tiny": tiny_model}, keep_alive="1s", nodes=1)
+    with cluster.client() as c:
+        first = c.complete("tiny", PROMPT, max_tokens=8).token_ids
+    assert _tier_of(cluster, "tiny") == "repository"
+    tiers = cluster.wait_for(
+        lambda st: {t["tier"]: t for t in st["tiers"] if "tiny" in t.get("models", [])}
+        if {"ssd", "dram"} <= {t["tier"] for t in st["tiers"] if "tiny" in t.get("models", [])} else None,
+        30, "tiny in the SSD and DRAM tiers",
+    )
+    assert tiers["ssd"]["bandwidth"] > 0 and tiers["dram"]["bandwidth"] > 0
+    assert tiers["ssd"]["capacity_bytes"] == 2 * 1024**3
+    _wait_scaled_to_zero(cluster, "tiny")
+    with cluster.client() as c:
+        again = c.complete("tiny", PROMPT, max_tokens=8).token_ids
+        events = [e["text"] for e in c.status()["events"]]
+    assert again == first
+    assert _tier_of(cluster, "tiny") == "dram"
+    assert any("scale down" in e for e in events), events
+
+
+def test_corrupt_ssd_copy_is_detected_and_fetched_again(cluster_factory: Any, tiny_model: Path) -> None:
+    cluster = cluster_factory({"tiny": tiny_model}, keep_alive="1s", nodes=1, dram="0")
+    with cluster.client() as c:
+        first = c.complete("tiny", PROMPT, max_tokens=8).token_ids
+    _wait_scaled_to_zero(cluster, "tiny")
+    ssd_copy = cluster.topology.parent / "ssd-1" / "tiny"
+    _flip_a_byte(ssd_copy)
+    with cluster.client() as c:
+        assert c.complete("tiny", PROMPT, max_tokens=8).token_ids == first
+        events = [e["text"] for e in c.status()["events"]]
+    assert _tier_of(cluster, "tiny") == "repository", "the bad SSD copy was replaced from the repository"
+    corrupt = [e for e in events if "failed its checksums" in e]
+    assert corrupt and "data_0.bin" in corrupt[0], events
+
+
+def test_no_good_copy_anywhere_fails_the_request_and_others_are_served(
+    cluster_factory: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    from sllm_actors.storage import convert
+
+    bad = tmp_path / "bad-ckpt"
+    convert(str(tiny_model), str(bad))
+    _flip_a_byte(bad)
+    cluster = cluster_factory({"tiny": tiny_model, "bad": bad}, nodes=1, dram="0")
+    with cluster.client() as c:
+        with pytest.raises(RequestError) as info:
+            c.complete("bad", PROMPT, max_tokens=4)
+        assert info.value.code == "load_failed"
+        assert "data_0.bin" in info.value.message and "checksum" in info.value.message.lower()
+        assert len(c.complete("tiny", PROMPT, max_tokens=4).token_ids) == 4
