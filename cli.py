@@ -46,6 +46,8 @@ def up(
     topology: Path = typer.Argument(..., help="the cluster's topology.yaml"),
     headless: bool = typer.Option(False, "--headless", help="no TUI: log, print 'ready', run until SIGINT/SIGTERM"),
     ready_timeout: float = typer.Option(300.0, help="seconds to wait for every node to join"),
+    policy: Optional[str] = typer.Option(None, "--policy", help="placement policy, overriding the topology's: "
+                                         "serverlessllm, shepherd, locality-wait, availability, random"),
 ) -> None:
     """Start the controller and the local nodes of TOPOLOGY."""
     from sllm_actors.controller import Controller
@@ -71,6 +73,14 @@ def up(
         topo = load_topology(topology)
     except TopologyError as exc:
         _fail(str(exc))
+    if policy is not None:
+        from dataclasses import replace
+
+        from sllm_actors.topology import POLICIES
+
+        if policy not in POLICIES:
+            _fail(f"--policy: unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+        topo = replace(topo, scheduler=replace(topo.scheduler, policy=policy))
     if any(m.source == DEFAULT_MODEL_SOURCE for m in topo.models):
         try:
             prepare_default_model(say=lambda text: console.print(text))

@@ -64,6 +64,7 @@ class RequestRecord:
     last_token_at: float | None = None
     migrations: list[dict[str, Any]] = field(default_factory=list)
     active_migration: dict[str, Any] | None = None
+    from_scratch: bool = False
 
 
 class RequestTable:

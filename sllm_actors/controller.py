@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import IO, Any
 
 import pykka
@@ -25,7 +24,6 @@ from sllm_actors.messages import (
     CancelRequest,
     ClientGone,
     ClusterEvent,
-    ClusterSnapshot,
     DeployModel,
     ErrorReply,
     FromClient,
@@ -212,6 +210,7 @@ class Controller:
             self.directory.tell("registry", msg)
         elif isinstance(msg, NodeStatus):
             self.directory.tell("registry", msg)
+            self.directory.tell("scheduler", msg)  # tier contents and bandwidths feed its estimates
         elif isinstance(msg, _TO_ROUTER):
             self.directory.tell("router", msg)
             if isinstance(msg, Migrated):

@@ -668,6 +668,22 @@ class MigrationStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class Preempt:
+    """Scheduler -> router (the ``shepherd`` policy): these requests lost their instance and restart
+    from scratch elsewhere; tokens already streamed are recomputed and not sent twice."""
+
+    request_ids: list[str]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTokens:
+    """Router -> scheduler, periodically: tokens so far (prompt + generated) of each running request."""
+
+    tokens: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class ClientGone:
     """The client socket could not reach ``peer`` any more: its requests are cancelled."""
 

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -132,7 +131,3 @@ def directory_bytes(path: Path) -> int:
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
-
-def atomic_dir(dest: Path) -> tempfile.TemporaryDirectory[str]:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=f".{dest.name}.tmp-", dir=dest.parent)

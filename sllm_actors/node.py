@@ -18,7 +18,6 @@ import uuid
 from typing import Any
 
 from sllm_actors.actors.gpu import GpuActor, instance_actor_name
-from sllm_actors.actors.repository_tier import RepositoryTierActor
 from sllm_actors.messages import (
     PROTOCOL_VERSION,
     CancelInference,

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from sllm_actors.client import Completion, RequestError, TokenEvent
 

@@ -92,7 +92,7 @@ def test_a_crash_while_starting_is_seen_and_intensity_escalates(stop_all: None) 
         gave_up.set()
 
     directory = Directory()
-    sup = Supervisor.start(None, "root", [ChildSpec("broken", lambda s, n: Broken.start(s, n))], directory,
+    Supervisor.start(None, "root", [ChildSpec("broken", lambda s, n: Broken.start(s, n))], directory,
                            max_restarts=2, period_s=30, on_give_up=give_up)
     assert gave_up.wait(10)
     assert "broken crashed starting: RuntimeError: cannot start" in reasons[0]

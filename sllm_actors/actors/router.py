@@ -33,9 +33,11 @@ from sllm_actors.messages import (
     Place,
     Placed,
     PlacementFailed,
+    Preempt,
     PromptAccepted,
     Query,
     RequestFinished,
+    RequestTokens,
     StartInference,
     StatusReply,
     StatusRequest,
@@ -92,6 +94,11 @@ class RouterActor(SupervisedActor):
                     mig["detail"] = message.detail
                     self._close_migration(rec, outcome=message.outcome)
                     rec.state = "running"
+        elif isinstance(message, Preempt):
+            for request_id in message.request_ids:
+                rec = self.requests.get(request_id)
+                if rec is not None:
+                    self._resume(rec, message.reason, from_scratch=True)
         elif isinstance(message, InstancesLost):
             for rec in list(self.requests.values()):
                 if rec.instance_id in message.instance_ids:
@@ -148,14 +155,19 @@ class RouterActor(SupervisedActor):
             rec.active_migration["to"] = f"{msg.node}/{msg.instance_id}"
             rec.active_migration["switched"] = True
         rec.state = "running"
-        self.cluster.to_node(msg.node, self._start_message(rec))
+        from_scratch = rec.from_scratch
+        rec.from_scratch = False
+        self.cluster.to_node(msg.node, self._start_message(rec, from_scratch))
 
-    def _start_message(self, rec: RequestRecord) -> StartInference:
+    def _start_message(self, rec: RequestRecord, from_scratch: bool = False) -> StartInference:
+        # From scratch (a preempted request): the instance regenerates every token; the ones the
+        # client already has come back with indexes the log already holds and are dropped.
+        generated, text = ([], "") if from_scratch else (list(rec.generated), rec.text)
         return StartInference(
             request_id=rec.request_id, instance_id=rec.instance_id, prompt=rec.prompt if rec.prompt_ids is None else "",
-            chat=rec.chat, prompt_ids=rec.prompt_ids or [], generated_ids=list(rec.generated),
+            chat=rec.chat, prompt_ids=rec.prompt_ids or [], generated_ids=generated,
             max_tokens=rec.max_tokens, temperature=rec.temperature, top_p=rec.top_p, seed=rec.seed, stop=rec.stop,
-            text_so_far=rec.text,
+            text_so_far=text,
         )
 
     def _tokens(self, chunk: TokenChunk) -> None:
@@ -175,6 +187,7 @@ class RouterActor(SupervisedActor):
         if rec.active_migration is not None and rec.last_token_at is not None:
             gap = now - rec.last_token_at
             rec.active_migration["pause_s"] = max(rec.active_migration.get("pause_s", 0.0), gap)
+            # Duplicates returned above, so a restart's pause lasts until it passes the client's tokens.
             if rec.active_migration.get("switched"):
                 self._close_migration(rec)
         rec.last_token_at = now
@@ -266,7 +279,7 @@ class RouterActor(SupervisedActor):
             self.cluster.to_node(rec.node, CancelInference(rec.request_id, rec.instance_id))
             self.cluster.directory.tell("scheduler", RequestFinished(rec.request_id, rec.instance_id))
 
-    def _resume(self, rec: RequestRecord, reason: str) -> None:
+    def _resume(self, rec: RequestRecord, reason: str, from_scratch: bool = False) -> None:
         """Continue a request from its token log on whatever instance the scheduler finds."""
         lost = f"{rec.node}/{rec.instance_id}" if rec.instance_id else "(unplaced)"
         log.warning("router: resuming %s after %s: %s (%d tokens in the log)", rec.request_id, lost, reason,
@@ -275,11 +288,12 @@ class RouterActor(SupervisedActor):
             "resume", f"resume {rec.request_id} from its token log ({len(rec.generated)} tokens): {reason}",
             {"request_id": rec.request_id},
         )
-        if rec.active_migration is not None and rec.active_migration.get("kind") != "resume":
+        if rec.active_migration is not None and rec.active_migration.get("kind") not in ("resume", "restart"):
             self._close_migration(rec, outcome="interrupted")
+        rec.from_scratch = from_scratch
         if rec.active_migration is None:
             rec.active_migration = {
-                "kind": "resume", "from": lost, "to": "", "reason": reason, "rounds": 1,
+                "kind": "restart" if from_scratch else "resume", "from": lost, "to": "", "reason": reason, "rounds": 1,
                 "tokens_recomputed": len(rec.prompt_ids or []) + len(rec.generated), "pause_s": 0.0,
                 "started": time.time(), "switched": False,
             }
@@ -293,6 +307,8 @@ class RouterActor(SupervisedActor):
     def _query(self, what: str) -> Any:
         if what == "publish":
             self.cluster.publish(ClusterSnapshot(time.time(), self.status()))
+            self.cluster.directory.tell("scheduler", RequestTokens(
+                {r.request_id: len(r.prompt_ids or []) + len(r.generated) for r in self.requests.values()}))
             return None
         if what == "requests":
             return self._requests_view()

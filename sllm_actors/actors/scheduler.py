@@ -35,15 +35,19 @@ from sllm_actors.messages import (
     MigrationStarted,
     AbortMigration,
     NodeLost,
+    NodeStatus,
+    Preempt,
     NodeUp,
     Place,
     Placed,
     PlacementFailed,
     Query,
     RequestFinished,
+    RequestTokens,
     Tick,
     UnloadModel,
 )
+from sllm_actors import placement
 from sllm_actors.models import default_model_dir, directory_bytes, is_model_dir
 from sllm_actors.supervisor import SupervisedActor
 from sllm_actors.topology import DEFAULT_MODEL_SOURCE, ModelSpec
@@ -68,6 +72,11 @@ class Instance:
     last_used: float = field(default_factory=time.monotonic)
     load_s: float = 0.0
     tier: str = ""
+    estimate_s: float = 0.0
+    """What the estimator predicted for this load, to report its error when the load is done."""
+    started: float = field(default_factory=time.monotonic)
+    draining: bool = False
+    """Its requests are being moved off to make room: it takes no new ones."""
 
 
 @dataclass
@@ -101,6 +110,15 @@ class SchedulerActor(SupervisedActor):
         self.instances: dict[str, Instance] = {}
         self.queue: list[Waiting] = []
         self.migrations: dict[str, MigrationOrder] = {}
+        self.policy = self.topology.scheduler.policy
+        self.estimator = placement.Estimator(self.model_bytes)
+        self.node_tiers: dict[str, dict[str, Any]] = {}
+        """node -> {"bandwidth": {tier: B/s}, "holds": {tier: set(models)}} from NodeStatus."""
+        self.reserved: dict[tuple[str, int], tuple[str, list[str], float]] = {}
+        self.request_tokens: dict[str, int] = {}
+        """Tokens so far per running request (prompt + generated), for migration estimates."""
+        """GPU -> (model, waiters, estimate) to load there once migrations or preemptions free it."""
+        self.rng = __import__("random").Random(0)
         self._ids = itertools.count(1)
         self.started_at = time.time()
 
@@ -111,9 +129,12 @@ class SchedulerActor(SupervisedActor):
             self._place(message.request_id, message.model, exclude=message.exclude_instance)
         elif isinstance(message, RequestFinished):
             inst = self.instances.get(message.instance_id)
+            self.request_tokens.pop(message.request_id, None)
             if inst is not None:
                 inst.requests.discard(message.request_id)
                 inst.last_used = time.monotonic()
+                if inst.draining:
+                    self._try_reserved()
             self.queue = [w for w in self.queue if w.request_id != message.request_id]
             self._drain_queue()
         elif isinstance(message, InstanceReady):
@@ -129,6 +150,14 @@ class SchedulerActor(SupervisedActor):
             self.alive.discard(message.node)
             lost = [i.instance_id for i in self.instances.values() if i.node == message.node]
             self._gone(lost, f"node {message.node} lost: {message.reason}")
+        elif isinstance(message, RequestTokens):
+            self.request_tokens = dict(message.tokens)
+        elif isinstance(message, NodeStatus):
+            tiers = message.status.get("tiers", [])
+            self.node_tiers[message.node] = {
+                "bandwidth": {t["tier"]: float(t.get("bandwidth") or 0.0) for t in tiers},
+                "holds": {t["tier"]: set(t.get("models", [])) for t in tiers},
+            }
         elif isinstance(message, Tick):
             self._tick(message.now)
         elif isinstance(message, FromClient) and isinstance(message.message, DeployModel):
@@ -156,7 +185,7 @@ class SchedulerActor(SupervisedActor):
         ready = [
             i for i in self.instances.values()
             if i.model == model and i.state == "ready" and i.node in self.alive and i.instance_id != exclude
-            and len(i.requests) < spec.target_concurrency
+            and not i.draining and len(i.requests) < spec.target_concurrency
         ]
         if ready:
             inst = min(ready, key=lambda i: len(i.requests))
@@ -169,6 +198,10 @@ class SchedulerActor(SupervisedActor):
         if loading:
             loading[0].waiters.append(request_id)
             return
+        for slot, (reserved_model, waiters, _) in self.reserved.items():
+            if reserved_model == model and len(waiters) < spec.target_concurrency:
+                waiters.append(request_id)
+                return
         if self._start_instance(spec, request_id):
             return
         self.queue.append(Waiting(request_id, model, time.monotonic()))
@@ -179,11 +212,96 @@ class SchedulerActor(SupervisedActor):
         if count >= spec.max_instances:
             return False
         need = self._need_bytes(spec)
-        slot = self._find_gpu(need) or self._make_room(need)
-        if slot is None:
+        views = self._views()
+        decision = placement.choose(self.policy, spec.name, need, views, self.estimator, self.rng)  # type: ignore[arg-type]
+        self.cluster.events.emit(
+            "schedule", f"{self.policy}: {decision.kind} {spec.name}"
+            + (f" on {decision.gpu[0]}/gpu-{decision.gpu[1]} from {decision.tier}, est. {decision.estimate_s:.2f}s"
+               if decision.gpu else ""),
+            {"model": spec.name, "request_id": first_waiter, "decision": decision.kind,
+             "estimate_s": decision.estimate_s if decision.gpu else None, "considered": decision.considered},
+        )
+        if decision.kind == "wait" or decision.gpu is None:
             return False
-        self._load_on(spec, slot, [first_waiter], f"for {first_waiter}")
+        slot = decision.gpu
+        for instance_id in decision.evict:
+            inst = self.instances.get(instance_id)
+            if inst is not None:
+                self._unload(inst, f"to make room for {spec.name}")
+        if decision.kind == "load":
+            inst = self._load_on(spec, slot, [first_waiter], f"for {first_waiter}")
+            inst.estimate_s = decision.estimate_s
+            return True
+        # migrate (ServerlessLLM) or preempt (Shepherd): free the GPU, then load there.
+        self.reserved[slot] = (spec.name, [first_waiter], decision.estimate_s)
+        for instance_id, dest in decision.move:
+            busy = self.instances.get(instance_id)
+            if busy is None:
+                continue
+            busy.draining = True
+            if decision.kind == "migrate":
+                order = self._migrate(sorted(busy.requests), busy, dest, f"make room for {spec.name}")
+                if order is None:
+                    busy.draining = False
+            else:
+                requests = sorted(busy.requests)
+                busy.requests.clear()
+                self.cluster.directory.tell("router", Preempt(requests, f"preempted for {spec.name}"))
+                self._unload(busy, f"preempted for {spec.name}")
+        self._try_reserved()
         return True
+
+    def _try_reserved(self) -> None:
+        """Load each reserved model once its GPU has been freed by migrations or preemptions."""
+        for slot, (model, waiters, estimate) in list(self.reserved.items()):
+            spec = self.catalog.get(model)
+            if spec is None:
+                del self.reserved[slot]
+                continue
+            on_gpu = [i for i in self.instances.values() if (i.node, i.gpu) == slot]
+            still_busy = [i for i in on_gpu if i.draining and i.requests]
+            if still_busy:
+                continue
+            for inst in on_gpu:
+                if inst.draining and inst.state == "ready":
+                    self._unload(inst, f"its requests moved away for {model}")
+            del self.reserved[slot]
+            if slot[0] not in self.alive:
+                for request_id in waiters:
+                    self._place(request_id, model)
+                continue
+            inst = self._load_on(spec, slot, waiters, "on the GPU freed for it")
+            inst.estimate_s = estimate
+
+    def _views(self) -> list[placement.GpuView]:
+        views = []
+        loading_by_gpu: dict[tuple[str, int], float] = {}
+        now = time.monotonic()
+        for i in self.instances.values():
+            if i.state == "loading":
+                key = (i.node, i.gpu)
+                loading_by_gpu[key] = loading_by_gpu.get(key, 0.0) + max(0.0, i.estimate_s - (now - i.started))
+        for node in self.topology.nodes:
+            if node.name not in self.alive:
+                continue
+            tiers = self.node_tiers.get(node.name, {})
+            for index, gpu in enumerate(node.gpus):
+                if (node.name, index) in self.reserved:
+                    continue
+                instances = [
+                    placement.InstanceView(
+                        i.instance_id, i.model, "draining" if i.draining else i.state,
+                        [placement.RunningView(r, self.request_tokens.get(r, 0)) for r in sorted(i.requests)],
+                        i.memory_bytes,
+                    )
+                    for i in self.instances.values() if i.node == node.name and i.gpu == index
+                ]
+                views.append(placement.GpuView(
+                    node.name, index, gpu.memory_bytes, instances,
+                    tiers=dict(tiers.get("bandwidth", {})), holds=tiers.get("holds", {}),
+                    loading_s=loading_by_gpu.get((node.name, index), 0.0),
+                ))
+        return views
 
     def _load_on(self, spec: ModelSpec, slot: tuple[str, int], waiters: list[str], why: str) -> Instance:
         node, gpu = slot
@@ -271,6 +389,17 @@ class SchedulerActor(SupervisedActor):
         inst.state = "ready"
         inst.load_s = msg.load_s
         inst.tier = msg.tier
+        if msg.memory_bytes and inst.model not in self.model_bytes:
+            self.model_bytes[inst.model] = msg.memory_bytes
+        measured = time.monotonic() - inst.started
+        if inst.estimate_s > 0:
+            error = (inst.estimate_s - measured) / measured if measured > 0 else 0.0
+            self.cluster.events.emit(
+                "estimate", f"load of {inst.model} from {msg.tier}: estimated {inst.estimate_s:.2f}s, took "
+                            f"{measured:.2f}s ({error:+.0%})",
+                {"model": inst.model, "tier": msg.tier, "estimate_s": inst.estimate_s, "measured_s": measured,
+                 "error": error},
+            )
         if msg.memory_bytes:
             inst.memory_bytes = int(msg.memory_bytes * LOAD_OVERHEAD)
             self.model_bytes[inst.model] = msg.memory_bytes
@@ -321,6 +450,7 @@ class SchedulerActor(SupervisedActor):
         self._drain_queue()
 
     def _drain_queue(self) -> None:
+        self._try_reserved()
         waiting, self.queue = self.queue, []
         for w in waiting:
             before = len(self.queue)
@@ -443,6 +573,9 @@ class SchedulerActor(SupervisedActor):
 
     def _request_moved(self, msg: Migrated) -> None:
         src, dest = self.instances.get(msg.source_instance), self.instances.get(msg.dest_instance)
+        if src is not None and msg.rounds:
+            self.estimator.migration.setdefault(src.model, placement.MigrationCost()).observe(
+                msg.tokens_recomputed, msg.total_s)
         if src is not None:
             src.requests.discard(msg.request_id)
             src.last_used = time.monotonic()
@@ -471,6 +604,14 @@ class SchedulerActor(SupervisedActor):
                 self.cluster.to_client(order.peer, Ack(order.command_id, f"{text} ({detail})" if detail else text))
             else:
                 self.cluster.to_client(order.peer, ErrorReply(order.command_id, "migration_aborted", detail))
+        src = self.instances.get(order.source)
+        if src is not None and outcome != "done" and src.draining:
+            # The GPU was not freed; stop waiting for it and let the reserved model choose again.
+            src.draining = False
+            for slot in [k for k in self.reserved if k == (src.node, src.gpu)]:
+                model, waiters, _ = self.reserved.pop(slot)
+                self.queue += [Waiting(r, model, time.monotonic()) for r in waiters]
+        self._try_reserved()
         self._drain_queue()
 
     def _query(self, what: str) -> Any:

@@ -1,0 +1,222 @@
+"""Where a model should start: ServerlessLLM's locality-aware allocation, and the policies it is
+compared with. Pure functions over a view of the cluster, so the SchedulerActor and the simulator
+(``sllm simulate``) run the very same decisions, one on the wall clock and one on a virtual clock.
+
+Start-up estimate of model m on GPU g:  queue(g) + size(m) / bandwidth(fastest tier of g's node
+holding m), 0 when an idle instance of m is already loaded there; with no local copy the repository
+tier's bandwidth applies. Migration estimate of a running inference r to GPU h:
+a_m * (tokens of r) + b_m, fitted from real resumes, plus h's start-up estimate for r's model.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+TIER_ORDER = ("dram", "ssd", "repository")
+DEFAULT_BANDWIDTH = {"dram": 5e9, "ssd": 1e9, "repository": 1e8}
+"""Used only until a node reports its measured bandwidths."""
+
+Policy = Literal["serverlessllm", "shepherd", "locality-wait", "availability", "random"]
+
+
+@dataclass
+class RunningView:
+    """A request running on an instance: what moving it would cost."""
+
+    request_id: str
+    tokens: int
+
+
+@dataclass
+class InstanceView:
+    instance_id: str
+    model: str
+    state: str  # loading, ready, unloading, migrating
+    requests: list[RunningView] = field(default_factory=list)
+    memory_bytes: int = 0
+
+
+@dataclass
+class GpuView:
+    node: str
+    gpu: int
+    memory_total: int
+    instances: list[InstanceView] = field(default_factory=list)
+    tiers: dict[str, float] = field(default_factory=dict)
+    """tier -> measured bandwidth (bytes/s) on this GPU's node."""
+    holds: dict[str, set[str]] = field(default_factory=dict)
+    """tier -> models held by that tier on this GPU's node."""
+    loading_s: float = 0.0
+    """Seconds of loads already under way on this GPU (the queue term)."""
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.node, self.gpu
+
+    @property
+    def used(self) -> int:
+        return sum(i.memory_bytes for i in self.instances if i.state != "unloading")
+
+    @property
+    def free(self) -> int:
+        return self.memory_total - self.used
+
+    def best_tier(self, model: str) -> str:
+        for tier in TIER_ORDER[:-1]:
+            if model in self.holds.get(tier, set()):
+                return tier
+        return "repository"
+
+    def bandwidth(self, tier: str) -> float:
+        return self.tiers.get(tier) or DEFAULT_BANDWIDTH[tier]
+
+
+@dataclass
+class MigrationCost:
+    """a * tokens + b seconds to resume a request of this model elsewhere, fitted online."""
+
+    a: float = 0.0005
+    b: float = 0.05
+    samples: list[tuple[int, float]] = field(default_factory=list)
+
+    def estimate(self, tokens: int) -> float:
+        return self.a * tokens + self.b
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.samples = (self.samples + [(tokens, seconds)])[-50:]
+        if len(self.samples) < 2:
+            self.b = max(0.0, seconds - self.a * tokens)
+            return
+        n = len(self.samples)
+        mx = sum(t for t, _ in self.samples) / n
+        my = sum(s for _, s in self.samples) / n
+        var = sum((t - mx) ** 2 for t, _ in self.samples)
+        if var > 0:
+            a = sum((t - mx) * (s - my) for t, s in self.samples) / var
+            if a > 0:
+                self.a, self.b = a, max(0.0, my - a * mx)
+
+
+@dataclass
+class Estimator:
+    model_bytes: dict[str, int] = field(default_factory=dict)
+    migration: dict[str, MigrationCost] = field(default_factory=dict)
+
+    def load_s(self, model: str, gpu: GpuView) -> float:
+        tier = gpu.best_tier(model)
+        return gpu.loading_s + self.model_bytes.get(model, 1 << 30) / gpu.bandwidth(tier)
+
+    def migration_s(self, model: str, tokens: int) -> float:
+        return self.migration.setdefault(model, MigrationCost()).estimate(tokens)
+
+
+@dataclass
+class Decision:
+    """What to do for a model that has no instance with room."""
+
+    kind: Literal["load", "migrate", "preempt", "wait"]
+    gpu: tuple[str, int] | None = None
+    estimate_s: float = float("inf")
+    tier: str = ""
+    evict: list[str] = field(default_factory=list)
+    """Idle instances on ``gpu`` to unload first."""
+    move: list[tuple[str, tuple[str, int]]] = field(default_factory=list)
+    """(busy instance on ``gpu``, destination GPU) for each instance whose requests must leave."""
+    considered: list[dict[str, object]] = field(default_factory=list)
+    """Every option weighed, with its estimate: logged so estimator error can be checked."""
+
+
+def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Estimator,
+           rng: random.Random | None = None) -> Decision:
+    """Pick where ``model`` (``need`` bytes on the device) starts, by ``policy``."""
+    rng = rng or random.Random(0)
+    options: list[Decision] = []
+    for g in gpus:
+        idle = [i for i in g.instances if i.state == "ready" and not i.requests]
+        room = g.free + sum(i.memory_bytes for i in idle)
+        if room < need:
+            continue
+        evict = []
+        free = g.free
+        for inst in idle:
+            if free >= need:
+                break
+            evict.append(inst.instance_id)
+            free += inst.memory_bytes
+        tier = g.best_tier(model)
+        options.append(Decision("load", g.key, est.load_s(model, g), tier, evict=evict))
+    considered = [{"kind": o.kind, "gpu": o.gpu, "tier": o.tier, "estimate_s": round(o.estimate_s, 4)} for o in options]
+
+    if policy == "random":
+        pick = rng.choice(options) if options else Decision("wait")
+        pick.considered = considered
+        return pick
+    if policy == "availability":
+        pick = options[0] if options else Decision("wait")  # first free GPU, locality ignored
+        pick.considered = considered
+        return pick
+
+    best = min(options, key=lambda o: o.estimate_s, default=Decision("wait"))
+    if policy == "locality-wait" or policy not in ("serverlessllm", "shepherd"):
+        best.considered = considered
+        return best
+
+    # Locality with migration (ServerlessLLM) or preemption (Shepherd): a busy GPU whose node holds
+    # the model in a faster tier may win, if its inferences can move to a GPU with room for them.
+    for g in gpus:
+        tier = g.best_tier(model)
+        busy = [i for i in g.instances if i.state == "ready" and i.requests]
+        if not busy or tier == "repository":
+            continue
+        if g.free + sum(i.memory_bytes for i in g.instances if i.state == "ready" and not i.requests) \
+                + sum(i.memory_bytes for i in busy) < need:
+            continue
+        moves: list[tuple[str, tuple[str, int]]] = []
+        cost = 0.0
+        reserved: dict[tuple[str, int], int] = {}
+        ok = True
+        for inst in sorted(busy, key=lambda i: sum(r.tokens for r in i.requests)):
+            dest = _destination_for(inst, g, gpus, est, reserved)
+            if dest is None:
+                ok = False
+                break
+            dest_gpu, dest_s = dest
+            reserved[dest_gpu.key] = reserved.get(dest_gpu.key, 0) + inst.memory_bytes
+            moves.append((inst.instance_id, dest_gpu.key))
+            if policy == "serverlessllm":
+                # Token-based migration: the destination loads, then recomputes the KV cache while
+                # the source keeps generating; the new model waits for the slowest move.
+                move_s = dest_s + max(est.migration_s(inst.model, r.tokens) for r in inst.requests)
+            else:
+                # Shepherd preempts: the source stops at once, its requests restart from scratch.
+                move_s = 0.0
+            cost = max(cost, move_s)
+        if not ok:
+            continue
+        estimate = cost + est.load_s(model, g)
+        considered.append({"kind": "migrate" if policy == "serverlessllm" else "preempt", "gpu": g.key,
+                           "tier": tier, "estimate_s": round(estimate, 4)})
+        if estimate < best.estimate_s:
+            best = Decision("migrate" if policy == "serverlessllm" else "preempt", g.key, estimate, tier,
+                            evict=[i.instance_id for i in g.instances if i.state == "ready" and not i.requests],
+                            move=moves)
+    best.considered = considered
+    return best
+
+
+def _destination_for(inst: InstanceView, source: GpuView, gpus: list[GpuView], est: Estimator,
+                     reserved: dict[tuple[str, int], int]) -> tuple[GpuView, float] | None:
+    """The GPU where ``inst``'s model starts soonest, with room for it, other than ``source``."""
+    best: tuple[GpuView, float] | None = None
+    for g in gpus:
+        if g.key == source.key:
+            continue
+        idle_same = any(i.model == inst.model and i.state == "ready" and not i.requests for i in g.instances)
+        if not idle_same and g.free - reserved.get(g.key, 0) < inst.memory_bytes:
+            continue
+        startup = 0.0 if idle_same else est.load_s(inst.model, g)
+        if best is None or startup < best[1]:
+            best = (g, startup)
+    return best

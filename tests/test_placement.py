@@ -1,0 +1,98 @@
+"""Placement decisions in constructed situations (pure code: the same the scheduler and simulator run)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sllm_actors.placement import (
+    Estimator,
+    GpuView,
+    InstanceView,
+    MigrationCost,
+    RunningView,
+    choose,
+)
+
+GB = 1_000_000_000
+
+
+def _gpu(node: str, *, holds: dict[str, set[str]] | None = None, instances: list[InstanceView] | None = None,
+         memory: int = 10 * GB, loading_s: float = 0.0) -> GpuView:
+    return GpuView(node, 0, memory, instances or [], tiers={"dram": 20 * GB, "ssd": 2 * GB, "repository": 0.2 * GB},
+                   holds=holds or {}, loading_s=loading_s)
+
+
+def _busy(model: str, tokens: int = 100, memory: int = 6 * GB) -> InstanceView:
+    return InstanceView(f"{model}-1", model, "ready", [RunningView("r1", tokens)], memory)
+
+
+@pytest.fixture
+def est() -> Estimator:
+    return Estimator({"m": 4 * GB, "a": 6 * GB})
+
+
+def test_start_up_estimate_uses_the_fastest_tier_holding_the_model(est: Estimator) -> None:
+    assert est.load_s("m", _gpu("n", holds={"dram": {"m"}, "ssd": {"m"}})) == pytest.approx(0.2)
+    assert est.load_s("m", _gpu("n", holds={"ssd": {"m"}})) == pytest.approx(2.0)
+    assert est.load_s("m", _gpu("n")) == pytest.approx(20.0)  # no local copy: the repository
+    assert est.load_s("m", _gpu("n", holds={"ssd": {"m"}}, loading_s=3.0)) == pytest.approx(5.0)  # queue term
+
+
+def test_locality_picks_the_server_with_the_model_in_dram(est: Estimator) -> None:
+    gpus = [_gpu("far"), _gpu("ssd", holds={"ssd": {"m"}}), _gpu("near", holds={"dram": {"m"}})]
+    d = choose("serverlessllm", "m", 4 * GB, gpus, est)
+    assert (d.kind, d.gpu, d.tier) == ("load", ("near", 0), "dram")
+    assert len(d.considered) == 3
+    assert choose("availability", "m", 4 * GB, gpus, est).gpu == ("far", 0), "availability ignores locality"
+
+
+def test_model_in_dram_on_a_busy_server_migrates_when_that_wins(est: Estimator) -> None:
+    # "near" holds m in DRAM but runs a; "free" has room but only the repository for m.
+    near = _gpu("near", holds={"dram": {"m"}}, instances=[_busy("a")])
+    free = _gpu("free", holds={"dram": {"a"}})
+    d = choose("serverlessllm", "m", 6 * GB, [near, free], est)
+    assert d.kind == "migrate" and d.gpu == ("near", 0)
+    assert d.move == [("a-1", ("free", 0))]
+    assert d.estimate_s < est.load_s("m", free)
+    p = choose("shepherd", "m", 6 * GB, [near, free], est)
+    assert p.kind == "preempt" and p.move == [("a-1", ("free", 0))]
+    w = choose("locality-wait", "m", 6 * GB, [near, free], est)
+    assert w.kind == "load" and w.gpu == ("free", 0)
+
+
+def test_a_free_gpu_with_ssd_copy_beats_a_costly_migration(est: Estimator) -> None:
+    est.migration["a"] = MigrationCost(a=0.01, b=1.0)  # long contexts are slow to recompute
+    near = _gpu("near", holds={"dram": {"m"}}, instances=[_busy("a", tokens=4000)])
+    free = _gpu("free", holds={"ssd": {"m", "a"}})
+    d = choose("serverlessllm", "m", 6 * GB, [near, free], est)
+    assert (d.kind, d.gpu) == ("load", ("free", 0))
+
+
+def test_nothing_fits_means_wait(est: Estimator) -> None:
+    gpus = [_gpu("n", instances=[_busy("a", memory=9 * GB)])]
+    assert choose("serverlessllm", "m", 4 * GB, gpus, est).kind == "wait"
+    assert choose("random", "m", 4 * GB, gpus, est, random.Random(1)).kind == "wait"
+
+
+def test_idle_instances_are_evicted_least_needed_first(est: Estimator) -> None:
+    idle = InstanceView("old-1", "old", "ready", [], 8 * GB)
+    d = choose("serverlessllm", "m", 4 * GB, [_gpu("n", instances=[idle])], est)
+    assert d.kind == "load" and d.evict == ["old-1"]
+
+
+def test_migration_cost_is_fitted_from_observed_resumes() -> None:
+    cost = MigrationCost()
+    for tokens in (100, 400, 1600, 3200):
+        cost.observe(tokens, 0.002 * tokens + 0.1)
+    assert cost.a == pytest.approx(0.002, rel=1e-6)
+    assert cost.b == pytest.approx(0.1, rel=1e-6)
+    assert cost.estimate(1000) == pytest.approx(2.1)
+
+
+def test_random_policy_is_seeded(est: Estimator) -> None:
+    gpus = [_gpu(f"n{i}") for i in range(8)]
+    a = [choose("random", "m", GB, gpus, est, random.Random(5)).gpu for _ in range(3)]
+    b = [choose("random", "m", GB, gpus, est, random.Random(5)).gpu for _ in range(3)]
+    assert a == b
