@@ -208,3 +208,28 @@ def test_malformed_topology_is_reported_by_sllm_up(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "nodes[0].gpus[0].device: expected 'cpu' or 'cuda:N', got 'tpu'" in run.stderr
     assert str(bad) in run.stderr.replace("\n", "")
+
+
+def test_a_frozen_node_is_declared_dead_then_comes_back_and_drops_its_orphans(cluster: RunningCluster) -> None:
+    with cluster.client() as client:
+        assert len(client.complete("tiny", PROMPT, max_tokens=3).token_ids) == 3
+        node = client.status()["instances"][0]["node"]
+    pid = cluster.node_pids()[node]
+    os.kill(pid, signal.SIGSTOP)  # silent, not dead: the registry can only judge by missed beats
+    try:
+        cluster.wait_for(lambda st: not next(n for n in st["nodes"] if n["name"] == node)["alive"], 30,
+                         f"{node} to be declared dead after missed heartbeats")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    st = cluster.wait_for(
+        lambda st: st if next(n for n in st["nodes"] if n["name"] == node)["alive"]
+        and any(e["text"].startswith(f"{node} back") for e in st["events"]) else None,
+        30, f"{node} to come back",
+    )
+    assert next(n for n in st["nodes"] if n["name"] == node)["pid"] == pid, "the same process, not a restart"
+    cluster.wait_for(
+        lambda st: next(n for n in st["nodes"] if n["name"] == node)["instances_reported"] == 0, 30,
+        "the orphaned instance to be unloaded",
+    )
+    with cluster.client() as client:
+        assert len(client.complete("tiny", PROMPT, max_tokens=3).token_ids) == 3

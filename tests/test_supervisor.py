@@ -50,6 +50,9 @@ def _tree(strategy: str, names: list[str], max_restarts: int = 3, on_give_up: An
 
 
 def _crash_and_wait(directory: Directory, name: str, events: dict[str, threading.Event], expect: list[str]) -> None:
+    deadline = time.monotonic() + 5
+    while directory.get(name) is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the supervisor files a restarted child's ref right after it starts
     for n in expect:
         events[n].clear()
     old = directory.get(name)

@@ -30,8 +30,10 @@ from sllm_actors.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = 1.0
 MISSED_BEATS = 3
+"""Dead after 3 s of silence: a node busy building a model on a starved CPU can be quiet for over a
+second, and a false death costs its instances (their requests move, then it is told to unload)."""
 
 
 @dataclass
@@ -47,6 +49,8 @@ class NodeRecord:
     status: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
     local: bool = True
+    exited: bool = False
+    """Its process is known to have ended: a late message from it is no sign of life."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class NodeRegistryActor(SupervisedActor):
             rec = self.nodes.get(message.node)
             if rec is not None and rec.alive:
                 rec.last_seen = time.monotonic()
+            elif rec is not None and rec.incarnation and rec.pid and not rec.exited:
+                self._revive(rec)
         elif isinstance(message, NodeHello):
             self._hello(message)
         elif isinstance(message, Heartbeat):
@@ -88,6 +94,7 @@ class NodeRegistryActor(SupervisedActor):
             rec = self.nodes.get(message.node)
             if rec is not None:
                 rec.restarts += 1
+                rec.exited = True
                 if rec.alive:
                     self._lost(rec, f"process exited with code {message.returncode}")
         elif isinstance(message, Query):
@@ -106,6 +113,7 @@ class NodeRegistryActor(SupervisedActor):
             self._lost(rec, "a new process of the same name joined")
         rec.alive = True
         rec.ready = False
+        rec.exited = False
         rec.incarnation = hello.incarnation
         rec.pid = hello.pid
         rec.last_seen = time.monotonic()
@@ -116,15 +124,22 @@ class NodeRegistryActor(SupervisedActor):
         log.info("registry: node %s joined (pid %d)", hello.node, hello.pid)
         self.cluster.events.emit("node", f"{hello.node} joined (pid {hello.pid})", {"node": hello.node})
 
+    def _revive(self, rec: NodeRecord) -> None:
+        """A node declared dead on silence spoke again: it was slow, not dead. Its instances were
+        given up on; the scheduler tells it to unload them when its next status lists them."""
+        rec.alive = rec.ready = True
+        rec.last_seen = time.monotonic()
+        log.warning("registry: node %s is back after being declared dead (it was only silent)", rec.name)
+        self.cluster.events.emit("node", f"{rec.name} back (it was only silent)", {"node": rec.name})
+        self.cluster.directory.tell("scheduler", NodeUp(rec.name, rec.incarnation))
+
     def _check(self, now: float) -> None:
         self.seq += 1
         for rec in self.nodes.values():
-            if not rec.alive:
-                continue
-            silent = now - rec.last_seen
-            if silent > HEARTBEAT_S * MISSED_BEATS:
-                self._lost(rec, f"missed {MISSED_BEATS} heartbeats ({silent:.1f}s silent)")
-            else:
+            if rec.alive and now - rec.last_seen > HEARTBEAT_S * MISSED_BEATS:
+                self._lost(rec, f"missed {MISSED_BEATS} heartbeats ({now - rec.last_seen:.1f}s silent)")
+            if rec.incarnation and not rec.exited:
+                # Beats go to a node declared dead too: if it was only slow, it stays and can come back.
                 self.cluster.to_node(rec.name, Heartbeat("controller", self.seq))
 
     def _lost(self, rec: NodeRecord, reason: str) -> None:

@@ -153,6 +153,7 @@ class SchedulerActor(SupervisedActor):
         elif isinstance(message, RequestTokens):
             self.request_tokens = dict(message.tokens)
         elif isinstance(message, NodeStatus):
+            self._reconcile(message)
             tiers = message.status.get("tiers", [])
             self.node_tiers[message.node] = {
                 "bandwidth": {t["tier"]: float(t.get("bandwidth") or 0.0) for t in tiers},
@@ -273,6 +274,21 @@ class SchedulerActor(SupervisedActor):
             inst = self._load_on(spec, slot, waiters, "on the GPU freed for it")
             inst.estimate_s = estimate
 
+    def _bandwidth(self, node: str, tier: str) -> float:
+        measured = self.node_tiers.get(node, {}).get("bandwidth", {}).get(tier, 0.0)
+        return measured or placement.DEFAULT_BANDWIDTH.get(tier, 1e9)
+
+    def _reconcile(self, msg: NodeStatus) -> None:
+        """Unload instances a node holds that this scheduler gave up on (the node was declared dead
+        and came back, or a load finished after its request went elsewhere)."""
+        if msg.node not in self.alive:
+            return
+        for reported in msg.status.get("instances", []):
+            instance_id = reported.get("instance_id", "")
+            if instance_id and instance_id not in self.instances and reported.get("state") != "loading":
+                log.info("scheduler: %s holds %s, which nothing uses; unloading it", msg.node, instance_id)
+                self.cluster.to_node(msg.node, UnloadModel(instance_id))
+
     def _views(self) -> list[placement.GpuView]:
         views = []
         loading_by_gpu: dict[tuple[str, int], float] = {}
@@ -392,6 +408,7 @@ class SchedulerActor(SupervisedActor):
         if msg.memory_bytes and inst.model not in self.model_bytes:
             self.model_bytes[inst.model] = msg.memory_bytes
         measured = time.monotonic() - inst.started
+        self.estimator.observe_load(measured, self.model_bytes.get(inst.model, 0), self._bandwidth(inst.node, msg.tier))
         if inst.estimate_s > 0:
             error = (inst.estimate_s - measured) / measured if measured > 0 else 0.0
             self.cluster.events.emit(

@@ -1,0 +1,1034 @@
+"""Replay a workload against a running cluster and compare placement policies on it.
+
+    sllm bench replay --policy all                       # every policy, its own cluster each, same workload
+    sllm bench replay --policy serverlessllm --cluster tcp://127.0.0.1:7700   # against a running cluster
+
+Four parts:
+
+* :func:`make_model_family`: random-weight variants of the default model's architecture (its vocabulary and
+  tokenizer, hidden size and depth scaled) at about 50, 150, 400 and 1000 MB, written once in our
+  checkpoint format and reused.
+* :func:`replay`: sends each :class:`~sllm_actors.workload.Arrival` at its time from a pool of threads,
+  one :class:`~sllm_actors.client.Client` per thread, and records per request the time to the first
+  token event and to the completion (both from the scheduled arrival), the migrations the completion
+  lists, and the error (code and message) of a refused or failed request. A subscriber on the cluster's
+  state socket collects every event of the run (cold starts by tier, migrations, scheduling decisions
+  with their estimates) and samples which GPUs are serving, for the GPU busy time.
+* :func:`summarize` and :func:`plot`: the figures of one run, and latency against arrival time and a
+  latency CDF with one line per policy.
+* :func:`main`: ``sllm bench replay``: for each policy it writes a topology (the family on 2 nodes x 1
+  ``cpu`` device sized so that about two models fit, DRAM and SSD tiers smaller than the family and
+  throttled repository and SSD reads, so that where a model starts matters), starts a cluster, replays
+  the same workload, stops the cluster, and prints the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sllm_actors.topology import POLICIES
+
+REPO = Path(__file__).resolve().parent.parent
+
+DEFAULT_SIZES_MB = (50, 150, 400, 1000)
+HIDDEN_CHOICES = (192, 384, 576, 768, 960, 1152, 1536, 2304)
+"""Multiples of 3 x 64: heads of 64 dims, and key/value heads a third of them, as in SmolLM2."""
+
+# ---------------------------------------------------------------------------------------------- model family
+
+
+@dataclass(frozen=True)
+class FamilyModel:
+    name: str
+    path: Path
+    size_mb: int
+    """The size asked for; ``bytes`` is what the checkpoint holds."""
+    bytes: int
+    hidden_size: int
+    layers: int
+
+
+def _llama_params(vocab: int, hidden: int, layers: int, intermediate: int, kv_heads: int, head_dim: int,
+                  tied: bool) -> int:
+    attn = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
+    mlp = 3 * hidden * intermediate
+    per_layer = attn + mlp + 2 * hidden
+    return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
+
+
+def family_shape(size_mb: float, base: dict[str, Any], bytes_per_param: int = 4) -> dict[str, int]:
+    """hidden size, layers, intermediate size and heads that make a model of about ``size_mb`` MB."""
+    vocab = int(base["vocab_size"])
+    head_dim = int(base.get("head_dim") or base["hidden_size"] // base["num_attention_heads"])
+    tied = bool(base.get("tie_word_embeddings", True))
+    target = size_mb * 1e6 / bytes_per_param
+    # Width grows with the square root of the size around the default model (576 wide, ~540 MB in fp32),
+    # as in scaled model families; depth makes up the rest.
+    ideal = float(base["hidden_size"]) * math.sqrt(size_mb * 4 / bytes_per_param / 540.0)
+    candidates = sorted(HIDDEN_CHOICES, key=lambda h: abs(h - ideal))
+    for hidden in candidates:
+        heads = hidden // head_dim
+        kv = max(1, heads // 3)
+        intermediate = round(hidden * 8 / 3 / 64) * 64
+        fixed = _llama_params(vocab, hidden, 0, intermediate, kv, head_dim, tied)
+        per_layer = _llama_params(vocab, hidden, 1, intermediate, kv, head_dim, tied) - fixed
+        layers = round((target - fixed) / per_layer)
+        if layers >= 2:
+            return {"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": intermediate,
+                    "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim}
+    raise ValueError(f"{size_mb} MB is too small for a model with a {vocab}-token vocabulary")
+
+
+def make_model_family(dest_dir: str | os.PathLike[str], sizes_mb: Sequence[float] = DEFAULT_SIZES_MB,
+                      seed: int = 0, *, dtype: str = "float32", base_model: str | os.PathLike[str] | None = None,
+                      say: Callable[[str], None] | None = None) -> list[FamilyModel]:
+    """Random-weight variants of the default model's architecture, one per size, in our checkpoint format.
+
+    Each keeps the default model's vocabulary and tokenizer files; hidden size, depth and MLP width are
+    scaled to hit about ``size_mb`` MB in ``dtype``. A variant already written (same size, seed, dtype)
+    is reused. Names are ``llama-<size>mb-s<seed>`` (the same size twice gets ``-b``, ``-c``...).
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sllm_actors.models import default_model_dir
+    from sllm_actors.storage import checkpoint_size, is_checkpoint, save_checkpoint
+
+    say = say or (lambda text: None)
+    base_dir = Path(base_model) if base_model else default_model_dir()
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{base_dir}: no config.json (run `sllm prepare` for the default model)")
+    base = json.loads((base_dir / "config.json").read_text())
+    torch_dtype = getattr(torch, dtype)
+    bytes_per_param = torch.tensor([], dtype=torch_dtype).element_size()
+    dest = Path(dest_dir).expanduser()
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = None
+    out: list[FamilyModel] = []
+    seen: Counter[str] = Counter()
+    for i, size in enumerate(sizes_mb):
+        stem = f"llama-{int(size)}mb-s{seed}" + ("" if dtype == "float32" else f"-{dtype}")
+        seen[stem] += 1
+        name = stem if seen[stem] == 1 else f"{stem}-{chr(ord('a') + seen[stem] - 1)}"
+        path = dest / name
+        shape = family_shape(size, base, bytes_per_param)
+        if not is_checkpoint(path):
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            say(f"writing {name} ({shape['hidden_size']} wide, {shape['num_hidden_layers']} layers) to {path}")
+            fields = {k: v for k, v in base.items() if not k.startswith("_") and k not in ("architectures",
+                                                                                            "transformers_version")}
+            config = LlamaConfig(**{**fields, **shape})
+            config.architectures = ["LlamaForCausalLM"]
+            torch.manual_seed(seed * 1000 + i)
+            model = LlamaForCausalLM(config).to(torch_dtype)
+            model.eval()
+            if path.exists():
+                shutil.rmtree(path)  # a partial leftover without an index
+            save_checkpoint(model, path, tokenizer=tokenizer)
+            del model
+        out.append(FamilyModel(name, path, int(size), checkpoint_size(path), shape["hidden_size"],
+                               shape["num_hidden_layers"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+_TEXT = (
+    "the model starts on demand and loads its checkpoint from the fastest tier that holds it while a request "
+    "streams tokens to its client and another inference migrates by sending its tokens so the destination "
+    "recomputes the cache servers share few accelerators among many models a scheduler estimates how long "
+    "each start takes and picks the server where it finishes first people ask about cities rivers history "
+    "science music food travel weather sports books films games code maths stars oceans forests mountains"
+)
+_WORDS = _TEXT.split()
+
+
+class PromptMaker:
+    """Prompts of about ``n`` tokens: a deterministic word sequence, cut to ``n`` tokens if a tokenizer is given."""
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[tuple[int, int], str] = {}
+
+    def __call__(self, n: int, salt: int = 0) -> str:
+        n = max(1, int(n))
+        key = (n, salt % 97)
+        if key in self._cache:
+            return self._cache[key]
+        words = [_WORDS[(salt * 7 + i * 13) % len(_WORDS)] for i in range(n + 8)]
+        text = " ".join(words)
+        if self.tokenizer is not None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            text = self.tokenizer.decode(ids[:n])
+        else:
+            text = " ".join(words[:n])
+        self._cache[key] = text
+        return text
+
+
+# ---------------------------------------------------------------------------------------------- replay
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    model: str
+    arrival_s: float
+    """Scheduled arrival, seconds from the start of the run; ttft and latency count from here."""
+    prompt_tokens: int
+    output_tokens: int
+    request_id: str = ""
+    send_delay_s: float = 0.0
+    """How late the request left the client (a full thread pool delays it)."""
+    ttft_s: float | None = None
+    """Scheduled arrival to the first token event at the client."""
+    latency_s: float | None = None
+    """Scheduled arrival to the completion (or to the error)."""
+    server_ttft_s: float | None = None
+    tokens: int = 0
+    prompt_tokens_seen: int = 0
+    finish_reason: str = ""
+    migrations: list[dict[str, Any]] = field(default_factory=list)
+    error_code: str = ""
+    error_message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error_code and self.latency_s is not None
+
+
+class ReplayRecords(list[RequestRecord]):
+    """The records of one run, with what the cluster said during it."""
+
+    events: list[dict[str, Any]]
+    busy_s: dict[str, float]
+    """GPU -> seconds during which an instance on it served at least one request (from state snapshots)."""
+    loading_s: dict[str, float]
+    duration_s: float
+    label: str
+
+    def __init__(self, records: Iterable[RequestRecord] = ()) -> None:
+        super().__init__(records)
+        self.events, self.busy_s, self.loading_s, self.duration_s, self.label = [], {}, {}, 0.0, ""
+
+
+class _Watcher:
+    """Events and GPU occupancy of the run, from the controller's state PUB socket.
+
+    Events are also merged from the final ``status()`` (the feed deduplicates), in case the subscriber
+    missed some; snapshots come every half second, so busy times are accurate to about that.
+    """
+
+    def __init__(self, state_endpoint: str) -> None:
+        from sllm_actors.tui.feed import ClusterFeed
+
+        self.feed = ClusterFeed(state_endpoint)
+        self.events: list[dict[str, Any]] = []
+        self.samples: list[tuple[float, set[str], set[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="replay-watcher", daemon=True)
+
+    def start(self) -> None:
+        self.feed.start()
+        self._thread.start()
+
+    def _take(self) -> None:
+        update = self.feed.take()
+        for e in update.events:
+            self.events.append({"time": e.time, "kind": e.kind, "text": e.text, "data": dict(e.data)})
+        st = update.status
+        if st is not None:
+            busy: set[str] = set()
+            loading: set[str] = set()
+            for inst in st.get("instances", []):
+                where = f"{inst.get('node')}/gpu-{inst.get('gpu')}"
+                if inst.get("requests"):
+                    busy.add(where)
+                elif inst.get("state") == "loading":
+                    loading.add(where)
+            self.samples.append((float(st.get("time", time.time())), busy, loading))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._take()
+
+    def offer_status(self, status: dict[str, Any]) -> None:
+        self.feed.offer_status(status)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._take()
+        self.feed.stop()
+
+    def occupancy(self, since: float) -> tuple[dict[str, float], dict[str, float]]:
+        busy: dict[str, float] = defaultdict(float)
+        loading: dict[str, float] = defaultdict(float)
+        samples = sorted((s for s in self.samples if s[0] >= since), key=lambda s: s[0])
+        for (t, b, ld), (t2, _, _) in itertools.pairwise(samples):
+            dt = min(t2 - t, 2.0)  # a gap in the feed is not evidence of work
+            for g in b:
+                busy[g] += dt
+            for g in ld:
+                loading[g] += dt
+        return dict(busy), dict(loading)
+
+
+def replay(endpoint: str, workload: Sequence[Any], *, concurrency_limit: int = 32, timeout_s: float = 300.0,
+           prompt_maker: Callable[[int, int], str] | None = None, temperature: float = 0.0,
+           say: Callable[[str], None] | None = None, label: str = "") -> ReplayRecords:
+    """Send each arrival (``time_s``, ``model``, ``prompt_tokens``, ``output_tokens``) at its time.
+
+    ``concurrency_limit`` threads, each with its own Client, send the requests; a request that finds
+    every thread busy leaves late (``send_delay_s``) and its latency still counts from its scheduled
+    arrival. A request that takes longer than ``timeout_s`` from its arrival is cancelled and recorded
+    with error code ``timeout``. Returns the records in arrival order, with the run's events and GPU busy
+    times attached (see :class:`ReplayRecords`).
+    """
+    from sllm_actors.client import Client, ClusterUnavailable, Completion, RequestError, TokenEvent
+    from sllm_actors.tui.feed import reachable_state_endpoint
+
+    say = say or (lambda text: None)
+    make_prompt = prompt_maker or PromptMaker()
+    arrivals = sorted(workload, key=lambda a: a.time_s)
+    records = [RequestRecord(i, a.model, float(a.time_s), int(a.prompt_tokens), int(a.output_tokens))
+               for i, a in enumerate(arrivals)]
+    prompts = [make_prompt(r.prompt_tokens, r.index) for r in records]
+
+    with Client(endpoint) as probe:
+        probe.status()  # connects: fails fast with ClusterUnavailable if nobody answers
+        state_endpoint = reachable_state_endpoint(probe.state_endpoint, endpoint)
+    watcher = _Watcher(state_endpoint)
+    watcher.start()
+
+    local = threading.local()
+    clients: list[Any] = []
+    clients_lock = threading.Lock()
+    done_count = [0]
+
+    def client() -> Any:
+        c = getattr(local, "client", None)
+        if c is None:
+            c = Client(endpoint, idle_timeout=timeout_s)
+            local.client = c
+            with clients_lock:
+                clients.append(c)
+        return c
+
+    t0 = time.monotonic()
+
+    def run_one(rec: RequestRecord, prompt: str) -> None:
+        start = time.monotonic()
+        rec.send_delay_s = max(0.0, start - t0 - rec.arrival_s)
+        arrival_abs = t0 + rec.arrival_s
+        try:
+            stream = client().generate(rec.model, prompt, max_tokens=rec.output_tokens, temperature=temperature)
+            try:
+                for event in stream:
+                    now = time.monotonic()
+                    if isinstance(event, TokenEvent):
+                        rec.request_id = event.request_id
+                        if rec.ttft_s is None:
+                            rec.ttft_s = now - arrival_abs
+                    elif isinstance(event, Completion):
+                        rec.request_id = event.request_id
+                        rec.latency_s = now - arrival_abs
+                        if rec.ttft_s is None:
+                            rec.ttft_s = rec.latency_s
+                        rec.server_ttft_s = event.ttft_s
+                        rec.tokens = len(event.token_ids)
+                        rec.prompt_tokens_seen = event.prompt_tokens
+                        rec.finish_reason = event.finish_reason
+                        rec.migrations = list(event.migrations)
+                    if now - arrival_abs > timeout_s and rec.latency_s is None:
+                        rec.error_code, rec.error_message = "timeout", f"no completion within {timeout_s:.0f}s"
+                        break
+            finally:
+                stream.close()  # an abandoned stream cancels its request
+        except RequestError as exc:
+            rec.request_id = rec.request_id or exc.request_id
+            rec.error_code, rec.error_message = exc.code, exc.message
+        except ClusterUnavailable as exc:
+            rec.error_code, rec.error_message = "unavailable", str(exc)
+            local.client = None  # closed by the Client on silence; the next request connects again
+        if rec.error_code:
+            rec.latency_s = time.monotonic() - arrival_abs
+        with clients_lock:
+            done_count[0] += 1
+
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency_limit), thread_name_prefix="replay")
+    futures = []
+    interrupted = False
+    t0_wall = time.time()
+    t0 = time.monotonic()
+    last_say = t0
+    try:
+        for rec, prompt in zip(records, prompts):
+            delay = t0 + rec.arrival_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # the workload's clock: each request leaves at its arrival time
+            futures.append(pool.submit(run_one, rec, prompt))
+            if time.monotonic() - last_say > 15:
+                last_say = time.monotonic()
+                say(f"  {label} t={time.monotonic() - t0:5.0f}s sent {len(futures)}/{len(records)}, "
+                    f"done {done_count[0]}")
+        for f in futures:
+            f.result()
+    except BaseException:
+        # Interrupted (Ctrl-C): leave the in-flight requests to their threads instead of waiting them out.
+        interrupted = True
+        watcher.stop()
+        raise
+    finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
+        if not interrupted:
+            with clients_lock:
+                for c in clients:
+                    c.close()
+    duration = time.monotonic() - t0
+    try:
+        with Client(endpoint) as c:
+            watcher.offer_status(c.status())
+    except (ClusterUnavailable, RequestError) as exc:
+        say(f"  (final status unavailable: {exc})")
+    watcher.stop()
+    out = ReplayRecords(records)
+    out.events = sorted((e for e in watcher.events if e["time"] >= t0_wall - 0.5), key=lambda e: e["time"])
+    out.busy_s, out.loading_s = watcher.occupancy(t0_wall - 0.5)
+    out.duration_s = duration
+    out.label = label
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def _estimates(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The scheduler's start-up estimates against the measured starts (its ``estimate`` events), by tier."""
+    pairs: list[tuple[str, float, float]] = []
+    for e in events:
+        data = e.get("data") or {}
+        if e["kind"] == "estimate" and isinstance(data.get("estimate_s"), (int, float)) \
+                and isinstance(data.get("measured_s"), (int, float)):
+            pairs.append((str(data.get("tier") or "?"), float(data["estimate_s"]), float(data["measured_s"])))
+    if not pairs:
+        return None
+
+    def agg(items: list[tuple[str, float, float]]) -> dict[str, float]:
+        return {
+            "count": len(items),
+            "mean_estimate_s": sum(e for _, e, _ in items) / len(items),
+            "mean_measured_s": sum(m for _, _, m in items) / len(items),
+            "mean_abs_error_s": sum(abs(m - e) for _, e, m in items) / len(items),
+            "mean_rel_error": sum((e - m) / m for _, e, m in items if m > 0) / len(items),
+        }
+
+    tiers = sorted({t for t, _, _ in pairs})
+    return {**agg(pairs), "by_tier": {t: agg([p for p in pairs if p[0] == t]) for t in tiers}}
+
+
+def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """Latency and TTFT (mean/p50/p90/p99/max), errors, cold starts by tier, migrations, GPU busy time."""
+    ok = [r for r in records if r.ok]
+    events: list[dict[str, Any]] = list(getattr(records, "events", []) or [])
+    errors = Counter(r.error_code for r in records if r.error_code)
+    examples: dict[str, str] = {}
+    for r in records:
+        if r.error_code and r.error_code not in examples:
+            examples[r.error_code] = r.error_message
+    by_tier: dict[str, dict[str, float]] = {}
+    for e in events:
+        data = e.get("data") or {}
+        if e["kind"] == "load":
+            tier = str(data.get("tier") or "?")
+            t = by_tier.setdefault(tier, {"count": 0, "total_s": 0.0})
+            t["count"] += 1
+            t["total_s"] += float(data.get("seconds") or 0.0)
+    for t in by_tier.values():
+        t["mean_s"] = t["total_s"] / t["count"] if t["count"] else 0.0
+    mig_events = [e for e in events if e["kind"] == "migrate"]
+    outcomes = Counter()
+    for e in mig_events:
+        text = e["text"]
+        if text.startswith("migration "):
+            for word in ("done", "aborted", "failed"):
+                if f" {word}" in text:
+                    outcomes[word] += 1
+                    break
+    kinds = Counter(e["kind"] for e in events)
+    duration = float(getattr(records, "duration_s", 0.0) or 0.0)
+    busy: dict[str, float] = dict(getattr(records, "busy_s", {}) or {})
+    loading: dict[str, float] = dict(getattr(records, "loading_s", {}) or {})
+    tokens = sum(r.tokens for r in ok)
+    return {
+        "label": getattr(records, "label", ""),
+        "requests": len(records),
+        "completed": len(ok),
+        "errors": dict(errors),
+        "error_examples": examples,
+        "latency_s": _stats([r.latency_s for r in ok if r.latency_s is not None]),
+        # Failed requests counted at their time to failure (a lower bound on what they would have taken).
+        "latency_all_s": _stats([r.latency_s for r in records if r.latency_s is not None]),
+        "ttft_s": _stats([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "server_ttft_s": _stats([r.server_ttft_s for r in ok if r.server_ttft_s is not None]),
+        "send_delay_max_s": max((r.send_delay_s for r in records), default=0.0),
+        "tokens": tokens,
+        "duration_s": duration,
+        "tokens_per_s": tokens / duration if duration else None,
+        "cold_starts": {"total": sum(int(t["count"]) for t in by_tier.values()), "by_tier": by_tier},
+        "migrations": {
+            "requests_migrated": sum(1 for r in ok if any(m.get("kind") == "migration" for m in r.migrations)),
+            "records_by_kind": dict(Counter(str(m.get("kind")) for r in ok for m in r.migrations)),
+            "ordered": sum(1 for e in mig_events if not e["text"].startswith("migration ")),
+            "outcomes": dict(outcomes),
+        },
+        "decisions": dict(Counter(str((e.get("data") or {}).get("decision")) for e in events
+                                  if e["kind"] == "schedule" and (e.get("data") or {}).get("decision"))),
+        "preemptions": sum(1 for e in events if e["kind"] == "schedule"
+                           and (e.get("data") or {}).get("decision") == "preempt"),
+        "requests_restarted": sum(1 for r in ok if any(m.get("kind") == "restart" for m in r.migrations)),
+        "unloads": kinds.get("unload", 0),
+        "events_by_kind": dict(kinds),
+        "estimator": _estimates(events),
+        "gpu_busy_s": busy,
+        "gpu_loading_s": loading,
+        "gpu_busy_fraction": {g: s / duration for g, s in busy.items()} if duration else {},
+    }
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def comparison_rows(summaries: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["policy", "done/req", "errors", "lat p50", "lat p99", "p99 all", "lat mean", "ttft p50", "ttft p99",
+              "cold starts (tier: n, mean s)", "migr.", "preempt", "busy s"]
+    rows = []
+    for policy, s in summaries.items():
+        tiers = ", ".join(f"{t}: {int(v['count'])}, {v['mean_s']:.1f}s"
+                          for t, v in sorted(s["cold_starts"]["by_tier"].items()))
+        m = s["migrations"]
+        rows.append([
+            policy, f"{s['completed']}/{s['requests']}",
+            ",".join(f"{k}:{v}" for k, v in s["errors"].items()) or "0",
+            _fmt(s["latency_s"]["p50"]), _fmt(s["latency_s"]["p99"]), _fmt(s["latency_all_s"]["p99"]),
+            _fmt(s["latency_s"]["mean"]),
+            _fmt(s["ttft_s"]["p50"]), _fmt(s["ttft_s"]["p99"]),
+            tiers or "-", f"{m['ordered']} ({m['requests_migrated']} req)",
+            f"{s['preemptions']} ({s['requests_restarted']} req)",
+            f"{sum(s['gpu_busy_s'].values()):.0f}",
+        ])
+    return header, rows
+
+
+def print_table(summaries: dict[str, dict[str, Any]], file: Any = None) -> None:
+    header, rows = comparison_rows(summaries)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="replay: latencies in seconds from arrival")
+        for col in header:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        Console(file=file, width=200).print(table)
+    except ImportError:  # rich is a dependency; plain text keeps this usable without it
+        print("\t".join(header), file=file)
+        for row in rows:
+            print("\t".join(row), file=file)
+
+
+def plot(results_by_policy: dict[str, Sequence[RequestRecord]], png_path: str | os.PathLike[str]) -> Path:
+    """Latency against arrival time, the latency CDF and the TTFT CDF; one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    for policy, records in results_by_policy.items():
+        ok = sorted((r for r in records if r.ok), key=lambda r: r.arrival_s)
+        bad = [r for r in records if not r.ok]
+        label = policy + (f" ({len(bad)} failed)" if bad else "")
+        (line,) = axes[0].plot([r.arrival_s for r in ok], [r.latency_s for r in ok], marker=".", lw=0.8,
+                               label=label)
+        if bad:
+            axes[0].scatter([r.arrival_s for r in bad], [r.latency_s or 0.0 for r in bad], marker="x",
+                            color=line.get_color())
+        for ax, values in ((axes[1], [r.latency_s for r in ok]), (axes[2], [r.ttft_s for r in ok])):
+            xs = sorted(v for v in values if v is not None)
+            if xs:
+                ys = [(i + 1) / len(xs) for i in range(len(xs))]
+                ax.step(xs, ys, where="post", label=label, color=line.get_color())
+    axes[0].set(xlabel="arrival time (s)", ylabel="latency (s)", title="latency by arrival (x: failed)")
+    axes[1].set(xlabel="latency (s)", ylabel="fraction of requests", title="latency CDF", xscale="log")
+    axes[2].set(xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT CDF", xscale="log")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(png_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- clusters
+
+
+@dataclass
+class LocalCluster:
+    proc: subprocess.Popen[str]
+    endpoint: str
+    topology: Path
+    log_path: Path
+
+
+def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: str, keep_alive_s: float = 10.0,
+                         nodes: int = 2, gpu_models: int = 2, dram_fraction: float = 0.6,
+                         ssd_fraction: float = 0.8, repository_bw: float = 60e6, ssd_bw: float = 300e6,
+                         threads: int = 1, target_concurrency: int = 2, queue_timeout_s: float = 120.0,
+                         migration: bool = True, warmup_model: Path | None = None) -> Path:
+    """``nodes`` nodes x 1 ``cpu`` device with room for the ``gpu_models`` largest models side by side.
+
+    Each node's DRAM tier holds ``dram_fraction`` and its SSD tier ``ssd_fraction`` of the family (at
+    least the largest model), and reads from the SSD and the repository are throttled: a start from the
+    local DRAM tier is several times faster than one from the SSD, itself several times faster than one
+    from the repository, so where a model starts decides how long it takes; and a node's tiers cannot keep
+    the whole family, so which node served a model recently matters.
+    """
+    import yaml
+
+    sizes = sorted((m.bytes for m in models), reverse=True)
+    overhead = 1.15  # the scheduler's room for activations beside the weights
+    gpu_bytes = int(overhead * sum(sizes[: max(1, gpu_models)]) * 1.02)
+    total = sum(sizes)
+    dram = max(int(total * dram_fraction), int(sizes[0] * 1.05))
+    ssd = max(int(total * ssd_fraction), int(sizes[0] * 1.05))
+    model_entries = [{"name": m.name, "source": str(m.path), "keep_alive": f"{keep_alive_s}s",
+                      "target_concurrency": target_concurrency} for m in models]
+    if warmup_model is not None:
+        model_entries.append({"name": WARMUP_MODEL, "source": str(warmup_model), "keep_alive": "2s"})
+    data = {
+        "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0},
+        "nodes": [
+            {
+                "name": f"node-{i + 1}",
+                "gpus": [{"device": "cpu", "memory": gpu_bytes}],
+                "threads": threads,
+                "dram": {"capacity": dram},
+                "ssd": {"path": str(path.parent / f"ssd-{i + 1}"), "capacity": ssd, "bandwidth": int(ssd_bw)},
+                "repository": {"bandwidth": int(repository_bw)},
+            }
+            for i in range(nodes)
+        ],
+        "models": model_entries,
+        "scheduler": {"policy": policy, "migration": migration, "queue_timeout": f"{queue_timeout_s}s"},
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def start_cluster(topology: Path, *, timeout: float = 180.0, env: dict[str, str] | None = None) -> LocalCluster:
+    """``sllm up TOPOLOGY --headless`` in a process of its own; its output goes to a log beside the topology."""
+    cli = REPO / "cli.py"
+    cmd = [sys.executable, str(cli)] if cli.is_file() else [sys.executable, "-m", "cli"]
+    log_path = topology.with_suffix(".log")
+    proc = subprocess.Popen(
+        [*cmd, "up", str(topology), "--headless"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=topology.parent, env={**os.environ, "SLLM_HOME": str(topology.parent / "home"), **(env or {})},
+    )
+    ready: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        with open(log_path, "a") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if line.startswith("ready:"):
+                    ready.put(line)
+
+    threading.Thread(target=pump, name="replay-cluster-log", daemon=True).start()
+    try:
+        line = ready.get(timeout=timeout)
+    except queue.Empty:
+        proc.kill()
+        proc.wait()
+        tail = log_path.read_text()[-3000:] if log_path.exists() else ""
+        raise RuntimeError(f"sllm up did not print ready within {timeout:.0f}s:\n{tail}") from None
+    words = line.split()
+    return LocalCluster(proc, words[words.index("client") + 2], topology, log_path)
+
+
+def stop_cluster(cluster: LocalCluster, timeout: float = 60.0) -> None:
+    if cluster.proc.poll() is None:
+        cluster.proc.send_signal(signal.SIGTERM)
+        try:
+            cluster.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            cluster.proc.kill()
+            cluster.proc.wait()
+
+
+WARMUP_MODEL = "warmup"
+
+
+def make_warmup_model(dest_dir: str | os.PathLike[str]) -> Path:
+    """A tiny llama (same architecture as the family) whose loads warm each node up before a replay."""
+    from sllm_actors.testing import make_tiny_model
+
+    path = Path(dest_dir).expanduser() / "warmup-small-llama"
+    if not (path / "config.json").is_file():
+        # ~5 ms a token alone: 3500 tokens outlast a migration even on a busy machine.
+        make_tiny_model(path, arch="llama", seed=123, hidden_size=256, layers=4)
+    return path
+
+
+def warm_up(endpoint: str, model: str = WARMUP_MODEL, *, max_tokens: int = 3500, timeout_s: float = 120.0,
+            say: Callable[[str], None] | None = None) -> list[str]:
+    """Load ``model`` once on every alive node, so that no replayed request pays a node's first load.
+
+    A node process's first model load costs seconds more than later ones (code paths run for the first
+    time, allocator growth); every policy would pay that on its first requests, which lands in the p99 of a
+    short run. One long request for ``model`` starts on whatever node the policy picks, and is then
+    migrated to each other node in turn (each migration loads the model there); then it is cancelled.
+    Returns the nodes warmed; problems are reported through ``say`` and never raised.
+    """
+    from sllm_actors.client import Client, ClusterUnavailable, RequestError, TokenEvent
+
+    say = say or (lambda text: None)
+    warmed: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        with Client(endpoint) as ctl, Client(endpoint, idle_timeout=timeout_s) as gen:
+            nodes = [n["name"] for n in ctl.status()["nodes"] if n.get("alive")]
+            for _attempt in range(3):
+                missing = [n for n in nodes if n not in warmed]
+                if not missing or time.monotonic() > deadline:
+                    break
+                stream = gen.generate(model, "warm up", max_tokens=max_tokens, temperature=0)
+                try:
+                    request_id = ""
+                    for event in stream:
+                        if isinstance(event, TokenEvent):
+                            request_id = event.request_id
+                            break
+                    if not request_id:
+                        say("  warm-up: the request ended before its first token")
+                        continue
+                    here = next((r["node"] for r in ctl.status()["requests"] if r["request_id"] == request_id), "")
+                    if here and here not in warmed:
+                        warmed.append(here)
+                    for node in nodes:
+                        if node in warmed or time.monotonic() > deadline:
+                            continue
+                        try:
+                            ctl.migrate(request_id, node, timeout=max(1.0, deadline - time.monotonic()))
+                            warmed.append(node)
+                        except RequestError as exc:
+                            say(f"  warm-up: migrating to {node} failed: {exc}")
+                            break  # the request may be gone: start another
+                finally:
+                    stream.close()  # cancels the rest of the generation
+    except (ClusterUnavailable, RequestError) as exc:
+        say(f"  warm-up failed: {exc}")
+    return warmed
+
+
+# ---------------------------------------------------------------------------------------------- the bench
+
+
+def build_workload(trace: str, *, models: Sequence[str], rps: float, cv: float, duration_s: float, seed: int,
+                   prompt_range: tuple[int, int], output_range: tuple[int, int]) -> list[Any]:
+    """The arrivals of ``trace``: ``gamma`` (per-model Gamma, ``cv``), or the Azure 2023 trace ``azure-conv`` /
+    ``azure-code`` time-scaled to ``rps`` (its arrival shape kept). Azure lengths are scaled so that the
+    trace's median lands in the middle of each range, then clipped to it (the length distribution's shape
+    is kept as far as the range allows); gamma lengths are uniform in the ranges. ``models[0]`` is the
+    most popular (Zipf, s = 1).
+    """
+    from sllm_actors import workload as wl
+
+    if trace == "gamma":
+        return wl.gamma_workload(list(models), rps=rps, cv=cv, duration_s=duration_s, seed=seed,
+                                 prompt_tokens=prompt_range, output_tokens=output_range)
+    if trace not in ("azure-conv", "azure-code"):
+        raise ValueError(f"unknown trace {trace!r} (gamma, azure-conv or azure-code)")
+    import numpy as np
+
+    kind = trace.split("-", 1)[1]
+    t, ctx, gen = wl.load_azure_trace(kind)
+    trace_rps = (len(t) - 1) / float(t[-1]) if len(t) > 1 and t[-1] > 0 else 1.0
+    raw = wl.azure_workload(kind, list(models), duration_s=duration_s, rps_scale=rps / trace_rps, seed=seed,
+                            max_prompt=1 << 30, max_output=1 << 30)
+    p_scale = (sum(prompt_range) / 2) / max(1.0, float(np.median(ctx)))
+    o_scale = (sum(output_range) / 2) / max(1.0, float(np.median(gen)))
+
+    def scaled(n: int, k: float, lo: int, hi: int) -> int:
+        return int(min(max(round(n * k), lo), hi))
+
+    return [wl.Arrival(a.time_s, a.model, scaled(a.prompt_tokens, p_scale, *prompt_range),
+                       scaled(a.output_tokens, o_scale, *output_range)) for a in raw]
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sllm bench replay", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--policy", default="all", help=f"one of {', '.join(POLICIES)}, or all")
+    p.add_argument("--trace", default="gamma", choices=("gamma", "azure-conv", "azure-code"))
+    p.add_argument("--rps", type=float, default=0.4, help="mean requests per second, all models together")
+    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of inter-arrival times (gamma)")
+    p.add_argument("--models", type=int, default=4, help="models in the family (sizes cycle 50,150,400,1000 MB)")
+    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES_MB)), help="family sizes in MB")
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-tokens", default="16,128", help="min,max prompt length")
+    p.add_argument("--output-tokens", default="8,32", help="min,max generated tokens")
+    p.add_argument("--concurrency", type=int, default=32, help="client threads")
+    p.add_argument("--timeout", type=float, default=240.0, help="seconds after its arrival a request is given up")
+    p.add_argument("--keep-alive", type=float, default=10.0, help="seconds an idle instance stays loaded")
+    p.add_argument("--repository-bw", type=float, default=60.0, help="repository read limit, MB/s")
+    p.add_argument("--ssd-bw", type=float, default=300.0, help="SSD tier read limit, MB/s")
+    p.add_argument("--target-concurrency", type=int, default=2, help="requests per instance before scaling out")
+    p.add_argument("--no-warmup", action="store_true", help="skip loading a tiny model on every node first")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--family-dir", default=None, help="where the model family is cached ($SLLM_HOME/family)")
+    p.add_argument("--work-dir", default=None, help="keep each cluster's topology, logs and tiers here")
+    p.add_argument("--json", dest="json_out", default=None, help="write summaries and records here")
+    p.add_argument("--png", dest="png_out", default=None, help="write the latency plot here")
+    p.add_argument("--cluster", default=None, help="replay against this running cluster (tcp://HOST:PORT)")
+    p.add_argument("--model-names", default=None,
+                   help="with --cluster: comma-separated models to use (default: the cluster's own list)")
+    args = p.parse_args(argv)
+    if args.policy != "all" and args.policy not in POLICIES:
+        p.error(f"--policy: choose from {', '.join(POLICIES)} or all")
+    if args.cluster and args.policy == "all":
+        p.error("--cluster runs one policy (the running cluster's); name it with --policy P")
+    return args
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(",")
+    a, b = int(lo), int(hi or lo)
+    return min(a, b), max(a, b)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    policies = list(POLICIES) if args.policy == "all" else [args.policy]
+    prompt_range, output_range = _range(args.prompt_tokens), _range(args.output_tokens)
+    tokenizer = None
+    try:
+        from sllm_actors.models import default_model_dir
+
+        if (default_model_dir() / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    except (ImportError, OSError, ValueError) as exc:
+        say(f"(no tokenizer for exact prompt lengths: {exc})")
+    prompts = PromptMaker(tokenizer)
+
+    family: list[FamilyModel] = []
+    warmup_path: Path | None = None
+    if args.cluster:
+        from sllm_actors.client import Client
+
+        if args.model_names:
+            names = [n for n in args.model_names.split(",") if n]
+        else:
+            with Client(args.cluster) as c:
+                names = [m["name"] for m in c.status().get("models", [])]
+        if not names:
+            say("the cluster lists no models; pass --model-names")
+            return 2
+    else:
+        from sllm_actors.models import sllm_home
+
+        sizes = [float(s) for s in args.sizes.split(",") if s]
+        wanted = [sizes[i % len(sizes)] for i in range(args.models)]
+        family_dir = Path(args.family_dir).expanduser() if args.family_dir else sllm_home() / "family"
+        family = make_model_family(family_dir, wanted, seed=args.seed, dtype=args.dtype, say=say)
+        warmup_path = None if args.no_warmup else make_warmup_model(family_dir)
+        names = [m.name for m in family]
+        for m in family:
+            say(f"model {m.name}: {m.bytes / 1e6:.0f} MB ({m.hidden_size} wide, {m.layers} layers)")
+
+    arrivals = build_workload(args.trace, models=names, rps=args.rps, cv=args.cv, duration_s=args.duration,
+                              seed=args.seed, prompt_range=prompt_range, output_range=output_range)
+    per_model = Counter(a.model for a in arrivals)
+    say(f"workload {args.trace}: {len(arrivals)} requests over {args.duration:.0f}s "
+        f"({', '.join(f'{m}: {n}' for m, n in per_model.most_common())})")
+
+    results: dict[str, ReplayRecords] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    setup: dict[str, Any] = {}
+    try:
+        _run_policies(args, policies, family, warmup_path, names, arrivals, prompts, results, summaries, setup, say)
+    except KeyboardInterrupt:
+        # Each cluster started was stopped on the way out; requests still in flight hold threads that
+        # would wait for their idle timeout, so leave without joining them.
+        say("interrupted")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return _report(args, started, results, summaries, setup, family, say)
+
+
+def _run_policies(args: argparse.Namespace, policies: list[str], family: list[FamilyModel], warmup_path: Path | None,
+                  names: list[str], arrivals: list[Any], prompts: PromptMaker, results: dict[str, ReplayRecords],
+                  summaries: dict[str, dict[str, Any]], setup: dict[str, Any], say: Callable[[str], None]) -> None:
+    for policy in policies:
+        t_policy = time.monotonic()
+        load_before = os.getloadavg()[0]
+        if args.cluster:
+            say(f"[{policy}] replaying against {args.cluster}")
+            records = replay(args.cluster, arrivals, concurrency_limit=args.concurrency, timeout_s=args.timeout,
+                             prompt_maker=prompts, say=say, label=policy)
+        else:
+            base = Path(args.work_dir).expanduser() / policy if args.work_dir else None
+            if base is not None:
+                if base.exists():
+                    shutil.rmtree(base)
+                base.mkdir(parents=True)
+                work = base
+            else:
+                work = Path(tempfile.mkdtemp(prefix=f"sllm-replay-{policy}-"))
+            try:
+                topo = write_bench_topology(
+                    work / "topology.yaml", family, policy=policy, keep_alive_s=args.keep_alive,
+                    repository_bw=args.repository_bw * 1e6, ssd_bw=args.ssd_bw * 1e6,
+                    target_concurrency=args.target_concurrency, queue_timeout_s=max(60.0, args.timeout / 2),
+                    warmup_model=warmup_path,
+                )
+                setup["topology"] = topo.read_text()
+                say(f"[{policy}] starting a cluster in {work}")
+                cluster = start_cluster(topo)
+                try:
+                    if warmup_path is not None:
+                        t_warm = time.monotonic()
+                        warmed = warm_up(cluster.endpoint, say=say)
+                        say(f"[{policy}] warmed up {', '.join(warmed) or 'no node'} in {time.monotonic() - t_warm:.1f}s")
+                    records = replay(cluster.endpoint, arrivals, concurrency_limit=args.concurrency,
+                                     timeout_s=args.timeout, prompt_maker=prompts, say=say, label=policy)
+                finally:
+                    stop_cluster(cluster)
+                    if cluster.proc.returncode not in (0, None):
+                        say(f"[{policy}] sllm up exited with {cluster.proc.returncode}; log: {cluster.log_path}")
+            finally:
+                if base is None:
+                    shutil.rmtree(work, ignore_errors=True)
+        results[policy] = records
+        summaries[policy] = summarize(records)
+        s = summaries[policy]
+        # The machine's 1-minute load average before and after: other work on a shared host shows here.
+        s["loadavg_1m"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
+        say(f"[{policy}] {s['completed']}/{s['requests']} done in {time.monotonic() - t_policy:.0f}s, "
+            f"p50 {_fmt(s['latency_s']['p50'])}s p99 {_fmt(s['latency_s']['p99'])}s, errors {s['errors'] or 0}")
+
+
+
+def _report(args: argparse.Namespace, started: float, results: dict[str, ReplayRecords],
+            summaries: dict[str, dict[str, Any]], setup: dict[str, Any], family: list[FamilyModel],
+            say: Callable[[str], None]) -> int:
+    runtime = time.monotonic() - started
+    print_table(summaries)
+    ratios = _ratios(summaries)
+    for line in ratios["lines"]:
+        print(line)
+    machine = _machine()
+    print(f"runtime {runtime:.0f}s on {machine['host']} ({machine['cpus']} cpus, "
+          f"{machine.get('cpu', platform.machine())}, {machine.get('memory_gib', '?')} GiB); 1-min load average per policy (before/after): "
+          + ", ".join(f"{p} {s['loadavg_1m']['before']}/{s['loadavg_1m']['after']}" for p, s in summaries.items()))
+    if args.png_out:
+        say(f"plot: {plot(results, args.png_out)}")
+    if args.json_out:
+        payload = {
+            "args": vars(args), "runtime_s": runtime, "machine": machine, "summaries": summaries,
+            "ratios": ratios["values"], "family": [{**asdict(f), "path": str(f.path)} for f in family],
+            "setup": setup,
+            "records": {p: [asdict(r) for r in recs] for p, recs in results.items()},
+            "events": {p: recs.events for p, recs in results.items()},
+        }
+        Path(args.json_out).write_text(json.dumps(payload, indent=1, default=str))
+        say(f"json: {args.json_out}")
+    return 0
+
+
+def _ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """p99 latency and TTFT of every policy over serverlessllm's (higher: serverlessllm is better).
+
+    Latency counts failed requests at their time to failure (``latency_all_s``), so a policy that fails
+    requests does not look faster for it; TTFT is over completed requests.
+    """
+    base = summaries.get("serverlessllm")
+    values: dict[str, dict[str, float | None]] = {}
+    lines: list[str] = []
+    if base is None:
+        return {"values": values, "lines": lines}
+    for policy, s in summaries.items():
+        if policy == "serverlessllm":
+            continue
+        r = {}
+        for metric, key in (("latency_all_s", "latency"), ("ttft_s", "ttft")):
+            mine, theirs = base[metric]["p99"], s[metric]["p99"]
+            r[f"{key}_p99_ratio"] = theirs / mine if mine and theirs is not None else None
+        values[policy] = r
+        lines.append(f"{policy} / serverlessllm p99: latency {_fmt(r['latency_p99_ratio'])}x, "
+                     f"ttft {_fmt(r['ttft_p99_ratio'])}x" + (f" (errors: {s['errors']})" if s["errors"] else ""))
+    return {"values": values, "lines": lines}
+
+
+def _machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                            "platform": platform.platform()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
+    except (OSError, ValueError):
+        pass
+    return info
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
