@@ -186,6 +186,13 @@ class Node:
             on_give_up=self._give_up,
             on_event=lambda kind, text, data: self.context.event(kind, text, data),
         )
+        # Supervisor.start returns before its children exist; a status now would say "ready" and
+        # draw a LoadModel for a gpu actor not yet there.
+        wanted = [c.name for c in children]
+        deadline = time.monotonic() + 60
+        while any(self.directory.get(n) is None for n in wanted) and time.monotonic() < deadline:
+            if self.done.wait(0.05):
+                return self.stop()
         self.transport.every(0.1, self._publish_status)
         log.info("%s: up with %d device(s), pid %d", self.name, len(self.spec.gpus), os.getpid())
         self.done.wait()

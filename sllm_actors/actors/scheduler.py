@@ -403,6 +403,7 @@ class SchedulerActor(SupervisedActor):
             self.cluster.to_node(msg.node, UnloadModel(msg.instance_id))
             return
         inst.state = "ready"
+        inst.last_used = time.monotonic()  # keep-alive counts from ready, not from the order to load
         inst.load_s = msg.load_s
         inst.tier = msg.tier
         if msg.memory_bytes and inst.model not in self.model_bytes:
@@ -482,10 +483,13 @@ class SchedulerActor(SupervisedActor):
             self.queue.remove(w)
             self._fail(w.request_id, "no_capacity",
                        f"no GPU could serve {w.model} within {timeout:.0f}s (all busy or too small)")
+        in_migration = {o.source for o in self.migrations.values()} | {o.dest for o in self.migrations.values()}
         for inst in list(self.instances.values()):
             spec = self.catalog.get(inst.model)
             if spec is None or inst.state != "ready" or inst.requests or inst.waiters:
                 continue
+            if inst.instance_id in in_migration:
+                continue  # a destination has no requests until the source hands them over
             if now - inst.last_used > spec.keep_alive_s:
                 count = sum(1 for i in self.instances.values() if i.model == inst.model and i.state == "ready")
                 if count > spec.min_instances:
