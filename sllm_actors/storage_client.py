@@ -88,8 +88,13 @@ class StorageClient:
         return loaded
 
     def _fetch(self, model: str, source: str) -> str:
+        from sllm_actors.storage import checkpoint_size
+
+        started = time.perf_counter()
         local = self._ask("repository", Fetch(model, source), timeout=FETCH_TIMEOUT_S)
-        return str(self._ask("ssd", TierStore(model, str(local)), timeout=FETCH_TIMEOUT_S))
+        path = str(self._ask("ssd", TierStore(model, str(local)), timeout=FETCH_TIMEOUT_S))
+        self._tell("repository", TierLoaded(model, checkpoint_size(path), time.perf_counter() - started))
+        return path
 
     def _build(self, model: str, device: str, tier: str, *, path: str, host: Any = None) -> Loaded:
         from sllm_actors.storage import checkpoint_size, load_model, load_tokenizer

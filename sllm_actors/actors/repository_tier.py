@@ -15,7 +15,7 @@ from typing import Any
 import pykka
 
 from sllm_actors.actors.tier_common import Bandwidth
-from sllm_actors.messages import Fetch
+from sllm_actors.messages import Fetch, TierLoaded
 from sllm_actors.models import directory_bytes, resolve_source
 from sllm_actors.node_context import NodeContext
 from sllm_actors.supervisor import SupervisedActor
@@ -44,10 +44,15 @@ class RepositoryTierActor(SupervisedActor):
             size = directory_bytes(Path(path))
             if self.limit:
                 time.sleep(max(0.0, size / self.limit - (time.perf_counter() - started)))
-            self.bandwidth.observe(size, time.perf_counter() - started)
             self.known[message.model] = size
             self._publish()
             return path
+        if isinstance(message, TierLoaded):
+            # Timed by the storage client over fetch + store into the SSD tier: what a start from
+            # this tier really costs (a local directory "fetches" instantly; its copy does not).
+            self.bandwidth.observe(message.nbytes, message.seconds)
+            self._publish()
+            return None
         raise TypeError(f"{self.name}: unexpected message {message!r}")
 
     def _publish(self) -> None:
