@@ -316,6 +316,14 @@ def prepare() -> None:
     out.print(f"default model ready at {path}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def simulate(ctx: typer.Context) -> None:
+    """Compare the placement policies on a simulated cluster (discrete events; `sllm simulate --help`)."""
+    from sllm_actors.simulator import main as simulate_main
+
+    raise typer.Exit(simulate_main(ctx.args))
+
+
 @store_app.command("convert")
 def store_convert(src: Path, dest: Path) -> None:
     """Convert SRC (HF directory, .gguf, or sllm-store directory) into our checkpoint format at DEST."""

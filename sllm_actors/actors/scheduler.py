@@ -243,7 +243,10 @@ class SchedulerActor(SupervisedActor):
             if decision.kind == "migrate":
                 order = self._migrate(sorted(busy.requests), busy, dest, f"make room for {spec.name}")
                 if order is None:
+                    # The GPU will not be freed: give the reservation up, the waiter queues instead.
                     busy.draining = False
+                    _, waiters, _ = self.reserved.pop(slot, (None, [], 0.0))
+                    self.queue += [Waiting(r, spec.name, time.monotonic()) for r in waiters]
             else:
                 requests = sorted(busy.requests)
                 busy.requests.clear()
@@ -297,6 +300,7 @@ class SchedulerActor(SupervisedActor):
             if i.state == "loading":
                 key = (i.node, i.gpu)
                 loading_by_gpu[key] = loading_by_gpu.get(key, 0.0) + max(0.0, i.estimate_s - (now - i.started))
+        in_migration = {o.source for o in self.migrations.values()} | {o.dest for o in self.migrations.values()}
         for node in self.topology.nodes:
             if node.name not in self.alive:
                 continue
@@ -306,7 +310,9 @@ class SchedulerActor(SupervisedActor):
                     continue
                 instances = [
                     placement.InstanceView(
-                        i.instance_id, i.model, "draining" if i.draining else i.state,
+                        # A destination waiting for its requests looks idle but must not be evicted.
+                        i.instance_id, i.model,
+                        "migrating" if i.draining or i.instance_id in in_migration else i.state,
                         [placement.RunningView(r, self.request_tokens.get(r, 0)) for r in sorted(i.requests)],
                         i.memory_bytes,
                     )
