@@ -324,6 +324,19 @@ def simulate(ctx: typer.Context) -> None:
     raise typer.Exit(simulate_main(ctx.args))
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Workloads against a running or fresh cluster.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("replay", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                                "help_option_names": []})
+def bench_replay(ctx: typer.Context) -> None:
+    """Replay a Gamma or Azure-trace workload per policy and compare latency (`sllm bench replay --help`)."""
+    from sllm_actors.replay import main as replay_main
+
+    raise typer.Exit(replay_main(ctx.args))
+
+
 @store_app.command("convert")
 def store_convert(src: Path, dest: Path) -> None:
     """Convert SRC (HF directory, .gguf, or sllm-store directory) into our checkpoint format at DEST."""

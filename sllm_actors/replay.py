@@ -619,7 +619,8 @@ class LocalCluster:
 def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: str, keep_alive_s: float = 10.0,
                          nodes: int = 2, gpu_models: int = 2, dram_fraction: float = 0.6,
                          ssd_fraction: float = 0.8, repository_bw: float = 60e6, ssd_bw: float = 300e6,
-                         threads: int = 1, target_concurrency: int = 2, queue_timeout_s: float = 120.0,
+                         threads: int = 1, target_concurrency: int = 2, max_instances: int | None = None,
+                         queue_timeout_s: float = 120.0,
                          migration: bool = True, warmup_model: Path | None = None) -> Path:
     """``nodes`` nodes x 1 ``cpu`` device with room for the ``gpu_models`` largest models side by side.
 
@@ -627,7 +628,8 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
     least the largest model), and reads from the SSD and the repository are throttled: a start from the
     local DRAM tier is several times faster than one from the SSD, itself several times faster than one
     from the repository, so where a model starts decides how long it takes; and a node's tiers cannot keep
-    the whole family, so which node served a model recently matters.
+    the whole family, so which node served a model recently matters. ``max_instances`` (default: one per
+    device) keeps a burst for one model from filling every device with copies of it.
     """
     import yaml
 
@@ -638,7 +640,8 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
     dram = max(int(total * dram_fraction), int(sizes[0] * 1.05))
     ssd = max(int(total * ssd_fraction), int(sizes[0] * 1.05))
     model_entries = [{"name": m.name, "source": str(m.path), "keep_alive": f"{keep_alive_s}s",
-                      "target_concurrency": target_concurrency} for m in models]
+                      "target_concurrency": target_concurrency, "max_instances": max_instances or nodes}
+                     for m in models]
     if warmup_model is not None:
         model_entries.append({"name": WARMUP_MODEL, "source": str(warmup_model), "keep_alive": "2s"})
     data = {
@@ -822,6 +825,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repository-bw", type=float, default=60.0, help="repository read limit, MB/s")
     p.add_argument("--ssd-bw", type=float, default=300.0, help="SSD tier read limit, MB/s")
     p.add_argument("--target-concurrency", type=int, default=2, help="requests per instance before scaling out")
+    p.add_argument("--max-instances", type=int, default=2, help="instances per model at most")
     p.add_argument("--no-warmup", action="store_true", help="skip loading a tiny model on every node first")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--family-dir", default=None, help="where the model family is cached ($SLLM_HOME/family)")
@@ -935,7 +939,7 @@ def _run_policies(args: argparse.Namespace, policies: list[str], family: list[Fa
                 topo = write_bench_topology(
                     work / "topology.yaml", family, policy=policy, keep_alive_s=args.keep_alive,
                     repository_bw=args.repository_bw * 1e6, ssd_bw=args.ssd_bw * 1e6,
-                    target_concurrency=args.target_concurrency, queue_timeout_s=max(60.0, args.timeout / 2),
+                    target_concurrency=args.target_concurrency, max_instances=args.max_instances, queue_timeout_s=max(60.0, args.timeout / 2),
                     warmup_model=warmup_path,
                 )
                 setup["topology"] = topo.read_text()

@@ -1,0 +1,155 @@
+"""The replay driver against a real cluster, its summary and plot, and the model family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sllm_actors.replay import (
+    PromptMaker,
+    ReplayRecords,
+    RequestRecord,
+    family_shape,
+    make_model_family,
+    plot,
+    replay,
+    summarize,
+    warm_up,
+)
+from sllm_actors.workload import Arrival, gamma_workload
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def two_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from sllm_actors.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("replay-models")
+    return {
+        "tiny-a": make_tiny_model(root / "tiny-a", arch="llama", seed=0),
+        "tiny-b": make_tiny_model(root / "tiny-b", arch="llama", seed=1, hidden_size=96),
+    }
+
+
+def test_replay_against_a_cluster(cluster_factory: Any, two_tiny: dict[str, Path], tmp_path: Path) -> None:
+    cluster = cluster_factory({**two_tiny, "warm": two_tiny["tiny-a"]}, keep_alive="3s", memory="64MiB")
+    # Warm-up: one long request on some node, migrated to the other; both nodes have loaded a model.
+    assert sorted(warm_up(cluster.endpoint, "warm", max_tokens=4000, timeout_s=60)) == ["node-1", "node-2"]
+    workload = gamma_workload(list(two_tiny), rps=0.8, cv=2.0, duration_s=20, seed=3, prompt_tokens=(8, 24),
+                              output_tokens=(4, 8))
+    # One request for a model the cluster does not have: it must come back as a clear error.
+    workload.append(Arrival(5.0, "no-such-model", 8, 4))
+    workload.sort(key=lambda a: a.time_s)
+    assert len(workload) >= 8
+
+    records = replay(cluster.endpoint, workload, concurrency_limit=8, timeout_s=60, label="test")
+
+    assert isinstance(records, ReplayRecords)
+    assert len(records) == len(workload)
+    assert [r.arrival_s for r in records] == sorted(a.time_s for a in workload)
+    for r in records:
+        assert r.latency_s is not None and r.latency_s >= 0, r
+        if r.model == "no-such-model":
+            assert r.error_code == "unknown_model" and "no-such-model" in r.error_message, r
+            continue
+        assert r.ok, f"request {r.index} for {r.model} failed: {r.error_code} {r.error_message}"
+        assert r.tokens == r.output_tokens, r  # random weights rarely hit the end token
+        assert r.ttft_s is not None and 0 < r.ttft_s <= r.latency_s
+        assert r.request_id
+    # The run's events were collected: every model that served a request was loaded at least once.
+    loads = [e for e in records.events if e["kind"] == "load"]
+    assert {e["data"]["model"] for e in loads} >= {r.model for r in records if r.ok}
+    assert all(e["data"]["tier"] in ("dram", "ssd", "repository") for e in loads)
+
+    s = summarize(records)
+    assert s["requests"] == len(workload)
+    assert s["completed"] == len(workload) - 1
+    assert s["errors"] == {"unknown_model": 1} and "no-such-model" in s["error_examples"]["unknown_model"]
+    for key in ("latency_s", "ttft_s"):
+        st = s[key]
+        assert 0 < st["p50"] <= st["p99"] <= st["max"], st
+        assert st["mean"] > 0
+    assert s["cold_starts"]["total"] == len(loads) >= 2
+    assert sum(int(t["count"]) for t in s["cold_starts"]["by_tier"].values()) == len(loads)
+    assert s["migrations"]["requests_migrated"] == sum(1 for r in records if r.migrations)
+    # Sampled from half-second snapshots: tiny requests may all fall between two of them.
+    assert all(g in ("node-1/gpu-0", "node-2/gpu-0") and 0 <= v <= s["duration_s"] + 1
+               for g, v in s["gpu_busy_s"].items())
+    assert s["duration_s"] >= max(a.time_s for a in workload)
+    json.dumps(s)  # the summary is plain data
+
+    png = plot({"test": records, "again": records}, tmp_path / "out" / "replay.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+
+
+def test_summarize_and_plot_without_a_cluster(tmp_path: Path) -> None:
+    records = ReplayRecords([
+        RequestRecord(0, "m", 0.0, 16, 8, ttft_s=0.5, latency_s=1.0, tokens=8),
+        RequestRecord(1, "m", 1.0, 16, 8, ttft_s=1.5, latency_s=3.0, tokens=8,
+                      migrations=[{"kind": "migration", "from": "a", "to": "b"}]),
+        RequestRecord(2, "m", 2.0, 16, 8, latency_s=0.1, error_code="no_capacity", error_message="busy"),
+    ])
+    records.events = [
+        {"time": 1.0, "kind": "schedule", "text": "p: load m", "data": {"model": "m", "decision": "load",
+                                                                         "estimate_s": 2.0}},
+        {"time": 1.5, "kind": "schedule", "text": "p: preempt m", "data": {"model": "m", "decision": "preempt"}},
+        {"time": 2.0, "kind": "load", "text": "m loaded", "data": {"model": "m", "node": "n1", "tier": "ssd",
+                                                                   "seconds": 2.5}},
+        {"time": 3.0, "kind": "load", "text": "m loaded", "data": {"model": "m", "node": "n2", "tier": "dram",
+                                                                   "seconds": 0.5}},
+        {"time": 2.1, "kind": "estimate", "text": "load of m", "data": {"model": "m", "tier": "ssd",
+                                                                        "estimate_s": 2.0, "measured_s": 2.5}},
+        {"time": 4.0, "kind": "migrate", "text": "migrate r a -> b (x)", "data": {}},
+        {"time": 5.0, "kind": "migrate", "text": "migration mig-1 done in 0.2s", "data": {}},
+    ]
+    records.duration_s = 10.0
+    records.busy_s = {"n1/gpu-0": 4.0}
+    s = summarize(records)
+    assert (s["requests"], s["completed"], s["errors"]) == (3, 2, {"no_capacity": 1})
+    assert s["latency_s"]["p50"] == pytest.approx(2.0) and s["latency_s"]["max"] == 3.0
+    assert s["cold_starts"]["by_tier"]["ssd"]["count"] == 1 and s["cold_starts"]["by_tier"]["dram"]["mean_s"] == 0.5
+    assert s["migrations"] == {"requests_migrated": 1, "records_by_kind": {"migration": 1}, "ordered": 1,
+                               "outcomes": {"done": 1}}
+    assert s["decisions"] == {"load": 1, "preempt": 1} and s["preemptions"] == 1
+    assert s["estimator"]["count"] == 1 and s["estimator"]["mean_abs_error_s"] == pytest.approx(0.5)
+    assert s["estimator"]["by_tier"]["ssd"]["mean_rel_error"] == pytest.approx(-0.2)
+    assert s["gpu_busy_fraction"] == {"n1/gpu-0": 0.4}
+    assert plot({"p": records}, tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_model_family_sizes_and_cache(tmp_path: Path, two_tiny: dict[str, Path]) -> None:
+    base = json.loads((two_tiny["tiny-a"] / "config.json").read_text())
+    small, large = family_shape(4, base), family_shape(40, base)
+    assert small["hidden_size"] <= large["hidden_size"] and small["num_hidden_layers"] >= 2
+
+    family = make_model_family(tmp_path / "fam", [4, 12], seed=1, base_model=two_tiny["tiny-a"])
+    assert [m.name for m in family] == ["llama-4mb-s1", "llama-12mb-s1"]
+    for m, want in zip(family, (4e6, 12e6)):
+        assert 0.7 * want < m.bytes < 1.3 * want, (m, want)
+        assert (m.path / "index.json").is_file() and (m.path / "tokenizer.json").is_file()
+    stamp = (family[0].path / "index.json").stat().st_mtime_ns
+    again = make_model_family(tmp_path / "fam", [4, 12], seed=1, base_model=two_tiny["tiny-a"])
+    assert again == family and (family[0].path / "index.json").stat().st_mtime_ns == stamp  # cached
+
+    from transformers import AutoTokenizer
+
+    from sllm_actors.models import load_for_inference
+
+    model, tokenizer = load_for_inference(family[0].path, "cpu")
+    assert model.config.vocab_size == base["vocab_size"]
+    assert tokenizer.encode("hello world") == AutoTokenizer.from_pretrained(two_tiny["tiny-a"]).encode("hello world")
+
+
+def test_prompt_maker_lengths(two_tiny: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(two_tiny["tiny-a"])
+    make = PromptMaker(tok)
+    for n in (8, 40):
+        ids = tok.encode(make(n, salt=n), add_special_tokens=False)
+        assert abs(len(ids) - n) <= 2, (n, len(ids))
+    assert len(PromptMaker()(20).split()) == 20
