@@ -621,8 +621,12 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
                          ssd_fraction: float = 0.8, repository_bw: float = 60e6, ssd_bw: float = 300e6,
                          threads: int = 1, target_concurrency: int = 2, max_instances: int | None = None,
                          queue_timeout_s: float = 120.0,
-                         migration: bool = True, warmup_model: Path | None = None) -> Path:
+                         migration: bool = True, warmup_model: Path | None = None,
+                         devices: Sequence[Sequence[str]] | None = None) -> Path:
     """``nodes`` nodes x 1 ``cpu`` device with room for the ``gpu_models`` largest models side by side.
+
+    ``devices`` (one list per node, e.g. ``[["cuda:0"], ["cuda:1"]]``) replaces the ``cpu`` devices; each
+    device keeps the same memory budget, so the contention for room is the same on a GPU machine.
 
     Each node's DRAM tier holds ``dram_fraction`` and its SSD tier ``ssd_fraction`` of the family (at
     least the largest model), and reads from the SSD and the repository are throttled: a start from the
@@ -649,7 +653,7 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
         "nodes": [
             {
                 "name": f"node-{i + 1}",
-                "gpus": [{"device": "cpu", "memory": gpu_bytes}],
+                "gpus": [{"device": dev, "memory": gpu_bytes} for dev in (devices[i] if devices else ["cpu"])],
                 "threads": threads,
                 "dram": {"capacity": dram},
                 "ssd": {"path": str(path.parent / f"ssd-{i + 1}"), "capacity": ssd, "bandwidth": int(ssd_bw)},
@@ -828,6 +832,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-instances", type=int, default=2, help="instances per model at most")
     p.add_argument("--no-warmup", action="store_true", help="skip loading a tiny model on every node first")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: node i's devices are the next CUDA devices in turn (wrapping if there are fewer)")
+    p.add_argument("--nodes", type=int, default=2, help="nodes of the cluster started per policy")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="devices per node")
     p.add_argument("--family-dir", default=None, help="where the model family is cached ($SLLM_HOME/family)")
     p.add_argument("--work-dir", default=None, help="keep each cluster's topology, logs and tiers here")
     p.add_argument("--json", dest="json_out", default=None, help="write summaries and records here")
@@ -841,6 +849,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.cluster and args.policy == "all":
         p.error("--cluster runs one policy (the running cluster's); name it with --policy P")
     return args
+
+
+def _devices(args: argparse.Namespace) -> list[list[str]]:
+    if args.device == "cpu":
+        return [["cpu"] * args.gpus_per_node for _ in range(args.nodes)]
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    return [[f"cuda:{(n * args.gpus_per_node + g) % count}" for g in range(args.gpus_per_node)]
+            for n in range(args.nodes)]
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -940,7 +960,7 @@ def _run_policies(args: argparse.Namespace, policies: list[str], family: list[Fa
                     work / "topology.yaml", family, policy=policy, keep_alive_s=args.keep_alive,
                     repository_bw=args.repository_bw * 1e6, ssd_bw=args.ssd_bw * 1e6,
                     target_concurrency=args.target_concurrency, max_instances=args.max_instances, queue_timeout_s=max(60.0, args.timeout / 2),
-                    warmup_model=warmup_path,
+                    warmup_model=warmup_path, nodes=args.nodes, devices=_devices(args),
                 )
                 setup["topology"] = topo.read_text()
                 say(f"[{policy}] starting a cluster in {work}")
