@@ -14,6 +14,7 @@ requests with the Python client, and prints what it measured. Exit status: 0 whe
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import signal
@@ -44,6 +45,7 @@ MODEL = "smollm2-135m"
 MODEL_B = "smollm2-b"
 STORY_PROMPT = "Tell me a long story about a lighthouse keeper"
 STORY_TOKENS = 200
+MAX_STORY_TOKENS = 3000
 INTERRUPT_AT = 30
 """Tokens streamed before the migration order (act 2) or the SIGKILL (act 3)."""
 KEEP_ALIVE = "2s"
@@ -416,8 +418,38 @@ def act1_cold_starts(cluster: Cluster, checks: Checks, model_dir: Path, workdir:
     return {"rows": rows}
 
 
+def reference_run(cluster: Cluster, act1_rows: list[dict[str, Any]]) -> tuple[Completion, int]:
+    """The undisturbed story, long enough that acts 2 and 3 interrupt it mid-stream on this device.
+
+    A migration may have to load the model on its destination first, so the story must outlast the
+    slowest load act 1 measured, with room to spare; on a GPU the default length is over in seconds.
+    """
+
+    def run(max_tokens: int) -> Completion:
+        with cluster.client() as c:
+            done = stream(c, MODEL, STORY_PROMPT, request_id=f"story-ref-{time.time_ns()}", max_tokens=max_tokens)
+        rate = len(done.token_ids) / max(done.total_s - done.ttft_s, 1e-9)
+        console.print(f"  [dim]{len(done.token_ids)} tokens, TTFT {done.ttft_s:.2f}s, {rate:.1f} tokens/s, "
+                      f"{done.finish_reason}[/]")
+        return done
+
+    tokens = STORY_TOKENS
+    reference = run(tokens)
+    rate = len(reference.token_ids) / max(reference.total_s - reference.ttft_s, 1e-9)
+    slowest_load = max((r["load_s"] for r in act1_rows if r.get("load_s")), default=0.0)
+    needed_s = 2 * slowest_load + 3.0
+    after_interrupt_s = (len(reference.token_ids) - INTERRUPT_AT) / rate
+    if reference.finish_reason == "length" and after_interrupt_s < needed_s:
+        tokens = min(MAX_STORY_TOKENS, math.ceil(INTERRUPT_AT + rate * needed_s))
+        console.print(f"  [dim]at {rate:.0f} tokens/s the story would end {after_interrupt_s:.1f}s after the "
+                      f"interruption, sooner than a cold load ({slowest_load:.1f}s) and a migration: "
+                      f"{tokens} tokens instead[/]")
+        reference = run(tokens)
+    return reference, tokens
+
+
 def act2_migration(cluster: Cluster, checks: Checks, reference: Completion, nodes: list[str],
-                   recorder: EventRecorder) -> dict[str, Any]:
+                   recorder: EventRecorder, story_tokens: int) -> dict[str, Any]:
     console.rule("[bold]Act 2 — live migration to make room")
     console.print(
         f"Each device has room for ONE copy of the model ({DEVICE_MEMORY}). {MODEL_B} is a second model\n"
@@ -471,7 +503,7 @@ def act2_migration(cluster: Cluster, checks: Checks, reference: Completion, node
     console.print(Text(f"\n{MODEL} on node X, streaming:", style="bold"))
     # The stream has a socket of its own: a status reply awaited on it would skip (lose) its tokens.
     with cluster.client() as sc:
-        done = stream(sc, MODEL, STORY_PROMPT, request_id=request_id, max_tokens=STORY_TOKENS,
+        done = stream(sc, MODEL, STORY_PROMPT, request_id=request_id, max_tokens=story_tokens,
                       at_tokens=INTERRUPT_AT, on_tokens=order_migration)
     thread = state.get("thread")
     if thread is not None:
@@ -502,7 +534,7 @@ def act2_migration(cluster: Cluster, checks: Checks, reference: Completion, node
 
 
 def act3_node_killed(cluster: Cluster, checks: Checks, reference: Completion, nodes: list[str],
-                     recorder: EventRecorder) -> dict[str, Any]:
+                     recorder: EventRecorder, story_tokens: int) -> dict[str, Any]:
     console.rule("[bold]Act 3 — a node killed mid-stream")
     console.print(
         f"The same story again; after {INTERRUPT_AT} tokens its node gets SIGKILL. The router holds every\n"
@@ -525,7 +557,7 @@ def act3_node_killed(cluster: Cluster, checks: Checks, reference: Completion, no
     request_id = f"story-kill-{int(time.time())}"
     console.print(Text(f"\n{MODEL}, streaming:", style="bold"))
     with cluster.client() as sc:
-        done = stream(sc, MODEL, STORY_PROMPT, request_id=request_id, max_tokens=STORY_TOKENS,
+        done = stream(sc, MODEL, STORY_PROMPT, request_id=request_id, max_tokens=story_tokens,
                       at_tokens=INTERRUPT_AT, on_tokens=kill)
     console.print(migration_table("the resume, as the Completion records it", done.migrations))
     recorder.show("what the cluster did", t_act)
@@ -623,17 +655,12 @@ def main(argv: list[str] | None = None) -> int:
         summary["act1"] = act1_cold_starts(cluster, checks, model_dir, workdir, recorder)
 
         console.rule("[bold]The undisturbed run (the reference for acts 2 and 3)")
-        with cluster.client() as c:
-            reference = stream(c, MODEL, STORY_PROMPT, request_id=f"story-ref-{int(time.time())}",
-                               max_tokens=STORY_TOKENS)
-        console.print(f"  [dim]{len(reference.token_ids)} tokens, TTFT {reference.ttft_s:.2f}s, "
-                      f"{len(reference.token_ids) / max(reference.total_s - reference.ttft_s, 1e-9):.1f} tokens/s, "
-                      f"{reference.finish_reason}[/]")
+        reference, story_tokens = reference_run(cluster, summary["act1"]["rows"])
         checks.check(f"reference run is longer than {INTERRUPT_AT} tokens", len(reference.token_ids) > INTERRUPT_AT,
                      f"{len(reference.token_ids)} tokens")
 
-        summary["act2"] = act2_migration(cluster, checks, reference, nodes, recorder)
-        summary["act3"] = act3_node_killed(cluster, checks, reference, nodes, recorder)
+        summary["act2"] = act2_migration(cluster, checks, reference, nodes, recorder, story_tokens)
+        summary["act3"] = act3_node_killed(cluster, checks, reference, nodes, recorder, story_tokens)
     except Exception as exc:  # noqa: BLE001 - reported as a failed check; the cluster still stops
         checks.check("the demo ran to the end", False, f"{type(exc).__name__}: {exc}")
     finally:

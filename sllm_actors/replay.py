@@ -813,7 +813,7 @@ def build_workload(trace: str, *, models: Sequence[str], rps: float, cv: float, 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sllm bench replay", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--policy", default="all", help=f"one of {', '.join(POLICIES)}, or all")
+    p.add_argument("--policy", default="all", help=f"all, or a comma-separated list of {', '.join(POLICIES)}")
     p.add_argument("--trace", default="gamma", choices=("gamma", "azure-conv", "azure-code"))
     p.add_argument("--rps", type=float, default=0.4, help="mean requests per second, all models together")
     p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of inter-arrival times (gamma)")
@@ -844,9 +844,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model-names", default=None,
                    help="with --cluster: comma-separated models to use (default: the cluster's own list)")
     args = p.parse_args(argv)
-    if args.policy != "all" and args.policy not in POLICIES:
-        p.error(f"--policy: choose from {', '.join(POLICIES)} or all")
-    if args.cluster and args.policy == "all":
+    chosen = [name for name in args.policy.split(",") if name]
+    if args.policy != "all" and (not chosen or any(name not in POLICIES for name in chosen)):
+        p.error(f"--policy: choose from {', '.join(POLICIES)} (several: comma-separated) or all")
+    if args.cluster and (args.policy == "all" or len(chosen) > 1):
         p.error("--cluster runs one policy (the running cluster's); name it with --policy P")
     return args
 
@@ -876,7 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     started = time.monotonic()
-    policies = list(POLICIES) if args.policy == "all" else [args.policy]
+    policies = list(POLICIES) if args.policy == "all" else [p for p in args.policy.split(",") if p]
     prompt_range, output_range = _range(args.prompt_tokens), _range(args.output_tokens)
     tokenizer = None
     try:
