@@ -668,6 +668,34 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
     return path
 
 
+def seed_ssd_tiers(work: Path, models: Sequence[FamilyModel], *, nodes: int, replicas: int) -> dict[str, list[str]]:
+    """Put each model's checkpoint on ``replicas`` nodes' SSD tiers before the cluster starts.
+
+    A serverless platform keeps checkpoints on its servers' local SSDs, not only in a remote repository,
+    so a request's best start is from some node's SSD and a placement that ignores where the copies are
+    pays the repository's price. Model ``k`` (popularity order) goes to nodes ``k, k+1, ...`` (mod
+    ``nodes``). Files are hard-linked from the family (copied where that fails): the SSD tier finds them
+    at start as it finds what it stored before a restart. Returns model -> nodes holding it.
+    """
+    placed: dict[str, list[str]] = {}
+    for k, model in enumerate(models):
+        for r in range(min(replicas, nodes)):
+            node = (k + r) % nodes
+            dest = work / f"ssd-{node + 1}" / model.name
+            for src in Path(model.path).rglob("*"):
+                target = dest / src.relative_to(model.path)
+                if src.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, target)
+                except OSError:
+                    shutil.copy2(src, target)
+            placed.setdefault(model.name, []).append(f"node-{node + 1}")
+    return placed
+
+
 def start_cluster(topology: Path, *, timeout: float = 180.0, env: dict[str, str] | None = None) -> LocalCluster:
     """``sllm up TOPOLOGY --headless`` in a process of its own; its output goes to a log beside the topology."""
     cli = REPO / "cli.py"
@@ -836,6 +864,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="cuda: node i's devices are the next CUDA devices in turn (wrapping if there are fewer)")
     p.add_argument("--nodes", type=int, default=2, help="nodes of the cluster started per policy")
     p.add_argument("--gpus-per-node", type=int, default=1, help="devices per node")
+    p.add_argument("--ssd-seed", type=int, default=0,
+                   help="copies of each checkpoint on nodes' SSD tiers at start (0: only the repository holds them)")
     p.add_argument("--family-dir", default=None, help="where the model family is cached ($SLLM_HOME/family)")
     p.add_argument("--work-dir", default=None, help="keep each cluster's topology, logs and tiers here")
     p.add_argument("--json", dest="json_out", default=None, help="write summaries and records here")
@@ -964,6 +994,10 @@ def _run_policies(args: argparse.Namespace, policies: list[str], family: list[Fa
                     warmup_model=warmup_path, nodes=args.nodes, devices=_devices(args),
                 )
                 setup["topology"] = topo.read_text()
+                if args.ssd_seed:
+                    setup["ssd_seed"] = seed_ssd_tiers(work, family, nodes=args.nodes, replicas=args.ssd_seed)
+                    say(f"[{policy}] checkpoints on SSD at start: "
+                        + ", ".join(f"{m} on {'+'.join(n)}" for m, n in setup["ssd_seed"].items()))
                 say(f"[{policy}] starting a cluster in {work}")
                 cluster = start_cluster(topo)
                 try:

@@ -153,3 +153,22 @@ def test_prompt_maker_lengths(two_tiny: dict[str, Path]) -> None:
         ids = tok.encode(make(n, salt=n), add_special_tokens=False)
         assert abs(len(ids) - n) <= 2, (n, len(ids))
     assert len(PromptMaker()(20).split()) == 20
+
+
+def test_seed_ssd_tiers_spreads_copies_round_robin(tmp_path: Path) -> None:
+    from sllm_actors.replay import FamilyModel, seed_ssd_tiers
+
+    family = []
+    for name in ("m-a", "m-b", "m-c"):
+        src = tmp_path / "family" / name
+        (src / "sub").mkdir(parents=True)
+        (src / "config.json").write_text("{}")
+        (src / "sub" / "data_0.bin").write_bytes(name.encode() * 100)
+        family.append(FamilyModel(name, src, 1, 300, 8, 1))
+    work = tmp_path / "work"
+    placed = seed_ssd_tiers(work, family, nodes=2, replicas=1)
+    assert placed == {"m-a": ["node-1"], "m-b": ["node-2"], "m-c": ["node-1"]}
+    assert (work / "ssd-2" / "m-b" / "sub" / "data_0.bin").read_bytes() == b"m-b" * 100
+    assert not (work / "ssd-2" / "m-a").exists()
+    both = seed_ssd_tiers(tmp_path / "work2", family, nodes=2, replicas=5)
+    assert all(sorted(nodes) == ["node-1", "node-2"] for nodes in both.values())
