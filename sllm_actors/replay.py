@@ -871,6 +871,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", dest="json_out", default=None, help="write summaries and records here")
     p.add_argument("--png", dest="png_out", default=None, help="write the latency plot here")
     p.add_argument("--cluster", default=None, help="replay against this running cluster (tcp://HOST:PORT)")
+    p.add_argument("--merge", default=None,
+                   help="A.json,B.json,...: report replays run separately (same workload) as one, and run nothing")
     p.add_argument("--model-names", default=None,
                    help="with --cluster: comma-separated models to use (default: the cluster's own list)")
     args = p.parse_args(argv)
@@ -900,8 +902,63 @@ def _range(text: str) -> tuple[int, int]:
     return min(a, b), max(a, b)
 
 
+def merge_reports(paths: Sequence[str | os.PathLike[str]], *, json_out: str | None = None,
+                  png_out: str | None = None) -> dict[str, Any]:
+    """One report (table, ratios, plot, JSON) from the JSON files of replays run one policy set at a time.
+
+    A per-call time limit can split a comparison over several runs; they must have replayed the same
+    workload (checked: the same arrivals, models and token counts), or the comparison means nothing.
+    """
+    results: dict[str, ReplayRecords] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    reference: list[tuple[Any, ...]] | None = None
+    first: dict[str, Any] = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            records_by_policy, summary_by_policy = data["records"], data["summaries"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a replay JSON ({type(exc).__name__}: {exc})") from None
+        first = first or data
+        for policy, recs in records_by_policy.items():
+            rr = ReplayRecords(RequestRecord(**r) for r in recs)
+            rr.events = data.get("events", {}).get(policy, [])
+            shape = sorted((round(r.arrival_s, 3), r.model, r.prompt_tokens, r.output_tokens) for r in rr)
+            if reference is None:
+                reference = shape
+            elif shape != reference:
+                raise ValueError(f"{path}: policy {policy} replayed another workload than the first file's")
+            if policy in results:
+                raise ValueError(f"{path}: policy {policy} appears in two files")
+            results[policy] = rr
+            summaries[policy] = summary_by_policy[policy]
+    print_table(summaries)
+    ratios = _ratios(summaries)
+    for line in ratios["lines"]:
+        print(line)
+    if png_out:
+        plot(results, png_out)
+    payload = {
+        "args": first.get("args", {}), "merged_from": [str(p) for p in paths], "machine": first.get("machine", {}),
+        "summaries": summaries, "ratios": ratios["values"], "family": first.get("family", []),
+        "setup": first.get("setup", {}),
+        "records": {p: [asdict(r) for r in recs] for p, recs in results.items()},
+        "events": {p: recs.events for p, recs in results.items()},
+    }
+    if json_out:
+        Path(json_out).write_text(json.dumps(payload, indent=1, default=str))
+    return payload
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.merge:
+        try:
+            merge_reports([p for p in args.merge.split(",") if p], json_out=args.json_out, png_out=args.png_out)
+        except ValueError as exc:
+            print(f"sllm bench replay --merge: {exc}", file=sys.stderr)
+            return 2
+        return 0
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

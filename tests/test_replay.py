@@ -172,3 +172,32 @@ def test_seed_ssd_tiers_spreads_copies_round_robin(tmp_path: Path) -> None:
     assert not (work / "ssd-2" / "m-a").exists()
     both = seed_ssd_tiers(tmp_path / "work2", family, nodes=2, replicas=5)
     assert all(sorted(nodes) == ["node-1", "node-2"] for nodes in both.values())
+
+
+def test_merge_reports_of_separate_runs(tmp_path: Path) -> None:
+    import json
+    from dataclasses import asdict
+
+    from sllm_actors.replay import merge_reports
+
+    def run_file(name: str, policy: str, latencies: list[float], arrivals: list[float]) -> Path:
+        recs = ReplayRecords(RequestRecord(i, "m", a, 16, 8, ttft_s=lat / 2, latency_s=lat, tokens=8)
+                             for i, (a, lat) in enumerate(zip(arrivals, latencies, strict=True)))
+        recs.duration_s = 10.0
+        path = tmp_path / name
+        path.write_text(json.dumps({"args": {"device": "cuda"}, "summaries": {policy: summarize(recs)},
+                                    "records": {policy: [asdict(r) for r in recs]}, "events": {policy: []}}))
+        return path
+
+    a = run_file("a.json", "serverlessllm", [1.0, 2.0], [0.0, 1.0])
+    b = run_file("b.json", "random", [4.0, 8.0], [0.0, 1.0])
+    merged = merge_reports([a, b], json_out=str(tmp_path / "all.json"), png_out=str(tmp_path / "all.png"))
+    assert set(merged["summaries"]) == {"serverlessllm", "random"}
+    assert json.loads((tmp_path / "all.json").read_text())["merged_from"] == [str(a), str(b)]
+    assert (tmp_path / "all.png").read_bytes()[:8] == PNG_MAGIC
+    other = run_file("c.json", "shepherd", [1.0, 2.0], [0.0, 1.5])
+    with pytest.raises(ValueError, match="another workload"):
+        merge_reports([a, other])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a replay JSON"):
+        merge_reports([tmp_path / "bad.json"])
