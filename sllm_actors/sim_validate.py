@@ -399,7 +399,7 @@ def _f(v: float | None, pct: bool = False) -> str:
 def format_report(result: dict[str, Any], markdown: bool = False) -> str:
     head = ["policy", "lat mean real/sim (err)", "lat p50 real/sim (err)", "lat p99 real/sim (err)",
             "TTFT mean real/sim (err)", "TTFT p50 real/sim (err)", "TTFT p99 real/sim (err)",
-            "loads dram/ssd/repo real | sim", "pass"]
+            "loads dram/ssd/repo real vs sim", "pass"]
     rows = []
     for r in result["policies"]:
         cells = [r["policy"]]
@@ -408,7 +408,7 @@ def format_report(result: dict[str, Any], markdown: bool = False) -> str:
                 cells.append(f"{_f(r['real'][metric][stat])} / {_f(r['sim'][metric][stat])} "
                              f"({_f(r['rel_error'][f'{metric}.{stat}'], True)})")
         rl, sl = r["real"]["loads"], r["sim"]["loads"]
-        cells.append(f"{rl['dram']}/{rl['ssd']}/{rl['repository']} | {sl['dram']}/{sl['ssd']}/{sl['repository']}")
+        cells.append(f"{rl['dram']}/{rl['ssd']}/{rl['repository']} vs {sl['dram']}/{sl['ssd']}/{sl['repository']}")
         cells.append("yes" if r["pass"] else "NO")
         rows.append(cells)
     if markdown:
