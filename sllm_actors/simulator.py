@@ -28,7 +28,12 @@ used, loads on one GPU run one after another (the estimator's queue term); prefi
 ``prefill_s_per_token`` (the first token comes at its end), then ``decode_s_per_token`` per further
 token. Requests on one instance share it: with ``n`` running each advances at ``1 / (1 + k (n - 1))``,
 ``k = batch_sharing`` (0: perfect batching, a GPU; 1: one request at a time, the CPU actor stepping
-each request in turn). Unloading is instant.
+each request in turn). Unloading is instant. Two calibrated refinements, both off by default:
+``load_fixed_s`` adds a fixed time per load from each tier (building the model, starting its actor:
+what dominates small models' loads; the scheduler's estimator learns it too, so the simulated
+estimator is given its mean), and ``shared_cores`` > 0 makes every instance of the cluster one thread on
+a host of that many cores (the replay's CPU "GPUs" all run on one machine): with ``A`` instances
+decoding, each advances at ``min(1, shared_cores / A)`` on top of the sharing inside it.
 
 Use::
 
@@ -133,6 +138,10 @@ class SimConfig:
     load_overhead: float = 1.15
     """GPU bytes per checkpoint byte (activations, KV cache): the scheduler's LOAD_OVERHEAD."""
     batch_sharing: float = 0.0
+    load_fixed_s: dict[str, float] = field(default_factory=dict)
+    """tier -> seconds a load from that tier costs beyond size / bandwidth (default 0)."""
+    shared_cores: float = 0.0
+    """> 0: all GPUs are threads on one host of this many cores (CPU devices); 0: GPUs are independent."""
     initial_ssd: dict[str, list[str]] | None = None
     """model -> server names holding its checkpoint on SSD at the start (replaces ``replicas``)."""
     initial_dram: dict[str, list[str]] | None = None
@@ -245,7 +254,8 @@ class SimConfig:
 _MODEL_KEYS = {"size_bytes", "prefill_s_per_token", "decode_s_per_token", "migration", "keep_alive_s",
                "max_concurrency", "max_instances", "size_class"}
 _TOP_KEYS = {"bandwidth", "prefill_s_per_token", "decode_s_per_token", "migration", "batch_sharing",
-             "load_overhead", "queue_timeout_s", "size_classes", "models", "comment"}
+             "load_overhead", "queue_timeout_s", "size_classes", "models", "comment", "load_fixed_s",
+             "shared_cores", "derived_from"}
 
 
 def load_calibration(path: str | Path) -> dict[str, Any]:
@@ -256,12 +266,15 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
           "prefill_s_per_token": 0.0004, "decode_s_per_token": 0.03,    # every model...
           "migration": {"a": 0.0005, "b": 0.05},                        # resume cost a * tokens + b seconds
           "batch_sharing": 1.0, "load_overhead": 1.15, "queue_timeout_s": 120,
+          "load_fixed_s": {"dram": 2.0, "ssd": 2.5, "repository": 3.0},  # seconds a load costs beyond bytes
+          "shared_cores": 2,                                            # instances share a host's cores
           "size_classes": {"7b": {"decode_s_per_token": 0.02, "migration": {"a": 2e-4, "b": 0.06}}},
           "models": {"smollm2-135m": {"size_bytes": 538062848, "decode_s_per_token": 0.028}}
         }
 
     Precedence: ``models[name]`` over ``size_classes[model's class]`` over the top level. A model entry
     may also set ``keep_alive_s``, ``max_concurrency``, ``max_instances`` and ``size_class``.
+    ``comment`` and ``derived_from`` (free text, e.g. what measurements produced the file) are ignored.
     """
     path = Path(path)
     try:
@@ -283,6 +296,17 @@ def _check_calibration(data: Any, where: str) -> None:
     bw = data.get("bandwidth", {})
     if not isinstance(bw, dict) or set(bw) - set(TIERS) or not all(_positive(v) for v in bw.values()):
         raise ValueError(f"{where}: bandwidth: expected {{tier: positive bytes/s}} with tiers {TIERS}, got {bw!r}")
+    fixed = data.get("load_fixed_s", {})
+    if not isinstance(fixed, dict) or set(fixed) - set(TIERS) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in fixed.values()):
+        raise ValueError(f"{where}: load_fixed_s: expected {{tier: seconds >= 0}} with tiers {TIERS}, got {fixed!r}")
+    cores = data.get("shared_cores", 0)
+    if not isinstance(cores, (int, float)) or isinstance(cores, bool) or cores < 0:
+        raise ValueError(f"{where}: shared_cores: expected a number >= 0 (0: off), got {cores!r}")
+    for key in ("prefill_s_per_token", "decode_s_per_token", "batch_sharing", "load_overhead", "queue_timeout_s"):
+        if key in data and not (isinstance(data[key], (int, float)) and not isinstance(data[key], bool)
+                                and data[key] >= 0):
+            raise ValueError(f"{where}: {key}: expected a number >= 0, got {data[key]!r}")
     for group in ("size_classes", "models"):
         entries = data.get(group, {})
         if not isinstance(entries, dict):
@@ -331,8 +355,9 @@ def apply_calibration(config: SimConfig, calibration: dict[str, Any]) -> SimConf
                 m.migration_a = float(mig.get("a", m.migration_a))
                 m.migration_b = float(mig.get("b", m.migration_b))
         models.append(m)
-    out = replace(config, servers=servers, models=models)
-    for key in ("batch_sharing", "load_overhead", "queue_timeout_s"):
+    out = replace(config, servers=servers, models=models,
+                  load_fixed_s={**config.load_fixed_s, **{t: float(v) for t, v in c.get("load_fixed_s", {}).items()}})
+    for key in ("batch_sharing", "load_overhead", "queue_timeout_s", "shared_cores"):
         if key in c:
             setattr(out, key, float(c[key]))
     return out
@@ -691,6 +716,14 @@ class _Sim:
         self.need = {m.name: int(m.size_bytes * config.load_overhead) for m in config.models}
         self.est = Estimator({m.name: m.size_bytes for m in config.models},
                              {m.name: MigrationCost(m.migration_a, m.migration_b) for m in config.models})
+        if config.load_fixed_s:
+            # The real scheduler learns one load overhead (Estimator.observe_load); give it the mean.
+            self.est.load_overhead_s = sum(config.load_fixed_s.values()) / len(config.load_fixed_s)
+        self.cores = float(config.shared_cores)
+        self.active: set[_Inst] = set()
+        """Instances with requests running (what shares the host's cores when ``shared_cores`` > 0)."""
+        self.pool = 1.0
+        """Current slowdown of every instance from sharing the cores: max(1, active / shared_cores)."""
         self.servers: list[_Server] = []
         self.gpus: list[_Gpu] = []
         self.model_servers: dict[str, set[int]] = {m.name: set() for m in config.models}
@@ -998,7 +1031,7 @@ class _Sim:
         inst = _Inst(f"{spec.name}-{self.ids}", spec, gpu, self.need[spec.name], self.now)
         tier = gpu.view.best_tier(spec.name)
         inst.tier = tier
-        dur = spec.size_bytes / gpu.view.bandwidth(tier)
+        dur = spec.size_bytes / gpu.view.bandwidth(tier) + self.cfg.load_fixed_s.get(tier, 0.0)
         start = max(self.now, gpu.load_free_at)
         gpu.load_free_at = start + dur
         gpu.view.loading_s = gpu.load_free_at - self.now
@@ -1067,7 +1100,7 @@ class _Sim:
         if dt <= 0 or not inst.running:
             return
         n = len(inst.running)
-        d = dt / (1.0 + self.cfg.batch_sharing * (n - 1)) if n > 1 else dt
+        d = (dt / (1.0 + self.cfg.batch_sharing * (n - 1)) if n > 1 else dt) / self.pool
         for r in inst.running.values():
             r.work_left -= d
             r.prefill_left -= d
@@ -1077,7 +1110,7 @@ class _Sim:
         if not inst.running:
             return
         n = len(inst.running)
-        slow = 1.0 + self.cfg.batch_sharing * (n - 1) if n > 1 else 1.0
+        slow = (1.0 + self.cfg.batch_sharing * (n - 1) if n > 1 else 1.0) * self.pool
         nxt = min((r.prefill_left if r.first_token is None else r.work_left) for r in inst.running.values())
         self._push(self.now + max(0.0, nxt) * slow, _STEP, inst, inst.epoch)
 
@@ -1095,8 +1128,28 @@ class _Sim:
         if done:
             self._after_finish(inst)
 
+    def _set_active(self, inst: _Inst, active: bool) -> None:
+        """``inst`` starts or stops decoding; with shared cores every other instance's speed changes."""
+        if not self.cores:
+            return
+        if active:
+            self.active.add(inst)
+        else:
+            self.active.discard(inst)
+        pool = max(1.0, len(self.active) / self.cores)
+        if pool == self.pool:
+            return
+        others = [i for i in self.active if i is not inst]
+        for i in others:
+            self._advance(i)  # at the old speed, up to now
+        self.pool = pool
+        for i in others:
+            self._reschedule(i)
+
     def _assign(self, inst: _Inst, req: _Req) -> None:
         self._advance(inst)
+        if not inst.running:
+            self._set_active(inst, True)
         req.inst = inst
         req.status = "running"
         inst.running[req.idx] = req
@@ -1113,6 +1166,8 @@ class _Sim:
         del inst.running[req.idx]
         inst.view.requests.remove(req.rv)
         req.inst = None
+        if not inst.running:
+            self._set_active(inst, False)
         inst.last_used = self.now
         g = inst.gpu
         g.active -= 1

@@ -313,3 +313,47 @@ def test_command_line_replays_a_saved_workload_and_writes_records(tmp_path: Path
     assert all(r["status"] == "done" and r["latency_s"] > 0 for r in result["records"])
     save_workload(tmp_path / "other.csv", [Arrival(0.0, "nope", 1, 1)])
     assert main(["--small", "--workload", str(tmp_path / "other.csv")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- calibrated refinements
+
+
+def test_a_load_pays_its_tiers_fixed_time_and_the_estimator_knows_it() -> None:
+    cfg = SimConfig([_server("s")], [_model("m", 2)], initial_ssd={"m": ["s"]}, load_fixed_s={"ssd": 1.5})
+    res = simulate(cfg, [Arrival(0.0, "m", 100, 1)], "serverlessllm")
+    assert res.requests[0].ttft_s == pytest.approx(2.0 + 1.5 + 0.1)
+
+
+def test_instances_on_a_host_of_few_cores_share_them() -> None:
+    # Two servers, one model each; one core for the whole cluster: two instances decoding at once each go
+    # at half speed, and the survivor speeds up when the other finishes.
+    models = [_model("a", 1), _model("b", 1)]
+    work = [Arrival(0.0, "a", 1, 11), Arrival(0.0, "b", 1, 21)]
+    init = {"a": ["s1"], "b": ["s2"]}
+    alone = simulate(SimConfig([_server("s1"), _server("s2")], models, initial_ssd=init), work, "locality-wait")
+    shared = simulate(SimConfig([_server("s1"), _server("s2")], models, initial_ssd=init, shared_cores=1.0,
+                                check_invariants=True), work, "locality-wait")
+    a0, b0 = alone.requests
+    a1, b1 = shared.requests
+    assert a0.latency_s == pytest.approx(1.0 + 0.001 + 10 * 0.01)
+    # Both load for 1 s, then share: a needs 0.101 s of work, done at 1 + 2 * 0.101; b has 0.201 - 0.101
+    # left then, alone.
+    assert a1.latency_s == pytest.approx(1.0 + 2 * 0.101)
+    assert b1.latency_s == pytest.approx(1.0 + 2 * 0.101 + 0.1)
+    assert b0.latency_s == pytest.approx(1.0 + 0.201)
+    # With two cores for two instances nothing changes.
+    two = simulate(SimConfig([_server("s1"), _server("s2")], models, initial_ssd=init, shared_cores=2.0), work,
+                   "locality-wait")
+    assert [r.latency_s for r in two.requests] == pytest.approx([a0.latency_s, b0.latency_s])
+
+
+def test_calibration_sets_load_fixed_times_and_shared_cores_and_rejects_bad_ones(tmp_path: Path) -> None:
+    cfg = SimConfig([_server("s")], [_model("m", 2)])
+    out = apply_calibration(cfg, {"load_fixed_s": {"dram": 0.5, "repository": 3}, "shared_cores": 2})
+    assert out.load_fixed_s == {"dram": 0.5, "repository": 3.0} and out.shared_cores == 2.0
+    for bad in ({"load_fixed_s": {"disk": 1}}, {"load_fixed_s": {"ssd": -1}}, {"shared_cores": -2},
+                {"decode_s_per_token": "fast"}):
+        path = tmp_path / "cal.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            load_calibration(path)

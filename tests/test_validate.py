@@ -1,0 +1,116 @@
+"""Simulator validation against a replay (sllm_actors/sim_validate.py), on a small replay JSON built here
+whose costs are known: the derived calibration must find them, and the simulation must then match."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sllm_actors.sim_validate import (
+    ReplayError,
+    derive_calibration,
+    load_replay,
+    replay_config,
+    replay_workload,
+    validate,
+)
+from sllm_actors.simulator import load_calibration
+
+MB = 1_000_000
+T0 = 1_700_000_000.0
+
+TOPOLOGY = """
+controller: {host: 127.0.0.1, client_port: 0, cluster_port: 0, state_port: 0}
+nodes:
+- name: node-1
+  gpus: [{device: cpu, memory: 4000000000}]
+  dram: {capacity: 2000000000}
+  ssd: {path: /tmp/x/ssd-1, capacity: 4000000000, bandwidth: 300000000}
+  repository: {bandwidth: 100000000}
+- name: node-2
+  gpus: [{device: cpu, memory: 4000000000}]
+  dram: {capacity: 2000000000}
+  ssd: {path: /tmp/x/ssd-2, capacity: 4000000000, bandwidth: 300000000}
+  repository: {bandwidth: 100000000}
+models:
+- {name: a, source: /m/a, keep_alive: 10s, target_concurrency: 2}
+- {name: b, source: /m/b, keep_alive: 10s, target_concurrency: 2}
+scheduler: {policy: locality-wait, queue_timeout: 60s}
+"""
+
+
+def _record(i: int, model: str, arrival: float, prompt: int, out: int, ttft: float, latency: float) -> dict:
+    return {"index": i, "model": model, "arrival_s": arrival, "prompt_tokens": prompt, "output_tokens": out,
+            "request_id": f"r{i}", "ttft_s": ttft, "latency_s": latency, "tokens": out, "migrations": [],
+            "error_code": "", "error_message": ""}
+
+
+def _replay() -> dict:
+    """Loads from the repository cost 2 s + bytes / 100 MB/s; model a decodes at 0.05 s a token and
+    prefills at 0.01 s a prompt token, b decodes at 0.1 s; 4 cores, so three requests never share."""
+    records = [
+        _record(0, "a", 0.0, 10, 11, 3.0 + 0.1, 3.1 + 10 * 0.05),   # cold: 100 MB from the repository
+        _record(2, "a", 5.0, 10, 11, 0.1, 0.1 + 10 * 0.05),         # warm: a is loaded since t = 3
+        _record(1, "b", 10.0, 10, 11, 4.0 + 0.2, 4.2 + 10 * 0.1),   # cold: 200 MB
+    ]
+    events = [
+        {"time": T0 + 0.002, "kind": "schedule", "text": "", "data": {"request_id": "r0", "decision": "load"}},
+        {"time": T0 + 3.0, "kind": "load", "text": "", "data": {"node": "node-1", "model": "a", "tier": "repository",
+                                                               "seconds": 3.0}},
+        {"time": T0 + 10.003, "kind": "schedule", "text": "", "data": {"request_id": "r1", "decision": "load"}},
+        {"time": T0 + 14.0, "kind": "load", "text": "", "data": {"node": "node-2", "model": "b", "tier": "repository",
+                                                                "seconds": 4.0}},
+    ]
+    return {"args": {"device": "cpu"}, "machine": {"cpus": 4}, "setup": {"topology": TOPOLOGY},
+            "family": [{"name": "a", "bytes": 100 * MB}, {"name": "b", "bytes": 200 * MB}],
+            "records": {"locality-wait": records}, "events": {"locality-wait": events}}
+
+
+def test_calibration_finds_the_load_and_token_costs_the_replay_ran_with(tmp_path: Path) -> None:
+    cal = derive_calibration(_replay())
+    assert cal["bandwidth"]["repository"] == pytest.approx(100 * MB)
+    assert cal["load_fixed_s"]["repository"] == pytest.approx(2.0)
+    assert cal["bandwidth"]["ssd"] == 300 * MB  # never loaded from: the topology's
+    a, b = cal["models"]["a"], cal["models"]["b"]
+    assert a["decode_s_per_token"] == pytest.approx(0.05) and b["decode_s_per_token"] == pytest.approx(0.1)
+    assert a["prefill_s_per_token"] == pytest.approx(0.01)  # from the warm request
+    assert b["prefill_s_per_token"] == pytest.approx(0.1 * 0.01 / 0.05)  # no warm request: a's ratio
+    assert cal["shared_cores"] == 4.0 and a["size_bytes"] == 100 * MB
+    # It is a calibration file the simulator reads.
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(cal))
+    assert load_calibration(path)["models"]["b"]["size_bytes"] == 200 * MB
+
+
+def test_the_rebuilt_run_has_the_replays_workload_and_cluster() -> None:
+    replay = _replay()
+    work = replay_workload(replay, "locality-wait")
+    assert [(w.time_s, w.model, w.prompt_tokens, w.output_tokens) for w in work] == [
+        (0.0, "a", 10, 11), (5.0, "a", 10, 11), (10.0, "b", 10, 11)]
+    cfg = replay_config(replay, derive_calibration(replay))
+    assert [s.name for s in cfg.servers] == ["node-1", "node-2"]
+    assert cfg.servers[0].dram_bytes == 2_000_000_000 and cfg.queue_timeout_s == 60.0
+    assert {m.name: (m.max_concurrency, m.keep_alive_s) for m in cfg.models} == {"a": (2, 10.0), "b": (2, 10.0)}
+    assert cfg.initial_ssd == {} and cfg.load_fixed_s["repository"] == pytest.approx(2.0)
+
+
+def test_with_those_costs_the_simulation_matches_the_replay() -> None:
+    result = validate(_replay())
+    (row,) = result["policies"]
+    assert row["pass"] and result["pass"]
+    for key, err in row["rel_error"].items():
+        assert err == pytest.approx(0.0, abs=1e-6), key
+    assert row["sim"]["loads"] == row["real"]["loads"] == {"dram": 0, "ssd": 0, "repository": 2}
+
+
+def test_a_replay_without_what_is_needed_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"records": {}}))
+    with pytest.raises(ReplayError, match="no 'events'"):
+        load_replay(path)
+    replay = _replay()
+    replay["events"]["locality-wait"] = [e for e in replay["events"]["locality-wait"] if e["kind"] != "load"]
+    with pytest.raises(ReplayError, match="no load events"):
+        derive_calibration(replay)
