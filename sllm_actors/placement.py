@@ -99,10 +99,74 @@ class MigrationCost:
                 self.a, self.b = a, max(0.0, my - a * mx)
 
 
+DEFAULT_LINK_BYTES_PER_S = 1e9
+DEFAULT_COPY_FIXED_S = 0.02
+"""A KV copy's link figures until a real copy between the two nodes has been measured."""
+
+
+@dataclass
+class LinkCost:
+    """Seconds to copy ``nbytes`` of KV cache between two nodes: ``fixed + nbytes / bandwidth``, fitted from
+    real copies (serialize, send through the controller, rebuild on the destination device)."""
+
+    bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
+    fixed_s: float = DEFAULT_COPY_FIXED_S
+    samples: list[tuple[int, float]] = field(default_factory=list)
+
+    def estimate(self, nbytes: int) -> float:
+        return self.fixed_s + nbytes / self.bytes_per_s
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        self.samples = (self.samples + [(nbytes, seconds)])[-50:]
+        n = len(self.samples)
+        mx = sum(b for b, _ in self.samples) / n
+        my = sum(s for _, s in self.samples) / n
+        var = sum((b - mx) ** 2 for b, _ in self.samples)
+        slope = sum((b - mx) * (s - my) for b, s in self.samples) / var if var > 0 else 0.0
+        if n >= 2 and slope > 0:
+            self.bytes_per_s, self.fixed_s = 1.0 / slope, max(0.0, my - slope * mx)
+        else:
+            # One size seen so far: keep the fixed part, put the rest on the bandwidth.
+            rest = seconds - min(self.fixed_s, 0.5 * seconds)
+            self.bytes_per_s = nbytes / rest
+
+
+@dataclass
+class TransferChoice:
+    kind: Literal["recompute", "copy"]
+    copy_s: float
+    recompute_s: float
+
+    def describe(self) -> str:
+        return f"copy est. {self.copy_s * 1000:.0f} ms vs recompute est. {self.recompute_s * 1000:.0f} ms"
+
+
+def choose_transfer(mode: str, kv_bytes: int, tokens: int, recompute: MigrationCost, link: LinkCost) -> TransferChoice:
+    """Send a request's KV cache or its tokens? ``mode`` forces one; ``auto`` takes the cheaper estimate.
+
+    Recompute: the destination's prefill of ``tokens`` (``a * tokens + b``, fitted per model). Copy:
+    ``kv_bytes`` over the measured link plus a fixed cost. Either way the rounds that follow carry only the
+    tokens produced meanwhile, so a cheaper first round is also a shorter migration.
+    """
+    copy_s = link.estimate(kv_bytes) if kv_bytes > 0 else float("inf")
+    recompute_s = recompute.estimate(tokens)
+    if mode == "copy" and kv_bytes > 0:
+        kind: Literal["recompute", "copy"] = "copy"
+    elif mode == "auto":
+        kind = "copy" if copy_s < recompute_s else "recompute"
+    else:
+        kind = "recompute"
+    return TransferChoice(kind, copy_s, recompute_s)
+
+
 @dataclass
 class Estimator:
     model_bytes: dict[str, int] = field(default_factory=dict)
     migration: dict[str, MigrationCost] = field(default_factory=dict)
+    links: dict[tuple[str, str], LinkCost] = field(default_factory=dict)
+    """(source node, destination node) -> KV copy cost, from real copies."""
     load_overhead_s: float = 0.0
     """Time a load costs beyond moving bytes (building the model, starting its actor), learned from
     real loads: for small models it dominates, and leaving it out made estimates 100 % low."""
@@ -117,6 +181,18 @@ class Estimator:
 
     def migration_s(self, model: str, tokens: int) -> float:
         return self.migration.setdefault(model, MigrationCost()).estimate(tokens)
+
+    def link(self, source: str, dest: str) -> LinkCost:
+        """The copy cost between two nodes: measured if a copy ran there, else any measured link's
+        figures (same fabric, likely), else the defaults."""
+        known = self.links.get((source, dest))
+        if known is not None:
+            return known
+        measured = [c for c in self.links.values() if c.samples]
+        if measured:
+            latest = measured[-1]
+            return LinkCost(latest.bytes_per_s, latest.fixed_s)
+        return LinkCost()
 
 
 @dataclass
