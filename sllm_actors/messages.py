@@ -532,6 +532,8 @@ class Migrated(Message):
     note: str = ""
     """Why the transfer is not the one chosen (a copy refused and recomputed instead), or the choice's
     estimates."""
+    copy_rebuild_s: float = 0.0
+    """Of ``copy_s``, the destination's part: checks, rebuilding the cache, the last token's forward."""
 
 
 @_register

@@ -106,31 +106,32 @@ DEFAULT_COPY_FIXED_S = 0.02
 
 @dataclass
 class LinkCost:
-    """Seconds to copy ``nbytes`` of KV cache between two nodes: ``fixed + nbytes / bandwidth``, fitted from
-    real copies (serialize, send through the controller, rebuild on the destination device)."""
+    """Seconds to copy ``nbytes`` of KV cache between two nodes: ``fixed + nbytes / bandwidth``.
+
+    Refined from real copies the way the storage tiers refine their bandwidth (a moving average): the
+    bandwidth from the bytes over the time they took from the source's serializing to the destination's
+    receiving them (through the controller), the fixed part from the destination's rebuild (checks, the
+    cache on its device, the forward of the last token for its logits).
+    """
 
     bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
     fixed_s: float = DEFAULT_COPY_FIXED_S
-    samples: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[tuple[int, float, float]] = field(default_factory=list)
+    """(bytes, transfer seconds, fixed seconds) of the last copies."""
 
     def estimate(self, nbytes: int) -> float:
         return self.fixed_s + nbytes / self.bytes_per_s
 
-    def observe(self, nbytes: int, seconds: float) -> None:
-        if nbytes <= 0 or seconds <= 0:
+    def observe(self, nbytes: int, transfer_s: float, fixed_s: float) -> None:
+        if nbytes <= 0 or transfer_s <= 0:
             return
-        self.samples = (self.samples + [(nbytes, seconds)])[-50:]
-        n = len(self.samples)
-        mx = sum(b for b, _ in self.samples) / n
-        my = sum(s for _, s in self.samples) / n
-        var = sum((b - mx) ** 2 for b, _ in self.samples)
-        slope = sum((b - mx) * (s - my) for b, s in self.samples) / var if var > 0 else 0.0
-        if n >= 2 and slope > 0:
-            self.bytes_per_s, self.fixed_s = 1.0 / slope, max(0.0, my - slope * mx)
+        bandwidth = nbytes / transfer_s
+        if self.samples:
+            self.bytes_per_s = 0.7 * self.bytes_per_s + 0.3 * bandwidth
+            self.fixed_s = 0.7 * self.fixed_s + 0.3 * max(0.0, fixed_s)
         else:
-            # One size seen so far: keep the fixed part, put the rest on the bandwidth.
-            rest = seconds - min(self.fixed_s, 0.5 * seconds)
-            self.bytes_per_s = nbytes / rest
+            self.bytes_per_s, self.fixed_s = bandwidth, max(0.0, fixed_s)
+        self.samples = (self.samples + [(nbytes, transfer_s, fixed_s)])[-50:]
 
 
 @dataclass

@@ -52,21 +52,22 @@ def test_forced_modes_and_no_cache() -> None:
     assert placement.choose_transfer("auto", 0, 10, cost, link).kind == "recompute"
 
 
-def test_link_cost_is_fitted_from_real_copies() -> None:
+def test_link_cost_is_refined_from_real_copies() -> None:
     link = placement.LinkCost()
-    link.observe(10_000_000, 0.02 + 10_000_000 / 2e9)
-    assert link.bytes_per_s < 2e9  # one size: the fixed part is not separable yet, the estimate stays cautious
-    link.observe(100_000_000, 0.02 + 100_000_000 / 2e9)
-    assert link.bytes_per_s == pytest.approx(2e9) and link.fixed_s == pytest.approx(0.02)
-    assert link.estimate(50_000_000) == pytest.approx(0.045)
+    link.observe(100_000_000, 0.05, 0.1)  # 2 GB/s; the destination's rebuild took 0.1 s
+    assert link.bytes_per_s == pytest.approx(2e9) and link.fixed_s == pytest.approx(0.1)
+    assert link.estimate(50_000_000) == pytest.approx(0.125)
+    link.observe(100_000_000, 0.1, 0.1)  # a slower copy moves the estimate, a moving average like the tiers'
+    assert link.bytes_per_s == pytest.approx(0.7 * 2e9 + 0.3 * 1e9)
+    link.observe(0, 0.1, 0.1)  # nothing copied: nothing learned
+    assert len(link.samples) == 2
 
 
 def test_the_estimator_reuses_a_measured_link_for_an_unmeasured_pair() -> None:
     est = placement.Estimator()
     assert est.link("a", "b").bytes_per_s == placement.DEFAULT_LINK_BYTES_PER_S
     measured = est.links.setdefault(("a", "b"), placement.LinkCost())
-    measured.observe(1_000_000, 0.01)
-    measured.observe(9_000_000, 0.05)
+    measured.observe(1_000_000, 0.01, 0.05)
     assert est.link("b", "a").bytes_per_s == pytest.approx(measured.bytes_per_s)
 
 

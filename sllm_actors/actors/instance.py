@@ -93,6 +93,7 @@ class Outgoing:
     """A KV copy is round ``round``, not yet answered."""
     copy_started: float = 0.0
     copy_s: float = 0.0
+    copy_rebuild_s: float = 0.0
     note: str = ""
 
 
@@ -152,6 +153,9 @@ class ModelInstanceActor(SupervisedActor):
         self.finished: dict[str, float] = {}
         """request id -> when it finished here (a duplicate StartInference for it is ignored)."""
         self.notes: dict[str, list[str]] = {}
+        self.prefill_cost = placement.MigrationCost()
+        """This instance's own prefills (tokens, seconds): what recomputing a cache costs on this model and
+        device, for the copy-or-recompute choice before the scheduler has fitted real migrations."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -276,7 +280,7 @@ class ModelInstanceActor(SupervisedActor):
                 stop=list(msg.stop),
                 text=msg.text_so_far,
             )
-            self.engine.prefill(seq)
+            self._prefill(seq)
         except ValueError as exc:
             self._send(InferenceFailed(msg.request_id, self.instance_id, "bad_request", str(exc)))
             return
@@ -304,6 +308,11 @@ class ModelInstanceActor(SupervisedActor):
         seq.text = msg.text_so_far
         self._run_now(seq)
         return True
+
+    def _prefill(self, seq: Sequence) -> None:
+        assert self.engine is not None
+        seconds = self.engine.prefill(seq)
+        self.prefill_cost.observe(len(seq.tokens), seconds)
 
     def _run_now(self, seq: Sequence) -> None:
         """Start decoding a request whose cache is ready: its first token right away (the catch-up's
@@ -355,8 +364,12 @@ class ModelInstanceActor(SupervisedActor):
             kv_bytes = sum(t.numel() * t.element_size() for pair in layers for t in pair)
         except ValueError:
             pass  # no cache to copy: recompute
+        # Recompute: the scheduler's fit from real migrations, unless this instance has timed prefills of
+        # its own on this model and device (the scheduler's default figures are a guess).
+        recompute = self.prefill_cost if len(self.prefill_cost.samples) >= 2 else \
+            placement.MigrationCost(msg.recompute_a, msg.recompute_b)
         choice = placement.choose_transfer(
-            msg.transfer, kv_bytes, len(seq.tokens), placement.MigrationCost(msg.recompute_a, msg.recompute_b),
+            msg.transfer, kv_bytes, len(seq.tokens), recompute,
             placement.LinkCost(msg.link_bytes_per_s, msg.copy_fixed_s),
         )
         out.note = f"{msg.transfer}: {choice.describe()}" if msg.transfer == "auto" else ""
@@ -459,6 +472,7 @@ class ModelInstanceActor(SupervisedActor):
         if out.copy_pending:
             out.copy_pending = False
             out.copy_s = time.perf_counter() - out.copy_started
+            out.copy_rebuild_s = msg.recompute_s
         seq = self.running.get(msg.request_id)
         if seq is None:
             # It finished here while the destination recomputed: nothing to hand over.
@@ -478,7 +492,7 @@ class ModelInstanceActor(SupervisedActor):
         self._send(Migrated(
             out.migration_id, msg.request_id, self.instance_id, out.dest_node, out.dest_instance,
             len(seq.generated_ids), rounds, out.tokens_recomputed + len(new_ids), time.perf_counter() - out.started,
-            out.transfer, out.kv_bytes, out.copy_s, out.note,
+            out.transfer, out.kv_bytes, out.copy_s, out.note, out.copy_rebuild_s,
         ))
         out.round += 1
         self._send(self._resume_message(seq, out, [], list(new_ids), final=True), out.dest_node)
@@ -535,7 +549,7 @@ class ModelInstanceActor(SupervisedActor):
                     max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, seed=msg.seed,
                     stop=list(msg.stop), text=msg.text_so_far,
                 )
-                self.engine.prefill(seq)
+                self._prefill(seq)
                 self.parked[msg.request_id] = Parked(seq, msg.migration_id, msg.round)
             else:
                 parked = self._parked_for(msg.request_id, msg.migration_id, msg.round)

@@ -607,7 +607,7 @@ class SchedulerActor(SupervisedActor):
         src, dest = self.instances.get(msg.source_instance), self.instances.get(msg.dest_instance)
         if src is not None and msg.transfer == "copy" and msg.kv_bytes and msg.copy_s > 0 and dest is not None:
             link = self.estimator.links.setdefault((src.node, dest.node), placement.LinkCost())
-            link.observe(msg.kv_bytes, msg.copy_s)
+            link.observe(msg.kv_bytes, max(1e-6, msg.copy_s - msg.copy_rebuild_s), msg.copy_rebuild_s)
         elif src is not None and msg.rounds and msg.transfer == "recompute":
             self.estimator.migration.setdefault(src.model, placement.MigrationCost()).observe(
                 msg.tokens_recomputed, msg.total_s)
