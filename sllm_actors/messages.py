@@ -376,6 +376,15 @@ class MigrateOut(Message):
     request_ids: list[str]
     delta_tokens: int = 8
     max_rounds: int = 3
+    transfer: str = "recompute"
+    """``recompute`` (send tokens), ``copy`` (send the KV cache) or ``auto`` (the source weighs the two per
+    request with the cost figures below: its cache's bytes are known only there)."""
+    recompute_a: float = 0.0005
+    """Fitted recompute cost of this model: ``recompute_a * tokens + recompute_b`` seconds."""
+    recompute_b: float = 0.05
+    link_bytes_per_s: float = 1e9
+    """Measured (or default) bandwidth of a KV copy from the source's node to the destination's."""
+    copy_fixed_s: float = 0.02
 
 
 @_register
@@ -402,6 +411,63 @@ class ResumeRequest(Message):
     seed: int
     stop: list[str]
     text_so_far: str
+    final: bool = False
+    """The hand-over: the source has stopped after these tokens; the destination feeds them and starts
+    decoding at once, without waiting for the router's StartInference (which follows as a safety net and
+    is then a duplicate)."""
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class KvCopyBegin(Message):
+    """Source -> destination instance: round ``round`` sends the request's KV cache instead of its tokens.
+
+    ``n_chunks`` ``KvCopyChunk`` messages follow, whose ``data`` concatenated is every layer's keys then
+    values, C-contiguous, in ``dtype`` (a torch dtype name) with ``shapes[layer] = [keys shape, values
+    shape]``; ``crc32`` covers all of it. The cache holds the first ``n_cached`` tokens of the log
+    ``prompt_ids + generated_ids``. The destination answers ResumeDone, or ResumeFailed with
+    ``copy_failed`` set, after which the source recomputes from the tokens instead.
+    """
+
+    tag: ClassVar[str] = "kv_copy_begin"
+    migration_id: str
+    round: int
+    request_id: str
+    instance_id: str
+    source_node: str
+    source_instance: str
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: list[str]
+    text_so_far: str
+    n_cached: int
+    dtype: str
+    shapes: list[list[list[int]]]
+    total_bytes: int
+    crc32: int
+    n_chunks: int
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class KvCopyChunk(Message):
+    """One piece of a KV copy (at most ``KV_CHUNK_BYTES``, so every frame stays under the body limit and
+    token traffic interleaves with a large copy)."""
+
+    tag: ClassVar[str] = "kv_copy_chunk"
+    migration_id: str
+    round: int
+    request_id: str
+    instance_id: str
+    index: int
+    data: bytes
+
+
+KV_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 @_register
@@ -427,6 +493,8 @@ class ResumeFailed(Message):
     request_id: str
     instance_id: str
     message: str
+    copy_failed: bool = False
+    """A KV copy was refused (checksum, size, shape): the source falls back to recompute, no abort."""
 
 
 @_register
@@ -456,6 +524,16 @@ class Migrated(Message):
     rounds: int
     tokens_recomputed: int
     total_s: float
+    transfer: str = "recompute"
+    """How the cache reached the destination: ``recompute`` or ``copy``."""
+    kv_bytes: int = 0
+    copy_s: float = 0.0
+    """A copy's time from the source's first byte to the destination's ResumeDone (refines the link)."""
+    note: str = ""
+    """Why the transfer is not the one chosen (a copy refused and recomputed instead), or the choice's
+    estimates."""
+    copy_rebuild_s: float = 0.0
+    """Of ``copy_s``, the destination's part: checks, rebuilding the cache, the last token's forward."""
 
 
 @_register

@@ -25,6 +25,8 @@ from sllm_actors.messages import (
     Heartbeat,
     InferenceFailed,
     InstanceGone,
+    KvCopyBegin,
+    KvCopyChunk,
     LoadFailed,
     LoadModel,
     Message,
@@ -106,10 +108,11 @@ class Node:
         missing = f"instance {instance_id} is not on {self.name}"
         if isinstance(msg, StartInference):
             self._send(InferenceFailed(msg.request_id, instance_id, "no_instance", missing))
-        elif isinstance(msg, ResumeRequest):
-            self._send(ResumeFailed(msg.migration_id, msg.round, msg.request_id, msg.source_instance, missing),
-                       msg.source_node)
-        elif not isinstance(msg, CancelInference):
+        elif isinstance(msg, (ResumeRequest, KvCopyBegin)):
+            if not getattr(msg, "final", False):
+                self._send(ResumeFailed(msg.migration_id, msg.round, msg.request_id, msg.source_instance, missing),
+                           msg.source_node)
+        elif not isinstance(msg, (CancelInference, KvCopyChunk)):
             log.warning("%s: %s for instance %s, which is not here", self.name, msg.tag, instance_id)
 
     def _gpu_of(self, instance_id: str) -> int | None:

@@ -99,10 +99,75 @@ class MigrationCost:
                 self.a, self.b = a, max(0.0, my - a * mx)
 
 
+DEFAULT_LINK_BYTES_PER_S = 1e9
+DEFAULT_COPY_FIXED_S = 0.02
+"""A KV copy's link figures until a real copy between the two nodes has been measured."""
+
+
+@dataclass
+class LinkCost:
+    """Seconds to copy ``nbytes`` of KV cache between two nodes: ``fixed + nbytes / bandwidth``.
+
+    Refined from real copies the way the storage tiers refine their bandwidth (a moving average): the
+    bandwidth from the bytes over the time they took from the source's serializing to the destination's
+    receiving them (through the controller), the fixed part from the destination's rebuild (checks, the
+    cache on its device, the forward of the last token for its logits).
+    """
+
+    bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
+    fixed_s: float = DEFAULT_COPY_FIXED_S
+    samples: list[tuple[int, float, float]] = field(default_factory=list)
+    """(bytes, transfer seconds, fixed seconds) of the last copies."""
+
+    def estimate(self, nbytes: int) -> float:
+        return self.fixed_s + nbytes / self.bytes_per_s
+
+    def observe(self, nbytes: int, transfer_s: float, fixed_s: float) -> None:
+        if nbytes <= 0 or transfer_s <= 0:
+            return
+        bandwidth = nbytes / transfer_s
+        if self.samples:
+            self.bytes_per_s = 0.7 * self.bytes_per_s + 0.3 * bandwidth
+            self.fixed_s = 0.7 * self.fixed_s + 0.3 * max(0.0, fixed_s)
+        else:
+            self.bytes_per_s, self.fixed_s = bandwidth, max(0.0, fixed_s)
+        self.samples = (self.samples + [(nbytes, transfer_s, fixed_s)])[-50:]
+
+
+@dataclass
+class TransferChoice:
+    kind: Literal["recompute", "copy"]
+    copy_s: float
+    recompute_s: float
+
+    def describe(self) -> str:
+        return f"copy est. {self.copy_s * 1000:.0f} ms vs recompute est. {self.recompute_s * 1000:.0f} ms"
+
+
+def choose_transfer(mode: str, kv_bytes: int, tokens: int, recompute: MigrationCost, link: LinkCost) -> TransferChoice:
+    """Send a request's KV cache or its tokens? ``mode`` forces one; ``auto`` takes the cheaper estimate.
+
+    Recompute: the destination's prefill of ``tokens`` (``a * tokens + b``, fitted per model). Copy:
+    ``kv_bytes`` over the measured link plus a fixed cost. Either way the rounds that follow carry only the
+    tokens produced meanwhile, so a cheaper first round is also a shorter migration.
+    """
+    copy_s = link.estimate(kv_bytes) if kv_bytes > 0 else float("inf")
+    recompute_s = recompute.estimate(tokens)
+    if mode == "copy" and kv_bytes > 0:
+        kind: Literal["recompute", "copy"] = "copy"
+    elif mode == "auto":
+        kind = "copy" if copy_s < recompute_s else "recompute"
+    else:
+        kind = "recompute"
+    return TransferChoice(kind, copy_s, recompute_s)
+
+
 @dataclass
 class Estimator:
     model_bytes: dict[str, int] = field(default_factory=dict)
     migration: dict[str, MigrationCost] = field(default_factory=dict)
+    links: dict[tuple[str, str], LinkCost] = field(default_factory=dict)
+    """(source node, destination node) -> KV copy cost, from real copies."""
     load_overhead_s: float = 0.0
     """Time a load costs beyond moving bytes (building the model, starting its actor), learned from
     real loads: for small models it dominates, and leaving it out made estimates 100 % low."""
@@ -117,6 +182,18 @@ class Estimator:
 
     def migration_s(self, model: str, tokens: int) -> float:
         return self.migration.setdefault(model, MigrationCost()).estimate(tokens)
+
+    def link(self, source: str, dest: str) -> LinkCost:
+        """The copy cost between two nodes: measured if a copy ran there, else any measured link's
+        figures (same fabric, likely), else the defaults."""
+        known = self.links.get((source, dest))
+        if known is not None:
+            return known
+        measured = [c for c in self.links.values() if c.samples]
+        if measured:
+            latest = measured[-1]
+            return LinkCost(latest.bytes_per_s, latest.fixed_s)
+        return LinkCost()
 
 
 @dataclass

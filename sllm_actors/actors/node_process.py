@@ -16,10 +16,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import pykka
 
+import sllm_actors
 from sllm_actors.cluster_context import ClusterContext
 from sllm_actors.messages import NodeProcessExited
 from sllm_actors.supervisor import SupervisedActor
@@ -100,7 +102,11 @@ class NodeProcessActor(SupervisedActor):
             "--join", self.cluster.cluster_endpoint, "--name", self.node, "--exit-with-controller",
         ]
         stderr = self.log_file if self.log_file is not None else None
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+        # The node runs the very code the controller runs: this checkout's package first on the path, not
+        # whatever copy an editable install elsewhere would put there.
+        root = str(Path(sllm_actors.__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env=env)
         log.info("%s: started node process pid %d", self.node, self.proc.pid)
         proc, me = self.proc, self.actor_ref
 

@@ -225,9 +225,13 @@ class RouterActor(SupervisedActor):
         mig.update({
             "from": f"{rec.node}/{msg.source_instance}", "to": f"{msg.dest_node}/{msg.dest_instance}",
             "rounds": msg.rounds, "tokens_recomputed": msg.tokens_recomputed, "total_s": msg.total_s,
-            "switched": True,
+            "transfer": msg.transfer, "kv_bytes": msg.kv_bytes, "copy_s": msg.copy_s, "switched": True,
         })
+        if msg.note:
+            mig["transfer_note"] = msg.note
         rec.node, rec.instance_id, rec.state = msg.dest_node, msg.dest_instance, "running"
+        # The source handed the last tokens to the destination itself, which is already decoding; this
+        # StartInference is the safety net (a duplicate there unless the hand-over failed).
         self.cluster.to_node(rec.node, self._start_message(rec))
 
     def _close_migration(self, rec: RequestRecord, outcome: str = "done") -> None:
@@ -294,7 +298,8 @@ class RouterActor(SupervisedActor):
         if rec.active_migration is None:
             rec.active_migration = {
                 "kind": "restart" if from_scratch else "resume", "from": lost, "to": "", "reason": reason, "rounds": 1,
-                "tokens_recomputed": len(rec.prompt_ids or []) + len(rec.generated), "pause_s": 0.0,
+                "tokens_recomputed": len(rec.prompt_ids or []) + len(rec.generated), "transfer": "recompute",
+                "kv_bytes": 0, "pause_s": 0.0,
                 "started": time.time(), "switched": False,
             }
         old_instance = rec.instance_id

@@ -17,8 +17,10 @@ from typing import Any
 
 import pykka
 
+from sllm_actors import placement
 from sllm_actors.cluster_context import ClusterContext
 from sllm_actors.messages import (
+    AbortMigration,
     Ack,
     DeployModel,
     ErrorReply,
@@ -29,25 +31,23 @@ from sllm_actors.messages import (
     LoadFailed,
     LoadModel,
     MigrateCommand,
-    MigrateOut,
     Migrated,
+    MigrateOut,
     MigrationEnded,
     MigrationStarted,
-    AbortMigration,
     NodeLost,
     NodeStatus,
-    Preempt,
     NodeUp,
     Place,
     Placed,
     PlacementFailed,
+    Preempt,
     Query,
     RequestFinished,
     RequestTokens,
     Tick,
     UnloadModel,
 )
-from sllm_actors import placement
 from sllm_actors.models import default_model_dir, directory_bytes, is_model_dir
 from sllm_actors.supervisor import SupervisedActor
 from sllm_actors.topology import DEFAULT_MODEL_SOURCE, ModelSpec
@@ -593,14 +593,22 @@ class SchedulerActor(SupervisedActor):
             return
         order.sent = True
         sched = self.topology.scheduler
+        # The source weighs copy against recompute per request (it alone knows its caches' bytes), with
+        # this model's fitted recompute cost and this pair of nodes' measured link.
+        recompute = self.estimator.migration.setdefault(src.model, placement.MigrationCost())
+        link = self.estimator.link(src.node, dest.node)
         self.cluster.to_node(src.node, MigrateOut(
             order.migration_id, src.instance_id, dest.node, dest.instance_id, order.request_ids,
-            sched.migration_delta_tokens, sched.migration_max_rounds,
+            sched.migration_delta_tokens, sched.migration_max_rounds, sched.migration_transfer,
+            recompute.a, recompute.b, link.bytes_per_s, link.fixed_s,
         ))
 
     def _request_moved(self, msg: Migrated) -> None:
         src, dest = self.instances.get(msg.source_instance), self.instances.get(msg.dest_instance)
-        if src is not None and msg.rounds:
+        if src is not None and msg.transfer == "copy" and msg.kv_bytes and msg.copy_s > 0 and dest is not None:
+            link = self.estimator.links.setdefault((src.node, dest.node), placement.LinkCost())
+            link.observe(msg.kv_bytes, max(1e-6, msg.copy_s - msg.copy_rebuild_s), msg.copy_rebuild_s)
+        elif src is not None and msg.rounds and msg.transfer == "recompute":
             self.estimator.migration.setdefault(src.model, placement.MigrationCost()).observe(
                 msg.tokens_recomputed, msg.total_s)
         if src is not None:

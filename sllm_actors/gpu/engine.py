@@ -107,6 +107,7 @@ class Engine:
                 eos.update(source)
         self.eos_ids = eos
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30) or (1 << 30))
+        self._keep_last = True
 
     def tokenize(self, prompt: str, chat: bool) -> list[int]:
         if chat:
@@ -120,42 +121,85 @@ class Engine:
             return [int(i) for i in ids]
         return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
 
-    def prefill(self, seq: Sequence, from_cache: bool = False) -> float:
-        """Build the KV cache for every token of the log but the last generated one.
+    def prefill(self, seq: Sequence) -> float:
+        """Build the KV cache for every token of the log and keep the logits of the last one.
 
-        When ``generated_ids`` is empty the whole prompt goes through and the next token is chosen;
-        otherwise the last generated token waits in ``pending_input`` so the next step feeds it,
-        exactly as an undisturbed run would. Returns seconds spent.
+        The next ``step`` samples from those logits without a forward of its own, so a resumed
+        request (after a migration or a crash) produces its next token as soon as the prefill ends.
+        Returns seconds spent.
         """
         started = time.perf_counter()
         from transformers import DynamicCache
 
-        tokens = seq.tokens
-        if seq.generated_ids:
-            context, seq.pending_input = tokens[:-1], tokens[-1]
-        else:
-            context, seq.pending_input = tokens, None
         seq.cache = DynamicCache()
         if seq.detok is None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.generated_ids)
-        logits = self._forward(context, seq.cache)
-        seq.next_logits = logits if seq.pending_input is None else None
+        seq.pending_input = None
+        seq.next_logits = self._forward(seq.tokens, seq.cache)
         return time.perf_counter() - started
 
     def extend(self, seq: Sequence, new_ids: list[int]) -> float:
-        """Feed more tokens of the log into an existing cache (a later migration round)."""
+        """Feed more tokens of the log into an existing cache (a migration round, the catch-up).
+
+        Every new token goes through in one forward and the last logits are kept: the catch-up and
+        the first decode step after it are one forward pass, not two.
+        """
         started = time.perf_counter()
         if not new_ids:
             return 0.0
-        feed = ([seq.pending_input] if seq.pending_input is not None else []) + new_ids[:-1]
-        if feed:
-            self._forward(feed, seq.cache)
-        seq.pending_input = new_ids[-1]
-        seq.next_logits = None
+        feed = ([seq.pending_input] if seq.pending_input is not None else []) + list(new_ids)
+        seq.next_logits = self._forward(feed, seq.cache)
+        seq.pending_input = None
         seq.generated_ids.extend(new_ids)
         assert seq.detok is not None
         for token in new_ids:
             seq.text += seq.detok.push(token)
+        return time.perf_counter() - started
+
+    # ------------------------------------------------------------------ KV cache copy (live migration)
+
+    def export_cache(self, seq: Sequence) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(tokens the cache covers, [(keys, values)] per layer). The tensors are the cache's own: copy
+        them before the next decode step of this sequence."""
+        cache = seq.cache
+        if cache is None or not getattr(cache, "layers", None):
+            raise ValueError(f"{seq.request_id} has no KV cache to export")
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        if any(k is None or v is None for k, v in layers):
+            raise ValueError(f"{seq.request_id}: the KV cache has an uninitialised layer")
+        return int(cache.get_seq_length()), layers
+
+    def import_cache(self, seq: Sequence, n_cached: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Continue ``seq`` from a KV cache copied from another instance (any device, any float dtype).
+
+        The cache holds the first ``n_cached`` tokens of the log; the rest (at least the last token,
+        for its logits) are fed here, so the sequence ends as after a ``prefill``. Returns seconds.
+        """
+        from transformers import DynamicCache
+
+        started = time.perf_counter()
+        tokens = seq.tokens
+        n_layers = int(getattr(self.model.config, "num_hidden_layers", len(layers)))
+        if len(layers) != n_layers:
+            raise ValueError(f"the copied cache has {len(layers)} layers, the model {n_layers}")
+        if not 0 < n_cached <= len(tokens):
+            raise ValueError(f"the copied cache covers {n_cached} tokens of a log of {len(tokens)}")
+        dtype = next(self.model.parameters()).dtype
+        # The last token goes through the model again here, for the next token's logits.
+        keep = min(n_cached, len(tokens) - 1)
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(layers):
+            if keys.dim() != 4 or keys.shape != values.shape or keys.shape[-2] != n_cached:
+                raise ValueError(f"layer {index}: {tuple(keys.shape)} / {tuple(values.shape)} do not hold "
+                                 f"{n_cached} positions")
+            cache.update(keys[..., :keep, :].to(self.device, dtype), values[..., :keep, :].to(self.device, dtype),
+                         index)
+        n_cached = keep
+        seq.cache = cache
+        if seq.detok is None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.generated_ids)
+        seq.pending_input = None
+        seq.next_logits = self._forward(tokens[n_cached:], cache)
         return time.perf_counter() - started
 
     def step(self, seq: Sequence) -> tuple[int, str]:
@@ -193,5 +237,13 @@ class Engine:
     def _forward(self, ids: list[int], cache: Any) -> torch.Tensor:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         with torch.inference_mode():
+            if self._keep_last:
+                try:
+                    # Only the last position's logits: a prefill of 4k tokens otherwise spends much of
+                    # its time (and ~800 MB) on the LM head over every position.
+                    out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    return out.logits[0, -1, :].float()
+                except TypeError:
+                    self._keep_last = False  # an architecture without logits_to_keep
             out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
         return out.logits[0, -1, :].float()
