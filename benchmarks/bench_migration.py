@@ -523,8 +523,9 @@ def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int)
                     s = time.perf_counter()
                     engine.extend(seq2, generated[:k] if len(generated) >= k else [generated[-1]] * k)
                     ext.append(time.perf_counter() - s)
+                    engine.step(seq2)  # samples from the logits extend() kept: no forward
                     s = time.perf_counter()
-                    engine.step(seq2)
+                    engine.step(seq2)  # a real decode step at this context
                     step_at_ctx.append(time.perf_counter() - s)
                     s = time.perf_counter()
                     engine._forward([generated[-1]] * (k + 1), seq2.cache)
@@ -1046,7 +1047,8 @@ def print_tables(report: dict[str, Any]) -> None:
     print("   restart = prefill(prompt) + decode of the tokens already produced (what preempt-and-restart costs the"
           " request, all of it a pause); resume = prefill(prompt + generated) in one go (our round 0, off the"
           " critical path); copy = serialize + zmq tcp loopback + rebuild DynamicCache")
-    print("\n   catch-up on the destination, in process (ms): extend(k) + step vs one merged forward of k+1 tokens")
+    print("\n   catch-up on the destination, in process (ms): a decode step at this context; extend(k) (one forward of"
+          " the pending token + k, which also yields the next token's logits) vs a bare forward of k+1 tokens")
     print(f"   {'L':>5} {'step':>6} " + " ".join(f"{'ext' + str(k):>6} {'mrg' + str(k):>6}" for k in (1, 2, 4, 8)))
     for L in report["lengths"]:
         a = report["alternatives"][str(L)]
