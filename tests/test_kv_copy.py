@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,17 @@ import pytest
 import torch
 
 from sllm_actors import placement
-from sllm_actors.client import TokenEvent
 from sllm_actors.messages import KvCopyBegin, KvCopyChunk, decode, encode
 from sllm_actors.topology import TopologyError, parse_topology
 
 from .conftest import RunningCluster
-from .test_migration import PROMPT, _generate_with_action, _migrate_to_other_node, _reference
+from .test_migration import (
+    PROMPT,
+    _generate_with_action,
+    _migrate_to_other_node,
+    _reference,
+    _three_streams_migrated_together,
+)
 
 COPY = {"migration_transfer": "copy"}
 
@@ -215,41 +219,10 @@ def test_seeded_sampling_continues_exactly_after_a_copy_migration(cluster: Runni
 
 def test_every_request_of_an_instance_migrates_by_copy(cluster_factory: Any, slow_model: Path) -> None:
     cluster = cluster_factory({"slow": slow_model}, extra={"scheduler": COPY})  # fresh: one instance for all
-    n = 300
-    expected = _reference(slow_model, n)
-    results: dict[int, Any] = {}
-    started = threading.Barrier(4)
-
-    def one(i: int) -> None:
-        with cluster.client() as client:
-            got: list[int] = []
-            for event in client.generate("slow", PROMPT, max_tokens=n, request_id=f"many-{i}"):
-                if isinstance(event, TokenEvent):
-                    got.extend(event.token_ids)
-                    if len(got) == 5:
-                        started.wait(30)
-                else:
-                    results[i] = (got, event)
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(3)]
-    for t in threads:
-        t.start()
-    started.wait(60)
-    with cluster.client() as c:
-        st = c.status()
-        (instance_id,) = {r["instance_id"] for r in st["requests"] if r["request_id"].startswith("many-")}
-        node = next(i["node"] for i in st["instances"] if i["instance_id"] == instance_id)
-        ack = c.migrate(instance_id, "node-2" if node == "node-1" else "node-1")
-    for t in threads:
-        t.join(120)
-    assert ack.startswith("migrated many-0, many-1, many-2"), ack
-    for i in range(3):
-        got, done = results[i]
-        assert got == expected and done.token_ids == expected
+    for done in _three_streams_migrated_together(cluster, slow_model):
         assert _one_migration(done)["transfer"] == "copy"
 
 
-@pytest.mark.parametrize(("fault", "problem"), [("corrupt", "checksum mismatch"), ("short", "announced")])
 def test_a_damaged_copy_falls_back_to_recompute(cluster_factory: Any, slow_model: Path, fault: str,
                                                 problem: str) -> None:
     cluster = cluster_factory({"slow": slow_model}, extra={"scheduler": COPY}, env={"SLLM_FAULT_KV_COPY": fault})

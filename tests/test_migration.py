@@ -159,10 +159,12 @@ def test_destination_killed_during_resume_aborts_and_source_goes_on(cluster_fact
     assert outcome
 
 
-def test_every_request_of_an_instance_migrates(cluster_factory: Any, slow_model: Path) -> None:
-    cluster = cluster_factory({"slow": slow_model}, extra={"scheduler": RECOMPUTE})  # fresh: one instance for all
-    n = 300
-    expected = _reference(slow_model, n)
+def _three_streams_migrated_together(cluster: Any, model_path: Path, n: int = 300) -> list[Any]:
+    """Three greedy streams on one instance, that instance migrated by hand once all three have tokens.
+
+    Checks that every stream equals the undisturbed run and returns the three Completions.
+    """
+    expected = _reference(model_path, n)
     results: dict[int, Any] = {}
     started = threading.Barrier(4)
 
@@ -195,6 +197,12 @@ def test_every_request_of_an_instance_migrates(cluster_factory: Any, slow_model:
     for i in range(3):
         got, done = results[i]
         assert got == expected and done.token_ids == expected
+    return [results[i][1] for i in range(3)]
+
+
+def test_every_request_of_an_instance_migrates(cluster_factory: Any, slow_model: Path) -> None:
+    cluster = cluster_factory({"slow": slow_model}, extra={"scheduler": RECOMPUTE})  # fresh: one instance for all
+    for done in _three_streams_migrated_together(cluster, slow_model):
         assert [m["outcome"] for m in done.migrations if m["kind"] == "migration"] == ["done"], done.migrations
 
 
