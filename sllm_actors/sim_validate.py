@@ -324,10 +324,12 @@ def replay_config(replay: dict[str, Any], calibration: dict[str, Any], warmup_by
         path.write_text(replay["setup"]["topology"])
         sizes = {**model_bytes(replay), WARMUP_MODEL: warmup_bytes}
         cfg = SimConfig.from_topology(path, model_bytes=sizes, start_tier="repository")
+    cfg.load_pipeline = "node"
     names = [s.name for s in cfg.servers]
     if any(m.name == WARMUP_MODEL for m in cfg.models):
         cfg.initial_ssd = {WARMUP_MODEL: names}
         cfg.initial_dram = {WARMUP_MODEL: names}
+        cfg.prior_choices = 1  # the warm-up request's placement drew from the scheduler's generator
     return apply_calibration(cfg, calibration)
 
 

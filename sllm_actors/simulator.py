@@ -151,6 +151,21 @@ class SimConfig:
     the scheduler's ``min_instances``; they go after ``keep_alive_s`` idle like any other)."""
     check_invariants: bool = False
     """Check memory and bookkeeping after every event (slow; for tests)."""
+    load_pipeline: str = "gpu"
+    """How loads wait for each other. ``gpu``: the loads on one GPU run one after another, each taking
+    its whole cost. ``node``: what a real node does (``storage_client.py``): repository fetches on a node
+    run one at a time (one repository tier actor per node; a fetch includes the store into SSD), and
+    building the model on the device takes a node-wide lock, so builds take turns; a DRAM or SSD load
+    waits only for builds, never for a fetch under way. The build costs what a DRAM load does (size /
+    DRAM bandwidth + its fixed time); a fetch, the rest of the repository load's cost; an SSD load
+    holds the lock for the build and then sleeps to its tier's bandwidth outside it."""
+    prior_choices: int = 0
+    """Placement decisions the real scheduler made before the workload began (a replay's warm-up request is
+    placed once, over every GPU): ``random``'s generator makes that many choices over all GPUs first, so
+    that a replay's random choices are reproduced (the SchedulerActor seeds ``Random(0)`` too)."""
+    record_log: bool = False
+    """Keep a log of schedule decisions, loads, unloads and tier evictions (``SimResult.log``), in the
+    shape of the real cluster's events, to compare a simulated run with a replay decision by decision."""
 
     def model_names(self) -> list[str]:
         """Model names in popularity order (``models[0]`` is the workload's rank 1)."""
@@ -428,6 +443,10 @@ class SimResult:
     makespan_s: float
     events: int
     wall_s: float
+    log: list[dict[str, Any]] = field(default_factory=list)
+    """With ``SimConfig.record_log``: ``{"time", "kind", ...}`` per schedule decision (``request``, ``model``,
+    ``decision``, ``node``, ``tier``, ``estimate_s``), load (``node``, ``model``, ``tier``, ``seconds``; logged
+    at its end like the real ``load`` event), unload and evict (``node``, ``tier``, ``model``)."""
 
     def summary(self) -> dict[str, Any]:
         done = [r for r in self.requests if r.status == "done"]
@@ -461,7 +480,7 @@ class SimResult:
 
 # ---------------------------------------------------------------------------------------------- state
 
-_ARRIVE, _LOADED, _STEP, _SWITCH, _KEEPALIVE, _TIMEOUT, _REPLACE = range(7)
+_ARRIVE, _LOADED, _STEP, _SWITCH, _KEEPALIVE, _TIMEOUT, _REPLACE, _FETCHED = range(8)
 
 
 class _Req:
@@ -529,6 +548,7 @@ class _Inst:
     __slots__ = (
         "draining",
         "epoch",
+        "estimate",
         "gpu",
         "id",
         "incoming",
@@ -538,6 +558,7 @@ class _Inst:
         "orders",
         "running",
         "spec",
+        "started",
         "state",
         "t_last",
         "tier",
@@ -563,6 +584,10 @@ class _Inst:
         self.view = InstanceView(iid, spec.name, "loading", [], mem)
         self.epoch = 0
         self.t_last = now
+        self.started = now
+        self.estimate = 0.0
+        """The placement decision's start-up estimate (0 for a migration's destination), as the real
+        scheduler keeps it: what is left of it counts in its GPU's queue term."""
         self.tier = ""
 
     def sync_view(self) -> None:
@@ -641,7 +666,8 @@ class _Gpu:
 
 
 class _Lru:
-    def __init__(self, capacity: int, held: set[str], on_change: Any) -> None:
+    def __init__(self, capacity: int, held: set[str], on_change: Any, on_evict: Any = None) -> None:
+        self.on_evict = on_evict
         self.capacity = capacity
         self.items: OrderedDict[str, int] = OrderedDict()
         self.used = 0
@@ -662,6 +688,8 @@ class _Lru:
             old, old_size = self.items.popitem(last=False)
             self.used -= old_size
             self.held.discard(old)
+            if self.on_evict is not None:
+                self.on_evict(old)
             self.on_change(old)
         self.items[model] = size
         self.used += size
@@ -670,15 +698,18 @@ class _Lru:
 
 
 class _Server:
-    def __init__(self, index: int, cfg: ServerConfig, on_drop: Any) -> None:
+    def __init__(self, index: int, cfg: ServerConfig, on_drop: Any, log: Any = None) -> None:
+        self.fetch_free_at = 0.0
+        self.build_free_at = 0.0
         self.index = index
         self.name = cfg.name
         self.bandwidth = {t: float(cfg.bandwidth.get(t) or placement.DEFAULT_BANDWIDTH[t]) for t in TIERS}
         self.holds: dict[str, set[str]] = {"dram": set(), "ssd": set()}
         self.tier_of: dict[str, str] = {}
         """model -> fastest tier holding it here (what GpuView.best_tier finds in ``holds``)."""
-        self.dram = _Lru(cfg.dram_bytes, self.holds["dram"], self._changed)
-        self.ssd = _Lru(cfg.ssd_bytes, self.holds["ssd"], self._changed)
+        evict = (lambda tier: lambda m: log("evict", node=cfg.name, tier=tier, model=m)) if log else (lambda tier: None)
+        self.dram = _Lru(cfg.dram_bytes, self.holds["dram"], self._changed, evict("dram"))
+        self.ssd = _Lru(cfg.ssd_bytes, self.holds["ssd"], self._changed, evict("ssd"))
         self.gpus: list[_Gpu] = []
         self.on_drop = on_drop
 
@@ -719,6 +750,8 @@ class _Sim:
         if config.load_fixed_s:
             # The real scheduler learns one load overhead (Estimator.observe_load); give it the mean.
             self.est.load_overhead_s = sum(config.load_fixed_s.values()) / len(config.load_fixed_s)
+        self.log: list[dict[str, Any]] = []
+        self.now = 0.0
         self.cores = float(config.shared_cores)
         self.active: set[_Inst] = set()
         """Instances with requests running (what shares the host's cores when ``shared_cores`` > 0)."""
@@ -728,7 +761,7 @@ class _Sim:
         self.gpus: list[_Gpu] = []
         self.model_servers: dict[str, set[int]] = {m.name: set() for m in config.models}
         for si, sc in enumerate(config.servers):
-            srv = _Server(si, sc, self._dropped)
+            srv = _Server(si, sc, self._dropped, self._log if config.record_log else None)
             self.servers.append(srv)
             for gi, mem in enumerate(sc.gpu_memory):
                 g = _Gpu(len(self.gpus), srv, gi, int(mem))
@@ -737,6 +770,9 @@ class _Sim:
         if not self.gpus:
             raise ValueError("the cluster has no GPU")
         self.views = [g.view for g in self.gpus]
+        if policy == "random":
+            for _ in range(config.prior_choices):
+                self.rng.choice(self.views)
         self.by_key = {g.view.key: g for g in self.gpus}
         self._place_checkpoints()
         self.now = 0.0
@@ -807,6 +843,9 @@ class _Sim:
 
     # -------------------------------------------------------------- events
 
+    def _log(self, kind: str, **data: Any) -> None:
+        self.log.append({"time": self.now, "kind": kind, **data})
+
     def _push(self, t: float, kind: int, a: Any, b: Any) -> None:
         self.seq += 1
         heapq.heappush(self.heap, (t, self.seq, kind, a, b))
@@ -831,6 +870,8 @@ class _Sim:
                 self._keepalive(a, b)
             elif kind == _TIMEOUT:
                 self._timeout(a, b)
+            elif kind == _FETCHED:
+                self._fetched(a)
             elif kind == _REPLACE:
                 self._place(a, exclude=b)
             if self.cfg.check_invariants:
@@ -882,6 +923,13 @@ class _Sim:
         now = self.now
         for gi in list(self.loading_gpus):
             g = self.gpus[gi]
+            if self.cfg.load_pipeline == "node":
+                # The SchedulerActor's queue term: what is left of each loading instance's estimate.
+                loading = [i for i in g.insts if i.state == "loading"]
+                g.view.loading_s = sum(max(0.0, i.estimate - (now - i.started)) for i in loading)
+                if not loading:
+                    self.loading_gpus.discard(gi)
+                continue
             left = g.load_free_at - now
             if left > _EPS:
                 g.view.loading_s = left
@@ -906,6 +954,11 @@ class _Sim:
         views = self.views if not self.reserved else [v for v in self.views if v.key not in self.reserved]
         decision = placement.choose(self.policy, spec.name, need, views, self.est, self.rng)  # type: ignore[arg-type]
         self.decisions[decision.kind] += 1
+        if self.cfg.record_log:
+            self._log("schedule", request=req.idx, model=spec.name, decision=decision.kind,
+                      node=decision.gpu[0] if decision.gpu else "", gpu=decision.gpu[1] if decision.gpu else None,
+                      tier=decision.tier, estimate_s=decision.estimate_s if decision.gpu else None,
+                      considered=decision.considered)
         if decision.kind == "wait" or decision.gpu is None:
             return False
         gpu = self.by_key[decision.gpu]
@@ -914,7 +967,7 @@ class _Sim:
             if inst is not None:
                 self._unload(inst)
         if decision.kind == "load":
-            self._load_on(spec, gpu, [req])
+            self._load_on(spec, gpu, [req], decision.estimate_s)
             return True
         self.reserved[decision.gpu] = _Reservation(spec.name, [req], decision.estimate_s)
         req.status = "waiting-load"
@@ -955,7 +1008,7 @@ class _Sim:
         del self.reserved[gpu.view.key]
         spec = self.specs[res.model]
         if gpu.free() >= self.need[res.model]:
-            self._load_on(spec, gpu, res.waiters)
+            self._load_on(spec, gpu, res.waiters, res.estimate)
         else:
             # A move could not start and the GPU was not freed: its waiters are placed again.
             for r in res.waiters:
@@ -1026,15 +1079,31 @@ class _Sim:
 
     # -------------------------------------------------------------- instances
 
-    def _load_on(self, spec: ModelConfig, gpu: _Gpu, waiters: list[_Req]) -> _Inst:
+    def _load_cost(self, spec: ModelConfig, gpu: _Gpu, tier: str) -> float:
+        return spec.size_bytes / gpu.view.bandwidth(tier) + self.cfg.load_fixed_s.get(tier, 0.0)
+
+    def _load_on(self, spec: ModelConfig, gpu: _Gpu, waiters: list[_Req], estimate: float = 0.0) -> _Inst:
         self.ids += 1
         inst = _Inst(f"{spec.name}-{self.ids}", spec, gpu, self.need[spec.name], self.now)
+        inst.estimate = estimate
         tier = gpu.view.best_tier(spec.name)
         inst.tier = tier
-        dur = spec.size_bytes / gpu.view.bandwidth(tier) + self.cfg.load_fixed_s.get(tier, 0.0)
-        start = max(self.now, gpu.load_free_at)
-        gpu.load_free_at = start + dur
-        gpu.view.loading_s = gpu.load_free_at - self.now
+        dur = self._load_cost(spec, gpu, tier)
+        if self.cfg.load_pipeline == "node":
+            srv = gpu.server
+            build = min(dur, self._load_cost(spec, gpu, "dram"))
+            if tier == "repository":
+                start = max(self.now, srv.fetch_free_at)
+                srv.fetch_free_at = start + dur - build
+                self._push(srv.fetch_free_at, _FETCHED, inst, None)
+                ready_at = None
+            else:
+                start = max(self.now, srv.build_free_at)
+                srv.build_free_at = start + build
+                ready_at = start + dur
+        else:
+            start = max(self.now, gpu.load_free_at)
+            gpu.load_free_at = ready_at = start + dur
         self.loading_gpus.add(gpu.index)
         self.loads[tier] += 1
         self.load_s += dur
@@ -1046,10 +1115,25 @@ class _Sim:
         self.insts[inst.id] = inst
         self.model_insts[spec.name].append(inst)
         gpu.add(inst)
-        self._push(gpu.load_free_at, _LOADED, inst, None)
+        if ready_at is not None:
+            self._push(ready_at, _LOADED, inst, None)
         return inst
 
+    def _fetched(self, inst: _Inst) -> None:
+        """(``load_pipeline`` ``node``) a repository fetch is done and stored on SSD; the build takes its turn."""
+        srv = inst.gpu.server
+        srv.ssd.put(inst.model, inst.spec.size_bytes)
+        if inst.model in srv.holds["ssd"]:
+            self.model_servers[inst.model].add(srv.index)
+        start = max(self.now, srv.build_free_at)
+        srv.build_free_at = start + min(self._load_cost(inst.spec, inst.gpu, "repository"),
+                                        self._load_cost(inst.spec, inst.gpu, "dram"))
+        self._push(srv.build_free_at, _LOADED, inst, None)
+
     def _loaded(self, inst: _Inst) -> None:
+        if self.cfg.record_log:
+            self._log("load", node=inst.gpu.server.name, gpu=inst.gpu.view.gpu, model=inst.model, tier=inst.tier,
+                      seconds=self.now - inst.t_last, instance=inst.id)
         inst.state = "ready"
         inst.last_used = self.now
         inst.t_last = self.now
@@ -1058,7 +1142,8 @@ class _Sim:
         model = inst.model
         size = inst.spec.size_bytes
         if inst.tier == "repository":
-            srv.ssd.put(model, size)
+            if self.cfg.load_pipeline != "node":  # else stored when its fetch ended
+                srv.ssd.put(model, size)
             srv.dram.put(model, size)
         elif inst.tier == "ssd":
             srv.ssd.touch(model)
@@ -1078,6 +1163,8 @@ class _Sim:
 
     def _unload(self, inst: _Inst) -> None:
         assert not inst.running and not inst.waiters, f"unloading {inst.id} with requests"
+        if self.cfg.record_log:
+            self._log("unload", node=inst.gpu.server.name, model=inst.model, instance=inst.id)
         inst.state = "gone"
         del self.insts[inst.id]
         self.model_insts[inst.model].remove(inst)
@@ -1259,7 +1346,7 @@ class _Sim:
                 r.cold_tier, r.migrations, r.preemptions, r.server, r.error))
         return SimResult(self.policy, self.seed, records, dict(self.loads), dict(self.decisions),
                          self.migrations, self.preemptions, sum(g.busy_s for g in self.gpus), self.load_s,
-                         len(self.gpus), self.now, self.events, wall_s)
+                         len(self.gpus), self.now, self.events, wall_s, self.log)
 
 
 def simulate(config: SimConfig, workload: list[Arrival], policy: str, seed: int = 0) -> SimResult:
