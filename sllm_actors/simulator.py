@@ -270,7 +270,7 @@ _MODEL_KEYS = {"size_bytes", "prefill_s_per_token", "decode_s_per_token", "migra
                "max_concurrency", "max_instances", "size_class"}
 _TOP_KEYS = {"bandwidth", "prefill_s_per_token", "decode_s_per_token", "migration", "batch_sharing",
              "load_overhead", "queue_timeout_s", "size_classes", "models", "comment", "load_fixed_s",
-             "shared_cores", "derived_from"}
+             "shared_cores", "derived_from", "initial_ssd"}
 
 
 def load_calibration(path: str | Path) -> dict[str, Any]:
@@ -283,6 +283,7 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
           "batch_sharing": 1.0, "load_overhead": 1.15, "queue_timeout_s": 120,
           "load_fixed_s": {"dram": 2.0, "ssd": 2.5, "repository": 3.0},  # seconds a load costs beyond bytes
           "shared_cores": 2,                                            # instances share a host's cores
+          "initial_ssd": {"llama-50mb": ["node-1"]},                    # checkpoints on SSDs at time 0
           "size_classes": {"7b": {"decode_s_per_token": 0.02, "migration": {"a": 2e-4, "b": 0.06}}},
           "models": {"smollm2-135m": {"size_bytes": 538062848, "decode_s_per_token": 0.028}}
         }
@@ -290,6 +291,9 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
     Precedence: ``models[name]`` over ``size_classes[model's class]`` over the top level. A model entry
     may also set ``keep_alive_s``, ``max_concurrency``, ``max_instances`` and ``size_class``.
     ``comment`` and ``derived_from`` (free text, e.g. what measurements produced the file) are ignored.
+    ``initial_ssd`` (model -> server names, e.g. a replay's ``--ssd-seed`` placement) puts those models'
+    checkpoints on those servers' SSD tiers at the start, in place of where the configuration put them
+    (a configuration that placed ``replicas`` round-robin gets exactly the listed copies instead).
     """
     path = Path(path)
     try:
@@ -331,6 +335,10 @@ def _check_calibration(data: Any, where: str) -> None:
                 raise ValueError(f"{where}: {group}.{name}: expected an object with keys from {sorted(_MODEL_KEYS)}")
             _check_migration(entry.get("migration"), f"{where}: {group}.{name}.migration")
     _check_migration(data.get("migration"), f"{where}: migration")
+    seed = data.get("initial_ssd", {})
+    if not isinstance(seed, dict) or not all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in seed.values()):
+        raise ValueError(f"{where}: initial_ssd: expected {{model: [server name, ...]}}, got {seed!r}")
 
 
 def _check_migration(m: Any, where: str) -> None:
@@ -375,6 +383,15 @@ def apply_calibration(config: SimConfig, calibration: dict[str, Any]) -> SimConf
     for key in ("batch_sharing", "load_overhead", "queue_timeout_s", "shared_cores"):
         if key in c:
             setattr(out, key, float(c[key]))
+    if c.get("initial_ssd"):
+        names = {s.name for s in out.servers}
+        models = {m.name for m in out.models}
+        for model, where in c["initial_ssd"].items():
+            bad = [n for n in where if n not in names]
+            if model not in models or bad:
+                raise ValueError(f"calibration: initial_ssd: {model!r} on {where}: "
+                                 + (f"no server {', '.join(bad)}" if bad else "no such model in the configuration"))
+        out.initial_ssd = {**(out.initial_ssd or {}), **{m: list(v) for m, v in c["initial_ssd"].items()}}
     return out
 
 
