@@ -24,7 +24,9 @@ Three steps, each usable alone:
 
 * :func:`replay_workload` and :func:`replay_config`: the same arrivals (times, models, prompt and output
   tokens) and the cluster of ``setup.topology`` (tiers, capacities, keep-alive, target concurrency, max
-  instances, queue timeout), every node starting with empty tiers except the replay's warm-up model.
+  instances, queue timeout), every node starting with empty tiers except the replay's warm-up model
+  and, for a replay run with ``--ssd-seed``, the checkpoints it put on nodes' SSD tiers before the
+  cluster started (``setup.ssd_seed``; carried in the calibration as ``initial_ssd``).
 * :func:`validate`: simulate each policy and compare mean / p50 / p99 latency and TTFT and loads by tier.
 """
 
@@ -257,9 +259,27 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
     mig = _migration_fit(replay, policies)
     if mig:
         out["migration"] = mig
+    seed = ssd_seed(replay)
+    if seed:
+        out["initial_ssd"] = seed
     out["comment"] = {"load_fits": fits, "decode_samples": {m: len(v) for m, v in decode.items()},
                       "prefill_samples": {m: len(v) for m, v in prefill.items()}}
     return out
+
+
+def ssd_seed(replay: dict[str, Any]) -> dict[str, list[str]]:
+    """model -> nodes whose SSD tier held its checkpoint when the cluster started (``--ssd-seed``)."""
+    seed = (replay.get("setup") or {}).get("ssd_seed") or {}
+    if not isinstance(seed, dict) or not all(isinstance(v, list) for v in seed.values()):
+        raise ReplayError(f"setup.ssd_seed: expected {{model: [node, ...]}}, got {seed!r}")
+    sizes = model_bytes(replay)
+    topo = _topology(replay)
+    nodes = {n.name for n in topo.nodes}
+    for model, where in seed.items():
+        if model not in sizes or set(where) - nodes:
+            raise ReplayError(f"setup.ssd_seed: {model!r} on {where}: not a model of the family on the "
+                              f"topology's nodes ({', '.join(sorted(nodes))})")
+    return {m: list(v) for m, v in seed.items()}
 
 
 def _ready_intervals(events: list[dict[str, Any]], t0: float, models: set[str]) -> dict[str, list[tuple[float, int]]]:
@@ -318,17 +338,26 @@ def replay_workload(replay: dict[str, Any], policy: str) -> list[Arrival]:
 
 def replay_config(replay: dict[str, Any], calibration: dict[str, Any], warmup_bytes: int = WARMUP_BYTES) -> SimConfig:
     """The replay's cluster from its topology text, calibrated; every tier empty at the start but for
-    the warm-up model (if the topology lists it) in each node's SSD and DRAM."""
+    the warm-up model (if the topology lists it) in each node's SSD and DRAM and the ``--ssd-seed``
+    checkpoints on the SSDs that held them (from the calibration's ``initial_ssd``, else the replay's
+    ``setup.ssd_seed``). The seeded copies are older than the warm-up's in the SSD's LRU order, as in
+    the real tier (it finds them at start; the warm-up is stored later)."""
     with tempfile.TemporaryDirectory(prefix="sllm-validate-") as tmp:
         path = Path(tmp) / "topology.yaml"
         path.write_text(replay["setup"]["topology"])
         sizes = {**model_bytes(replay), WARMUP_MODEL: warmup_bytes}
         cfg = SimConfig.from_topology(path, model_bytes=sizes, start_tier="repository")
+    cfg.load_pipeline = "node"
     names = [s.name for s in cfg.servers]
+    if "initial_ssd" not in calibration:
+        calibration = {**calibration, "initial_ssd": ssd_seed(replay)}
+    cfg = apply_calibration(cfg, calibration)
     if any(m.name == WARMUP_MODEL for m in cfg.models):
-        cfg.initial_ssd = {WARMUP_MODEL: names}
+        # The warm-up model is the topology's last: _place_checkpoints stores it after the seeded ones.
+        cfg.initial_ssd = {**(cfg.initial_ssd or {}), WARMUP_MODEL: names}
         cfg.initial_dram = {WARMUP_MODEL: names}
-    return apply_calibration(cfg, calibration)
+        cfg.prior_choices = 1  # the warm-up request's placement drew from the scheduler's generator
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- comparing

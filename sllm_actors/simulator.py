@@ -151,6 +151,21 @@ class SimConfig:
     the scheduler's ``min_instances``; they go after ``keep_alive_s`` idle like any other)."""
     check_invariants: bool = False
     """Check memory and bookkeeping after every event (slow; for tests)."""
+    load_pipeline: str = "gpu"
+    """How loads wait for each other. ``gpu``: the loads on one GPU run one after another, each taking
+    its whole cost. ``node``: what a real node does (``storage_client.py``): repository fetches on a node
+    run one at a time (one repository tier actor per node; a fetch includes the store into SSD), and
+    building the model on the device takes a node-wide lock, so builds take turns; a DRAM or SSD load
+    waits only for builds, never for a fetch under way. The build costs what a DRAM load does (size /
+    DRAM bandwidth + its fixed time); a fetch, the rest of the repository load's cost; an SSD load
+    holds the lock for the build and then sleeps to its tier's bandwidth outside it."""
+    prior_choices: int = 0
+    """Placement decisions the real scheduler made before the workload began (a replay's warm-up request is
+    placed once, over every GPU): ``random``'s generator makes that many choices over all GPUs first, so
+    that a replay's random choices are reproduced (the SchedulerActor seeds ``Random(0)`` too)."""
+    record_log: bool = False
+    """Keep a log of schedule decisions, loads, unloads and tier evictions (``SimResult.log``), in the
+    shape of the real cluster's events, to compare a simulated run with a replay decision by decision."""
 
     def model_names(self) -> list[str]:
         """Model names in popularity order (``models[0]`` is the workload's rank 1)."""
@@ -255,7 +270,7 @@ _MODEL_KEYS = {"size_bytes", "prefill_s_per_token", "decode_s_per_token", "migra
                "max_concurrency", "max_instances", "size_class"}
 _TOP_KEYS = {"bandwidth", "prefill_s_per_token", "decode_s_per_token", "migration", "batch_sharing",
              "load_overhead", "queue_timeout_s", "size_classes", "models", "comment", "load_fixed_s",
-             "shared_cores", "derived_from"}
+             "shared_cores", "derived_from", "initial_ssd"}
 
 
 def load_calibration(path: str | Path) -> dict[str, Any]:
@@ -268,6 +283,7 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
           "batch_sharing": 1.0, "load_overhead": 1.15, "queue_timeout_s": 120,
           "load_fixed_s": {"dram": 2.0, "ssd": 2.5, "repository": 3.0},  # seconds a load costs beyond bytes
           "shared_cores": 2,                                            # instances share a host's cores
+          "initial_ssd": {"llama-50mb": ["node-1"]},                    # checkpoints on SSDs at time 0
           "size_classes": {"7b": {"decode_s_per_token": 0.02, "migration": {"a": 2e-4, "b": 0.06}}},
           "models": {"smollm2-135m": {"size_bytes": 538062848, "decode_s_per_token": 0.028}}
         }
@@ -275,6 +291,9 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
     Precedence: ``models[name]`` over ``size_classes[model's class]`` over the top level. A model entry
     may also set ``keep_alive_s``, ``max_concurrency``, ``max_instances`` and ``size_class``.
     ``comment`` and ``derived_from`` (free text, e.g. what measurements produced the file) are ignored.
+    ``initial_ssd`` (model -> server names, e.g. a replay's ``--ssd-seed`` placement) puts those models'
+    checkpoints on those servers' SSD tiers at the start, in place of where the configuration put them
+    (a configuration that placed ``replicas`` round-robin gets exactly the listed copies instead).
     """
     path = Path(path)
     try:
@@ -316,6 +335,10 @@ def _check_calibration(data: Any, where: str) -> None:
                 raise ValueError(f"{where}: {group}.{name}: expected an object with keys from {sorted(_MODEL_KEYS)}")
             _check_migration(entry.get("migration"), f"{where}: {group}.{name}.migration")
     _check_migration(data.get("migration"), f"{where}: migration")
+    seed = data.get("initial_ssd", {})
+    if not isinstance(seed, dict) or not all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in seed.values()):
+        raise ValueError(f"{where}: initial_ssd: expected {{model: [server name, ...]}}, got {seed!r}")
 
 
 def _check_migration(m: Any, where: str) -> None:
@@ -360,6 +383,15 @@ def apply_calibration(config: SimConfig, calibration: dict[str, Any]) -> SimConf
     for key in ("batch_sharing", "load_overhead", "queue_timeout_s", "shared_cores"):
         if key in c:
             setattr(out, key, float(c[key]))
+    if c.get("initial_ssd"):
+        names = {s.name for s in out.servers}
+        models = {m.name for m in out.models}
+        for model, where in c["initial_ssd"].items():
+            bad = [n for n in where if n not in names]
+            if model not in models or bad:
+                raise ValueError(f"calibration: initial_ssd: {model!r} on {where}: "
+                                 + (f"no server {', '.join(bad)}" if bad else "no such model in the configuration"))
+        out.initial_ssd = {**(out.initial_ssd or {}), **{m: list(v) for m, v in c["initial_ssd"].items()}}
     return out
 
 
@@ -428,6 +460,10 @@ class SimResult:
     makespan_s: float
     events: int
     wall_s: float
+    log: list[dict[str, Any]] = field(default_factory=list)
+    """With ``SimConfig.record_log``: ``{"time", "kind", ...}`` per schedule decision (``request``, ``model``,
+    ``decision``, ``node``, ``tier``, ``estimate_s``), load (``node``, ``model``, ``tier``, ``seconds``; logged
+    at its end like the real ``load`` event), unload and evict (``node``, ``tier``, ``model``)."""
 
     def summary(self) -> dict[str, Any]:
         done = [r for r in self.requests if r.status == "done"]
@@ -461,7 +497,7 @@ class SimResult:
 
 # ---------------------------------------------------------------------------------------------- state
 
-_ARRIVE, _LOADED, _STEP, _SWITCH, _KEEPALIVE, _TIMEOUT, _REPLACE = range(7)
+_ARRIVE, _LOADED, _STEP, _SWITCH, _KEEPALIVE, _TIMEOUT, _REPLACE, _FETCHED = range(8)
 
 
 class _Req:
@@ -529,6 +565,7 @@ class _Inst:
     __slots__ = (
         "draining",
         "epoch",
+        "estimate",
         "gpu",
         "id",
         "incoming",
@@ -538,6 +575,7 @@ class _Inst:
         "orders",
         "running",
         "spec",
+        "started",
         "state",
         "t_last",
         "tier",
@@ -563,6 +601,10 @@ class _Inst:
         self.view = InstanceView(iid, spec.name, "loading", [], mem)
         self.epoch = 0
         self.t_last = now
+        self.started = now
+        self.estimate = 0.0
+        """The placement decision's start-up estimate (0 for a migration's destination), as the real
+        scheduler keeps it: what is left of it counts in its GPU's queue term."""
         self.tier = ""
 
     def sync_view(self) -> None:
@@ -641,7 +683,8 @@ class _Gpu:
 
 
 class _Lru:
-    def __init__(self, capacity: int, held: set[str], on_change: Any) -> None:
+    def __init__(self, capacity: int, held: set[str], on_change: Any, on_evict: Any = None) -> None:
+        self.on_evict = on_evict
         self.capacity = capacity
         self.items: OrderedDict[str, int] = OrderedDict()
         self.used = 0
@@ -662,6 +705,8 @@ class _Lru:
             old, old_size = self.items.popitem(last=False)
             self.used -= old_size
             self.held.discard(old)
+            if self.on_evict is not None:
+                self.on_evict(old)
             self.on_change(old)
         self.items[model] = size
         self.used += size
@@ -670,15 +715,18 @@ class _Lru:
 
 
 class _Server:
-    def __init__(self, index: int, cfg: ServerConfig, on_drop: Any) -> None:
+    def __init__(self, index: int, cfg: ServerConfig, on_drop: Any, log: Any = None) -> None:
+        self.fetch_free_at = 0.0
+        self.build_free_at = 0.0
         self.index = index
         self.name = cfg.name
         self.bandwidth = {t: float(cfg.bandwidth.get(t) or placement.DEFAULT_BANDWIDTH[t]) for t in TIERS}
         self.holds: dict[str, set[str]] = {"dram": set(), "ssd": set()}
         self.tier_of: dict[str, str] = {}
         """model -> fastest tier holding it here (what GpuView.best_tier finds in ``holds``)."""
-        self.dram = _Lru(cfg.dram_bytes, self.holds["dram"], self._changed)
-        self.ssd = _Lru(cfg.ssd_bytes, self.holds["ssd"], self._changed)
+        evict = (lambda tier: lambda m: log("evict", node=cfg.name, tier=tier, model=m)) if log else (lambda tier: None)
+        self.dram = _Lru(cfg.dram_bytes, self.holds["dram"], self._changed, evict("dram"))
+        self.ssd = _Lru(cfg.ssd_bytes, self.holds["ssd"], self._changed, evict("ssd"))
         self.gpus: list[_Gpu] = []
         self.on_drop = on_drop
 
@@ -719,6 +767,8 @@ class _Sim:
         if config.load_fixed_s:
             # The real scheduler learns one load overhead (Estimator.observe_load); give it the mean.
             self.est.load_overhead_s = sum(config.load_fixed_s.values()) / len(config.load_fixed_s)
+        self.log: list[dict[str, Any]] = []
+        self.now = 0.0
         self.cores = float(config.shared_cores)
         self.active: set[_Inst] = set()
         """Instances with requests running (what shares the host's cores when ``shared_cores`` > 0)."""
@@ -728,7 +778,7 @@ class _Sim:
         self.gpus: list[_Gpu] = []
         self.model_servers: dict[str, set[int]] = {m.name: set() for m in config.models}
         for si, sc in enumerate(config.servers):
-            srv = _Server(si, sc, self._dropped)
+            srv = _Server(si, sc, self._dropped, self._log if config.record_log else None)
             self.servers.append(srv)
             for gi, mem in enumerate(sc.gpu_memory):
                 g = _Gpu(len(self.gpus), srv, gi, int(mem))
@@ -737,6 +787,9 @@ class _Sim:
         if not self.gpus:
             raise ValueError("the cluster has no GPU")
         self.views = [g.view for g in self.gpus]
+        if policy == "random":
+            for _ in range(config.prior_choices):
+                self.rng.choice(self.views)
         self.by_key = {g.view.key: g for g in self.gpus}
         self._place_checkpoints()
         self.now = 0.0
@@ -807,6 +860,9 @@ class _Sim:
 
     # -------------------------------------------------------------- events
 
+    def _log(self, kind: str, **data: Any) -> None:
+        self.log.append({"time": self.now, "kind": kind, **data})
+
     def _push(self, t: float, kind: int, a: Any, b: Any) -> None:
         self.seq += 1
         heapq.heappush(self.heap, (t, self.seq, kind, a, b))
@@ -831,6 +887,8 @@ class _Sim:
                 self._keepalive(a, b)
             elif kind == _TIMEOUT:
                 self._timeout(a, b)
+            elif kind == _FETCHED:
+                self._fetched(a)
             elif kind == _REPLACE:
                 self._place(a, exclude=b)
             if self.cfg.check_invariants:
@@ -882,6 +940,13 @@ class _Sim:
         now = self.now
         for gi in list(self.loading_gpus):
             g = self.gpus[gi]
+            if self.cfg.load_pipeline == "node":
+                # The SchedulerActor's queue term: what is left of each loading instance's estimate.
+                loading = [i for i in g.insts if i.state == "loading"]
+                g.view.loading_s = sum(max(0.0, i.estimate - (now - i.started)) for i in loading)
+                if not loading:
+                    self.loading_gpus.discard(gi)
+                continue
             left = g.load_free_at - now
             if left > _EPS:
                 g.view.loading_s = left
@@ -906,6 +971,11 @@ class _Sim:
         views = self.views if not self.reserved else [v for v in self.views if v.key not in self.reserved]
         decision = placement.choose(self.policy, spec.name, need, views, self.est, self.rng)  # type: ignore[arg-type]
         self.decisions[decision.kind] += 1
+        if self.cfg.record_log:
+            self._log("schedule", request=req.idx, model=spec.name, decision=decision.kind,
+                      node=decision.gpu[0] if decision.gpu else "", gpu=decision.gpu[1] if decision.gpu else None,
+                      tier=decision.tier, estimate_s=decision.estimate_s if decision.gpu else None,
+                      considered=decision.considered)
         if decision.kind == "wait" or decision.gpu is None:
             return False
         gpu = self.by_key[decision.gpu]
@@ -914,7 +984,7 @@ class _Sim:
             if inst is not None:
                 self._unload(inst)
         if decision.kind == "load":
-            self._load_on(spec, gpu, [req])
+            self._load_on(spec, gpu, [req], decision.estimate_s)
             return True
         self.reserved[decision.gpu] = _Reservation(spec.name, [req], decision.estimate_s)
         req.status = "waiting-load"
@@ -955,7 +1025,7 @@ class _Sim:
         del self.reserved[gpu.view.key]
         spec = self.specs[res.model]
         if gpu.free() >= self.need[res.model]:
-            self._load_on(spec, gpu, res.waiters)
+            self._load_on(spec, gpu, res.waiters, res.estimate)
         else:
             # A move could not start and the GPU was not freed: its waiters are placed again.
             for r in res.waiters:
@@ -1026,15 +1096,31 @@ class _Sim:
 
     # -------------------------------------------------------------- instances
 
-    def _load_on(self, spec: ModelConfig, gpu: _Gpu, waiters: list[_Req]) -> _Inst:
+    def _load_cost(self, spec: ModelConfig, gpu: _Gpu, tier: str) -> float:
+        return spec.size_bytes / gpu.view.bandwidth(tier) + self.cfg.load_fixed_s.get(tier, 0.0)
+
+    def _load_on(self, spec: ModelConfig, gpu: _Gpu, waiters: list[_Req], estimate: float = 0.0) -> _Inst:
         self.ids += 1
         inst = _Inst(f"{spec.name}-{self.ids}", spec, gpu, self.need[spec.name], self.now)
+        inst.estimate = estimate
         tier = gpu.view.best_tier(spec.name)
         inst.tier = tier
-        dur = spec.size_bytes / gpu.view.bandwidth(tier) + self.cfg.load_fixed_s.get(tier, 0.0)
-        start = max(self.now, gpu.load_free_at)
-        gpu.load_free_at = start + dur
-        gpu.view.loading_s = gpu.load_free_at - self.now
+        dur = self._load_cost(spec, gpu, tier)
+        if self.cfg.load_pipeline == "node":
+            srv = gpu.server
+            build = min(dur, self._load_cost(spec, gpu, "dram"))
+            if tier == "repository":
+                start = max(self.now, srv.fetch_free_at)
+                srv.fetch_free_at = start + dur - build
+                self._push(srv.fetch_free_at, _FETCHED, inst, None)
+                ready_at = None
+            else:
+                start = max(self.now, srv.build_free_at)
+                srv.build_free_at = start + build
+                ready_at = start + dur
+        else:
+            start = max(self.now, gpu.load_free_at)
+            gpu.load_free_at = ready_at = start + dur
         self.loading_gpus.add(gpu.index)
         self.loads[tier] += 1
         self.load_s += dur
@@ -1046,10 +1132,25 @@ class _Sim:
         self.insts[inst.id] = inst
         self.model_insts[spec.name].append(inst)
         gpu.add(inst)
-        self._push(gpu.load_free_at, _LOADED, inst, None)
+        if ready_at is not None:
+            self._push(ready_at, _LOADED, inst, None)
         return inst
 
+    def _fetched(self, inst: _Inst) -> None:
+        """(``load_pipeline`` ``node``) a repository fetch is done and stored on SSD; the build takes its turn."""
+        srv = inst.gpu.server
+        srv.ssd.put(inst.model, inst.spec.size_bytes)
+        if inst.model in srv.holds["ssd"]:
+            self.model_servers[inst.model].add(srv.index)
+        start = max(self.now, srv.build_free_at)
+        srv.build_free_at = start + min(self._load_cost(inst.spec, inst.gpu, "repository"),
+                                        self._load_cost(inst.spec, inst.gpu, "dram"))
+        self._push(srv.build_free_at, _LOADED, inst, None)
+
     def _loaded(self, inst: _Inst) -> None:
+        if self.cfg.record_log:
+            self._log("load", node=inst.gpu.server.name, gpu=inst.gpu.view.gpu, model=inst.model, tier=inst.tier,
+                      seconds=self.now - inst.t_last, instance=inst.id)
         inst.state = "ready"
         inst.last_used = self.now
         inst.t_last = self.now
@@ -1058,7 +1159,8 @@ class _Sim:
         model = inst.model
         size = inst.spec.size_bytes
         if inst.tier == "repository":
-            srv.ssd.put(model, size)
+            if self.cfg.load_pipeline != "node":  # else stored when its fetch ended
+                srv.ssd.put(model, size)
             srv.dram.put(model, size)
         elif inst.tier == "ssd":
             srv.ssd.touch(model)
@@ -1078,6 +1180,8 @@ class _Sim:
 
     def _unload(self, inst: _Inst) -> None:
         assert not inst.running and not inst.waiters, f"unloading {inst.id} with requests"
+        if self.cfg.record_log:
+            self._log("unload", node=inst.gpu.server.name, model=inst.model, instance=inst.id)
         inst.state = "gone"
         del self.insts[inst.id]
         self.model_insts[inst.model].remove(inst)
@@ -1259,7 +1363,7 @@ class _Sim:
                 r.cold_tier, r.migrations, r.preemptions, r.server, r.error))
         return SimResult(self.policy, self.seed, records, dict(self.loads), dict(self.decisions),
                          self.migrations, self.preemptions, sum(g.busy_s for g in self.gpus), self.load_s,
-                         len(self.gpus), self.now, self.events, wall_s)
+                         len(self.gpus), self.now, self.events, wall_s, self.log)
 
 
 def simulate(config: SimConfig, workload: list[Arrival], policy: str, seed: int = 0) -> SimResult:

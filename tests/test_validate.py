@@ -114,3 +114,46 @@ def test_a_replay_without_what_is_needed_is_refused_clearly(tmp_path: Path) -> N
     replay["events"]["locality-wait"] = [e for e in replay["events"]["locality-wait"] if e["kind"] != "load"]
     with pytest.raises(ReplayError, match="no load events"):
         derive_calibration(replay)
+
+
+def _seeded_replay() -> dict:
+    """As _replay, but run with ``--ssd-seed``: b's checkpoint sat on node-2's SSD from the start, so its
+    cold start read 200 MB from that SSD (300 MB/s in the topology) in 1 s instead of fetching it."""
+    replay = _replay()
+    replay["setup"]["ssd_seed"] = {"b": ["node-2"]}
+    records = replay["records"]["locality-wait"]
+    records[2] = _record(1, "b", 10.0, 10, 11, 1.0 + 0.2, 1.2 + 10 * 0.1)
+    replay["events"]["locality-wait"][3] = {
+        "time": T0 + 11.0, "kind": "load", "text": "",
+        "data": {"node": "node-2", "model": "b", "tier": "ssd", "seconds": 1.0}}
+    return replay
+
+
+def test_a_seeded_replay_starts_the_simulated_ssd_tiers_with_its_checkpoints(tmp_path: Path) -> None:
+    replay = _seeded_replay()
+    cal = derive_calibration(replay)
+    assert cal["initial_ssd"] == {"b": ["node-2"]}
+    assert cal["load_fixed_s"]["ssd"] == pytest.approx(1.0 - 200 / 300)
+    cfg = replay_config(replay, cal)
+    assert cfg.initial_ssd == {"b": ["node-2"]}
+    # The calibration file carries the seed to `sllm simulate --calibration` too.
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(cal))
+    assert load_calibration(path)["initial_ssd"] == {"b": ["node-2"]}
+    (row,) = validate(replay)["policies"]
+    assert row["sim"]["loads"] == row["real"]["loads"] == {"dram": 0, "ssd": 1, "repository": 1}
+    assert row["pass"]
+    for key, err in row["rel_error"].items():
+        assert err == pytest.approx(0.0, abs=1e-6), key
+    # Without the seed the simulation fetches b from the repository and misses the replay.
+    unseeded = {k: v for k, v in cal.items() if k != "initial_ssd"}
+    unseeded["initial_ssd"] = {}
+    (row,) = validate(replay, calibration=unseeded)["policies"]
+    assert row["sim"]["loads"]["repository"] == 2 and not row["pass"]
+
+
+def test_a_seed_naming_an_unknown_node_is_refused() -> None:
+    replay = _seeded_replay()
+    replay["setup"]["ssd_seed"] = {"b": ["node-9"]}
+    with pytest.raises(ReplayError, match="node-9"):
+        derive_calibration(replay)
