@@ -509,7 +509,8 @@ def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
         "migrations": {
             "requests_migrated": sum(1 for r in ok if any(m.get("kind") == "migration" for m in r.migrations)),
             "records_by_kind": dict(Counter(str(m.get("kind")) for r in ok for m in r.migrations)),
-            "ordered": sum(1 for e in mig_events if not e["text"].startswith("migration ")),
+            # Orders only: "migrate R A -> B (why)"; not "R migrated to ..." nor "migration M done ...".
+            "ordered": sum(1 for e in mig_events if e["text"].startswith("migrate ")),
             "outcomes": dict(outcomes),
         },
         "decisions": dict(Counter(str((e.get("data") or {}).get("decision")) for e in events

@@ -104,6 +104,7 @@ def test_summarize_and_plot_without_a_cluster(tmp_path: Path) -> None:
         {"time": 2.1, "kind": "estimate", "text": "load of m", "data": {"model": "m", "tier": "ssd",
                                                                         "estimate_s": 2.0, "measured_s": 2.5}},
         {"time": 4.0, "kind": "migrate", "text": "migrate r a -> b (x)", "data": {}},
+        {"time": 4.9, "kind": "migrate", "text": "r migrated to b/i-2 after 1 round(s)", "data": {}},
         {"time": 5.0, "kind": "migrate", "text": "migration mig-1 done in 0.2s", "data": {}},
     ]
     records.duration_s = 10.0
