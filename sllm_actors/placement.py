@@ -212,6 +212,12 @@ class Decision:
     """Every option weighed, with its estimate: logged so estimator error can be checked."""
 
 
+def placement_policy(policy: str, migration: bool) -> str:
+    """The policy ``choose`` runs: with the topology's ``migration: false`` the scheduler never moves a
+    running inference to make room, so ``serverlessllm`` reduces to locality alone (``locality-wait``)."""
+    return "locality-wait" if policy == "serverlessllm" and not migration else policy
+
+
 def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Estimator,
            rng: random.Random | None = None) -> Decision:
     """Pick where ``model`` (``need`` bytes on the device) starts, by ``policy``."""

@@ -135,6 +135,8 @@ class SimConfig:
     replicas: int = 2
     """Initial checkpoint copies per model, on the SSDs of servers chosen round-robin."""
     queue_timeout_s: float = 120.0
+    migration: bool = True
+    """The topology's ``scheduler: migration`` (false: serverlessllm places like locality-wait)."""
     load_overhead: float = 1.15
     """GPU bytes per checkpoint byte (activations, KV cache): the scheduler's LOAD_OVERHEAD."""
     batch_sharing: float = 0.0
@@ -258,6 +260,7 @@ class SimConfig:
             models.append(m)
         everywhere = {m.name: [s.name for s in servers] for m in models}
         return SimConfig(servers, models, queue_timeout_s=topo.scheduler.queue_timeout_s, batch_sharing=1.0,
+                         migration=topo.scheduler.migration,
                          initial_ssd=everywhere if start_tier != "repository" else {},
                          initial_dram=everywhere if start_tier == "dram" else None)
 
@@ -969,7 +972,8 @@ class _Sim:
         need = self.need[spec.name]
         self._refresh_views(spec.name)
         views = self.views if not self.reserved else [v for v in self.views if v.key not in self.reserved]
-        decision = placement.choose(self.policy, spec.name, need, views, self.est, self.rng)  # type: ignore[arg-type]
+        decision = placement.choose(placement.placement_policy(self.policy, self.cfg.migration), spec.name, need,
+                                    views, self.est, self.rng)  # type: ignore[arg-type]
         self.decisions[decision.kind] += 1
         if self.cfg.record_log:
             self._log("schedule", request=req.idx, model=spec.name, decision=decision.kind,

@@ -78,6 +78,8 @@ class ControllerSpec:
 class SchedulerSpec:
     policy: str = "serverlessllm"
     migration: bool = True
+    """``false``: the scheduler never migrates running inferences to make room (``serverlessllm`` then
+    places like ``locality-wait``); a migration an operator orders (``sllm migrate``) still runs."""
     queue_timeout_s: float = 120.0
     migration_delta_tokens: int = 8
     migration_max_rounds: int = 3

@@ -357,3 +357,18 @@ def test_calibration_sets_load_fixed_times_and_shared_cores_and_rejects_bad_ones
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=next(iter(bad))):
             load_calibration(path)
+
+
+def test_migration_switched_off_makes_serverlessllm_wait_like_locality_wait() -> None:
+    from dataclasses import replace
+
+    from sllm_actors.placement import placement_policy
+
+    assert placement_policy("serverlessllm", False) == "locality-wait"
+    assert placement_policy("serverlessllm", True) == "serverlessllm"
+    assert placement_policy("shepherd", False) == "shepherd"  # preemption is not migration
+    cfg, work = _busy_near_scenario()
+    off = simulate(replace(cfg, migration=False), work, "serverlessllm", seed=0)
+    assert off.decisions["migrate"] == 0 and off.migrations == 0
+    wait = simulate(cfg, work, "locality-wait", seed=0)
+    assert [r.latency_s for r in off.requests] == [r.latency_s for r in wait.requests]

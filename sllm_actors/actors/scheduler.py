@@ -111,6 +111,7 @@ class SchedulerActor(SupervisedActor):
         self.queue: list[Waiting] = []
         self.migrations: dict[str, MigrationOrder] = {}
         self.policy = self.topology.scheduler.policy
+        self.placement_policy = placement.placement_policy(self.policy, self.topology.scheduler.migration)
         self.estimator = placement.Estimator(self.model_bytes)
         self.node_tiers: dict[str, dict[str, Any]] = {}
         """node -> {"bandwidth": {tier: B/s}, "holds": {tier: set(models)}} from NodeStatus."""
@@ -214,7 +215,7 @@ class SchedulerActor(SupervisedActor):
             return False
         need = self._need_bytes(spec)
         views = self._views()
-        decision = placement.choose(self.policy, spec.name, need, views, self.estimator, self.rng)  # type: ignore[arg-type]
+        decision = placement.choose(self.placement_policy, spec.name, need, views, self.estimator, self.rng)  # type: ignore[arg-type]
         self.cluster.events.emit(
             "schedule", f"{self.policy}: {decision.kind} {spec.name}"
             + (f" on {decision.gpu[0]}/gpu-{decision.gpu[1]} from {decision.tier}, est. {decision.estimate_s:.2f}s"
