@@ -31,9 +31,11 @@ from sllm_actors.supervisor import SupervisedActor
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
-MISSED_BEATS = 3
-"""Dead after 3 s of silence: a node busy building a model on a starved CPU can be quiet for over a
-second, and a false death costs its instances (their requests move, then it is told to unload)."""
+MISSED_BEATS = 5
+"""Dead after 5 s of silence: a node busy building a model on a starved CPU can be quiet for seconds
+(3.3 s was seen on a 2-core machine while a node loaded a migration's destination and decoded), and a
+false death costs its instances (their requests move, then it is told to unload). A crashed node is
+found at once by its process sentinel; silence only catches a hung one."""
 
 
 @dataclass
