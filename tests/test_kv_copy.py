@@ -223,6 +223,7 @@ def test_every_request_of_an_instance_migrates_by_copy(cluster_factory: Any, slo
         assert _one_migration(done)["transfer"] == "copy"
 
 
+@pytest.mark.parametrize(("fault", "problem"), [("corrupt", "checksum mismatch"), ("short", "announced")])
 def test_a_damaged_copy_falls_back_to_recompute(cluster_factory: Any, slow_model: Path, fault: str,
                                                 problem: str) -> None:
     cluster = cluster_factory({"slow": slow_model}, extra={"scheduler": COPY}, env={"SLLM_FAULT_KV_COPY": fault})
