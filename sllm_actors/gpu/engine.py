@@ -39,6 +39,18 @@ def choose_token(logits: torch.Tensor, temperature: float, top_p: float, seed: i
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
+def cache_kwarg(model: Any) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` from transformers 5.x on, where
+    ``past_key_values`` is deprecated (a warning on every call, removal announced), else the old name."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class IncrementalDetokenizer:
     """Text deltas from a growing id list without re-decoding everything each step.
 
@@ -108,6 +120,7 @@ class Engine:
         self.eos_ids = eos
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30) or (1 << 30))
         self._keep_last = True
+        self._cache_kwarg = cache_kwarg(model)
 
     def tokenize(self, prompt: str, chat: bool) -> list[int]:
         if chat:
@@ -236,14 +249,15 @@ class Engine:
 
     def _forward(self, ids: list[int], cache: Any) -> torch.Tensor:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        kwargs = {self._cache_kwarg: cache, "use_cache": True}
         with torch.inference_mode():
             if self._keep_last:
                 try:
                     # Only the last position's logits: a prefill of 4k tokens otherwise spends much of
                     # its time (and ~800 MB) on the LM head over every position.
-                    out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    out = self.model(input_ids=input_ids, logits_to_keep=1, **kwargs)
                     return out.logits[0, -1, :].float()
                 except TypeError:
                     self._keep_last = False  # an architecture without logits_to_keep
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=input_ids, **kwargs)
         return out.logits[0, -1, :].float()
