@@ -802,7 +802,7 @@ class Fetch:
 class TierLookup:
     """Ask a tier for its copy of ``model`` (a path on SSD, a HostCheckpoint in DRAM) or None.
 
-    A DRAM hit is leased to the caller until ``TierRelease``, so it is never evicted mid-copy.
+    A hit is leased to the caller until ``TierRelease``, so it is never evicted mid-read.
     """
 
     model: str
@@ -810,10 +810,15 @@ class TierLookup:
 
 @dataclass(frozen=True, slots=True)
 class TierStore:
-    """Ask (SSD) or tell (DRAM) a tier to take a copy of ``model`` from the checkpoint at ``path``."""
+    """Ask (SSD) or tell (DRAM) a tier to take a copy of ``model`` from the checkpoint at ``path``.
+
+    The SSD tier answers with its copy's path, leased to the caller as by ``TierLookup``. ``release``
+    names a tier whose lease on ``path`` the DRAM tier hands back once it has read the copy.
+    """
 
     model: str
     path: str
+    release: str = ""
 
 
 @dataclass(frozen=True, slots=True)

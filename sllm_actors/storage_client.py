@@ -32,6 +32,13 @@ FETCH_TIMEOUT_S = 900.0
 ASK_TIMEOUT_S = 60.0
 
 
+def dram_meta_root(spec: NodeSpec) -> Path:
+    """Where a node's DRAM tier keeps the small files of the checkpoints it holds: beside the SSD tier's
+    directory (unique per node, and outside it, since the SSD tier owns everything inside)."""
+    ssd = Path(spec.ssd_path)
+    return ssd.with_name(f"{ssd.name}.dram")
+
+
 class StorageClient:
     def __init__(self, node: NodeContext, spec: NodeSpec) -> None:
         self.node = node
@@ -48,7 +55,8 @@ class StorageClient:
             ChildSpec("ssd", lambda sup, name: SsdTierActor.start(
                 sup, name, node=node, root=spec.ssd_path, capacity=spec.ssd_bytes, limit=spec.ssd_bandwidth)),
             ChildSpec("dram", lambda sup, name: DramTierActor.start(
-                sup, name, node=node, capacity=spec.dram_bytes, device=spec.gpus[0].device)),
+                sup, name, node=node, capacity=spec.dram_bytes, device=spec.gpus[0].device,
+                meta_root=dram_meta_root(spec))),
         ]
 
     def _ask(self, tier: str, message: Any, timeout: float = ASK_TIMEOUT_S) -> Any:
@@ -70,21 +78,28 @@ class StorageClient:
                 return self._build(model, device, "dram", path=host_path, host=host)
             finally:
                 self._tell("dram", TierRelease(model))
+        # The SSD copy (looked up or fetched) is leased until the DRAM tier has copied it, so a store of
+        # another model cannot evict it mid-read.
         path = self._ask("ssd", TierLookup(model))
         tier = "ssd"
         if path is None:
             path, tier = self._fetch(model, source), "repository"
         try:
-            loaded = self._build(model, device, tier, path=path)
-        except CheckpointError as exc:
-            # The SSD copy is bad: drop it and take a fresh one from the repository, once.
-            log.warning("%s: %s on SSD failed verification: %s; fetching again", self.node.name, model, exc)
-            self.node.event("corrupt", f"{model} on {self.node.name} ssd failed its checksums: {exc}",
-                            {"model": model})
-            self._tell("ssd", TierDrop(model, str(exc)))
-            path, tier = self._fetch(model, source), "repository"
-            loaded = self._build(model, device, tier, path=path)
-        self._tell("dram", TierStore(model, path))
+            try:
+                loaded = self._build(model, device, tier, path=path)
+            except CheckpointError as exc:
+                # The SSD copy is bad: drop it and take a fresh one from the repository, once.
+                log.warning("%s: %s on SSD failed verification: %s; fetching again", self.node.name, model, exc)
+                self.node.event("corrupt", f"{model} on {self.node.name} ssd failed its checksums: {exc}",
+                                {"model": model})
+                self._tell("ssd", TierDrop(model, str(exc)))
+                path, tier = self._fetch(model, source), "repository"
+                loaded = self._build(model, device, tier, path=path)
+        except BaseException:
+            self._tell("ssd", TierRelease(model))
+            raise
+        if not self.node.directory.tell("dram", TierStore(model, path, release="ssd")):
+            self._tell("ssd", TierRelease(model))  # the DRAM tier is restarting: no copy this time
         return loaded
 
     def _fetch(self, model: str, source: str) -> str:

@@ -82,3 +82,60 @@ def test_no_good_copy_anywhere_fails_the_request_and_others_are_served(
         assert info.value.code == "load_failed"
         assert "data_0.bin" in info.value.message and "checksum" in info.value.message.lower()
         assert len(c.complete("tiny", PROMPT, max_tokens=4).token_ids) == 4
+
+
+def test_a_dram_hit_does_not_need_the_ssd_copy_it_came_from(
+    cluster_factory: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    from sllm_actors.storage import checkpoint_size, convert
+
+    converted = tmp_path / "sized"
+    convert(str(tiny_model), str(converted))
+    size = checkpoint_size(converted)
+    # Room on SSD for one of the two models, in DRAM for both: the second fetch evicts the first from SSD.
+    cluster = cluster_factory({"tiny": tiny_model, "tiny-2": tiny_model}, keep_alive="1s", nodes=1,
+                              ssd=str(int(size * 1.5)))
+
+    def tiers(st: dict[str, Any]) -> dict[str, set[str]]:
+        return {t["tier"]: set(t.get("models", [])) for t in st["tiers"]}
+
+    with cluster.client() as c:
+        first = c.complete("tiny", PROMPT, max_tokens=8).token_ids
+    cluster.wait_for(lambda st: "tiny" in tiers(st).get("dram", set()), 30, "tiny in the DRAM tier")
+    with cluster.client() as c:
+        c.complete("tiny-2", PROMPT, max_tokens=8)
+    cluster.wait_for(lambda st: tiers(st).get("ssd") == {"tiny-2"} and {"tiny", "tiny-2"} <= tiers(st)["dram"],
+                     30, "tiny evicted from SSD, both models in DRAM")
+    assert not (cluster.topology.parent / "ssd-1" / "tiny").exists()
+    _wait_scaled_to_zero(cluster, "tiny")
+    with cluster.client() as c:
+        assert c.complete("tiny", PROMPT, max_tokens=8).token_ids == first
+    assert _tier_of(cluster, "tiny") == "dram"
+
+
+def test_the_ssd_tier_never_evicts_a_copy_being_read(tiny_model: Path, tmp_path: Path) -> None:
+    from sllm_actors.actors.ssd_tier import SsdTierActor
+    from sllm_actors.messages import TierLookup, TierRelease, TierStore
+    from sllm_actors.node_context import NodeContext
+    from sllm_actors.storage import checkpoint_size, convert
+    from sllm_actors.supervisor import Directory
+
+    source = tmp_path / "source"
+    convert(str(tiny_model), str(source))
+    size = checkpoint_size(source)
+    node = NodeContext("node-t", lambda msg, address: None, Directory())
+    ssd = SsdTierActor.start(None, "ssd", node=node, root=str(tmp_path / "ssd"), capacity=int(size * 1.5))
+    try:
+        ssd.ask(TierStore("a", str(source)), timeout=30)
+        ssd.ask(TierRelease("a"), timeout=5)
+        held = ssd.ask(TierLookup("a"), timeout=5)  # a build reads this copy now
+        ssd.ask(TierStore("b", str(source)), timeout=30)
+        assert Path(held, "index.json").is_file(), "a leased copy was evicted"
+        assert (tmp_path / "ssd" / "b" / "index.json").is_file()
+        for model in ("a", "b"):
+            ssd.ask(TierRelease(model), timeout=5)
+        ssd.ask(TierStore("c", str(source)), timeout=30)
+        assert not Path(held).exists(), "an unleased, least recently used copy stays over capacity"
+        assert ssd.ask(TierLookup("c"), timeout=5)
+    finally:
+        ssd.stop()

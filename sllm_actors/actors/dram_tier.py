@@ -1,12 +1,19 @@
 """DramTierActor: whole checkpoints in host memory (page-locked on CUDA hosts), LRU, never evicting
-one that a load is copying from. A hit copies straight to the device at memory or PCIe speed."""
+one that a load is copying from. A hit copies straight to the device at memory or PCIe speed.
+
+Each held checkpoint keeps its own copy of the small files a build reads besides the weights (index,
+config, generation config, tokenizer) in ``meta_root``, so a DRAM hit never depends on the SSD copy it
+came from: the SSD tier may have evicted that one since.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -23,7 +30,7 @@ log = logging.getLogger(__name__)
 class Held:
     host: Any  # storage.HostCheckpoint
     path: str
-    """The checkpoint it came from (config and tokenizer files are read from there)."""
+    """This tier's copy of the checkpoint's files but its weights (config, tokenizer, index)."""
     nbytes: int
     leases: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -33,20 +40,25 @@ class DramTierActor(SupervisedActor):
     tier = "dram"
 
     def __init__(self, supervisor: pykka.ActorRef[Any], name: str, *, node: NodeContext, capacity: int,
-                 device: str) -> None:
+                 device: str, meta_root: str | Path) -> None:
         super().__init__(supervisor, name)
         self.node = node
         self.capacity = capacity
         self.device = device
+        self.meta_root = Path(meta_root)
         self.held: OrderedDict[str, Held] = OrderedDict()
         self.bandwidth = Bandwidth()
 
     def started(self) -> None:
+        # Whatever is there belongs to copies held by an earlier process (or incarnation), gone now.
+        shutil.rmtree(self.meta_root, ignore_errors=True)
+        self.meta_root.mkdir(parents=True, exist_ok=True)
         self.bandwidth = Bandwidth(measure_host_copy(self.device))
         self._publish()
 
     def stopping(self) -> None:
         self.held.clear()  # the node is going; its memory goes with it
+        shutil.rmtree(self.meta_root, ignore_errors=True)
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, TierLookup):
@@ -63,7 +75,11 @@ class DramTierActor(SupervisedActor):
                 held.leases = max(0, held.leases - 1)
             return None
         if isinstance(message, TierStore):
-            self._store(message.model, message.path)
+            try:
+                self._store(message.model, message.path)
+            finally:
+                if message.release:
+                    self.node.directory.tell(message.release, TierRelease(message.model))
             return None
         if isinstance(message, TierLoaded):
             self.bandwidth.observe(message.nbytes, message.seconds)
@@ -82,11 +98,21 @@ class DramTierActor(SupervisedActor):
             return
         try:
             host = load_into_host(path)
+            meta = self._copy_small_files(model, Path(path), {p.file for p in host.index.partitions})
         except (CheckpointError, OSError) as exc:
             log.warning("%s: not caching %s: %s", self.name, model, exc)
             return
-        self.held[model] = Held(host, path, nbytes)
+        self.held[model] = Held(host, str(meta), nbytes)
         self._publish()
+
+    def _copy_small_files(self, model: str, source: Path, weight_files: set[str]) -> Path:
+        dest = self.meta_root / model
+        tmp = self.meta_root / f".{model}.incoming"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=lambda _dir, names: [n for n in names if n in weight_files])
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        return dest
 
     def _make_room(self, nbytes: int) -> bool:
         while sum(h.nbytes for h in self.held.values()) + nbytes > self.capacity:
@@ -96,6 +122,7 @@ class DramTierActor(SupervisedActor):
             log.info("%s: evicting %s (LRU)", self.name, victim)
             self.node.event("evict", f"{self.node.name} dram evicted {victim}", {"tier": "dram", "model": victim})
             del self.held[victim]
+            shutil.rmtree(self.meta_root / victim, ignore_errors=True)
         return True
 
     def _publish(self) -> None:

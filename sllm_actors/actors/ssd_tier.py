@@ -16,7 +16,7 @@ from typing import Any
 import pykka
 
 from sllm_actors.actors.tier_common import Bandwidth, measure_disk_read
-from sllm_actors.messages import Query, TierDrop, TierLoaded, TierLookup, TierStore
+from sllm_actors.messages import Query, TierDrop, TierLoaded, TierLookup, TierRelease, TierStore
 from sllm_actors.node_context import NodeContext
 from sllm_actors.supervisor import SupervisedActor
 
@@ -28,6 +28,8 @@ class Entry:
     path: Path
     nbytes: int
     last_used: float = field(default_factory=time.monotonic)
+    leases: int = 0
+    """Loads reading this copy now (a build, the DRAM tier's copy): it is not evicted under them."""
 
 
 class SsdTierActor(SupervisedActor):
@@ -62,9 +64,15 @@ class SsdTierActor(SupervisedActor):
             if entry is None:
                 return None
             entry.last_used = time.monotonic()
+            entry.leases += 1
             return str(entry.path)
         if isinstance(message, TierStore):
             return self._store(message.model, Path(message.path))
+        if isinstance(message, TierRelease):
+            entry = self.entries.get(message.model)
+            if entry is not None:
+                entry.leases = max(0, entry.leases - 1)
+            return None
         if isinstance(message, TierDrop):
             entry = self.entries.pop(message.model, None)
             if entry is not None:
@@ -85,6 +93,7 @@ class SsdTierActor(SupervisedActor):
 
         existing = self.entries.get(model)
         if existing is not None:
+            existing.leases += 1
             return str(existing.path)
         dest = self.root / model
         tmp = self.root / f".{model}.incoming"
@@ -97,16 +106,16 @@ class SsdTierActor(SupervisedActor):
         self._evict_for(nbytes, keep=model)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
-        self.entries[model] = Entry(dest, nbytes)
+        self.entries[model] = Entry(dest, nbytes, leases=1)
         self._publish()
         return str(dest)
 
     def _evict_for(self, nbytes: int, keep: str) -> None:
         while self.entries and sum(e.nbytes for e in self.entries.values()) + nbytes > self.capacity:
-            victim = min((m for m in self.entries if m != keep), key=lambda m: self.entries[m].last_used,
-                         default=None)
+            victim = min((m for m, e in self.entries.items() if m != keep and e.leases == 0),
+                         key=lambda m: self.entries[m].last_used, default=None)
             if victim is None:
-                return
+                return  # every other copy is being read: over capacity until a lease ends
             log.info("%s: evicting %s (LRU) to make room", self.name, victim)
             self.node.event("evict", f"{self.node.name} ssd evicted {victim}", {"tier": "ssd", "model": victim})
             shutil.rmtree(self.entries.pop(victim).path, ignore_errors=True)
