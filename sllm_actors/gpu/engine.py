@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from sllm_actors.gpu.attention import use_packed_gqa
+
 _MIX = 0x9E3779B97F4A7C15
 _MASK = (1 << 63) - 1
 
@@ -121,6 +123,7 @@ class Engine:
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30) or (1 << 30))
         self._keep_last = True
         self._cache_kwarg = cache_kwarg(model)
+        use_packed_gqa(model)
 
     def tokenize(self, prompt: str, chat: bool) -> list[int]:
         if chat:
@@ -172,8 +175,9 @@ class Engine:
     # ------------------------------------------------------------------ KV cache copy (live migration)
 
     def export_cache(self, seq: Sequence) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """(tokens the cache covers, [(keys, values)] per layer). The tensors are the cache's own: copy
-        them before the next decode step of this sequence."""
+        """(tokens the cache covers, [(keys, values)] per layer). The tensors are the cache's own, not
+        copies; they stay as they are while decoding goes on, since a DynamicCache step concatenates into new
+        tensors rather than writing into these (a KV copy reads them over several steps)."""
         cache = seq.cache
         if cache is None or not getattr(cache, "layers", None):
             raise ValueError(f"{seq.request_id} has no KV cache to export")
