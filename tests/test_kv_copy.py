@@ -18,6 +18,7 @@ from .conftest import RunningCluster
 from .test_migration import (
     PROMPT,
     _generate_with_action,
+    _instance_on_both_nodes,
     _migrate_to_other_node,
     _reference,
     _three_streams_migrated_together,
@@ -106,12 +107,20 @@ def _seq(engine: Any, temperature: float = 0.0) -> Any:
 
 
 def _wire_copy(engine: Any, seq: Any, corrupt: str = "") -> tuple[KvCopyBegin, dict[int, bytes]]:
-    """What the source sends, through msgpack, in small chunks."""
+    """What the source sends, through msgpack, in small chunks (cut across tensor boundaries)."""
+    from sllm_actors.actors.instance import CacheChunks
+
     n_cached, layers = engine.export_cache(seq)
-    data = b"".join(t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes() for pair in layers for t in pair)
+    whole = b"".join(t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes() for pair in layers for t in pair)
     size = 1000
-    chunks = {i: data[i * size:(i + 1) * size] for i in range(-(-len(data) // size))}
-    crc = zlib.crc32(data)
+    cut = CacheChunks([t for pair in layers for t in pair], size)
+    crc = cut.crc32()
+    chunks: dict[int, bytes] = {}
+    while not cut.done():
+        index = cut.sent
+        chunks[index] = cut.take()
+    assert b"".join(chunks[i] for i in range(cut.count)) == whole and cut.total == len(whole)
+    assert crc == zlib.crc32(whole) and cut.count == -(-len(whole) // size)
     if corrupt == "flip":
         chunks[1] = bytes([chunks[1][0] ^ 1]) + chunks[1][1:]
     elif corrupt == "short":
@@ -119,8 +128,7 @@ def _wire_copy(engine: Any, seq: Any, corrupt: str = "") -> tuple[KvCopyBegin, d
     begin = KvCopyBegin("m", 0, seq.request_id, "i", "n", "s", list(seq.prompt_ids), list(seq.generated_ids),
                         seq.max_tokens, seq.temperature, seq.top_p, seq.seed, [], seq.text, n_cached,
                         str(layers[0][0].dtype).removeprefix("torch."),
-                        [[list(k.shape), list(v.shape)] for k, v in layers], len(data), crc,
-                        -(-len(data) // size))
+                        [[list(k.shape), list(v.shape)] for k, v in layers], cut.total, crc, cut.count)
     begin = decode(encode(begin))  # type: ignore[assignment]
     chunks = {i: decode(encode(KvCopyChunk("m", 0, seq.request_id, "i", i, c))).data  # type: ignore[attr-defined]
               for i, c in chunks.items()}
@@ -173,10 +181,7 @@ def cluster(slow_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
                           extra={"scheduler": COPY})
     running = start_cluster(topo)
     try:
-        acks: list[str] = []
-        _generate_with_action(running, 3, _migrate_to_other_node(running, acks), max_tokens=300)
-        running.wait_for(lambda st: len({i["node"] for i in st["instances"] if i["state"] == "ready"}) == 2, 60,
-                         "an instance of slow on both nodes")
+        _instance_on_both_nodes(running)
         yield running
     finally:
         stop_cluster(running)

@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +41,7 @@ from sllm_actors.messages import (
     TokenChunk,
 )
 from sllm_actors.node_context import Link, NodeContext
+from sllm_actors.storage.format import crc32
 from sllm_actors.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,65 @@ PARKED_TTL_S = 120.0
 """A recomputed cache nobody continued (its source died, say) is dropped after this long."""
 COPY_TIMEOUT_MIN_S = 10.0
 """A KV copy waits at least this long (or 10x its estimate) for its ResumeDone, then recomputes instead."""
+COPY_SEND_SHARE = 0.25
+"""Time spent sending KV-copy chunks after a decode step, as a share of that step's time."""
+COPY_SEND_MIN_S = 0.005
 FINISHED_TTL_S = 60.0
 """How long a finished request's id is remembered, so a late duplicate StartInference does not restart it."""
 FAULT_ENV = "SLLM_FAULT_KV_COPY"
 """Fault injection for tests: ``corrupt`` flips a byte of every KV copy after its checksum, ``short``
 cuts its last chunk in half. The destination must refuse the copy and the source recompute instead."""
+
+
+class CacheChunks:
+    """A KV cache's bytes, layer after layer, as ``chunk_bytes`` pieces cut one at a time from byte views of
+    the cache's own tensors: no copy of the whole cache is ever made. Valid while those tensors are unchanged;
+    a decode step replaces a DynamicCache's tensors (it concatenates) rather than writing into them.
+
+    ``fault`` (tests, :data:`FAULT_ENV`): ``corrupt`` flips a byte of the last chunk after the checksum was
+    taken, ``short`` sends half of it.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], chunk_bytes: int, fault: str = "") -> None:
+        self.views = [memoryview(t.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy())
+                      for t in tensors]
+        self.total = sum(len(v) for v in self.views)
+        self.chunk_bytes = chunk_bytes
+        self.count = max(1, -(-self.total // chunk_bytes))
+        self.fault = fault
+        self.sent = 0
+        self._view = 0
+        self._offset = 0
+
+    def crc32(self) -> int:
+        value = 0
+        for view in self.views:
+            value = crc32(view, value)
+        return value
+
+    def done(self) -> bool:
+        return self.sent >= self.count
+
+    def take(self) -> bytes:
+        need = min(self.chunk_bytes, self.total - self.sent * self.chunk_bytes)
+        pieces = []
+        while need > 0:
+            view = self.views[self._view]
+            n = min(need, len(view) - self._offset)
+            pieces.append(view[self._offset:self._offset + n])
+            need -= n
+            self._offset += n
+            if self._offset == len(view):
+                self._view, self._offset = self._view + 1, 0
+        self.sent += 1
+        data = b"".join(pieces)
+        if self.sent == self.count and self.fault == "corrupt":
+            bad = bytearray(data)
+            bad[len(bad) // 2] ^= 0xFF
+            data = bytes(bad)
+        elif self.sent == self.count and self.fault == "short":
+            data = data[: len(data) // 2]
+        return data
 
 
 @dataclass
@@ -95,6 +149,9 @@ class Outgoing:
     copy_s: float = 0.0
     copy_rebuild_s: float = 0.0
     note: str = ""
+    chunks: CacheChunks | None = None
+    """A KV copy's chunks not sent yet (sent a few per decode step)."""
+    copy_estimate_s: float = 0.0
 
 
 @dataclass
@@ -327,6 +384,9 @@ class ModelInstanceActor(SupervisedActor):
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.running.pop(seq.request_id, None)
+        # No more steps of this request to pace a copy of its cache by: send the rest now, so the
+        # destination answers and the migration settles ("finished at the source first").
+        self._pump_copies(budget_s=float("inf"), only=seq.request_id)
         self.finished[seq.request_id] = time.monotonic()
         self._send(InferenceDone(seq.request_id, self.instance_id, reason, len(seq.generated_ids)))
 
@@ -383,48 +443,53 @@ class ModelInstanceActor(SupervisedActor):
         self._send_round(seq, out, list(seq.prompt_ids), list(seq.generated_ids))
 
     def _send_copy(self, seq: Sequence, out: Outgoing, estimate_s: float) -> None:
-        """Send the request's KV cache to the destination: its layers' bytes in chunks, with a checksum."""
+        """Send the request's KV cache to the destination: its layers' bytes in chunks, with a checksum.
+
+        The chunks are cut from the cache's own tensors one at a time and sent a few after each decode
+        step (:meth:`_pump_copies`), never all at once: this runs on the instance's thread, so a whole 4k-token
+        cache serialized here in one go was a late token for the client (4 steps of pause on a CPU).
+        """
         assert self.engine is not None
         started = time.perf_counter()
         n_cached, layers = self.engine.export_cache(seq)
         dtype = layers[0][0].dtype
-        shapes: list[list[list[int]]] = []
-        parts: list[memoryview] = []
-        for keys, values in layers:
-            shapes.append([list(keys.shape), list(values.shape)])
-            for t in (keys, values):
-                # To host bytes: a byte view of the contiguous tensor, so bfloat16 needs no numpy dtype.
-                host = t.detach().to("cpu", dtype).contiguous().view(torch.uint8).reshape(-1)
-                parts.append(memoryview(host.numpy()))
-        data = b"".join(parts)
-        crc = zlib.crc32(data)
-        n_chunks = max(1, -(-len(data) // KV_CHUNK_BYTES))
-        chunks = [data[i * KV_CHUNK_BYTES:(i + 1) * KV_CHUNK_BYTES] for i in range(n_chunks)]
-        fault = os.environ.get(FAULT_ENV, "")
-        if fault == "corrupt":
-            bad = bytearray(chunks[-1])
-            bad[len(bad) // 2] ^= 0xFF
-            chunks[-1] = bytes(bad)
-        elif fault == "short":
-            chunks[-1] = chunks[-1][: len(chunks[-1]) // 2]
-        out.transfer, out.kv_bytes, out.copy_pending, out.copy_started = "copy", len(data), True, started
+        shapes = [[list(keys.shape), list(values.shape)] for keys, values in layers]
+        chunks = CacheChunks([t for pair in layers for t in pair], KV_CHUNK_BYTES, os.environ.get(FAULT_ENV, ""))
+        out.transfer, out.kv_bytes, out.copy_pending, out.copy_started = "copy", chunks.total, True, started
         out.sent_upto = len(seq.generated_ids)
+        out.chunks, out.copy_estimate_s = chunks, estimate_s
         self._send(KvCopyBegin(
             migration_id=out.migration_id, round=out.round, request_id=seq.request_id, instance_id=out.dest_instance,
             source_node=self.node.name, source_instance=self.instance_id, prompt_ids=list(seq.prompt_ids),
             generated_ids=list(seq.generated_ids), max_tokens=seq.max_tokens, temperature=seq.temperature,
             top_p=seq.top_p, seed=seq.seed, stop=list(seq.stop), text_so_far=seq.text, n_cached=n_cached,
-            dtype=str(dtype).removeprefix("torch."), shapes=shapes, total_bytes=len(data), crc32=crc,
-            n_chunks=n_chunks,
+            dtype=str(dtype).removeprefix("torch."), shapes=shapes, total_bytes=chunks.total, crc32=chunks.crc32(),
+            n_chunks=chunks.count,
         ), out.dest_node)
-        for index, chunk in enumerate(chunks):
-            self._send(KvCopyChunk(out.migration_id, out.round, seq.request_id, out.dest_instance, index, chunk),
-                       out.dest_node)
-        self._arm_timer(seq.request_id, out, max(COPY_TIMEOUT_MIN_S, 10 * estimate_s))
+        self._pump_copies(budget_s=COPY_SEND_MIN_S)
+
+    def _pump_copies(self, budget_s: float, only: str = "") -> None:
+        """Send the next chunks of every KV copy under way, for about ``budget_s`` (at least one chunk each;
+        ``budget_s`` of infinity sends the rest). ``only``: just that request's copy."""
+        deadline = time.perf_counter() + budget_s
+        for request_id, out in list(self.outgoing.items()):
+            chunks = out.chunks
+            if chunks is None or (only and request_id != only):
+                continue
+            while not chunks.done():
+                index = chunks.sent
+                self._send(KvCopyChunk(out.migration_id, out.round, request_id, out.dest_instance, index,
+                                       chunks.take()), out.dest_node)
+                if time.perf_counter() >= deadline:
+                    break
+            if chunks.done():
+                out.chunks = None
+                self._arm_timer(request_id, out, max(COPY_TIMEOUT_MIN_S, 10 * out.copy_estimate_s))
 
     def _copy_fallback(self, request_id: str, out: Outgoing, reason: str) -> None:
         """The copy was refused or lost: recompute from the tokens instead, in the next round."""
         out.copy_pending = False
+        out.chunks = None
         out.transfer = "recompute"
         out.note = f"KV copy failed ({reason}); recomputed from the tokens"
         log.warning("%s: %s: %s", self.name, request_id, out.note)
@@ -663,9 +728,13 @@ class ModelInstanceActor(SupervisedActor):
 
     def _step_all(self) -> None:
         assert self.engine is not None
+        started = time.perf_counter()
         finished = False
         for seq in list(self.running.values()):
             finished |= self._step_one(seq)
+        if any(out.chunks is not None for out in self.outgoing.values()):
+            # A share of a step for KV copies: the stream slows a little instead of stopping.
+            self._pump_copies(budget_s=max(COPY_SEND_MIN_S, COPY_SEND_SHARE * (time.perf_counter() - started)))
         if finished:
             self._admit_waiting()
             self._publish()
@@ -708,7 +777,7 @@ def _decode_cache(begin: KvCopyBegin, chunks: dict[int, bytes]) -> list[tuple[to
     data = bytearray().join(chunks[i] for i in range(begin.n_chunks))
     if len(data) != begin.total_bytes:
         raise ValueError(f"KV copy of {len(data)} bytes, {begin.total_bytes} announced")
-    if zlib.crc32(data) != begin.crc32:
+    if crc32(data) != begin.crc32:
         raise ValueError("KV copy checksum mismatch")
     dtype = getattr(torch, begin.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
