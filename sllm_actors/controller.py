@@ -90,7 +90,7 @@ class Controller:
         )
         # A restarted node reconnects with the same identity: it takes over the old connection.
         ctx.cluster_endpoint = self.transport.bind_router(
-            CLUSTER, ctl.endpoint(ctl.cluster_port), self._from_node, handover=True
+            CLUSTER, ctl.endpoint(ctl.cluster_port), self._from_node, handover=True, relay=self._relay_to
         )
         ctx.state_endpoint = self.transport.bind_pub(STATE, ctl.endpoint(ctl.state_port))
         self.transport.every(TICK_S, self._tick)
@@ -184,6 +184,15 @@ class Controller:
         if not self.directory.tell(actor, wrapped):
             self.context.to_client(peer, ErrorReply(getattr(msg, "request_id", ""), "unavailable",
                                                     f"the {actor} is restarting; try again"))
+
+    def _relay_to(self, peer: bytes, address: str) -> bytes | None:
+        """Node-to-node frames (a migration's rounds and KV copies) go on to the node they name unread;
+        the receiving node decodes and checks them. From anything but a topology node, they are decoded
+        here and refused."""
+        sender = peer.decode(errors="replace").split(LINK_SEPARATOR, 1)[0]
+        if sender in self.node_names and address in self.node_names:
+            return address.encode()
+        return None
 
     def _from_node(self, peer: bytes, address: str, msg: Message) -> None:
         # A node's own socket is named after it; an actor's socket on that node is ``node~actor``.

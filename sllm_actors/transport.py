@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 OnMessage = Callable[[bytes, str, Message], None]
 """(peer identity or b"" on a DEALER, address, message), called in the IO thread."""
 OnUnreachable = Callable[[bytes], None]
+Relay = Callable[[bytes, str], bytes | None]
+"""(sender identity, address) -> the identity to pass the frame on to unread, or None to decode it here."""
 
 
 @dataclass
@@ -35,7 +37,9 @@ class _Endpoint:
     kind: int
     on_message: OnMessage | None
     on_unreachable: OnUnreachable | None = None
+    relay: Relay | None = None
     bad_frames: int = 0
+    relayed: int = 0
 
 
 @dataclass(order=True)
@@ -68,7 +72,11 @@ class Transport:
         on_message: OnMessage,
         on_unreachable: OnUnreachable | None = None,
         handover: bool = False,
+        relay: Relay | None = None,
     ) -> str:
+        """``relay``: frames with an address it names a peer for are passed on to that peer as they came,
+        without being decoded here (the receiver decodes and checks them): a migration's KV copy crosses
+        the controller at the cost of ZeroMQ's copy alone."""
         sock = self.context.socket(zmq.ROUTER)
         if handover:
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -79,7 +87,7 @@ class Transport:
             # Without this ROUTER silently drops frames for a vanished peer; we want to know.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         bound = _bind(sock, endpoint)
-        self._endpoints[key] = _Endpoint(sock, zmq.ROUTER, on_message, on_unreachable)
+        self._endpoints[key] = _Endpoint(sock, zmq.ROUTER, on_message, on_unreachable, relay)
         return bound
 
     def connect_dealer(self, key: str, endpoint: str, identity: str, on_message: OnMessage) -> None:
@@ -189,13 +197,16 @@ class Transport:
             if ep is None:
                 log.error("%s: no socket %r for an outgoing message", self.name, key)
                 continue
-            try:
-                ep.socket.send_multipart(frames, copy=False)
-            except zmq.ZMQError as exc:
-                if exc.errno == zmq.EHOSTUNREACH and ep.on_unreachable is not None:
-                    ep.on_unreachable(frames[0])
-                elif exc.errno != zmq.EHOSTUNREACH:
-                    log.warning("%s: send on %s failed: %s", self.name, key, exc)
+            self._send_frames(key, ep, frames)
+
+    def _send_frames(self, key: str, ep: _Endpoint, frames: list[bytes]) -> None:
+        try:
+            ep.socket.send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH and ep.on_unreachable is not None:
+                ep.on_unreachable(frames[0])
+            elif exc.errno != zmq.EHOSTUNREACH:
+                log.warning("%s: send on %s failed: %s", self.name, key, exc)
 
     def _receive(self, key: str, ep: _Endpoint) -> None:
         for _ in range(1000):  # bounded so one busy socket cannot starve the others
@@ -206,6 +217,12 @@ class Transport:
             peer = b""
             if ep.kind == zmq.ROUTER:
                 peer, frames = frames[0], frames[1:]
+            if ep.relay is not None and len(frames) == 3 and frames[0] == wire.HEADER and frames[1]:
+                target = ep.relay(peer, frames[1].decode(errors="replace"))
+                if target is not None:
+                    ep.relayed += 1
+                    self._send_frames(key, ep, [target, frames[0], b"", frames[2]])
+                    continue
             try:
                 address, msg = wire.unpack(frames)
             except ProtocolError as exc:
