@@ -173,3 +173,26 @@ def test_generation_config_and_tokenizer_are_saved(tmp_path: Path) -> None:
 def test_load_tokenizer_absent(tmp_path: Path) -> None:
     storage.save_checkpoint(tiny_model("llama"), tmp_path / "ckpt")
     assert storage.load_tokenizer(tmp_path / "ckpt") is None
+
+
+def test_warm_imports_leaves_nothing_for_the_first_load_to_import(tiny_model: Path, tmp_path: Path) -> None:
+    """A fresh node warms its imports before it reports ready; its first load then imports nothing."""
+    import subprocess
+    import sys
+
+    from sllm_actors.storage import convert
+
+    ckpt = tmp_path / "ckpt"
+    convert(str(tiny_model), str(ckpt))
+    code = (
+        "import sys\n"
+        "from sllm_actors.storage.model import warm_imports, load_model, load_tokenizer\n"
+        "warm_imports()\n"
+        "before = set(sys.modules)\n"
+        f"load_model({str(ckpt)!r}, 'cpu'); load_tokenizer({str(ckpt)!r})\n"
+        "new = sorted(m for m in set(sys.modules) - before if m.startswith(('transformers', 'tokenizers')))\n"
+        "print(new)\n"
+        "assert not new, new\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]

@@ -169,6 +169,23 @@ def load_model(
     return model
 
 
+WARM_ARCHITECTURES = ("LlamaForCausalLM",)
+"""The default model's and the replay family's architecture: importing it pulls in most of what any
+transformers causal LM needs (modeling, generation and masking utilities)."""
+
+
+def warm_imports(architectures: tuple[str, ...] = WARM_ARCHITECTURES) -> None:
+    """Import what a first load needs: transformers' auto classes, the model and config modules of
+    ``architectures``, the tokenizer stack. A fresh process otherwise pays for these imports inside its
+    first cold start (3-8 s on a 2-core machine, against 0.4 s for the same 50 MB load afterwards)."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer, DynamicCache, GenerationConfig  # noqa: F401
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
+
+    for name in architectures:
+        getattr(transformers, name, None)
+
+
 def has_tokenizer(path: str | os.PathLike[str]) -> bool:
     root = Path(path)
     return any(
@@ -186,4 +203,4 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     return AutoTokenizer.from_pretrained(Path(path))
 
 
-__all__ = ["TOKENIZER_FILES", "has_tokenizer", "load_model", "load_tokenizer", "parameters_on_meta"]
+__all__ = ["TOKENIZER_FILES", "has_tokenizer", "load_model", "load_tokenizer", "parameters_on_meta", "warm_imports"]
