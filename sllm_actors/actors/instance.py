@@ -384,9 +384,7 @@ class ModelInstanceActor(SupervisedActor):
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.running.pop(seq.request_id, None)
-        # No more steps of this request to pace a copy of its cache by: send the rest now, so the
-        # destination answers and the migration settles ("finished at the source first").
-        self._pump_copies(budget_s=float("inf"), only=seq.request_id)
+        self._flush_copy(seq.request_id)
         self.finished[seq.request_id] = time.monotonic()
         self._send(InferenceDone(seq.request_id, self.instance_id, reason, len(seq.generated_ids)))
 
@@ -716,8 +714,14 @@ class ModelInstanceActor(SupervisedActor):
     def _cancel(self, request_id: str) -> None:
         self.waiting = deque(w for w in self.waiting if w.request_id != request_id)
         if self.running.pop(request_id, None) is not None:
+            self._flush_copy(request_id)
             self._admit_waiting()
         self._publish()
+
+    def _flush_copy(self, request_id: str) -> None:
+        """The request left this instance: no more of its steps to pace a copy of its cache by. The rest goes
+        now, so the destination answers and the migration settles ("finished at the source first")."""
+        self._pump_copies(budget_s=float("inf"), only=request_id)
 
     # ------------------------------------------------------------------ decoding
 
