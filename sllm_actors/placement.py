@@ -73,6 +73,12 @@ class GpuView:
         return self.tiers.get(tier) or DEFAULT_BANDWIDTH[tier]
 
 
+def queued_load_s(loading: list[tuple[float, float]], now: float) -> float:
+    """The queue term of a start-up estimate: what is left, at ``now``, of the loads under way on a GPU,
+    each given as (its estimate in seconds, when it started). A load that outran its estimate counts 0."""
+    return sum(max(0.0, estimate - (now - started)) for estimate, started in loading)
+
+
 @dataclass
 class MigrationCost:
     """a * tokens + b seconds to resume a request of this model elsewhere, fitted online."""

@@ -946,7 +946,7 @@ class _Sim:
             if self.cfg.load_pipeline == "node":
                 # The SchedulerActor's queue term: what is left of each loading instance's estimate.
                 loading = [i for i in g.insts if i.state == "loading"]
-                g.view.loading_s = sum(max(0.0, i.estimate - (now - i.started)) for i in loading)
+                g.view.loading_s = placement.queued_load_s([(i.estimate, i.started) for i in loading], now)
                 if not loading:
                     self.loading_gpus.discard(gi)
                 continue

@@ -13,6 +13,7 @@ from sllm_actors.placement import (
     MigrationCost,
     RunningView,
     choose,
+    queued_load_s,
 )
 
 GB = 1_000_000_000
@@ -96,3 +97,50 @@ def test_random_policy_is_seeded(est: Estimator) -> None:
     a = [choose("random", "m", GB, gpus, est, random.Random(5)).gpu for _ in range(3)]
     b = [choose("random", "m", GB, gpus, est, random.Random(5)).gpu for _ in range(3)]
     assert a == b
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+def test_the_queue_term_is_what_is_left_of_the_loads_under_way() -> None:
+    clock = FakeClock()
+    loads = [(4.0, clock.now), (10.0, clock.now + 1.0)]  # a 4 s load, then a 10 s one a second later
+    assert queued_load_s(loads, clock.advance(1.0)) == pytest.approx(3.0 + 10.0)
+    assert queued_load_s(loads, clock.advance(2.0)) == pytest.approx(1.0 + 8.0)
+    # The first load outran its estimate: it counts nothing, never less.
+    assert queued_load_s(loads, clock.advance(5.0)) == pytest.approx(0.0 + 3.0)
+    assert queued_load_s(loads, clock.advance(100.0)) == 0.0
+
+
+def test_a_start_up_estimate_waits_for_the_queue_on_the_fake_clock(est: Estimator) -> None:
+    clock = FakeClock()
+    under_way = [(5.0, clock.now)]  # a 5 s load started now on the same GPU
+    for elapsed, queued in ((0.0, 5.0), (2.0, 3.0), (2.0, 1.0), (2.0, 0.0)):
+        gpu = _gpu("n1", holds={"ssd": {"m"}}, loading_s=queued_load_s(under_way, clock.advance(elapsed)))
+        assert est.load_s("m", gpu) == pytest.approx(queued + 4 * GB / (2 * GB)), clock.now
+
+
+def test_the_load_overhead_is_learned_from_measured_loads(est: Estimator) -> None:
+    # A 4 GB load from a 2 GB/s tier that took 3 s: 1 s beyond moving the bytes; then a moving average.
+    est.observe_load(3.0, 4 * GB, 2 * GB)
+    assert est.load_overhead_s == pytest.approx(1.0)
+    est.observe_load(2.0, 4 * GB, 2 * GB)  # no overhead this time
+    assert est.load_overhead_s == pytest.approx(0.7)
+    gpu = _gpu("n1", holds={"ssd": {"m"}})
+    assert est.load_s("m", gpu) == pytest.approx(0.7 + 2.0)
+
+
+def test_tier_bandwidth_is_refined_from_real_loads() -> None:
+    from sllm_actors.actors.tier_common import Bandwidth
+
+    bw = Bandwidth(1 * GB)  # measured at start
+    bw.observe(2 * GB, 1.0)  # a real load ran at 2 GB/s
+    assert bw.value == pytest.approx(1.3 * GB)
+    bw.observe(0, 1.0)  # nothing moved: ignored
+    assert bw.value == pytest.approx(1.3 * GB)

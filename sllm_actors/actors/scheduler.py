@@ -295,12 +295,11 @@ class SchedulerActor(SupervisedActor):
 
     def _views(self) -> list[placement.GpuView]:
         views = []
-        loading_by_gpu: dict[tuple[str, int], float] = {}
-        now = time.monotonic()
+        loads: dict[tuple[str, int], list[tuple[float, float]]] = {}
         for i in self.instances.values():
             if i.state == "loading":
-                key = (i.node, i.gpu)
-                loading_by_gpu[key] = loading_by_gpu.get(key, 0.0) + max(0.0, i.estimate_s - (now - i.started))
+                loads.setdefault((i.node, i.gpu), []).append((i.estimate_s, i.started))
+        now = time.monotonic()
         in_migration = {o.source for o in self.migrations.values()} | {o.dest for o in self.migrations.values()}
         for node in self.topology.nodes:
             if node.name not in self.alive:
@@ -322,7 +321,7 @@ class SchedulerActor(SupervisedActor):
                 views.append(placement.GpuView(
                     node.name, index, gpu.memory_bytes, instances,
                     tiers=dict(tiers.get("bandwidth", {})), holds=tiers.get("holds", {}),
-                    loading_s=loading_by_gpu.get((node.name, index), 0.0),
+                    loading_s=placement.queued_load_s(loads.get((node.name, index), []), now),
                 ))
         return views
 
