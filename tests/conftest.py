@@ -75,7 +75,7 @@ class RunningCluster:
 
 def write_topology(path: Path, models: dict[str, Path | str], *, nodes: int = 2, gpus_per_node: int = 1,
                    memory: str = "1GiB", extra: dict[str, Any] | None = None, keep_alive: str = "5m",
-                   dram: str = "1GiB", ssd: str = "2GiB") -> Path:
+                   dram: str = "1GiB", ssd: str = "2GiB", repository_bandwidth: str = "") -> Path:
     data: dict[str, Any] = {
         "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0},
         "nodes": [
@@ -85,6 +85,7 @@ def write_topology(path: Path, models: dict[str, Path | str], *, nodes: int = 2,
                 "threads": 1,
                 "dram": {"capacity": dram},
                 "ssd": {"path": str(path.parent / f"ssd-{i + 1}"), "capacity": ssd},
+                **({"repository": {"bandwidth": repository_bandwidth}} if repository_bandwidth else {}),
             }
             for i in range(nodes)
         ],

@@ -217,20 +217,24 @@ def test_auto_io_reads_cached_pages_buffered_and_the_rest_direct(tmp_path: Path)
     )
     assert cold.bytes_direct > cold.bytes * 0.9
 
-    # Cache the first 12 MiB only: chunk 0 is all cached, chunk 1 half, chunks 2-3 not at all.
-    _evict(data)
-    with open(data, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: cache exactly what is read
-        f.read(12 << 20)
-    mixed = storage.LoadStats()
-    _assert_same(
-        storage.load_state_dict(tmp_path / "ckpt", stats=mixed, chunk_bytes=8 << 20)["w"], sd["w"], "w"
-    )
+    # Cache the first 12 MiB only: chunk 0 is all cached, chunk 1 half, chunks 2-3 not at all. The kernel may
+    # reclaim cached pages on its own between two loads (proactive reclaim runs on these VMs): a round whose
+    # cache state changed underneath is tried again, a loader that misreads it fails every round.
+    for attempt in range(3):
+        _evict(data)
+        with open(data, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: cache exactly what is read
+            f.read(12 << 20)
+        mixed = storage.LoadStats()
+        _assert_same(
+            storage.load_state_dict(tmp_path / "ckpt", stats=mixed, chunk_bytes=8 << 20)["w"], sd["w"], "w"
+        )
+        warm = storage.LoadStats()
+        _assert_same(storage.load_state_dict(tmp_path / "ckpt", stats=warm)["w"], sd["w"], "w")
+        if (mixed.bytes_buffered, warm.bytes_buffered) == (12 << 20, 12 << 20) or attempt == 2:
+            break
     assert mixed.bytes_buffered == 12 << 20, mixed
     assert mixed.bytes_direct == mixed.bytes - mixed.bytes_buffered
-
-    warm = storage.LoadStats()
-    _assert_same(storage.load_state_dict(tmp_path / "ckpt", stats=warm)["w"], sd["w"], "w")
     # Direct reads do not populate the page cache, so only what was cached before is served from it.
     assert warm.bytes_buffered == 12 << 20, warm
 

@@ -224,7 +224,11 @@ def test_k_on_a_node_kills_it_and_the_log_shows_the_crash_and_the_restart(cluste
     run(scenario)
 
 
-def test_m_on_a_request_migrates_it_to_the_other_node(cluster: RunningCluster) -> None:
+def test_m_on_a_request_migrates_it_to_the_other_node(cluster_factory: Any, tiny_model: Path) -> None:
+    # The tiny model (0.5 MB) loads in a fraction of a second: with the repository read at 150 kB/s the
+    # destination's cold load takes about 3 s, so the migration stays in progress long enough to be seen.
+    cluster = cluster_factory({"tiny": tiny_model}, repository_bandwidth="150kB")
+
     async def scenario() -> None:
         app = SllmTui(cluster.endpoint, action_timeout_s=60)
         async with app.run_test(size=SIZE) as pilot:
