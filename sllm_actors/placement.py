@@ -169,6 +169,47 @@ def choose_transfer(mode: str, kv_bytes: int, tokens: int, recompute: MigrationC
 
 
 @dataclass
+class LoadFit:
+    """Seconds to load a model from one tier of one node, ``fixed + bytes / bandwidth``, fitted by least
+    squares over that tier's recent loads that ran alone on their node (a load beside another waits for it).
+
+    The fixed part (building the model, its tokenizer, the instance) dominates small models and the
+    bandwidth large ones; one shared overhead and a tier's raw measured bandwidth got both wrong (estimates
+    +100 % for 50 MB loads from DRAM, -74 % for 1 GB ones on a CPU). Until loads of two different sizes have
+    been seen, the fixed part is the mean residual over the tier's measured bandwidth.
+    """
+
+    samples: list[tuple[int, float]] = field(default_factory=list)
+    fixed_s: float = 0.0
+    bytes_per_s: float = 0.0
+    """Fitted; 0 until the samples span two sizes and give a positive slope."""
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        self.samples = (self.samples + [(nbytes, seconds)])[-LOAD_FIT_SAMPLES:]
+        n = len(self.samples)
+        mx = sum(b for b, _ in self.samples) / n
+        my = sum(t for _, t in self.samples) / n
+        var = sum((b - mx) ** 2 for b, _ in self.samples)
+        if n < 2 or var <= (0.1 * mx) ** 2 * n:
+            return  # one size only: the slope is not determined
+        slope = sum((b - mx) * (t - my) for b, t in self.samples) / var
+        if slope <= 0:
+            return
+        self.bytes_per_s, self.fixed_s = 1.0 / slope, max(0.0, my - slope * mx)
+
+    def predict(self, nbytes: int, measured_bytes_per_s: float) -> float:
+        if self.bytes_per_s > 0:
+            return self.fixed_s + nbytes / self.bytes_per_s
+        fixed = sum(max(0.0, t - b / measured_bytes_per_s) for b, t in self.samples) / len(self.samples)
+        return fixed + nbytes / measured_bytes_per_s
+
+
+LOAD_FIT_SAMPLES = 20
+
+
+@dataclass
 class Estimator:
     model_bytes: dict[str, int] = field(default_factory=dict)
     migration: dict[str, MigrationCost] = field(default_factory=dict)
@@ -176,11 +217,24 @@ class Estimator:
     """(source node, destination node) -> KV copy cost, from real copies."""
     load_overhead_s: float = 0.0
     """Time a load costs beyond moving bytes (building the model, starting its actor), learned from
-    real loads: for small models it dominates, and leaving it out made estimates 100 % low."""
+    real loads: for small models it dominates, and leaving it out made estimates 100 % low. Used for a tier
+    no load has been fitted for yet (see ``load_fits``)."""
+    load_fits: dict[tuple[str, str], LoadFit] = field(default_factory=dict)
+    """(node, tier) -> fixed + bytes / bandwidth, from that tier's real loads (a node with none borrows
+    another node's fit of the same tier: the same kind of hardware, likely)."""
 
     def load_s(self, model: str, gpu: GpuView) -> float:
         tier = gpu.best_tier(model)
-        return gpu.loading_s + self.load_overhead_s + self.model_bytes.get(model, 1 << 30) / gpu.bandwidth(tier)
+        nbytes = self.model_bytes.get(model, 1 << 30)
+        fit = self.load_fits.get((gpu.node, tier)) or next(
+            (f for (_, t), f in self.load_fits.items() if t == tier and f.samples), None)
+        if fit is not None and fit.samples:
+            return gpu.loading_s + fit.predict(nbytes, gpu.bandwidth(tier))
+        return gpu.loading_s + self.load_overhead_s + nbytes / gpu.bandwidth(tier)
+
+    def observe_tier_load(self, node: str, tier: str, nbytes: int, seconds: float) -> None:
+        """A load that ran alone on its node took ``seconds`` (the node's own measure, no queue in it)."""
+        self.load_fits.setdefault((node, tier), LoadFit()).observe(nbytes, seconds)
 
     def observe_load(self, seconds: float, nbytes: int, bandwidth: float) -> None:
         overhead = max(0.0, seconds - (nbytes / bandwidth if bandwidth > 0 else 0.0))

@@ -10,6 +10,7 @@ from sllm_actors.placement import (
     Estimator,
     GpuView,
     InstanceView,
+    LoadFit,
     MigrationCost,
     RunningView,
     choose,
@@ -144,3 +145,25 @@ def test_tier_bandwidth_is_refined_from_real_loads() -> None:
     assert bw.value == pytest.approx(1.3 * GB)
     bw.observe(0, 1.0)  # nothing moved: ignored
     assert bw.value == pytest.approx(1.3 * GB)
+
+
+def test_a_tier_fit_separates_the_fixed_part_from_the_bandwidth() -> None:
+    fit = LoadFit()
+    fit.observe(1 * GB, 0.5 + 1.0)  # 0.5 s fixed + 1 GB at 1 GB/s
+    # One size seen: the fixed part is its residual over the measured bandwidth.
+    assert fit.predict(1 * GB, 2 * GB) == pytest.approx(1.0 + 0.5)
+    fit.observe(GB // 10, 0.5 + 0.1)
+    fit.observe(GB // 2, 0.5 + 0.5)
+    assert fit.bytes_per_s == pytest.approx(1 * GB) and fit.fixed_s == pytest.approx(0.5)
+    assert fit.predict(4 * GB, 20 * GB) == pytest.approx(4.5)  # the fit, not the measured bandwidth
+
+
+def test_the_estimator_uses_the_tier_fit_and_lends_it_to_other_nodes(est: Estimator) -> None:
+    for nbytes, seconds in ((GB, 1.2), (3 * GB, 1.6)):  # DRAM on n1: 1 s fixed + 5 GB/s
+        est.observe_tier_load("n1", "dram", nbytes, seconds)
+    here, there = _gpu("n1", holds={"dram": {"m"}}), _gpu("n2", holds={"dram": {"m"}}, loading_s=2.0)
+    assert est.load_s("m", here) == pytest.approx(1.0 + 4 * GB / (5 * GB))
+    assert est.load_s("m", there) == pytest.approx(2.0 + 1.0 + 4 * GB / (5 * GB))
+    # A tier with no fit yet: the shared overhead and the tier's measured bandwidth.
+    est.load_overhead_s = 0.3
+    assert est.load_s("m", _gpu("n1", holds={"ssd": {"m"}})) == pytest.approx(0.3 + 4 * GB / (2 * GB))

@@ -77,6 +77,8 @@ class Instance:
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
     """Its requests are being moved off to make room: it takes no new ones."""
+    overlapped: bool = False
+    """Another load ran on the same node meanwhile: its time holds a wait, not only its own work."""
 
 
 @dataclass
@@ -329,6 +331,9 @@ class SchedulerActor(SupervisedActor):
         node, gpu = slot
         instance_id = f"{spec.name}-{next(self._ids)}"
         inst = Instance(instance_id, node, gpu, spec.name, self._need_bytes(spec), waiters=list(waiters))
+        for other in self.instances.values():
+            if other.node == node and other.state == "loading":
+                other.overlapped = inst.overlapped = True
         self.instances[instance_id] = inst
         self.cluster.to_node(node, LoadModel(instance_id, spec.name, spec.source, gpu, spec.target_concurrency))
         self.cluster.events.emit(
@@ -415,7 +420,10 @@ class SchedulerActor(SupervisedActor):
         if msg.memory_bytes and inst.model not in self.model_bytes:
             self.model_bytes[inst.model] = msg.memory_bytes
         measured = time.monotonic() - inst.started
-        self.estimator.observe_load(measured, self.model_bytes.get(inst.model, 0), self._bandwidth(inst.node, msg.tier))
+        if not inst.overlapped and msg.load_s > 0:
+            nbytes = msg.memory_bytes or self.model_bytes.get(inst.model, 0)
+            self.estimator.observe_load(msg.load_s, nbytes, self._bandwidth(inst.node, msg.tier))
+            self.estimator.observe_tier_load(inst.node, msg.tier, nbytes, msg.load_s)
         if inst.estimate_s > 0:
             error = (inst.estimate_s - measured) / measured if measured > 0 else 0.0
             self.cluster.events.emit(
