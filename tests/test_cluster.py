@@ -233,3 +233,46 @@ def test_a_frozen_node_is_declared_dead_then_comes_back_and_drops_its_orphans(cl
     )
     with cluster.client() as client:
         assert len(client.complete("tiny", PROMPT, max_tokens=3).token_ids) == 3
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_node_to_node_frames_are_relayed_only_between_topology_nodes(cluster_factory: Any, tiny_model: Path) -> None:
+    """The controller passes frames addressed to a node on unread, but only from a node of the topology: an
+    impostor's are decoded and refused; a node's garbage reaches its peer, which refuses it and goes on."""
+    from sllm_actors.messages import UnloadModel
+
+    port = _free_port()
+    cluster = cluster_factory({"tiny": tiny_model}, extra={"controller": {"cluster_port": port}})
+    with cluster.client() as client:
+        assert len(client.complete("tiny", PROMPT, max_tokens=3).token_ids) == 3
+        st = client.status()
+    (instance_id, node), = {(i["instance_id"], i["node"]) for i in st["instances"]}
+    other = "node-2" if node == "node-1" else "node-1"
+    ctx = zmq.Context.instance()
+    impostor, peer = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        impostor.setsockopt(zmq.IDENTITY, b"intruder")
+        peer.setsockopt(zmq.IDENTITY, f"{other}~test".encode())
+        for sock in (impostor, peer):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{port}")
+        impostor.send_multipart(wire.pack(UnloadModel(instance_id), node))
+        assert impostor.poll(10_000), "the impostor got no answer"
+        _, reply = wire.unpack(impostor.recv_multipart())
+        assert isinstance(reply, ErrorReply) and reply.code == "rejected" and "intruder" in reply.message, reply
+        peer.send_multipart([wire.HEADER, node.encode(), b"\xc1\xc1"])  # garbage, relayed to the node
+    finally:
+        impostor.close()
+        peer.close()
+    with cluster.client() as client:
+        assert len(client.complete("tiny", PROMPT, max_tokens=3).token_ids) == 3
+        st = client.status()
+    assert any(i["instance_id"] == instance_id for i in st["instances"]), "the impostor's unload was obeyed"
+    assert all(n["alive"] and n["restarts"] == 0 for n in st["nodes"]), st["nodes"]
