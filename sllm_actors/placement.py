@@ -226,9 +226,10 @@ class Estimator:
     def load_s(self, model: str, gpu: GpuView) -> float:
         tier = gpu.best_tier(model)
         nbytes = self.model_bytes.get(model, 1 << 30)
-        fit = self.load_fits.get((gpu.node, tier)) or next(
-            (f for (_, t), f in self.load_fits.items() if t == tier and f.samples), None)
-        if fit is not None and fit.samples:
+        fit = self.load_fits.get((gpu.node, tier))
+        if fit is None or not fit.samples:
+            fit = next((f for (_, t), f in self.load_fits.items() if t == tier and f.samples), None)
+        if fit is not None:
             return gpu.loading_s + fit.predict(nbytes, gpu.bandwidth(tier))
         return gpu.loading_s + self.load_overhead_s + nbytes / gpu.bandwidth(tier)
 

@@ -39,7 +39,6 @@ class _Endpoint:
     on_unreachable: OnUnreachable | None = None
     relay: Relay | None = None
     bad_frames: int = 0
-    relayed: int = 0
 
 
 @dataclass(order=True)
@@ -220,7 +219,6 @@ class Transport:
             if ep.relay is not None and len(frames) == 3 and frames[0] == wire.HEADER and frames[1]:
                 target = ep.relay(peer, frames[1].decode(errors="replace"))
                 if target is not None:
-                    ep.relayed += 1
                     self._send_frames(key, ep, [target, frames[0], b"", frames[2]])
                     continue
             try:
