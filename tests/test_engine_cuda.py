@@ -1,0 +1,79 @@
+"""The engine on a CUDA device: resumes continue exactly, and the calls that rebuild a cache return only once
+the device has run them. Skipped without a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sllm_actors.gpu.engine import Engine, Sequence
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PROMPT = "The capital of France is"
+BUSY_CYCLES = 500_000_000
+"""About a quarter of a second of GPU time queued ahead of each call, so a call that only queues its own work
+returns while the device is still busy."""
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> Engine:
+    from sllm_actors.models import load_for_inference
+
+    model, tokenizer = load_for_inference(tiny_model, "cuda:0")
+    return Engine(model, tokenizer)
+
+
+def _seq(engine: Engine, generated: list[int] | None = None, temperature: float = 0.0) -> Sequence:
+    return Sequence("r", engine.tokenize(PROMPT, chat=False), list(generated or []), 24, temperature, 0.9, 7, [])
+
+
+def _run(engine: Engine, seq: Sequence) -> list[int]:
+    engine.prefill(seq)
+    while not seq.finish_reason:
+        engine.step(seq)
+    return seq.generated_ids
+
+
+def _device_idle() -> bool:
+    return torch.cuda.current_stream().query()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_resume_and_rounds_continue_identically_on_cuda(engine: Engine, temperature: float) -> None:
+    full = _run(engine, _seq(engine, temperature=temperature))
+    assert _run(engine, _seq(engine, full[:5], temperature)) == full
+    seq = _seq(engine, full[:3], temperature)
+    engine.prefill(seq)
+    engine.extend(seq, full[3:9])
+    while not seq.finish_reason:
+        engine.step(seq)
+    assert seq.generated_ids == full
+
+
+def test_cache_rebuilding_calls_return_with_the_device_idle(engine: Engine) -> None:
+    # A migration round reports its cache rebuilt when these return; on CUDA a return right after queueing let
+    # the source stop while the destination's GPU was still computing, and the hand-over waited for it.
+    full = _run(engine, _seq(engine))
+    torch.cuda.synchronize()
+    seq = _seq(engine, full[:4])
+    torch.cuda._sleep(BUSY_CYCLES)
+    assert not _device_idle(), "the busy kernel finished before the call: raise BUSY_CYCLES"
+    engine.prefill(seq)
+    assert _device_idle(), "prefill returned before its forward ran"
+
+    torch.cuda._sleep(BUSY_CYCLES)
+    engine.extend(seq, full[4:8])
+    assert _device_idle(), "extend returned before its forward ran"
+
+    n_cached, layers = engine.export_cache(seq)
+    copied = _seq(engine, full[:8])
+    host_layers = [(k.cpu(), v.cpu()) for k, v in layers]
+    torch.cuda._sleep(BUSY_CYCLES)
+    engine.import_cache(copied, n_cached, host_layers)
+    assert _device_idle(), "import_cache returned before its forward ran"
+    while not copied.finish_reason:
+        engine.step(copied)
+    assert copied.generated_ids == full
