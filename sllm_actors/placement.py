@@ -4,13 +4,16 @@ compared with. Pure functions over a view of the cluster, so the SchedulerActor 
 
 Start-up estimate of model m on GPU g:  queue(g) + size(m) / bandwidth(fastest tier of g's node
 holding m), 0 when an idle instance of m is already loaded there; with no local copy the repository
-tier's bandwidth applies. Migration estimate of a running inference r to GPU h:
-a_m * (tokens of r) + b_m, fitted from real resumes, plus h's start-up estimate for r's model.
+tier's bandwidth applies. queue(g) is the wait for the loads g's node runs already, of which a node runs
+one fetch and one build at a time (:func:`pipeline_wait_s`). Migration estimate of a running inference r
+to GPU h: a_m * (tokens of r) + b_m, fitted from real resumes, plus h's start-up estimate for r's model.
 """
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,7 +52,17 @@ class GpuView:
     holds: dict[str, set[str]] = field(default_factory=dict)
     """tier -> models held by that tier on this GPU's node."""
     loading_s: float = 0.0
-    """Seconds of loads already under way on this GPU (the queue term)."""
+    """A flat queue term in seconds, used where ``loads`` is empty (a caller that knows only a total)."""
+    loads: tuple[LoadUnderWay, ...] = ()
+    """The loads under way on this GPU's node, for the queue term (see :func:`pipeline_wait_s`)."""
+    now: float = 0.0
+    """The clock ``loads`` were started on, read when the view was made."""
+
+    def queue_wait_s(self, fetch_s: float = 0.0) -> float:
+        """How long a load with a fetch of ``fetch_s`` (0: none) ordered now waits for the node's others."""
+        if self.loads:
+            return pipeline_wait_s(self.loads, self.now, fetch_s)
+        return self.loading_s
 
     @property
     def key(self) -> tuple[str, int]:
@@ -73,10 +86,50 @@ class GpuView:
         return self.tiers.get(tier) or DEFAULT_BANDWIDTH[tier]
 
 
-def queued_load_s(loading: list[tuple[float, float]], now: float) -> float:
-    """The queue term of a start-up estimate: what is left, at ``now``, of the loads under way on a GPU,
-    each given as (its estimate in seconds, when it started). A load that outran its estimate counts 0."""
-    return sum(max(0.0, estimate - (now - started)) for estimate, started in loading)
+@dataclass(frozen=True)
+class LoadUnderWay:
+    """A load in progress on a node, in the parts a node runs it in (``storage_client.py``): a repository
+    fetch (a node's fetches take turns: one repository tier actor), then the build (a node-wide lock: builds
+    take turns), then, for an SSD load under a bandwidth cap, the rest of its time outside the lock."""
+
+    started: float
+    fetch_s: float = 0.0
+    build_s: float = 0.0
+    tail_s: float = 0.0
+
+
+def load_parts(tier: str, own_s: float, build_s: float) -> tuple[float, float, float]:
+    """(fetch, build, tail) of a load from ``tier`` estimated at ``own_s`` in all, whose build alone (what a
+    DRAM load of the same bytes costs) is ``build_s``; the same split the simulator's node pipeline makes."""
+    build = min(own_s, max(0.0, build_s))
+    if tier == "repository":
+        return own_s - build, build, 0.0
+    if tier == "ssd":
+        return 0.0, build, own_s - build
+    return 0.0, own_s, 0.0
+
+
+def pipeline_wait_s(loads: Sequence[LoadUnderWay], now: float, fetch_s: float = 0.0) -> float:
+    """The queue term of a start-up estimate: how long a load ordered at ``now`` (a fetch of ``fetch_s``, 0
+    for none, then its build) waits for the loads under way on its node, replayed from their start times and
+    estimated parts. Only what a node serializes delays it: its fetch waits for the fetches ahead, its build
+    for the builds that asked for the lock before it did. A DRAM load does not wait for a fetch under way,
+    nor for the build that follows the fetch if it is done by then. A load that outran its estimate delays
+    nothing."""
+    fetch_free = -math.inf
+    ready: list[tuple[float, float]] = []
+    for load in sorted(loads, key=lambda item: item.started):
+        at = load.started
+        if load.fetch_s > 0:
+            at = fetch_free = max(at, fetch_free) + load.fetch_s
+        ready.append((at, load.build_s))
+    mine = max(now, fetch_free) + fetch_s if fetch_s > 0 else now
+    build_free = -math.inf
+    for at, seconds in sorted(ready):
+        if at > mine:
+            break  # it asks for the lock after this load does: it waits, not this one
+        build_free = max(at, build_free) + seconds
+    return max(0.0, max(mine, build_free) - (now + fetch_s))
 
 
 @dataclass
@@ -224,14 +277,25 @@ class Estimator:
     another node's fit of the same tier: the same kind of hardware, likely)."""
 
     def load_s(self, model: str, gpu: GpuView) -> float:
+        """Start-up estimate of ``model`` on ``gpu``: the wait for what its node runs already, plus its own load
+        from the fastest tier of the node that holds it."""
+        fetch, build, tail = self.load_parts(model, gpu)
+        return gpu.queue_wait_s(fetch) + fetch + build + tail
+
+    def load_parts(self, model: str, gpu: GpuView) -> tuple[float, float, float]:
+        """(fetch, build, tail) seconds of loading ``model`` on ``gpu`` by itself (no queue)."""
         tier = gpu.best_tier(model)
+        own = self.tier_load_s(model, gpu, tier)
+        return load_parts(tier, own, self.tier_load_s(model, gpu, "dram") if tier != "dram" else own)
+
+    def tier_load_s(self, model: str, gpu: GpuView, tier: str) -> float:
         nbytes = self.model_bytes.get(model, 1 << 30)
         fit = self.load_fits.get((gpu.node, tier))
         if fit is None or not fit.samples:
             fit = next((f for (_, t), f in self.load_fits.items() if t == tier and f.samples), None)
         if fit is not None:
-            return gpu.loading_s + fit.predict(nbytes, gpu.bandwidth(tier))
-        return gpu.loading_s + self.load_overhead_s + nbytes / gpu.bandwidth(tier)
+            return fit.predict(nbytes, gpu.bandwidth(tier))
+        return self.load_overhead_s + nbytes / gpu.bandwidth(tier)
 
     def observe_tier_load(self, node: str, tier: str, nbytes: int, seconds: float) -> None:
         """A load that ran alone on its node took ``seconds`` (the node's own measure, no queue in it)."""

@@ -410,7 +410,8 @@ def validate(replay: dict[str, Any], policies: list[str] | None = None, *, seed:
             "policy": p, "real": real,
             "sim": {"completed": sim["completed"], "failed": sim["failed"], "latency_s": sim["latency_s"],
                     "ttft_s": sim["ttft_s"], "loads": sim["loads"], "decisions": sim["decisions"],
-                    "migrations": sim["migrations"], "preemptions": sim["preemptions"]},
+                    "migrations": sim["migrations"], "preemptions": sim["preemptions"],
+                    "estimator": sim["estimator"]},
             "rel_error": errors,
             "pass": all(e is not None and abs(e) <= BAR for e in held),
         })

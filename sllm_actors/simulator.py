@@ -428,6 +428,21 @@ class RequestRecord:
         return self.finish_s - self.arrival_s
 
 
+def estimate_errors(estimates: Sequence[tuple[str, float, float]]) -> dict[str, Any]:
+    """Start-up estimates against their loads' times: count, mean relative and absolute error, by tier."""
+    def errors(rows: Sequence[tuple[str, float, float]]) -> dict[str, Any]:
+        timed = [(e, m) for _, e, m in rows if m > 0]
+        if not timed:
+            return {"count": 0, "mean_rel_error": None, "mean_abs_rel_error": None, "mean_abs_error_s": None}
+        return {"count": len(timed), "mean_rel_error": sum((e - m) / m for e, m in timed) / len(timed),
+                "mean_abs_rel_error": sum(abs(e - m) / m for e, m in timed) / len(timed),
+                "mean_abs_error_s": sum(abs(e - m) for e, m in timed) / len(timed)}
+
+    out = errors(estimates)
+    out["by_tier"] = {tier: errors([r for r in estimates if r[0] == tier]) for tier in sorted({r[0] for r in estimates})}
+    return out
+
+
 def _stats(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "p50": None, "p99": None}
@@ -463,6 +478,9 @@ class SimResult:
     makespan_s: float
     events: int
     wall_s: float
+    estimates: list[tuple[str, float, float]] = field(default_factory=list)
+    """(tier, estimated, simulated seconds) of each load that a placement decision estimated, from its order
+    to its end (queue waits in it), as the real scheduler's ``estimate`` events measure them."""
     log: list[dict[str, Any]] = field(default_factory=list)
     """With ``SimConfig.record_log``: ``{"time", "kind", ...}`` per schedule decision (``request``, ``model``,
     ``decision``, ``node``, ``tier``, ``estimate_s``), load (``node``, ``model``, ``tier``, ``seconds``; logged
@@ -493,6 +511,7 @@ class SimResult:
             "gpu_load_s": self.gpu_load_s,
             "gpu_utilization": self.gpu_busy_s / (self.gpus * self.makespan_s) if self.makespan_s > 0 else 0.0,
             "makespan_s": self.makespan_s,
+            "estimator": estimate_errors(self.estimates),
             "events": self.events,
             "wall_s": self.wall_s,
         }
@@ -576,6 +595,7 @@ class _Inst:
         "mem",
         "model",
         "orders",
+        "parts",
         "running",
         "spec",
         "started",
@@ -606,8 +626,10 @@ class _Inst:
         self.t_last = now
         self.started = now
         self.estimate = 0.0
-        """The placement decision's start-up estimate (0 for a migration's destination), as the real
-        scheduler keeps it: what is left of it counts in its GPU's queue term."""
+        """The placement decision's start-up estimate (0 for a migration's destination)."""
+        self.parts = (0.0, 0.0, 0.0)
+        """Its own load's estimated (fetch, build, tail), as the real scheduler keeps them: its node's queue
+        term for other loads replays them (``load_pipeline`` ``node``)."""
         self.tier = ""
 
     def sync_view(self) -> None:
@@ -805,6 +827,7 @@ class _Sim:
         self.loading_gpus: set[int] = set()
         self.ids = 0
         self.loads = {t: 0 for t in TIERS}
+        self.estimates: list[tuple[str, float, float]] = []
         self.decisions = {k: 0 for k in ("load", "migrate", "preempt", "wait")}
         self.migrations = 0
         self.preemptions = 0
@@ -944,10 +967,12 @@ class _Sim:
         for gi in list(self.loading_gpus):
             g = self.gpus[gi]
             if self.cfg.load_pipeline == "node":
-                # The SchedulerActor's queue term: what is left of each loading instance's estimate.
-                loading = [i for i in g.insts if i.state == "loading"]
-                g.view.loading_s = placement.queued_load_s([(i.estimate, i.started) for i in loading], now)
-                if not loading:
+                # The SchedulerActor's queue term: the loads under way on the GPU's node, in their parts.
+                loads = tuple(placement.LoadUnderWay(i.started, *i.parts)
+                              for sg in g.server.gpus for i in sg.insts if i.state == "loading")
+                for sg in g.server.gpus:
+                    sg.view.loads, sg.view.now = loads, now
+                if not any(i.state == "loading" for i in g.insts):
                     self.loading_gpus.discard(gi)
                 continue
             left = g.load_free_at - now
@@ -1111,6 +1136,7 @@ class _Sim:
         inst.tier = tier
         dur = self._load_cost(spec, gpu, tier)
         if self.cfg.load_pipeline == "node":
+            inst.parts = self.est.load_parts(spec.name, gpu.view)
             srv = gpu.server
             build = min(dur, self._load_cost(spec, gpu, "dram"))
             if tier == "repository":
@@ -1152,6 +1178,8 @@ class _Sim:
         self._push(srv.build_free_at, _LOADED, inst, None)
 
     def _loaded(self, inst: _Inst) -> None:
+        if inst.estimate > 0:
+            self.estimates.append((inst.tier, inst.estimate, self.now - inst.started))
         if self.cfg.record_log:
             self._log("load", node=inst.gpu.server.name, gpu=inst.gpu.view.gpu, model=inst.model, tier=inst.tier,
                       seconds=self.now - inst.t_last, instance=inst.id)
@@ -1367,7 +1395,7 @@ class _Sim:
                 r.cold_tier, r.migrations, r.preemptions, r.server, r.error))
         return SimResult(self.policy, self.seed, records, dict(self.loads), dict(self.decisions),
                          self.migrations, self.preemptions, sum(g.busy_s for g in self.gpus), self.load_s,
-                         len(self.gpus), self.now, self.events, wall_s, self.log)
+                         len(self.gpus), self.now, self.events, wall_s, self.estimates, self.log)
 
 
 def simulate(config: SimConfig, workload: list[Arrival], policy: str, seed: int = 0) -> SimResult:

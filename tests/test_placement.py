@@ -13,8 +13,10 @@ from sllm_actors.placement import (
     LoadFit,
     MigrationCost,
     RunningView,
+    LoadUnderWay,
     choose,
-    queued_load_s,
+    load_parts,
+    pipeline_wait_s,
 )
 
 GB = 1_000_000_000
@@ -109,22 +111,49 @@ class FakeClock:
         return self.now
 
 
-def test_the_queue_term_is_what_is_left_of_the_loads_under_way() -> None:
+def test_the_queue_term_counts_only_what_a_node_serializes() -> None:
     clock = FakeClock()
-    loads = [(4.0, clock.now), (10.0, clock.now + 1.0)]  # a 4 s load, then a 10 s one a second later
-    assert queued_load_s(loads, clock.advance(1.0)) == pytest.approx(3.0 + 10.0)
-    assert queued_load_s(loads, clock.advance(2.0)) == pytest.approx(1.0 + 8.0)
-    # The first load outran its estimate: it counts nothing, never less.
-    assert queued_load_s(loads, clock.advance(5.0)) == pytest.approx(0.0 + 3.0)
-    assert queued_load_s(loads, clock.advance(100.0)) == 0.0
+    t0 = clock.now
+    fetching = [LoadUnderWay(t0, fetch_s=6.0, build_s=2.0)]  # a repository load: fetch to t0+6, build to t0+8
+    now = clock.advance(1.0)
+    # A DRAM or SSD load asks for the build lock long before that fetch ends: it waits for nothing.
+    assert pipeline_wait_s(fetching, now) == 0.0
+    # Another repository load: its fetch waits 5 s for the one ahead, then its build 1 s for that load's build.
+    assert pipeline_wait_s(fetching, now, fetch_s=1.0) == pytest.approx(5.0 + 1.0)
+    # A long fetch of its own: the other's build is done by the time this one's starts.
+    assert pipeline_wait_s(fetching, now, fetch_s=10.0) == pytest.approx(5.0)
+
+    building = [LoadUnderWay(t0, build_s=4.0), LoadUnderWay(t0 + 0.5, build_s=2.0)]  # two builds queued
+    assert pipeline_wait_s(building, now) == pytest.approx(3.0 + 2.0)
+    assert pipeline_wait_s(building, clock.advance(4.0)) == pytest.approx(1.0)
+    # Both outran their estimates: they delay nothing, never less than nothing.
+    assert pipeline_wait_s(building, clock.advance(100.0)) == 0.0
+
+
+def test_a_load_splits_into_fetch_build_and_tail() -> None:
+    assert load_parts("repository", 20.0, 0.2) == pytest.approx((19.8, 0.2, 0.0))
+    assert load_parts("ssd", 2.0, 0.2) == pytest.approx((0.0, 0.2, 1.8))
+    assert load_parts("dram", 0.2, 0.2) == pytest.approx((0.0, 0.2, 0.0))
+    assert load_parts("ssd", 0.1, 0.2) == pytest.approx((0.0, 0.1, 0.0))  # never more than the whole
 
 
 def test_a_start_up_estimate_waits_for_the_queue_on_the_fake_clock(est: Estimator) -> None:
     clock = FakeClock()
-    under_way = [(5.0, clock.now)]  # a 5 s load started now on the same GPU
-    for elapsed, queued in ((0.0, 5.0), (2.0, 3.0), (2.0, 1.0), (2.0, 0.0)):
-        gpu = _gpu("n1", holds={"ssd": {"m"}}, loading_s=queued_load_s(under_way, clock.advance(elapsed)))
+    ssd = _gpu("n1", holds={"ssd": {"m"}})
+    parts = est.load_parts("m", ssd)  # 4 GB: built as from DRAM (0.2 s), the rest of its 2 s outside the lock
+    assert parts == pytest.approx((0.0, 0.2, 1.8))
+    under_way = (LoadUnderWay(clock.now, *parts),)
+    for elapsed, queued in ((0.0, 0.2), (0.1, 0.1), (0.1, 0.0), (2.0, 0.0)):
+        gpu = _gpu("n1", holds={"ssd": {"m"}})
+        gpu.loads, gpu.now = under_way, clock.advance(elapsed)
         assert est.load_s("m", gpu) == pytest.approx(queued + 4 * GB / (2 * GB)), clock.now
+    # A repository load under way holds up a new repository load by its whole fetch, a DRAM one by nothing.
+    fetch = (LoadUnderWay(clock.now, *est.load_parts("m", _gpu("n1"))),)
+    repo, dram = _gpu("n1"), _gpu("n1", holds={"dram": {"m"}})
+    repo.loads = dram.loads = fetch
+    repo.now = dram.now = clock.advance(1.0)
+    assert est.load_s("m", repo) == pytest.approx((19.8 - 1.0) + 20.0)
+    assert est.load_s("m", dram) == pytest.approx(0.2)
 
 
 def test_the_load_overhead_is_learned_from_measured_loads(est: Estimator) -> None:

@@ -372,3 +372,18 @@ def test_migration_switched_off_makes_serverlessllm_wait_like_locality_wait() ->
     assert off.decisions["migrate"] == 0 and off.migrations == 0
     wait = simulate(cfg, work, "locality-wait", seed=0)
     assert [r.latency_s for r in off.requests] == [r.latency_s for r in wait.requests]
+
+
+def test_with_the_node_pipeline_the_estimates_match_overlapping_loads() -> None:
+    # One GPU with room for both: a model fetched from the repository, then one in DRAM ordered during that
+    # fetch. The node runs the DRAM load beside the fetch, so its estimate must not count the fetch (it once did).
+    models = [_model("far", 2), _model("near", 2)]
+    cfg = SimConfig([_server("s")], models, initial_ssd={"near": ["s"]}, initial_dram={"near": ["s"]},
+                    load_pipeline="node", check_invariants=True)
+    res = simulate(cfg, [Arrival(0.0, "far", 10, 1), Arrival(1.0, "near", 10, 1)], "serverlessllm")
+    assert [r.status for r in res.requests] == ["done", "done"]
+    assert sorted(tier for tier, _, _ in res.estimates) == ["dram", "repository"]
+    for tier, estimated, took in res.estimates:
+        assert estimated == pytest.approx(took, rel=0.2), tier
+    far, near = res.requests
+    assert near.ttft_s < far.ttft_s - 1.0  # it did not wait for the fetch

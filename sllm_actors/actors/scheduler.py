@@ -74,6 +74,8 @@ class Instance:
     tier: str = ""
     estimate_s: float = 0.0
     """What the estimator predicted for this load, to report its error when the load is done."""
+    parts: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Its own load's (fetch, build, tail) estimate, no queue: what it holds up other loads on its node by."""
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
     """Its requests are being moved off to make room: it takes no new ones."""
@@ -295,12 +297,13 @@ class SchedulerActor(SupervisedActor):
                 log.info("scheduler: %s holds %s, which nothing uses; unloading it", msg.node, instance_id)
                 self.cluster.to_node(msg.node, UnloadModel(instance_id))
 
-    def _views(self) -> list[placement.GpuView]:
+    def _views(self, *, with_reserved: bool = False) -> list[placement.GpuView]:
         views = []
-        loads: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        # Per node, not per GPU: a node's fetches and builds take turns across all of its GPUs.
+        loads: dict[str, list[placement.LoadUnderWay]] = {}
         for i in self.instances.values():
             if i.state == "loading":
-                loads.setdefault((i.node, i.gpu), []).append((i.estimate_s, i.started))
+                loads.setdefault(i.node, []).append(placement.LoadUnderWay(i.started, *i.parts))
         now = time.monotonic()
         in_migration = {o.source for o in self.migrations.values()} | {o.dest for o in self.migrations.values()}
         for node in self.topology.nodes:
@@ -308,7 +311,7 @@ class SchedulerActor(SupervisedActor):
                 continue
             tiers = self.node_tiers.get(node.name, {})
             for index, gpu in enumerate(node.gpus):
-                if (node.name, index) in self.reserved:
+                if (node.name, index) in self.reserved and not with_reserved:
                     continue
                 instances = [
                     placement.InstanceView(
@@ -323,7 +326,7 @@ class SchedulerActor(SupervisedActor):
                 views.append(placement.GpuView(
                     node.name, index, gpu.memory_bytes, instances,
                     tiers=dict(tiers.get("bandwidth", {})), holds=tiers.get("holds", {}),
-                    loading_s=placement.queued_load_s(loads.get((node.name, index), []), now),
+                    loads=tuple(loads.get(node.name, ())), now=now,
                 ))
         return views
 
@@ -331,6 +334,9 @@ class SchedulerActor(SupervisedActor):
         node, gpu = slot
         instance_id = f"{spec.name}-{next(self._ids)}"
         inst = Instance(instance_id, node, gpu, spec.name, self._need_bytes(spec), waiters=list(waiters))
+        view = next((v for v in self._views(with_reserved=True) if v.key == slot), None)
+        if view is not None:
+            inst.parts = self.estimator.load_parts(spec.name, view)
         for other in self.instances.values():
             if other.node == node and other.state == "loading":
                 other.overlapped = inst.overlapped = True
