@@ -1138,10 +1138,10 @@ class _Sim:
         if self.cfg.load_pipeline == "node":
             inst.parts = self.est.load_parts(spec.name, gpu.view)
             srv = gpu.server
-            build = min(dur, self._load_cost(spec, gpu, "dram"))
+            fetch, build, _ = placement.load_parts(tier, dur, self._load_cost(spec, gpu, "dram"))
             if tier == "repository":
                 start = max(self.now, srv.fetch_free_at)
-                srv.fetch_free_at = start + dur - build
+                srv.fetch_free_at = start + fetch
                 self._push(srv.fetch_free_at, _FETCHED, inst, None)
                 ready_at = None
             else:
@@ -1172,9 +1172,10 @@ class _Sim:
         srv.ssd.put(inst.model, inst.spec.size_bytes)
         if inst.model in srv.holds["ssd"]:
             self.model_servers[inst.model].add(srv.index)
+        _, build, _ = placement.load_parts("repository", self._load_cost(inst.spec, inst.gpu, "repository"),
+                                           self._load_cost(inst.spec, inst.gpu, "dram"))
         start = max(self.now, srv.build_free_at)
-        srv.build_free_at = start + min(self._load_cost(inst.spec, inst.gpu, "repository"),
-                                        self._load_cost(inst.spec, inst.gpu, "dram"))
+        srv.build_free_at = start + build
         self._push(srv.build_free_at, _LOADED, inst, None)
 
     def _loaded(self, inst: _Inst) -> None:

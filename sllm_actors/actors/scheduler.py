@@ -297,7 +297,7 @@ class SchedulerActor(SupervisedActor):
                 log.info("scheduler: %s holds %s, which nothing uses; unloading it", msg.node, instance_id)
                 self.cluster.to_node(msg.node, UnloadModel(instance_id))
 
-    def _views(self, *, with_reserved: bool = False) -> list[placement.GpuView]:
+    def _views(self) -> list[placement.GpuView]:
         views = []
         # Per node, not per GPU: a node's fetches and builds take turns across all of its GPUs.
         loads: dict[str, list[placement.LoadUnderWay]] = {}
@@ -311,7 +311,7 @@ class SchedulerActor(SupervisedActor):
                 continue
             tiers = self.node_tiers.get(node.name, {})
             for index, gpu in enumerate(node.gpus):
-                if (node.name, index) in self.reserved and not with_reserved:
+                if (node.name, index) in self.reserved:
                     continue
                 instances = [
                     placement.InstanceView(
@@ -334,9 +334,10 @@ class SchedulerActor(SupervisedActor):
         node, gpu = slot
         instance_id = f"{spec.name}-{next(self._ids)}"
         inst = Instance(instance_id, node, gpu, spec.name, self._need_bytes(spec), waiters=list(waiters))
-        view = next((v for v in self._views(with_reserved=True) if v.key == slot), None)
-        if view is not None:
-            inst.parts = self.estimator.load_parts(spec.name, view)
+        # Its own load's parts read only the node's tiers: no need for the whole cluster's views.
+        tiers = self.node_tiers.get(node, {})
+        inst.parts = self.estimator.load_parts(spec.name, placement.GpuView(
+            node, gpu, 0, tiers=dict(tiers.get("bandwidth", {})), holds=tiers.get("holds", {})))
         for other in self.instances.values():
             if other.node == node and other.state == "loading":
                 other.overlapped = inst.overlapped = True
