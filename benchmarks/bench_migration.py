@@ -245,7 +245,6 @@ def _patch_instance_experiments(mod):
 def _instance(mod):
     if _PATH:
         _patch_instance(mod)
-    _patch_instance_experiments(mod)
 
 
 def _router(mod):
@@ -253,7 +252,8 @@ def _router(mod):
         _patch_router(mod)
 
 
-_TARGETS = {"sllm_actors.actors.instance": _instance, "sllm_actors.actors.router": _router}
+_TARGETS = {"sllm_actors.actors.instance": _instance, "sllm_actors.actors.router": _router,
+            "sllm_actors.migration": _patch_instance_experiments}
 
 
 class _Hook(importlib.abc.MetaPathFinder):

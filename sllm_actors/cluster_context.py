@@ -88,6 +88,10 @@ class ClusterContext:
     def to_client(self, peer: bytes, msg: Message) -> None:
         self.transport.send(CLIENTS, msg, peer=peer)
 
+    def to_clients(self, messages: list[tuple[bytes, Message]]) -> None:
+        """Several messages to clients with one wake-up of the IO thread (a batch step's tokens)."""
+        self.transport.send_many(CLIENTS, messages)
+
     def to_node(self, node: str, msg: Message) -> None:
         self.transport.send(CLUSTER, msg, peer=node.encode())
 

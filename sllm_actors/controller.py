@@ -46,6 +46,7 @@ from sllm_actors.messages import (
     Query,
     StatusRequest,
     Tick,
+    TokenBatch,
     TokenChunk,
     Welcome,
 )
@@ -60,7 +61,7 @@ TICK_S = 0.5
 SEEN_EVERY_S = 0.2
 SNAPSHOT_S = 0.5
 
-_TO_ROUTER = (TokenChunk, PromptAccepted, InferenceDone, InferenceFailed, Migrated)
+_TO_ROUTER = (TokenChunk, TokenBatch, PromptAccepted, InferenceDone, InferenceFailed, Migrated)
 _TO_SCHEDULER = (InstanceReady, LoadFailed, InstanceGone, MigrationEnded)
 
 

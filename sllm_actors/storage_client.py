@@ -68,14 +68,15 @@ class StorageClient:
     def _tell(self, tier: str, message: Any) -> None:
         self.node.directory.tell(tier, message)
 
-    def load(self, model: str, source: str, device: str) -> Loaded:
+    def load(self, model: str, source: str, device: str, dtype: str = "") -> Loaded:
+        """``dtype``: the serving dtype (a torch dtype name); empty keeps the stored one."""
         from sllm_actors.storage import CheckpointError
 
         hit = self._ask("dram", TierLookup(model))
         if hit is not None:
             host, host_path = hit
             try:
-                return self._build(model, device, "dram", path=host_path, host=host)
+                return self._build(model, device, "dram", path=host_path, host=host, dtype=dtype)
             finally:
                 self._tell("dram", TierRelease(model))
         # The SSD copy (looked up or fetched) is leased until the DRAM tier has copied it, so a store of
@@ -86,7 +87,7 @@ class StorageClient:
             path, tier = self._fetch(model, source), "repository"
         try:
             try:
-                loaded = self._build(model, device, tier, path=path)
+                loaded = self._build(model, device, tier, path=path, dtype=dtype)
             except CheckpointError as exc:
                 # The SSD copy is bad: drop it and take a fresh one from the repository, once.
                 log.warning("%s: %s on SSD failed verification: %s; fetching again", self.node.name, model, exc)
@@ -94,7 +95,7 @@ class StorageClient:
                                 {"model": model})
                 self._tell("ssd", TierDrop(model, str(exc)))
                 path, tier = self._fetch(model, source), "repository"
-                loaded = self._build(model, device, tier, path=path)
+                loaded = self._build(model, device, tier, path=path, dtype=dtype)
         except BaseException:
             self._tell("ssd", TierRelease(model))
             raise
@@ -111,12 +112,14 @@ class StorageClient:
         self._tell("repository", TierLoaded(model, checkpoint_size(path), time.perf_counter() - started))
         return path
 
-    def _build(self, model: str, device: str, tier: str, *, path: str, host: Any = None) -> Loaded:
+    def _build(self, model: str, device: str, tier: str, *, path: str, host: Any = None, dtype: str = "") -> Loaded:
+        import torch
+
         from sllm_actors.storage import checkpoint_size, load_model, load_tokenizer
 
         started = time.perf_counter()
         with self.build_lock:
-            hf_model = load_model(path, device, host=host)
+            hf_model = load_model(path, device, host=host, dtype=getattr(torch, dtype) if dtype else None)
             tokenizer = load_tokenizer(path)
         seconds = time.perf_counter() - started
         nbytes = checkpoint_size(path)

@@ -57,6 +57,14 @@ class ModelSpec:
     min_instances: int = 0
     max_instances: int = 8
     target_concurrency: int = 4
+    dtype: str = ""
+    """Serving dtype: bfloat16, float16 or float32; empty: bf16 on CUDA, the stored dtype on a CPU."""
+    kv_cache_bytes: int = 0
+    """The KV pool of each instance; 0: half of what its GPU has free after the weights, at most 8 GiB."""
+    deterministic: bool = False
+    """Keep batch composition out of the results (each request its own forward); costs throughput."""
+    max_batch: int = 0
+    """Most requests one instance decodes together (0: 256)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,9 @@ _SIZE_UNITS = {
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
 _DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+SERVING_DTYPES = ("", "bfloat16", "float16", "float32")
 
 
 def parse_size(value: Any) -> int:
@@ -222,7 +233,8 @@ def parse_topology(data: Any, path: Path) -> Topology:
     models = []
     for i, raw in enumerate(r.get(top, "models", "", list, [])):
         where = f"models[{i}]"
-        m = r.mapping(raw, where, {"name", "source", "keep_alive", "min_instances", "max_instances", "target_concurrency"})
+        m = r.mapping(raw, where, {"name", "source", "keep_alive", "min_instances", "max_instances", "target_concurrency",
+                                   "dtype", "kv_cache", "deterministic", "max_batch"})
         name = r.get(m, "name", where, str)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise r.fail(f"{where}.name", f"use letters, digits, '.', '_' and '-', got {name!r}")
@@ -236,6 +248,12 @@ def parse_topology(data: Any, path: Path) -> Topology:
         target = r.get(m, "target_concurrency", where, int, 4)
         if target < 1:
             raise r.fail(f"{where}.target_concurrency", f"must be at least 1, got {target}")
+        dtype = r.get(m, "dtype", where, str, "")
+        if dtype not in SERVING_DTYPES:
+            raise r.fail(f"{where}.dtype", f"must be one of {', '.join(d for d in SERVING_DTYPES if d)}, got {dtype!r}")
+        max_batch = r.get(m, "max_batch", where, int, 0)
+        if max_batch < 0:
+            raise r.fail(f"{where}.max_batch", f"must be at least 1, got {max_batch}")
         models.append(
             ModelSpec(
                 name=name,
@@ -244,6 +262,10 @@ def parse_topology(data: Any, path: Path) -> Topology:
                 min_instances=min_i,
                 max_instances=max_i,
                 target_concurrency=target,
+                dtype=dtype,
+                kv_cache_bytes=r.convert(m, "kv_cache", where, parse_size, 0),
+                deterministic=r.get(m, "deterministic", where, bool, False),
+                max_batch=max_batch,
             )
         )
     model_names = [m.name for m in models]

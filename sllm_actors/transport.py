@@ -127,6 +127,17 @@ class Transport:
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already; the IO thread will drain the outbox
 
+    def send_many(self, key: str, messages: list[tuple[bytes, Message]]) -> None:
+        """``send`` of each (peer, message), waking the IO thread once."""
+        if not messages:
+            return
+        for peer, msg in messages:
+            self._outbox.put((key, [peer, *wire.pack(msg)]))
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:
+            pass
+
     def stop(self) -> None:
         if self._stop.is_set():
             return  # already stopped: the pipe and sockets are closed

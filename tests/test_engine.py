@@ -90,27 +90,3 @@ def test_chat_template_is_applied(engine: Engine) -> None:
     ids = engine.tokenize("hi", chat=True)
     text = engine.tokenizer.decode(ids)
     assert text.startswith("<|im_start|>user\nhi<|im_end|>") and text.endswith("<|im_start|>assistant\n")
-
-
-def test_multi_token_forwards_on_a_cache_keep_the_cache_as_it_is(engine: Engine, tiny_model: Path) -> None:
-    """The catch-up forward of a migration (several tokens against a cache) runs on the grouped key/value
-    heads as stored, and computes the same attention as transformers' SDPA with the heads expanded."""
-    from transformers import DynamicCache
-
-    from sllm_actors.gpu.attention import NAME
-    from sllm_actors.models import load_for_inference
-
-    stock, _ = load_for_inference(tiny_model, "cpu")
-    stock.set_attn_implementation("sdpa")
-    assert engine.model.config._attn_implementation == NAME
-    assert engine.model.config.num_key_value_heads < engine.model.config.num_attention_heads
-    ids = torch.tensor([engine.tokenize(PROMPT * 8, chat=False)])
-    ours, theirs = DynamicCache(), DynamicCache()
-    with torch.inference_mode():
-        engine.model(input_ids=ids, cache=ours, use_cache=True)
-        stock(input_ids=ids, cache=theirs, use_cache=True)
-        for k in (2, 3, 5):
-            step = ids[:, :k]
-            a = engine.model(input_ids=step, cache=ours, use_cache=True).logits
-            b = stock(input_ids=step, cache=theirs, use_cache=True).logits
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -76,3 +76,33 @@ def test_cache_rebuilding_calls_return_with_the_device_idle(engine: Engine) -> N
     while not copied.finish_reason:
         engine.step(copied)
     assert copied.generated_ids == full
+
+
+def _batch(engine: Engine, n: int, max_tokens: int) -> list[list[int]]:
+    seqs = [Sequence(f"r{i}", engine.tokenize(PROMPT + " word" * (3 * i), chat=False), [], max_tokens,
+                     0.0 if i % 2 == 0 else 0.8, 0.9, i, []) for i in range(n)]
+    for seq in seqs:
+        engine.add(seq)
+    while engine.has_work():
+        engine.step_batch()
+    return [s.generated_ids for s in seqs]
+
+
+def test_decode_graphs_are_captured_and_replay_what_eager_computes(tiny_model: Path) -> None:
+    from sllm_actors.models import load_for_inference
+
+    model, tokenizer = load_for_inference(tiny_model, "cuda:0")
+    graphs = Engine(model, tokenizer)
+    eager = Engine(model, tokenizer, cuda_graphs=False)
+    first = _batch(graphs, 8, 40)
+    assert graphs.runner.graph_shapes, "a batch decoding for 40 steps gets its shapes captured"
+    again = _batch(graphs, 8, 40)  # served by replays from the first token on
+    assert first == again == _batch(eager, 8, 40)
+    assert not eager.runner.graph_shapes
+
+
+def test_sampling_uniforms_are_the_same_on_every_device() -> None:
+    from sllm_actors.gpu.sampler import step_seed, uniforms
+
+    seeds = torch.tensor([step_seed(s, k) for s in range(4) for k in range(8)], dtype=torch.int64)
+    assert torch.equal(uniforms(seeds, 1000), uniforms(seeds.cuda(), 1000).cpu())

@@ -83,6 +83,9 @@ class GpuActor(SupervisedActor):
                 gpu_index=self.index,
                 device=self.spec.device,
                 max_concurrency=msg.max_concurrency,
+                options=msg,
+                memory_free=self.memory_total - sum(i.get("memory_bytes", 0)
+                                                    for i in self.node.board.instances_on(self.index)),
             )
         except Exception as exc:  # the actor could not even be created: report, stay up
             self.node.send(LoadFailed(msg.instance_id, self.node.name, msg.model, f"cannot start instance: {exc}"))

@@ -41,6 +41,7 @@ from sllm_actors.messages import (
     StartInference,
     StatusReply,
     StatusRequest,
+    TokenBatch,
     TokenChunk,
 )
 from sllm_actors.supervisor import SupervisedActor
@@ -67,6 +68,11 @@ class RouterActor(SupervisedActor):
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, FromClient):
             self._from_client(message.peer, message.message)
+        elif isinstance(message, TokenBatch):
+            out = (self._accept_tokens(TokenChunk(request_id, index, token_ids, text))
+                   for request_id, index, token_ids, text in zip(message.request_ids, message.indexes,
+                                                                 message.token_ids, message.texts))
+            self.cluster.to_clients([o for o in out if o is not None])
         elif isinstance(message, TokenChunk):
             self._tokens(message)
         elif isinstance(message, PromptAccepted):
@@ -171,15 +177,21 @@ class RouterActor(SupervisedActor):
         )
 
     def _tokens(self, chunk: TokenChunk) -> None:
+        out = self._accept_tokens(chunk)
+        if out is not None:
+            self.cluster.to_client(*out)
+
+    def _accept_tokens(self, chunk: TokenChunk) -> tuple[bytes, TokenChunk] | None:
+        """Add a chunk's new tokens to the request's log; the (client, chunk) to forward, if any is new."""
         rec = self.requests.get(chunk.request_id)
         if rec is None:
-            return
+            return None
         have = len(rec.generated)
         if chunk.index + len(chunk.token_ids) <= have:
-            return  # a late or repeated chunk (from a source after a migration or a resume)
+            return None  # a late or repeated chunk (from a source after a migration or a resume)
         if chunk.index > have:
             log.error("router: %s: chunk at %d but the log has %d tokens; dropped", rec.request_id, chunk.index, have)
-            return
+            return None
         new_ids = chunk.token_ids[have - chunk.index :]
         now = time.monotonic()
         if rec.first_token_at is None:
@@ -195,7 +207,7 @@ class RouterActor(SupervisedActor):
         # The text of a partial overlap is not split per token; only whole new chunks carry text.
         text = chunk.text if chunk.index == have else ""
         rec.text += text
-        self.cluster.to_client(rec.client, TokenChunk(rec.request_id, have, new_ids, text))
+        return rec.client, TokenChunk(rec.request_id, have, new_ids, text)
 
     def _migration_started(self, msg: MigrationStarted) -> None:
         rec = self.requests.get(msg.request_id)

@@ -81,6 +81,8 @@ class Instance:
     """Its requests are being moved off to make room: it takes no new ones."""
     overlapped: bool = False
     """Another load ran on the same node meanwhile: its time holds a wait, not only its own work."""
+    kv_blocks: tuple[int, int] = (0, 0)
+    """(used, total) blocks of its KV pool, as its node last reported."""
 
 
 @dataclass
@@ -293,6 +295,9 @@ class SchedulerActor(SupervisedActor):
             return
         for reported in msg.status.get("instances", []):
             instance_id = reported.get("instance_id", "")
+            known = self.instances.get(instance_id)
+            if known is not None:
+                known.kv_blocks = (int(reported.get("kv_blocks_used", 0)), int(reported.get("kv_blocks_total", 0)))
             if instance_id and instance_id not in self.instances and reported.get("state") != "loading":
                 log.info("scheduler: %s holds %s, which nothing uses; unloading it", msg.node, instance_id)
                 self.cluster.to_node(msg.node, UnloadModel(instance_id))
@@ -342,7 +347,10 @@ class SchedulerActor(SupervisedActor):
             if other.node == node and other.state == "loading":
                 other.overlapped = inst.overlapped = True
         self.instances[instance_id] = inst
-        self.cluster.to_node(node, LoadModel(instance_id, spec.name, spec.source, gpu, spec.target_concurrency))
+        self.cluster.to_node(node, LoadModel(
+            instance_id, spec.name, spec.source, gpu, spec.target_concurrency, spec.dtype, spec.kv_cache_bytes,
+            spec.deterministic, spec.max_batch,
+        ))
         self.cluster.events.emit(
             "schedule", f"start {spec.name} on {node}/gpu-{gpu} {why}", {"model": spec.name, "node": node, "gpu": gpu},
         )
@@ -671,6 +679,7 @@ class SchedulerActor(SupervisedActor):
                     "instance_id": i.instance_id, "node": i.node, "gpu": i.gpu, "model": i.model, "state": i.state,
                     "requests": sorted(i.requests), "waiting": len(i.waiters), "memory_bytes": i.memory_bytes,
                     "load_s": round(i.load_s, 3), "tier": i.tier,
+                    "kv_blocks_used": i.kv_blocks[0], "kv_blocks_total": i.kv_blocks[1],
                 }
                 for i in self.instances.values()
             ]

@@ -1,75 +1,143 @@
-"""Attention for multi-token forwards against a long KV cache without copying the cache.
+"""Attention over the paged KV cache, plugged into transformers' own model code.
 
-A live migration's hand-over feeds the destination the last few tokens in one forward (its
-catch-up and its first decode step at once). With a cache, such a forward carries an attention mask,
-and transformers' SDPA path then expands grouped-query keys and values to every query head
-(``repeat_kv``): a copy of the whole cache per layer, which at 4k tokens of context made a 3-token
-forward cost 2.2 single-token steps on a CPU and the migration's pause miss its 2-step goal.
+transformers lets a model's attention modules call a registered function (its attention-function registry)
+with the step's queries, keys and values after rotary embeddings. The model runs without a cache object of its
+own (``use_cache=False``); this function writes the step's keys and values into the pool's slots and attends
+over each request's blocks. So Llama, Qwen2, Mistral and the other GQA decoders transformers ships run paged
+without a line of their code rewritten.
 
-Here the query heads that share a key/value head are folded into the query-length axis instead (what
-transformers does itself for a single query token, ``pack_gqa``), and the mask is tiled to match: the
-same attention, computed on the cache as it is. Everything else goes to transformers' own SDPA.
+A step's tokens are packed into one row (``[1, tokens]``): first one decode token per running request, then
+each prefill chunk. Decodes attend all at once over their gathered blocks (padded to the longest, masked);
+each prefill chunk attends causally over its own request's blocks. Grouped-query heads are folded into the
+query axis for decodes (no copy of the cache per query head); prefills use SDPA's own GQA support.
+
+The step's layout (slots, block tables, lengths) is set by the runner in a thread-local :class:`StepLayout`
+before the forward: the registry passes the function only what the model has, and one engine per thread
+(one instance actor) reads its own.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+NAME = "sllm_paged"
 
-NAME = "sllm_sdpa"
-DISABLE_ENV = "SLLM_PACKED_GQA"
-"""``SLLM_PACKED_GQA=0`` keeps transformers' own SDPA: the baseline of ``benchmarks/bench_migration.py``."""
+
+@dataclass
+class PrefillSegment:
+    start: int
+    """First position of this chunk in the packed step."""
+    length: int
+    slots: torch.Tensor
+    """[context] cache slots of the request's whole context, this chunk included."""
+    mask: torch.Tensor | None
+    """[length, context] bool (True: attend); None when the chunk is the whole context (plain causal)."""
+
+
+@dataclass
+class StepLayout:
+    k_cache: torch.Tensor
+    """[layers, slots, kv_heads, head_dim]"""
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    """[tokens] where each token's keys and values go."""
+    n_decode: int = 0
+    decode_slots: torch.Tensor | None = None
+    """[decodes, context] slots each decode attends to (padded with the scratch block)."""
+    decode_mask: torch.Tensor | None = None
+    """[decodes, 1, 1, context] bool."""
+    prefills: list[PrefillSegment] = field(default_factory=list)
+
+
+_current = threading.local()
+
+
+def set_layout(layout: StepLayout | None) -> None:
+    _current.layout = layout
+
+
+def current_layout() -> StepLayout:
+    layout = getattr(_current, "layout", None)
+    if layout is None:
+        raise RuntimeError("paged attention called outside an engine step (no StepLayout set)")
+    return layout
+
+
+def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """query ``[1, heads, tokens, dim]``, key/value ``[1, kv_heads, tokens, dim]`` → ``[1, tokens, heads, dim]``."""
+    layout = getattr(_current, "layout", None)
+    if layout is None:
+        # The model used outside an engine step (``generate``, a reference forward): transformers' own SDPA,
+        # with the masks transformers builds for it.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise NotImplementedError("paged attention does not implement soft-capping or position bias")
+    layer = int(module.layer_idx)
+    k_cache, v_cache = layout.k_cache[layer], layout.v_cache[layer]
+    _, heads, tokens, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    k_cache.index_copy_(0, layout.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(0, layout.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    q = query[0]  # [heads, tokens, dim]
+    parts: list[torch.Tensor] = []
+    n = layout.n_decode
+    if n:
+        assert layout.decode_slots is not None and layout.decode_mask is not None
+        # Head h = kv * groups + r: fold the group into the query axis, one query row per group member.
+        folded = q[:, :n, :].transpose(0, 1).reshape(n, kv_heads, groups, dim)
+        keys = k_cache[layout.decode_slots].transpose(1, 2)  # [n, kv_heads, context, dim]
+        values = v_cache[layout.decode_slots].transpose(1, 2)
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=layout.decode_mask, scale=scaling)
+        parts.append(out.reshape(n, heads, dim))
+    for seg in layout.prefills:
+        chunk = q[:, seg.start:seg.start + seg.length, :]  # [heads, length, dim]
+        keys = k_cache[seg.slots].transpose(0, 1)  # [kv_heads, context, dim]
+        values = v_cache[seg.slots].transpose(0, 1)
+        if seg.mask is None:
+            out = F.scaled_dot_product_attention(chunk[None], keys[None], values[None], is_causal=True,
+                                                 scale=scaling, enable_gqa=groups > 1)[0]
+        else:
+            # Grouped heads folded into the query axis (row r * length + i is group member r's token i), so the
+            # memory-efficient kernel runs with the mask; SDPA's own GQA would fall back to the math kernel.
+            folded = chunk.reshape(kv_heads, groups * seg.length, dim)
+            mask = seg.mask.repeat(groups, 1) if groups > 1 else seg.mask
+            out = F.scaled_dot_product_attention(folded[None], keys[None], values[None], attn_mask=mask[None, None],
+                                                 scale=scaling)[0].reshape(heads, seg.length, dim)
+        parts.append(out.transpose(0, 1))  # [length, heads, dim]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if out.shape[0] != tokens:
+        raise RuntimeError(f"paged attention covered {out.shape[0]} of the step's {tokens} tokens")
+    return out[None], None
+
+
 _registered = False
 
 
-def packed_gqa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                         is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
-    batch, heads, q_len, dim = query.shape
-    if (groups == 1 or q_len == 1 or attention_mask is None or attention_mask.dim() != 4
-            or attention_mask.shape[1] != 1 or kwargs.get("position_bias") is not None
-            or kwargs.get("softcap") is not None or key.shape[1] * groups != heads):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    # Query head h = kv * groups + r; row r * q_len + i of the folded query is head r's position i.
-    folded = query.reshape(batch, heads // groups, groups * q_len, dim)
-    mask = attention_mask.repeat(1, 1, groups, 1)
-    out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, dropout_p=dropout,
-                                                           scale=scaling)
-    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
-
-
-def use_packed_gqa(model: Any) -> bool:
-    """Switch a model that runs transformers' SDPA attention to :func:`packed_gqa_attention`. Returns
-    whether it did; a model on another implementation, or a transformers without the interfaces, keeps its
-    own."""
+def use_paged_attention(model: Any) -> None:
+    """Point ``model``'s attention modules at :func:`paged_attention`. Its masks are SDPA's: for an engine step
+    (one packed row, no padding, no cache object) transformers skips building one, and the layout carries what
+    each request may see; outside a step the model works as with SDPA."""
     global _registered
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return False
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
-        return False
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        if not _registered:
-            AttentionInterface.register(NAME, packed_gqa_attention)
-            AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks as SDPA
-            _registered = True
-        model.set_attn_implementation(NAME)
-    except (ImportError, AttributeError, ValueError, TypeError) as exc:
-        log.info("keeping transformers' SDPA attention: %s", exc)
-        return False
-    return True
+    if not _registered:
+        AttentionInterface.register(NAME, paged_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        _registered = True
+    model.set_attn_implementation(NAME)
 
 
-__all__ = ["NAME", "packed_gqa_attention", "use_packed_gqa"]
+__all__ = ["NAME", "PrefillSegment", "StepLayout", "current_layout", "paged_attention", "set_layout",
+           "use_paged_attention"]

@@ -1,72 +1,66 @@
-"""Token-by-token generation with a KV cache, resumable from a token log.
+"""The serving engine of one model instance: continuous batching over a paged KV cache.
 
-A request's whole state is its token log (prompt ids + generated ids) and its sampling parameters:
-the KV cache is derived (a prefill over the log rebuilds it), and the random choice at step ``k`` is
-a function of ``(seed, k)`` alone. That is what lets a request continue on another instance, after a
-migration or a crash, exactly as it would have.
+A request's whole state is its token log (prompt ids + generated ids) and its sampling parameters: the KV
+cache is derived (a prefill over the log rebuilds it), and the random choice at step ``k`` is a function of
+``(seed, k)`` alone. That is what lets a request be preempted and recomputed, or continue on another instance
+after a migration or a crash, exactly as it would have.
+
+Parts, as a reader can name them: :mod:`~sllm_actors.gpu.block_manager` (who holds which KV blocks),
+:mod:`~sllm_actors.gpu.scheduler` (what runs in a step), :mod:`~sllm_actors.gpu.runner` (the forward, the
+pool, CUDA graphs), :mod:`~sllm_actors.gpu.attention` (paged attention inside transformers' model code) and
+:mod:`~sllm_actors.gpu.sampler` (the batch's tokens on the device).
+
+Two ways in: :meth:`Engine.add` + :meth:`Engine.step_batch` serve requests together, one forward per step;
+:meth:`Engine.prefill`, :meth:`Engine.extend`, :meth:`Engine.import_cache` and :meth:`Engine.step` work on one
+request at once (a migration's rounds, tests), and :meth:`Engine.admit` moves such a request into the batch.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from sllm_actors.gpu.attention import use_packed_gqa
+from sllm_actors.gpu.block_manager import BlockManager
+from sllm_actors.gpu.runner import Feed, ModelRunner, kv_bytes_per_token
+from sllm_actors.gpu.sampler import choose_token, sample, step_seed
+from sllm_actors.gpu.scheduler import BatchScheduler, StepPlan
 
-_MIX = 0x9E3779B97F4A7C15
-_MASK = (1 << 63) - 1
+log = logging.getLogger(__name__)
 
-
-def step_seed(seed: int, step: int) -> int:
-    """The generator seed of one sampling step: independent of where or when the step runs."""
-    return ((seed * 6364136223846793005) ^ ((step + 1) * _MIX)) & _MASK
-
-
-def choose_token(logits: torch.Tensor, temperature: float, top_p: float, seed: int, step: int) -> int:
-    """Greedy when temperature is 0, else seeded nucleus sampling on the CPU (same on any device)."""
-    if temperature <= 0.0:
-        return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        drop = cumulative - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    generator = torch.Generator().manual_seed(step_seed(seed, step))
-    return int(torch.multinomial(probs, 1, generator=generator).item())
-
-
-def cache_kwarg(model: Any) -> str:
-    """The keyword a model's forward takes its KV cache by: ``cache`` from transformers 5.x on, where
-    ``past_key_values`` is deprecated (a warning on every call, removal announced), else the old name."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_KV_BYTES = 256 * 1024**2
+"""The pool of an engine built without a budget (tests, benchmarks); instances size theirs from the GPU's."""
 
 
 class IncrementalDetokenizer:
-    """Text deltas from a growing id list without re-decoding everything each step.
-
-    Holds back a delta while it ends in an incomplete UTF-8 sequence (U+FFFD), as byte-level BPE
-    splits characters across tokens.
-    """
+    """Text deltas from a growing id list: tokenizers' own streaming decoder (``DecodeStream``), which holds
+    back bytes of a character split across tokens. Falls back to decoding a short window for tokenizers
+    without a fast backend."""
 
     def __init__(self, tokenizer: Any, ids: list[int]) -> None:
         self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._stream = None
+        if backend is not None:
+            try:
+                from tokenizers.decoders import DecodeStream
+
+                self._stream = DecodeStream(list(ids[-8:]), skip_special_tokens=True) if ids else \
+                    DecodeStream(skip_special_tokens=True)
+                self._backend = backend
+            except (ImportError, TypeError):
+                self._stream = None
         self.ids = list(ids)
         self.prefix_offset = max(0, len(self.ids) - 6)
         self.read_offset = len(self.ids)
 
     def push(self, token_id: int) -> str:
+        if self._stream is not None:
+            return self._stream.step(self._backend, token_id) or ""
         self.ids.append(token_id)
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
@@ -92,27 +86,57 @@ class Sequence:
     seed: int
     stop: list[str]
     text: str = ""
-    cache: Any = None
-    pending_input: int | None = None
-    """The last generated token, not yet fed through the model (its KV is not in the cache)."""
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    """Tokens of the log whose keys and values are in the cache. A decoding request has all but its last."""
     next_logits: torch.Tensor | None = None
-    """Logits for the next token when the prefill already produced them (a fresh prompt)."""
+    """Logits for the next token when a forward outside the batch already made them (a migration's catch-up)."""
     detok: IncrementalDetokenizer | None = None
     finish_reason: str = ""
+    preemptions: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.generated_ids
 
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.generated_ids)
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.generated_ids[position - n]
+
+
+@dataclass
+class TokenOut:
+    seq: Sequence
+    index: int
+    """Position of the token in the generated sequence."""
+    token: int
+    text: str
+
+
+@dataclass
+class StepResult:
+    tokens: list[TokenOut] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)
+    preempted: int = 0
+    seconds: float = 0.0
+
 
 class Engine:
-    """Runs sequences of one model on one device."""
+    """Runs the requests of one model on one device."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, kv_cache_bytes: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, max_num_seqs: int = 256, max_batched_tokens: int | None = None,
+                 deterministic: bool = False, cuda_graphs: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
         eos: set[int] = set()
         for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
             if isinstance(source, int):
@@ -121,9 +145,38 @@ class Engine:
                 eos.update(source)
         self.eos_ids = eos
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30) or (1 << 30))
-        self._keep_last = True
-        self._cache_kwarg = cache_kwarg(model)
-        use_packed_gqa(model)
+        self.deterministic = deterministic
+        per_token = kv_bytes_per_token(model.config, self.dtype)
+        self.kv_bytes_per_token = per_token
+        num_blocks = max(2, int(kv_cache_bytes or DEFAULT_KV_BYTES) // (per_token * block_size))
+        self.blocks = BlockManager(num_blocks, block_size)
+        if max_batched_tokens is None:
+            max_batched_tokens = 2048 if self.device.type == "cuda" else 512
+        self.max_batched_tokens = max_batched_tokens
+        self.scheduler = BatchScheduler(self.blocks, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+                                        chunk_align=max_batched_tokens if deterministic else 0)
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
+        self.steps = 0
+        self.preemptions = 0
+
+    # ------------------------------------------------------------------ what the instance shows
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return self.runner.pool_bytes
+
+    def kv_usage(self) -> tuple[int, int]:
+        """(blocks in use, blocks in the pool)."""
+        return self.blocks.used_blocks, self.blocks.capacity_blocks
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def running(self) -> list[Sequence]:
+        return list(self.scheduler.running) + list(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------ requests
 
     def tokenize(self, prompt: str, chat: bool) -> list[int]:
         if chat:
@@ -137,107 +190,132 @@ class Engine:
             return [int(i) for i in ids]
         return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
 
-    def prefill(self, seq: Sequence) -> float:
-        """Build the KV cache for every token of the log and keep the logits of the last one.
+    def check_fits(self, seq: Sequence) -> None:
+        """A clear error for a request that can never run here, before it takes any room."""
+        n = len(seq.tokens)
+        if n >= self.max_positions:
+            raise ValueError(f"{n} tokens exceed the model's context of {self.max_positions}")
+        need = min(len(seq.prompt_ids) + max(seq.max_tokens, len(seq.generated_ids)), self.max_positions)
+        if need > self.blocks.capacity_tokens:
+            raise ValueError(f"the request needs up to {need} tokens of KV cache (prompt {len(seq.prompt_ids)} + "
+                             f"max_tokens {seq.max_tokens}); this instance's KV pool holds "
+                             f"{self.blocks.capacity_tokens}")
 
-        The next ``step`` samples from those logits without a forward of its own, so a resumed
-        request (after a migration or a crash) produces its next token as soon as the prefill ends.
-        Returns seconds spent.
-        """
-        started = time.perf_counter()
-        from transformers import DynamicCache
+    def add(self, seq: Sequence) -> None:
+        """Queue a request (new, or resumed from its log) to be prefilled and decoded in the batch."""
+        self.check_fits(seq)
+        self._prepare(seq)
+        self.scheduler.add(seq)
 
-        seq.cache = DynamicCache()
+    def admit(self, seq: Sequence) -> None:
+        """A request whose cache this engine already holds (:meth:`prefill`, :meth:`import_cache`) joins the batch."""
+        self.scheduler.admit(seq)
+
+    def get(self, request_id: str) -> Sequence | None:
+        """A request in the batch (running or waiting), or None."""
+        for seq in self.scheduler.running:
+            if seq.request_id == request_id:
+                return seq
+        for seq in self.scheduler.waiting:
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def remove(self, request_id: str) -> Sequence | None:
+        """Take a request out of the batch (cancelled, finished, migrated away) and free its blocks."""
+        return self.scheduler.remove(request_id)
+
+    def release(self, seq: Sequence) -> None:
+        """Free the blocks of a request held outside the batch (a migration's parked cache)."""
+        self.blocks.release(seq.block_table)
+        seq.num_cached = 0
+        seq.next_logits = None
+
+    def _prepare(self, seq: Sequence) -> None:
         if seq.detok is None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.generated_ids)
-        seq.pending_input = None
-        seq.next_logits = self._forward(seq.tokens, seq.cache)
-        self._settle()
-        return time.perf_counter() - started
+        seq.num_cached = 0
+        seq.next_logits = None
 
-    def extend(self, seq: Sequence, new_ids: list[int]) -> float:
-        """Feed more tokens of the log into an existing cache (a migration round, the catch-up).
+    # ------------------------------------------------------------------ the batch
 
-        Every new token goes through in one forward and the last logits are kept: the catch-up and
-        the first decode step after it are one forward pass, not two.
-        """
+    def step_batch(self) -> StepResult:
+        """One engine step: one forward over every running request (decode) and the prefill chunks that fit."""
         started = time.perf_counter()
-        if not new_ids:
-            return 0.0
-        feed = ([seq.pending_input] if seq.pending_input is not None else []) + list(new_ids)
-        seq.next_logits = self._forward(feed, seq.cache)
-        self._settle()
-        seq.pending_input = None
-        seq.generated_ids.extend(new_ids)
-        assert seq.detok is not None
-        for token in new_ids:
-            seq.text += seq.detok.push(token)
-        return time.perf_counter() - started
-
-    # ------------------------------------------------------------------ KV cache copy (live migration)
-
-    def export_cache(self, seq: Sequence) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """(tokens the cache covers, [(keys, values)] per layer). The tensors are the cache's own, not
-        copies; they stay as they are while decoding goes on, since a DynamicCache step concatenates into new
-        tensors rather than writing into these (a KV copy reads them over several steps)."""
-        cache = seq.cache
-        if cache is None or not getattr(cache, "layers", None):
-            raise ValueError(f"{seq.request_id} has no KV cache to export")
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        if any(k is None or v is None for k, v in layers):
-            raise ValueError(f"{seq.request_id}: the KV cache has an uninitialised layer")
-        return int(cache.get_seq_length()), layers
-
-    def import_cache(self, seq: Sequence, n_cached: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Continue ``seq`` from a KV cache copied from another instance (any device, any float dtype).
-
-        The cache holds the first ``n_cached`` tokens of the log; the rest (at least the last token,
-        for its logits) are fed here, so the sequence ends as after a ``prefill``. Returns seconds.
-        """
-        from transformers import DynamicCache
-
-        started = time.perf_counter()
-        tokens = seq.tokens
-        n_layers = int(getattr(self.model.config, "num_hidden_layers", len(layers)))
-        if len(layers) != n_layers:
-            raise ValueError(f"the copied cache has {len(layers)} layers, the model {n_layers}")
-        if not 0 < n_cached <= len(tokens):
-            raise ValueError(f"the copied cache covers {n_cached} tokens of a log of {len(tokens)}")
-        dtype = next(self.model.parameters()).dtype
-        # The last token goes through the model again here, for the next token's logits.
-        keep = min(n_cached, len(tokens) - 1)
-        cache = DynamicCache()
-        for index, (keys, values) in enumerate(layers):
-            if keys.dim() != 4 or keys.shape != values.shape or keys.shape[-2] != n_cached:
-                raise ValueError(f"layer {index}: {tuple(keys.shape)} / {tuple(values.shape)} do not hold "
-                                 f"{n_cached} positions")
-            cache.update(keys[..., :keep, :].to(self.device, dtype), values[..., :keep, :].to(self.device, dtype),
-                         index)
-        n_cached = keep
-        seq.cache = cache
-        if seq.detok is None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.generated_ids)
-        seq.pending_input = None
-        seq.next_logits = self._forward(tokens[n_cached:], cache)
-        self._settle()
-        return time.perf_counter() - started
-
-    def step(self, seq: Sequence) -> tuple[int, str]:
-        """Produce one token; returns (token id, text delta). Sets finish_reason when done."""
-        if seq.next_logits is not None:
-            logits, seq.next_logits = seq.next_logits, None
+        plan = self.scheduler.schedule()
+        result = StepResult(failed=list(plan.failed), preempted=len(plan.preempted))
+        self.preemptions += len(plan.preempted)
+        if plan.preempted:
+            log.info("KV pool full: preempted %s (recomputed from their logs later)",
+                     ", ".join(s.request_id for s in plan.preempted))
+        if plan.empty():
+            return result
+        if self.deterministic:
+            groups = [StepPlan(decodes=[s]) for s in plan.decodes] + \
+                     [StepPlan(prefills=[c]) for c in plan.prefills] + [StepPlan(ready=plan.ready)]
         else:
-            assert seq.pending_input is not None
-            logits = self._forward([seq.pending_input], seq.cache)
-        step_index = len(seq.generated_ids)
-        token = choose_token(logits, seq.temperature, seq.top_p, seq.seed, step_index)
+            groups = [plan]
+        rows: list[torch.Tensor] = []
+        sampled: list[Sequence] = []
+        for group in groups:
+            logits, who = self._forward(group)
+            if logits is not None:
+                rows.append(logits)
+            sampled.extend(who)
+        for seq in plan.ready:
+            assert seq.next_logits is not None
+            rows.append(seq.next_logits[None, :])
+            seq.next_logits = None
+            sampled.append(seq)
+        if sampled:
+            tokens = self._sample(torch.cat(rows) if len(rows) > 1 else rows[0], sampled)
+            for seq, token in zip(sampled, tokens):
+                out = self._accept(seq, token)
+                result.tokens.append(out)
+                if seq.finish_reason:
+                    self.scheduler.remove(seq.request_id)
+                    result.finished.append(seq)
+        self.steps += 1
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _forward(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """Run the plan's decodes and prefill chunks; returns the logits of those that sample now, in order."""
+        feeds: list[Feed] = []
+        who: list[Sequence] = []
+        for seq in plan.decodes:
+            feeds.append(Feed([seq.token_at(seq.num_cached)], seq.num_cached, seq.block_table, True))
+            who.append(seq)
+        for chunk in plan.prefills:
+            seq = chunk.seq
+            end = chunk.start + chunk.length
+            last = end == seq.n_tokens
+            feeds.append(Feed(seq.tokens[chunk.start:end], chunk.start, seq.block_table, last))
+            if last:
+                who.append(seq)
+        if not feeds:
+            return None, []
+        logits = self.runner.execute(feeds, len(plan.decodes))
+        for seq in plan.decodes:
+            seq.num_cached += 1
+        for chunk in plan.prefills:
+            chunk.seq.num_cached = chunk.start + chunk.length
+        return (logits if who else None), who
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        ids = sample(logits, [s.temperature for s in seqs], [s.top_p for s in seqs],
+                     [step_seed(s.seed, len(s.generated_ids)) for s in seqs])
+        return ids.tolist()  # the step's one device-to-host copy
+
+    def _accept(self, seq: Sequence, token: int) -> TokenOut:
+        """Append a sampled token to the log: text delta, stop strings, end conditions."""
+        index = len(seq.generated_ids)
         seq.generated_ids.append(token)
-        seq.pending_input = token
         assert seq.detok is not None
         delta = seq.detok.push(token)
         if token in self.eos_ids:
             seq.finish_reason = "eos"
-            return token, ""
+            return TokenOut(seq, index, token, "")
         if seq.stop and delta:
             combined = seq.text + delta
             cut = min((i for i in (combined.find(s, max(0, len(seq.text) - len(s))) for s in seq.stop) if i >= 0),
@@ -246,33 +324,126 @@ class Engine:
                 delta = combined[:cut][len(seq.text):]
                 seq.text = combined[:cut]
                 seq.finish_reason = "stop"
-                return token, delta
+                return TokenOut(seq, index, token, delta)
         seq.text += delta
         if len(seq.generated_ids) >= seq.max_tokens:
             seq.finish_reason = "length"
-        elif len(seq.tokens) >= self.max_positions:
+        elif seq.n_tokens >= self.max_positions:
             seq.finish_reason = "context"
-        return token, delta
+        return TokenOut(seq, index, token, delta)
+
+    # ------------------------------------------------------------------ one request at once (migration, tests)
+
+    def prefill(self, seq: Sequence) -> float:
+        """Build the KV cache for every token of the log now, outside the batch, and keep the last token's
+        logits: the request's next token needs no forward of its own. Returns seconds spent."""
+        started = time.perf_counter()
+        self.check_fits(seq)
+        self.release(seq)
+        self._prepare(seq)
+        self._feed(seq, len(seq.tokens))
+        return time.perf_counter() - started
+
+    def extend(self, seq: Sequence, new_ids: list[int]) -> float:
+        """Append tokens to the log and feed them into the existing cache (a migration round, the catch-up):
+        one forward, the last logits kept. Returns seconds spent."""
+        if not new_ids:
+            return 0.0
+        started = time.perf_counter()
+        seq.generated_ids.extend(new_ids)
+        assert seq.detok is not None
+        for token in new_ids:
+            seq.text += seq.detok.push(token)
+        self._feed(seq, len(seq.tokens))
+        return time.perf_counter() - started
+
+    def step(self, seq: Sequence) -> tuple[int, str]:
+        """One token of one request alone; returns (token id, text delta). Sets finish_reason when done."""
+        if seq.detok is None:
+            self._prepare(seq)
+        if seq.next_logits is None:
+            self._feed(seq, len(seq.tokens))
+        logits, seq.next_logits = seq.next_logits, None
+        assert logits is not None
+        out = self._accept(seq, self._sample(logits[None, :], [seq])[0])
+        if seq.finish_reason and seq not in self.scheduler.running:
+            self.release(seq)
+        return out.token, out.text
+
+    def _feed(self, seq: Sequence, upto: int) -> None:
+        """Feed the log's tokens ``num_cached .. upto`` in chunks of the step budget; keep the last logits."""
+        if not self.blocks.grow(seq.block_table, upto):
+            need = self.blocks.missing(seq.block_table, upto)
+            raise ValueError(f"the KV pool has {self.blocks.free_blocks} free blocks, {need} needed for "
+                             f"{upto} tokens of {seq.request_id}")
+        tokens = seq.tokens
+        logits = None
+        while seq.num_cached < upto:
+            start = seq.num_cached
+            end = min(upto, start + self.max_batched_tokens)
+            if self.deterministic:
+                end = min(upto, (start // self.max_batched_tokens + 1) * self.max_batched_tokens)
+            # One token against a cache is a decode: the same path (and kernels) as in the batch.
+            decode = 1 if end - start == 1 and start > 0 else 0
+            logits = self.runner.execute([Feed(tokens[start:end], start, seq.block_table, end == upto)], decode)
+            seq.num_cached = end
+        seq.next_logits = logits[0] if logits is not None else None
+        self._settle()
 
     def _settle(self) -> None:
         """Wait until the device has run what was queued. CUDA kernels run asynchronously: without this a
         migration round reported its cache rebuilt while a 4k-token prefill was still queued, and the
-        hand-over forward queued behind it waited for the rest (96 ms against a 26 ms step on an H200);
-        the recompute-time fits learned from such rounds measured the queueing, not the work."""
+        recompute-time fits learned from such rounds measured the queueing, not the work."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _forward(self, ids: list[int], cache: Any) -> torch.Tensor:
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        kwargs = {self._cache_kwarg: cache, "use_cache": True}
-        with torch.inference_mode():
-            if self._keep_last:
-                try:
-                    # Only the last position's logits: a prefill of 4k tokens otherwise spends much of
-                    # its time (and ~800 MB) on the LM head over every position.
-                    out = self.model(input_ids=input_ids, logits_to_keep=1, **kwargs)
-                    return out.logits[0, -1, :].float()
-                except TypeError:
-                    self._keep_last = False  # an architecture without logits_to_keep
-            out = self.model(input_ids=input_ids, **kwargs)
-        return out.logits[0, -1, :].float()
+    # ------------------------------------------------------------------ KV cache copy (live migration)
+
+    def export_cache(self, seq: Sequence) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(tokens the cache covers, [(keys, values)] per layer, each ``[1, kv_heads, tokens, head_dim]``):
+        a copy gathered from the request's blocks, so decoding can go on while it is sent."""
+        n = seq.num_cached
+        if n <= 0 or not seq.block_table:
+            raise ValueError(f"{seq.request_id} has no KV cache to export")
+        slots = self.runner._context_slots(seq.block_table, n)
+        k, v = self.runner.k_cache, self.runner.v_cache
+        layers = [(k[i, slots].permute(1, 0, 2)[None].contiguous(), v[i, slots].permute(1, 0, 2)[None].contiguous())
+                  for i in range(k.shape[0])]
+        return n, layers
+
+    def import_cache(self, seq: Sequence, n_cached: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Continue ``seq`` from a KV cache copied from another instance (any device, any float dtype).
+
+        The cache holds the first ``n_cached`` tokens of the log; the rest (at least the last token, for its
+        logits) are fed here, so the request ends as after a :meth:`prefill`. Returns seconds.
+        """
+        started = time.perf_counter()
+        tokens = seq.tokens
+        k_cache, v_cache = self.runner.k_cache, self.runner.v_cache
+        if len(layers) != k_cache.shape[0]:
+            raise ValueError(f"the copied cache has {len(layers)} layers, the model {k_cache.shape[0]}")
+        if not 0 < n_cached <= len(tokens):
+            raise ValueError(f"the copied cache covers {n_cached} tokens of a log of {len(tokens)}")
+        expected = (1, k_cache.shape[2], n_cached, k_cache.shape[3])
+        for index, (keys, values) in enumerate(layers):
+            if tuple(keys.shape) != expected or keys.shape != values.shape:
+                raise ValueError(f"layer {index}: {tuple(keys.shape)} / {tuple(values.shape)} do not hold "
+                                 f"{n_cached} positions of {expected[1]} heads x {expected[3]}")
+        self.check_fits(seq)
+        self.release(seq)
+        self._prepare(seq)
+        # The last token goes through the model again here, for the next token's logits.
+        keep = min(n_cached, len(tokens) - 1)
+        if not self.blocks.grow(seq.block_table, len(tokens)):
+            raise ValueError(f"the KV pool has {self.blocks.free_blocks} free blocks, too few for {len(tokens)} "
+                             f"tokens of {seq.request_id}")
+        slots = self.runner._context_slots(seq.block_table, keep)
+        for index, (keys, values) in enumerate(layers):
+            k_cache[index, slots] = keys[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
+            v_cache[index, slots] = values[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
+        seq.num_cached = keep
+        self._feed(seq, len(tokens))
+        return time.perf_counter() - started
+
+
+__all__ = ["Engine", "IncrementalDetokenizer", "Sequence", "StepResult", "TokenOut", "choose_token", "step_seed"]

@@ -324,6 +324,8 @@ def tree_lines(status: dict[str, Any], memory: EventMemory) -> list[TreeLine]:
                 label.append(f" {n_requests} req", style="dim")
                 if inst.get("waiting"):
                     label.append(f" +{inst['waiting']} waiting", style="yellow")
+                if inst.get("kv_blocks_total"):
+                    label.append(f" · KV {inst.get('kv_blocks_used', 0)}/{inst['kv_blocks_total']}", style="dim")
                 if inst.get("tier"):
                     load_s = float(inst.get("load_s", 0.0))
                     label.append(f" · from {inst['tier']} in {load_s:.2f}s", style="dim")

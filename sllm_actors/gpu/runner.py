@@ -1,0 +1,344 @@
+"""The model runner: the paged KV pool's tensors, one forward per engine step, CUDA graphs for decode.
+
+A step's tokens go through the model packed in one row; :mod:`sllm_actors.gpu.attention` does the paging.
+On CUDA, decode-only steps replay a captured graph for the live batch padded to the next size of a ladder
+(batch sizes × context lengths in blocks). Capture happens between steps, one shape at a time, only for a
+shape the engine has already served eagerly: a cold start's first tokens never wait for a capture (vLLM
+captures every size before serving, tens of seconds on a cold start). Anything that cannot be captured is
+served eagerly, with a log line saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sllm_actors.gpu.attention import PrefillSegment, StepLayout, set_layout, use_paged_attention
+from sllm_actors.gpu.block_manager import SCRATCH_BLOCK
+
+log = logging.getLogger(__name__)
+
+BATCH_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+CAPTURE_AFTER_USES = 2
+"""A decode shape is captured once it has run this many times eagerly."""
+
+
+FUSABLE_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm")
+"""transformers' T5-style RMSNorms (weight * normalise(x in fp32) cast back), seven kernels each when eager."""
+
+
+def fuse_rms_norms(model: Any) -> int:
+    """Run the model's T5-style RMSNorms as ``torch.nn.functional.rms_norm`` (one fused kernel on CUDA): at batch 1
+    a small model's decode step is a chain of ~1,300 tiny kernels, two per layer of which are norms of ~7 kernels.
+    Each module is checked against its own forward on the device before it is switched. Returns how many were."""
+    import torch.nn.functional as F
+
+    switched = 0
+    for module in model.modules():
+        if type(module).__name__ not in FUSABLE_NORMS or not hasattr(module, "variance_epsilon"):
+            continue
+        weight, eps = module.weight, float(module.variance_epsilon)
+
+        def fused(hidden: torch.Tensor, weight: torch.Tensor = weight, eps: float = eps) -> torch.Tensor:
+            return weight * F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=eps).to(hidden.dtype)
+
+        probe = torch.randn(4, weight.shape[0], device=weight.device, dtype=weight.dtype)
+        with torch.inference_mode():
+            expected, got = module.forward(probe).float(), fused(probe).float()
+        if not torch.allclose(expected, got, rtol=1e-2, atol=1e-2):
+            log.info("%s differs from rms_norm; kept as it is", type(module).__name__)
+            return switched
+        module.forward = fused
+        switched += 1
+    return switched
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    layers, kv_heads, head_dim = model_dims(config)
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def model_dims(config: Any) -> tuple[int, int, int]:
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return int(config.num_hidden_layers), kv_heads, head_dim
+
+
+@dataclass
+class Feed:
+    """One request's tokens in a step: ``ids`` at positions ``start ..``, its cache blocks ``table``."""
+
+    ids: list[int]
+    start: int
+    table: list[int]
+    sample: bool
+    """Whether this step needs the logits of its last token."""
+
+
+class ModelRunner:
+    def __init__(self, model: Any, *, num_blocks: int, block_size: int, cuda_graphs: bool = True,
+                 max_graph_batch: int = 256, max_graph_context: int = 4096) -> None:
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        layers, kv_heads, head_dim = model_dims(model.config)
+        # Never-written slots may hold anything (the pool is not zeroed: on a CPU that would make it resident);
+        # attention reads only written slots, and padding reads the scratch block, zeroed here.
+        shape = (layers, num_blocks * block_size, kv_heads, head_dim)
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        scratch = slice(SCRATCH_BLOCK * block_size, (SCRATCH_BLOCK + 1) * block_size)
+        self.k_cache[:, scratch].zero_()
+        self.v_cache[:, scratch].zero_()
+        self.pool_bytes = 2 * self.k_cache.numel() * self.k_cache.element_size()
+        use_paged_attention(model)
+        self.fused_norms = fuse_rms_norms(model) if self.device.type == "cuda" else 0
+        self._keep_tensor_logits = True
+        # Handed to the model as its "prepared" 4D mask, so transformers builds none: with no mask given it
+        # inspects position_ids for packed sequences (a device-to-host sync every step, then a tokens x tokens
+        # mask). Paged attention ignores it; the layout says what each request may see.
+        self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
+        self._block_offsets = torch.arange(block_size, device=self.device)
+        self.graphs_enabled = cuda_graphs and self.device.type == "cuda"
+        self.max_graph_batch = max_graph_batch
+        self.max_graph_blocks = -(-max_graph_context // block_size)
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._uses: dict[tuple[int, int], int] = {}
+        self._graph_pool: Any = None
+        self.graph_note = "" if self.graphs_enabled else ("no CUDA graphs on a CPU" if self.device.type != "cuda"
+                                                          else "CUDA graphs off by configuration")
+        self.capture_s = 0.0
+
+    # ------------------------------------------------------------------ one step
+
+    def execute(self, feeds: list[Feed], decode_count: int) -> torch.Tensor:
+        """Run ``feeds`` (the first ``decode_count`` one token each, then prefill chunks); returns the logits
+        ``[rows, vocab]`` of every feed with ``sample`` set, in order."""
+        if decode_count == len(feeds) and decode_count > 0:
+            return self._decode(feeds)
+        if decode_count and self.graphs_enabled:
+            # New prompts arrive all the time under load: a step that also prefills still decodes its batch with
+            # a graph (one replay), and the prefill chunks run as a forward of their own.
+            decoded = self._decode(feeds[:decode_count])
+            rest = self._mixed(feeds[decode_count:], 0)
+            return torch.cat([decoded, rest]) if rest.shape[0] else decoded
+        return self._mixed(feeds, decode_count)
+
+    def _mixed(self, feeds: list[Feed], decode_count: int) -> torch.Tensor:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        bs = self.block_size
+        for feed in feeds:
+            for offset, token in enumerate(feed.ids):
+                pos = feed.start + offset
+                ids.append(token)
+                positions.append(pos)
+                slots.append(feed.table[pos // bs] * bs + pos % bs)
+            if feed.sample:
+                sample_rows.append(len(ids) - 1)
+        layout = StepLayout(self.k_cache, self.v_cache, self._tensor(slots))
+        if len(feeds) > decode_count:
+            layout.prefills = [self._prefill_segment(feeds[decode_count:], len(ids) - sum(
+                len(f.ids) for f in feeds[decode_count:]))]
+        if decode_count:
+            layout.n_decode = decode_count
+            layout.decode_slots, layout.decode_mask = self._decode_context(
+                self._tables(feeds[:decode_count], self._blocks_bucket(feeds[:decode_count]))[0],
+                self._tensor([f.start + 1 for f in feeds[:decode_count]]),
+            )
+        return self._run(self._tensor(ids), self._tensor(positions), layout, self._tensor(sample_rows))
+
+    def _prefill_segment(self, feeds: list[Feed], first: int) -> PrefillSegment:
+        """All of a step's prefill chunks as one attention call: each chunk's queries see its own request's
+        context up to their own positions (a block-diagonal causal mask), so a step of 30 prompts costs one
+        kernel per layer, not 30."""
+        length = sum(len(f.ids) for f in feeds)
+        if len(feeds) == 1 and feeds[0].start == 0:
+            return PrefillSegment(first, length, self._context_slots(feeds[0].table, length), None)
+        ctx_slots = torch.cat([self._context_slots(f.table, f.start + len(f.ids)) for f in feeds])
+        q_seg, q_pos, k_seg, k_pos = [], [], [], []
+        for index, feed in enumerate(feeds):
+            context = feed.start + len(feed.ids)
+            q_seg += [index] * len(feed.ids)
+            q_pos += range(feed.start, context)
+            k_seg += [index] * context
+            k_pos += range(context)
+        q_seg_t, q_pos_t, k_seg_t, k_pos_t = (self._tensor(v) for v in (q_seg, q_pos, k_seg, k_pos))
+        mask = (q_seg_t[:, None] == k_seg_t[None, :]) & (k_pos_t[None, :] <= q_pos_t[:, None])
+        return PrefillSegment(first, length, ctx_slots, mask)
+
+    def _decode(self, feeds: list[Feed]) -> torch.Tensor:
+        n = len(feeds)
+        n_blocks = self._blocks_bucket(feeds)
+        key = (self._batch_bucket(n), n_blocks)
+        graph = self._graphs.get(key)
+        if graph is None and self.graphs_enabled and key[0] <= self.max_graph_batch \
+                and n_blocks <= self.max_graph_blocks:
+            self._uses[key] = self._uses.get(key, 0) + 1
+            if self._uses[key] > CAPTURE_AFTER_USES:
+                graph = self._capture(*key)
+        if graph is not None:
+            return graph.replay(self, feeds)[:n]
+        tables, _ = self._tables(feeds, n_blocks)
+        lens = self._tensor([f.start + 1 for f in feeds])
+        ids = self._tensor([f.ids[0] for f in feeds])
+        positions = self._tensor([f.start for f in feeds])
+        slots = self._tensor([f.table[f.start // self.block_size] * self.block_size + f.start % self.block_size
+                              for f in feeds])
+        return self._decode_forward(ids, positions, slots, tables, lens, keep_all=True)
+
+    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                        tables: torch.Tensor, lens: torch.Tensor, keep_all: bool) -> torch.Tensor:
+        layout = StepLayout(self.k_cache, self.v_cache, slots, n_decode=ids.shape[0])
+        layout.decode_slots, layout.decode_mask = self._decode_context(tables, lens)
+        return self._run(ids, positions, layout, None)
+
+    def _decode_context(self, tables: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots and mask of every decode's context. Positions past a request's length read the scratch slot, so
+        no never-written slot is ever read (0 × NaN would poison the softmax's sum)."""
+        n, blocks = tables.shape
+        slots = (tables[:, :, None] * self.block_size + self._block_offsets).reshape(n, blocks * self.block_size)
+        visible = torch.arange(blocks * self.block_size, device=self.device)[None, :] < lens[:, None]
+        slots = torch.where(visible, slots, SCRATCH_BLOCK * self.block_size)
+        return slots, visible[:, None, None, :]
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout,
+             sample_rows: torch.Tensor | None) -> torch.Tensor:
+        set_layout(layout)
+        try:
+            with torch.inference_mode():
+                common = dict(input_ids=ids[None], position_ids=positions[None], attention_mask=self._no_mask,
+                              use_cache=False)
+                if sample_rows is None:
+                    return self.model(**common).logits[0]
+                if self._keep_tensor_logits:
+                    try:
+                        # Logits only where a token is sampled: a long prefill otherwise spends much of its
+                        # time and memory on the LM head over every position.
+                        out = self.model(**common, logits_to_keep=sample_rows)
+                        return out.logits[0]
+                    except TypeError:
+                        self._keep_tensor_logits = False  # an architecture without logits_to_keep
+                out = self.model(**common)
+                return out.logits[0, sample_rows]
+        finally:
+            set_layout(None)
+
+    # ------------------------------------------------------------------ shapes and tensors
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _context_slots(self, table: list[int], context: int) -> torch.Tensor:
+        blocks = self._tensor(table[: -(-context // self.block_size)])
+        return (blocks[:, None] * self.block_size + self._block_offsets).reshape(-1)[:context]
+
+    def _blocks_bucket(self, feeds: list[Feed]) -> int:
+        """Context length of the step in blocks, rounded up to a power of two: few shapes, so few graphs, and
+        eager and graph steps compute on the same shapes."""
+        need = max(-(-(f.start + 1) // self.block_size) for f in feeds)
+        bucket = 1
+        while bucket < need:
+            bucket *= 2
+        return bucket
+
+    @staticmethod
+    def _batch_bucket(n: int) -> int:
+        for size in BATCH_LADDER:
+            if size >= n:
+                return size
+        return n
+
+    def _tables(self, feeds: list[Feed], n_blocks: int, rows: int = 0) -> tuple[torch.Tensor, int]:
+        rows = max(rows, len(feeds))
+        table = [[SCRATCH_BLOCK] * n_blocks for _ in range(rows)]
+        for row, feed in zip(table, feeds):
+            used = feed.table[:n_blocks]
+            row[: len(used)] = used
+        return self._tensor(table).reshape(rows, n_blocks), rows
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def _capture(self, batch: int, n_blocks: int) -> _DecodeGraph | None:
+        started = time.perf_counter()
+        try:
+            graph = _DecodeGraph(self, batch, n_blocks)
+        except Exception as exc:  # any capture failure: serve this shape eagerly from now on
+            log.warning("CUDA graph capture of decode batch %d x %d blocks failed, serving it eagerly: %s",
+                        batch, n_blocks, exc)
+            self.graphs_enabled = False
+            self.graph_note = f"capture failed: {exc}"
+            return None
+        self._graphs[(batch, n_blocks)] = graph
+        self.capture_s += time.perf_counter() - started
+        log.info("captured decode graph batch %d x %d blocks in %.0f ms", batch, n_blocks,
+                 1000 * (time.perf_counter() - started))
+        return graph
+
+    @property
+    def graph_shapes(self) -> list[tuple[int, int]]:
+        return sorted(self._graphs)
+
+
+class _DecodeGraph:
+    """One captured decode step with its persistent inputs; a replay copies the live batch into them."""
+
+    def __init__(self, runner: ModelRunner, batch: int, n_blocks: int) -> None:
+        device = runner.device
+        self.batch = batch
+        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slots = torch.full((batch,), SCRATCH_BLOCK * runner.block_size, dtype=torch.long, device=device)
+        self.tables = torch.full((batch, n_blocks), SCRATCH_BLOCK, dtype=torch.long, device=device)
+        self.lens = torch.ones(batch, dtype=torch.long, device=device)
+        if runner._graph_pool is None:
+            runner._graph_pool = torch.cuda.graph_pool_handle()
+        # Warm-up on a side stream (cuBLAS workspaces, lazy inits) writes only the scratch block: every slot
+        # and table entry points there.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            runner._decode_forward(self.ids, self.positions, self.slots, self.tables, self.lens, keep_all=True)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner._graph_pool):
+            self.logits = runner._decode_forward(self.ids, self.positions, self.slots, self.tables, self.lens,
+                                                 keep_all=True)
+
+    def replay(self, runner: ModelRunner, feeds: list[Feed]) -> torch.Tensor:
+        n = len(feeds)
+        bs = runner.block_size
+        n_blocks = self.tables.shape[1]
+        pad = self.batch - n
+        scratch_slot = SCRATCH_BLOCK * bs
+        starts = [f.start for f in feeds]
+        rows = [
+            [f.ids[0] for f in feeds] + [0] * pad,
+            starts + [0] * pad,
+            [f.table[s // bs] * bs + s % bs for f, s in zip(feeds, starts)] + [scratch_slot] * pad,
+            [s + 1 for s in starts] + [1] * pad,
+        ]
+        tables = [(f.table[:n_blocks] + [SCRATCH_BLOCK] * n_blocks)[:n_blocks] for f in feeds]
+        tables += [[SCRATCH_BLOCK] * n_blocks] * pad
+        # One host tensor, one copy to the device: the inputs of a replay.
+        host = torch.cat([torch.tensor(rows, dtype=torch.long), torch.tensor(tables, dtype=torch.long).T])
+        dev = host.to(runner.device, non_blocking=True)
+        self.ids.copy_(dev[0])
+        self.positions.copy_(dev[1])
+        self.slots.copy_(dev[2])
+        self.lens.copy_(dev[3])
+        self.tables.copy_(dev[4:].T)
+        self.graph.replay()
+        return self.logits
+
+
+__all__ = ["BATCH_LADDER", "Feed", "ModelRunner", "kv_bytes_per_token", "model_dims"]
