@@ -103,7 +103,8 @@ def _client_proc(endpoint: str, model: str, indexes: list[int], n_words: int, to
 
 def run_round(endpoint: str, model: str, n: int, n_words: int, tokens: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
-    procs_n = min(CLIENT_PROCS, n)
+    # Client processes take cores from the server: on a 2-core VM one process holds every stream.
+    procs_n = max(1, min(CLIENT_PROCS, n, (os.cpu_count() or 2) // 2))
     start_at = ctx.Value("d", 0.0)
     ready = ctx.Semaphore(0)
     out = ctx.Queue()

@@ -90,3 +90,19 @@ def test_chat_template_is_applied(engine: Engine) -> None:
     ids = engine.tokenize("hi", chat=True)
     text = engine.tokenizer.decode(ids)
     assert text.startswith("<|im_start|>user\nhi<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_text_resumes_exactly_where_a_character_was_split(engine: Engine) -> None:
+    """A resume (migration, restart) can fall between the tokens of one character: its bytes were never text, so
+    the resumed detokenizer must still produce it, once."""
+    from sllm_actors.gpu.engine import IncrementalDetokenizer
+
+    text = "naïve 日本語 — ünïcode ok"
+    ids = engine.tokenizer(text)["input_ids"]
+    split = [i for i in range(1, len(ids)) if engine.tokenizer.decode(ids[:i]).endswith("\ufffd")]
+    assert split, "the tokenizer splits no character across tokens: pick another text"
+    for cut in range(len(ids)):
+        first = IncrementalDetokenizer(engine.tokenizer, [])
+        before = "".join(first.push(i) for i in ids[:cut])
+        resumed = IncrementalDetokenizer(engine.tokenizer, ids[:cut])
+        assert before + "".join(resumed.push(i) for i in ids[cut:]) == text, cut

@@ -50,7 +50,7 @@ class StepLayout:
     decode_slots: torch.Tensor | None = None
     """[decodes, context] slots each decode attends to (padded with the scratch block)."""
     decode_mask: torch.Tensor | None = None
-    """[decodes, 1, 1, context] bool."""
+    """[decodes, 1, 1, context] additive (0 where visible, -inf elsewhere)."""
     prefills: list[PrefillSegment] = field(default_factory=list)
 
 

@@ -209,7 +209,9 @@ class ModelRunner:
         slots = (tables[:, :, None] * self.block_size + self._block_offsets).reshape(n, blocks * self.block_size)
         visible = torch.arange(blocks * self.block_size, device=self.device)[None, :] < lens[:, None]
         slots = torch.where(visible, slots, SCRATCH_BLOCK * self.block_size)
-        return slots, visible[:, None, None, :]
+        # Additive, in the model's dtype, made once a step: a boolean mask is converted inside SDPA in every layer.
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        return slots, bias[:, None, None, :]
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout,
              sample_rows: torch.Tensor | None) -> torch.Tensor:
