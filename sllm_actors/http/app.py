@@ -48,6 +48,9 @@ IDLE_TIMEOUT_S = 900.0
 """Longest silence from the cluster within one request; the cluster's own queue timeout ends a wait first."""
 
 
+_encode_str = json.encoder.encode_basestring  # type: ignore[attr-defined]  # what dumps(ensure_ascii=False) uses
+
+
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
@@ -287,41 +290,88 @@ class OpenAIServer:
         return JSONResponse(full_response(job, texts, reasons, tracker.prompt_tokens(), tracker.completion_tokens))
 
     async def _events(self, group: Group, job: Job, tracker: _Tracker,
-                      first: tuple[int, Any]) -> AsyncIterator[str]:
+                      first: tuple[int, Any]) -> AsyncIterator[bytes]:
+        """SSE frames, formatted here and handed to sse-starlette as bytes (it sends them as they are).
+
+        Each wake-up takes every message already queued and writes them in one frame batch, a choice's
+        consecutive tokens merged into one delta: a stream that fell behind (many streams, a slow client)
+        catches up in one write instead of paying the per-write cost once per token."""
+        content = _ContentChunks(job)
         started: set[int] = set()
-        item: tuple[int, Any] | None = first
+        batch: list[tuple[int, Any]] = [first]
         try:
-            while item is not None:
-                index, msg = item
-                if job.kind == "chat" and index not in started:
-                    started.add(index)
-                    yield _dumps(chunk(job, index, role=True, text=""))
-                if isinstance(msg, TokenChunk):
-                    tracker.tokens(index, msg)
-                    if msg.text:
-                        yield _dumps(chunk(job, index, text=msg.text))
-                elif isinstance(msg, GenerateDone):
-                    tracker.done(index, msg)
-                    yield _dumps(chunk(job, index, finish=finish_reason(msg.finish_reason)))
-                elif isinstance(msg, ErrorReply):
-                    # Headers went out with the first token; the error can only travel in the stream now.
-                    group.cancel()
-                    yield _dumps(self._error(job, msg).body())
-                    break
-                item = None if group.finished else await group.next(IDLE_TIMEOUT_S)
-            else:
-                if job.include_usage:
-                    yield _dumps(usage_chunk(job, tracker.prompt_tokens(), tracker.completion_tokens))
-            yield "[DONE]"
+            while True:
+                out: list[bytes] = []
+                texts: dict[int, list[str]] = {}
+
+                def flush(index: int) -> None:
+                    parts = texts.pop(index, None)
+                    if parts:
+                        out.append(content.frame(index, "".join(parts)))
+
+                failed = False
+                for index, msg in batch:
+                    if job.kind == "chat" and index not in started:
+                        started.add(index)
+                        out.append(_frame(chunk(job, index, role=True, text="")))
+                    if isinstance(msg, TokenChunk):
+                        tracker.tokens(index, msg)
+                        if msg.text:
+                            texts.setdefault(index, []).append(msg.text)
+                    elif isinstance(msg, GenerateDone):
+                        flush(index)
+                        tracker.done(index, msg)
+                        out.append(_frame(chunk(job, index, finish=finish_reason(msg.finish_reason))))
+                    elif isinstance(msg, ErrorReply):
+                        for i in list(texts):
+                            flush(i)
+                        # Headers went out with the first token; the error can only travel in the stream now.
+                        group.cancel()
+                        out.append(_frame(self._error(job, msg).body()))
+                        failed = True
+                        break
+                for i in list(texts):
+                    flush(i)
+                if group.finished or failed:
+                    if job.include_usage and not failed:
+                        out.append(_frame(usage_chunk(job, tracker.prompt_tokens(), tracker.completion_tokens)))
+                    out.append(b"data: [DONE]\n\n")
+                    yield b"".join(out)
+                    return
+                yield b"".join(out)
+                batch = await group.next_batch(IDLE_TIMEOUT_S)
         except RouterUnavailable as exc:
             group.cancel()
-            yield _dumps(ApiError(503, str(exc), code="cluster_unavailable").body())
-            yield "[DONE]"
+            yield _frame(ApiError(503, str(exc), code="cluster_unavailable").body()) + b"data: [DONE]\n\n"
         finally:
             if not group.finished:
                 # The client disconnected mid-stream (sse-starlette cancelled us): stop generating.
                 self.metrics.requests.labels(job.model, "disconnected").inc(len(group.pending))
                 group.cancel()
+
+
+def _frame(obj: Any) -> bytes:
+    return b"data: " + _dumps(obj).encode() + b"\n\n"
+
+
+class _ContentChunks:
+    """The one frame a stream sends per token, built from a preformatted head and tail around the only part
+    that changes (json.dumps of the whole chunk per token cost more than everything else we do per token).
+    Produces exactly what ``chunk(job, index, text=...)`` serializes to."""
+
+    def __init__(self, job: Job) -> None:
+        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        self.head = (f'data: {{"id":{_dumps(job.id)},"object":"{obj}","created":{job.created},'
+                     f'"model":{_dumps(job.model)},"system_fingerprint":null,"choices":[{{"index":')
+        self.chat = job.kind == "chat"
+        self.tail = '],"usage":null}\n\n' if job.include_usage else ']}\n\n'
+
+    def frame(self, index: int, text: str) -> bytes:
+        if self.chat:
+            body = f'{index},"delta":{{"content":{_encode_str(text)}}},"logprobs":null,"finish_reason":null}}'
+        else:
+            body = f'{index},"text":{_encode_str(text)},"logprobs":null,"finish_reason":null}}'
+        return (self.head + body + self.tail).encode()
 
 
 class _Tracker:

@@ -108,21 +108,32 @@ class RouterLink:
     async def _read(self) -> None:
         assert self._sock is not None
         while True:
-            frames = await self._sock.recv_multipart()
-            try:
-                _, msg = wire.unpack(frames)
-            except ProtocolError as exc:
-                log.error("http: the router sent a frame we cannot read: %s", exc)
-                continue
-            if isinstance(msg, Welcome):
-                if self._welcome is not None and not self._welcome.done():
-                    self._welcome.set_result(msg)
-                continue
-            queue = self._streams.get(getattr(msg, "request_id", ""))
-            if queue is not None:
-                queue.put_nowait(msg)
-            elif isinstance(msg, ErrorReply) and not msg.request_id:
-                log.error("http: the router refused us: %s [%s]", msg.message, msg.code)
+            self._deliver(await self._sock.recv_multipart())
+            # Whatever else is already queued is read without a future per message: at many streams the
+            # router's chunks arrive in bursts, and the asyncio wrapper's cost per recv is most of ours.
+            assert self._sync_sock is not None
+            while True:
+                try:
+                    frames = self._sync_sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._deliver(frames)
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        try:
+            _, msg = wire.unpack(frames)
+        except ProtocolError as exc:
+            log.error("http: the router sent a frame we cannot read: %s", exc)
+            return
+        if isinstance(msg, Welcome):
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_result(msg)
+            return
+        queue = self._streams.get(getattr(msg, "request_id", ""))
+        if queue is not None:
+            queue.put_nowait(msg)
+        elif isinstance(msg, ErrorReply) and not msg.request_id:
+            log.error("http: the router refused us: %s [%s]", msg.message, msg.code)
 
     async def _read_state(self) -> None:
         assert self._sub is not None
@@ -207,6 +218,19 @@ class Group:
             self.pending.discard(request_id)
             self.link._forget(request_id)
         return self.index[request_id], msg
+
+    async def next_batch(self, idle_timeout: float) -> list[tuple[int, Message]]:
+        """The next message and every one already queued behind it, so a stream that fell behind catches
+        up in one write instead of one per token."""
+        batch = [await self.next(idle_timeout)]
+        while not self.queue.empty():
+            msg = self.queue.get_nowait()
+            request_id = getattr(msg, "request_id", "")
+            if isinstance(msg, (GenerateDone, ErrorReply)):
+                self.pending.discard(request_id)
+                self.link._forget(request_id)
+            batch.append((self.index[request_id], msg))
+        return batch
 
     def cancel(self) -> None:
         """Cancel every choice still running: the HTTP client went away, or one choice failed. Synchronous,
