@@ -7,8 +7,13 @@ serving path's cost shows) serves both sides:
 
 * zmq: the native protocol, from one asyncio DEALER shared by every stream (``RouterLink``, the cheapest
   client of the router; the HTTP front end uses the same one, so the difference is the HTTP hop);
-* http: ``POST /v1/chat/completions`` with ``stream: true`` over httpx (one AsyncClient, one connection per
-  stream), SSE parsed line by line; tokens counted from ``stream_options.include_usage``.
+* http: ``POST /v1/chat/completions`` with ``stream: true``, one connection per stream, from aiohttp (vLLM's
+  ``benchmark_serving`` client; ``--client httpx`` for the one the ``openai`` package uses), SSE read line by
+  line; tokens counted from ``stream_options.include_usage``.
+
+Per round it also reads the CPU time of every process (controller, nodes, the HTTP server, this client) from
+/proc and reports microseconds per token: on a machine whose cores the engine needs, every cycle the serving
+path spends is a cycle decoding does not get, and this says whose they were.
 
 Every stream sends the same chat prompt with greedy decoding and ``max_tokens`` tokens (the engine may stop
 earlier at EOS; both sides count what came). Per concurrency level the two sides alternate (zmq, http, zmq,
@@ -85,6 +90,15 @@ def start_cluster(workdir: Path, model_dir: Path, threads: int) -> tuple[subproc
     raise SystemExit("sllm up did not print ready")
 
 
+MIN_ROUND_TOKENS = 4096
+"""Each stream sends requests one after another until the round has made about this many tokens, so a
+round at 1 stream lasts long enough to time (and to read CPU time at the kernel's 10 ms tick)."""
+
+
+def per_stream(streams: int, tokens: int) -> int:
+    return max(1, -(-MIN_ROUND_TOKENS // (streams * tokens)))
+
+
 async def zmq_round(link: Any, streams: int, tokens: int) -> dict[str, Any]:
     from sllm_actors.messages import ErrorReply, GenerateDone, GenerateRequest, TokenChunk
 
@@ -107,8 +121,11 @@ async def zmq_round(link: Any, streams: int, tokens: int) -> dict[str, Any]:
         assert ttft is not None
         return ttft, n
 
+    async def serial() -> list[tuple[float, int]]:
+        return [await one() for _ in range(per_stream(streams, tokens))]
+
     t0 = time.perf_counter()
-    results = await asyncio.gather(*[one() for _ in range(streams)])
+    results = [r for rs in await asyncio.gather(*[serial() for _ in range(streams)]) for r in rs]
     wall = time.perf_counter() - t0
     return _summary(results, wall)
 
@@ -116,30 +133,81 @@ async def zmq_round(link: Any, streams: int, tokens: int) -> dict[str, Any]:
 async def http_round(client: Any, base: str, streams: int, tokens: int) -> dict[str, Any]:
     body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    url = f"{base}/v1/chat/completions"
+
+    def parse(line: str, state: dict[str, Any]) -> bool:
+        if not line.startswith("data: "):
+            return False
+        if state["ttft"] is None:
+            state["ttft"] = time.perf_counter() - state["t0"]
+        if line.startswith("data: [DONE]"):
+            return True
+        if '"usage":{' in line:  # only the last event; the zmq side decodes no JSON either
+            state["n"] = json.loads(line[6:])["usage"]["completion_tokens"]
+        return False
 
     async def one() -> tuple[float, int]:
-        t0 = time.perf_counter()
-        ttft = None
-        n = 0
-        async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                if line == "data: [DONE]":
-                    break
-                if '"usage":{' in line:  # only the last event; the zmq side decodes no JSON either
-                    n = json.loads(line[6:])["usage"]["completion_tokens"]
-        assert ttft is not None
-        return ttft, n
+        state: dict[str, Any] = {"t0": time.perf_counter(), "ttft": None, "n": 0}
+        if hasattr(client, "ws_connect"):  # aiohttp: what vLLM's benchmark_serving uses
+            async with client.post(url, json=body) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
+                async for raw in r.content:
+                    if parse(raw.decode().rstrip("\n"), state):
+                        break
+        else:  # httpx: what the openai package uses
+            async with client.stream("POST", url, json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
+                async for line in r.aiter_lines():
+                    if parse(line, state):
+                        break
+        assert state["ttft"] is not None
+        return state["ttft"], state["n"]
+
+    async def serial() -> list[tuple[float, int]]:
+        return [await one() for _ in range(per_stream(streams, tokens))]
 
     t0 = time.perf_counter()
-    results = await asyncio.gather(*[one() for _ in range(streams)])
+    results = [r for rs in await asyncio.gather(*[serial() for _ in range(streams)]) for r in rs]
     wall = time.perf_counter() - t0
     return _summary(results, wall)
+
+
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """user + system CPU seconds of each named group of processes (every thread), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, group in pids.items():
+        total = 0.0
+        for pid in group:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick
+        out[name] = total
+    return out
+
+
+def process_groups(up_pid: int) -> dict[str, list[int]]:
+    children, cmd = [], {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == up_pid:
+                children.append(int(entry.name))
+                cmd[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+    return {
+        "controller": [up_pid],
+        "nodes": [p for p in children if "sllm_actors.node" in cmd[p]],
+        "http_server": [p for p in children if "sllm_actors.http" in cmd[p]],
+        "bench_client": [os.getpid()],
+    }
 
 
 def _summary(results: list[tuple[float, int]], wall: float) -> dict[str, Any]:
@@ -156,9 +224,16 @@ async def run(args: argparse.Namespace, client_ep: str, base: str) -> dict[str, 
 
     link = RouterLink(client_ep)
     await link.start()
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     out: dict[str, Any] = {}
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    if args.client == "aiohttp":
+        import aiohttp
+
+        session: Any = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=600))
+    else:
+        session = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=1024,
+                                                                     max_keepalive_connections=1024))
+    async with session as client:
         # Warm-up at the highest concurrency: the scheduler scales out (cold starts) here, not in a round.
         top = max(args.streams)
         for _ in range(2):
@@ -170,12 +245,18 @@ async def run(args: argparse.Namespace, client_ep: str, base: str) -> dict[str, 
                 # Alternate which goes first, so neither always follows the other.
                 order = ("zmq", "http") if rep % 2 == 0 else ("http", "zmq")
                 for side in order:
+                    before = cpu_seconds(args.pids)
                     if side == "zmq":
-                        rounds[side].append(await zmq_round(link, streams, args.tokens))
+                        r = await zmq_round(link, streams, args.tokens)
                     else:
-                        rounds[side].append(await http_round(client, base, streams, args.tokens))
-            med = {side: {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "ttft_p50_ms", "ttft_p90_ms")}
-                   for side, rs in rounds.items()}
+                        r = await http_round(client, base, streams, args.tokens)
+                    after = cpu_seconds(args.pids)
+                    # CPU time per token of each process: where a shared 2-core machine's cycles went.
+                    for name in after:
+                        r[f"cpu_us_per_token_{name}"] = (after[name] - before[name]) / max(r["tokens"], 1) * 1e6
+                    rounds[side].append(r)
+            keys = ["tok_s", "ttft_p50_ms", "ttft_p90_ms"] + [f"cpu_us_per_token_{n}" for n in args.pids]
+            med = {side: {k: statistics.median(r[k] for r in rs) for k in keys} for side, rs in rounds.items()}
             med["ratio_tok_s"] = med["http"]["tok_s"] / med["zmq"]["tok_s"]  # type: ignore[assignment]
             med["added_ttft_p50_ms"] = med["http"]["ttft_p50_ms"] - med["zmq"]["ttft_p50_ms"]  # type: ignore[assignment]
             out[str(streams)] = {"median": med, "rounds": rounds}
@@ -183,6 +264,9 @@ async def run(args: argparse.Namespace, client_ep: str, base: str) -> dict[str, 
             print(f"{streams:4d} streams  zmq {z['tok_s']:8.1f} tok/s ttft p50 {z['ttft_p50_ms']:7.2f} ms   "
                   f"http {h['tok_s']:8.1f} tok/s ttft p50 {h['ttft_p50_ms']:7.2f} ms   "
                   f"ratio {med['ratio_tok_s']:.3f}  added ttft {med['added_ttft_p50_ms']:+.2f} ms", flush=True)
+            for side in ("zmq", "http"):
+                print(f"      cpu us/token ({side}): " + "  ".join(
+                    f"{n} {med[side][f'cpu_us_per_token_{n}']:.0f}" for n in args.pids), flush=True)
     await link.close()
     return out
 
@@ -193,6 +277,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    parser.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
+                        help="HTTP client of the load generator (aiohttp: vLLM's benchmark_serving's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
@@ -202,13 +288,15 @@ def main() -> int:
         work = Path(tmp)
         model = make_tiny_model(work / "tiny", arch="llama", seed=0)
         proc, client_ep, base = start_cluster(work, model, args.threads)
+        args.pids = process_groups(proc.pid)
         try:
             results = asyncio.run(run(args, client_ep, base))
         finally:
             proc.terminate()
             proc.wait(60)
     info = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus", "python": sys.version.split()[0],
-            "tokens": args.tokens, "reps": args.reps, "results": results}
+            "tokens": args.tokens, "reps": args.reps, "client": args.client, "load_avg": os.getloadavg(),
+            "results": results}
     if args.json:
         args.json.write_text(json.dumps(info, indent=2))
     return 0

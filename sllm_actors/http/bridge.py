@@ -41,6 +41,9 @@ SNAPSHOT_FRESH_S = 3.0
 """The controller publishes a snapshot every 0.5 s; one older than this means the controller is stuck."""
 
 
+WATCHDOG_S = 1.0
+
+
 class RouterUnavailable(ConnectionError):
     """The router did not answer the handshake or a request in time."""
 
@@ -61,6 +64,7 @@ class RouterLink:
         self._welcome: asyncio.Future[Welcome] | None = None
         self._streams: dict[str, asyncio.Queue[Message]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._groups: set[Group] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -76,6 +80,7 @@ class RouterLink:
         self._sync_sock = zmq.Socket.shadow(sock.underlying)
         self._welcome = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._read(), name="router-reader"))
+        self._tasks.append(asyncio.create_task(self._watchdog(), name="idle-watchdog"))
         while True:
             await sock.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "http")))
             try:
@@ -118,6 +123,15 @@ class RouterLink:
                 except zmq.Again:
                     break
                 self._deliver(frames)
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHDOG_S)
+            now = time.monotonic()
+            for group in list(self._groups):
+                if group.waiting_since and now - group.waiting_since > group.idle_timeout:
+                    group.waiting_since = 0.0
+                    group.queue.put_nowait(_Silence())  # type: ignore[arg-type]
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:
@@ -188,6 +202,10 @@ class RouterLink:
         self._streams.pop(request_id, None)
 
 
+class _Silence:
+    """Posted into a group's mailbox by the watchdog: the cluster said nothing for the idle timeout."""
+
+
 class Group:
     """The requests of one HTTP call (its ``n`` choices), sharing one mailbox: messages arrive in the order
     the router sent them, each tagged with its choice's index, with no task or hop per choice."""
@@ -198,6 +216,9 @@ class Group:
         self.queue: asyncio.Queue[Message] = asyncio.Queue()
         self.index = {r.request_id: i for i, r in enumerate(requests)}
         self.pending = set(self.index)
+        self.idle_timeout = 0.0
+        self.waiting_since = 0.0
+        link._groups.add(self)
 
     async def send(self) -> None:
         for request in self.requests:
@@ -209,14 +230,20 @@ class Group:
 
     async def next(self, idle_timeout: float) -> tuple[int, Message]:
         """The next message of any choice; a GenerateDone or an ErrorReply ends that choice."""
-        try:
-            msg = await asyncio.wait_for(self.queue.get(), idle_timeout)
-        except TimeoutError:
-            raise RouterUnavailable(f"no word from the cluster for {idle_timeout:.0f}s") from None
+        self.idle_timeout = idle_timeout
+        self.waiting_since = time.monotonic()
+        # No wait_for here: a timer per token per stream was a sizeable part of the front end's cost at many
+        # streams; the link's watchdog posts _Silence instead when a group waits too long.
+        msg = await self.queue.get()
+        self.waiting_since = 0.0
+        if isinstance(msg, _Silence):
+            raise RouterUnavailable(f"no word from the cluster for {idle_timeout:.0f}s")
         request_id = getattr(msg, "request_id", "")
         if isinstance(msg, (GenerateDone, ErrorReply)):
             self.pending.discard(request_id)
             self.link._forget(request_id)
+            if not self.pending:
+                self.link._groups.discard(self)
         return self.index[request_id], msg
 
     async def next_batch(self, idle_timeout: float) -> list[tuple[int, Message]]:
@@ -225,10 +252,14 @@ class Group:
         batch = [await self.next(idle_timeout)]
         while not self.queue.empty():
             msg = self.queue.get_nowait()
+            if isinstance(msg, _Silence):
+                continue  # a message just came: not silent
             request_id = getattr(msg, "request_id", "")
             if isinstance(msg, (GenerateDone, ErrorReply)):
                 self.pending.discard(request_id)
                 self.link._forget(request_id)
+                if not self.pending:
+                    self.link._groups.discard(self)
             batch.append((self.index[request_id], msg))
         return batch
 
@@ -240,6 +271,7 @@ class Group:
             self.link._forget(request_id)
             self.link._sync_sock.send_multipart(wire.pack(CancelRequest(request_id)))
         self.pending.clear()
+        self.link._groups.discard(self)
 
 
 __all__ = ["ErrorReply", "GenerateDone", "Group", "RouterLink", "RouterUnavailable", "TokenChunk"]

@@ -43,6 +43,9 @@ class HttpFrontEnd:
             sock.close()
             raise OSError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc} "
                           "(choose another with --http-port, or 0 to turn HTTP off)") from None
+        # Accepted connections inherit this. Without it a kept-alive connection's next response waited for
+        # the client's delayed ACK of the last one (Nagle): 40 ms added to the time to first token.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.listen(2048)
         sock.set_inheritable(True)
         self.sock = sock
