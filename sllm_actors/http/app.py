@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sse_starlette import EventSourceResponse
@@ -74,7 +75,8 @@ class OpenAIServer:
                 Route("/health", self.health, methods=["GET"]),
                 Route("/metrics", self.metrics_text, methods=["GET"]),
             ],
-            exception_handlers={ApiError: self._api_error, HTTPException: self._http_error},
+            exception_handlers={ApiError: self._api_error, HTTPException: self._http_error,
+                                Exception: self._crash},
             lifespan=self._lifespan,
         )
 
@@ -103,6 +105,12 @@ class OpenAIServer:
         what = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
         return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {what}",
                                        type="invalid_request_error", code=str(exc.status_code)))
+
+    async def _crash(self, request: Request, exc: Exception) -> Response:
+        # A bug of ours, never the client's input: logged with its traceback, answered in OpenAI's shape.
+        log.exception("http: %s %s failed", request.method, request.url.path, exc_info=exc)
+        self.metrics.http_errors.labels("500").inc()
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
 
     def _authorize(self, request: Request) -> None:
         if not self.api_keys:
@@ -210,8 +218,6 @@ class OpenAIServer:
             prompt, chat = messages[0]["content"], True
         else:
             prompt, chat = await self.templates.render(job.model, source, messages), False
-        from dataclasses import replace
-
         job = replace(job, choices=[Choice(c.index, prompt, chat, 0) for c in job.choices])
         return await self._serve(request, job, t0)
 

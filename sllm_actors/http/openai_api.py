@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 MAX_N = 128
@@ -254,8 +254,6 @@ def parse_chat(body: Any) -> tuple[Job, list[dict[str, str]]]:
 
 
 def _with_n(job: Job, n: int) -> Job:
-    from dataclasses import replace
-
     return replace(job, choices=[Choice(i, "", True, 0) for i in range(n)])
 
 
