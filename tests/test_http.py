@@ -456,3 +456,11 @@ def test_http_port_in_the_topology_is_checked(tmp_path: Path) -> None:
         parse_topology({**base, "controller": {"http_port": 70000}}, tmp_path / "t.yaml")
     with pytest.raises(TopologyError, match=r"controller: ports must differ"):
         parse_topology({**base, "controller": {"http_port": 7700}}, tmp_path / "t.yaml")
+
+
+def test_api_keys_from_flags_and_the_environment() -> None:
+    from sllm_actors.http import parse_api_keys
+
+    # --api-key values first, then SLLM_API_KEY's comma-separated list; blanks and repeats dropped.
+    assert parse_api_keys("sk-a", " sk-b ", "sk-a,, sk-c") == ["sk-a", "sk-b", "sk-c"]
+    assert parse_api_keys("", " , ") == []
