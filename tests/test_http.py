@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -464,3 +465,47 @@ def test_api_keys_from_flags_and_the_environment() -> None:
     # --api-key values first, then SLLM_API_KEY's comma-separated list; blanks and repeats dropped.
     assert parse_api_keys("sk-a", " sk-b ", "sk-a,, sk-c") == ["sk-a", "sk-b", "sk-c"]
     assert parse_api_keys("", " , ") == []
+
+
+def _children(pid: int) -> dict[int, str]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_the_front_end_stops_when_sllm_up_is_killed(tmp_path: Path, tiny_model: Path) -> None:
+    """sllm up killed -9 runs no cleanup: its HTTP front end must notice on its own and free the port."""
+    port = free_port()
+    topo = write_topology(tmp_path / "topology.yaml", {"tiny": tiny_model}, nodes=1,
+                          extra={"controller": {"http_port": port}})
+    cluster = start_cluster(topo)
+    children = _children(cluster.proc.pid)
+    front = [p for p, cmd in children.items() if "sllm_actors.http" in cmd]
+    try:
+        assert len(front) == 1, children
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+    finally:
+        cluster.proc.kill()
+        cluster.proc.wait()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _gone(front[0]):
+            time.sleep(0.1)  # polling a condition with a deadline
+        assert _gone(front[0]), "the HTTP front end outlived sllm up"
+    finally:
+        for pid in children:  # the nodes exit on their own later; this test does not wait for that
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -11,8 +11,28 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
+import time
 
 from sllm_actors.http.process import API_KEY_ENV, parse_api_keys
+
+
+PARENT_CHECK_S = 1.0
+
+
+def _exit_with_parent() -> None:
+    """Stop (gracefully, as on SIGTERM) when ``sllm up`` is gone, even killed -9: a front end whose
+    cluster is gone would hold its port and answer 503s forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        logging.getLogger(__name__).error("http: sllm up (pid %d) is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sllm_actors.http.app import OpenAIServer
 
+    _exit_with_parent()
     server = OpenAIServer(args.cluster, parse_api_keys(os.environ.get(API_KEY_ENV, "")))
     where_kw = {"fd": args.fd} if args.fd is not None else {"host": args.host, "port": args.port}
     # uvloop and httptools when installed (they are dependencies): the per-chunk cost of a stream is what
