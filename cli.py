@@ -48,6 +48,11 @@ def up(
     ready_timeout: float = typer.Option(300.0, help="seconds to wait for every node to join"),
     policy: Optional[str] = typer.Option(None, "--policy", help="placement policy, overriding the topology's: "
                                          "serverlessllm, shepherd, locality-wait, availability, random"),
+    http_port: Optional[int] = typer.Option(None, "--http-port", help="the OpenAI-compatible HTTP API's port, "
+                                            "overriding the topology's controller.http_port (default 8000); 0: off"),
+    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="an API key the HTTP API requires as "
+                                                "'Authorization: Bearer KEY' (repeatable; also $SLLM_API_KEY, "
+                                                "comma-separated); none: no key needed"),
 ) -> None:
     """Start the controller and the local nodes of TOPOLOGY."""
     from sllm_actors.controller import Controller
@@ -87,6 +92,9 @@ def up(
         except ModelSourceError as exc:
             _fail(str(exc))
     controller = Controller(topo, node_log=node_log)
+    front = _http_front_end(topo, http_port, api_key, node_log)
+    if front is not None:
+        controller.context.http_endpoint = front.endpoint
     stop = threading.Event()
     stopped = threading.Event()
 
@@ -94,6 +102,8 @@ def up(
         # Controller.stop closes its sockets: once only, whether the TUI's quit or the finally below runs it.
         if not stopped.is_set():
             stopped.set()
+            if front is not None:
+                front.stop()  # first: its requests are cancelled while the router still answers
             controller.stop()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -105,7 +115,11 @@ def up(
         controller.start()
     except Exception as exc:  # a port in use, most often: say which and stop what started
         controller.stop()
+        if front is not None:
+            front.stop()
         _fail(f"cannot start the controller: {exc}")
+    if front is not None:
+        front.start(controller.context.client_endpoint)
     try:
         if interactive:
             from sllm_actors.tui import run_tui
@@ -119,7 +133,8 @@ def up(
             console.print(f"[yellow]warning:[/] nodes not joined after {ready_timeout:.0f}s: {', '.join(missing)}")
         ctx = controller.context
         print(f"ready: client endpoint {ctx.client_endpoint} state endpoint {ctx.state_endpoint} "
-              f"nodes {','.join(sorted(controller.node_names))}", flush=True)
+              f"nodes {','.join(sorted(controller.node_names))}"
+              + (f" http endpoint {front.endpoint}" if front is not None else ""), flush=True)
         while not stop.wait(0.5):
             pass
     finally:
@@ -129,6 +144,21 @@ def up(
         console.print("stopped")
         if node_log is not None:
             node_log.close()
+
+
+def _http_front_end(topo: Any, port: Optional[int], keys: Optional[list[str]], log_file: Any) -> Any:
+    from sllm_actors.http import HttpFrontEnd, parse_api_keys
+
+    port = topo.controller.http_port if port is None else port
+    if not 0 <= port <= 65535:
+        _fail(f"--http-port: must be 0..65535, got {port}")
+    if port == 0:
+        return None
+    try:
+        return HttpFrontEnd(topo.controller.host, port, log_file=log_file,
+                            api_keys=parse_api_keys(*(keys or []), os.environ.get("SLLM_API_KEY", "")))
+    except OSError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -205,6 +235,7 @@ def status(cluster: Optional[str] = ClusterOpt, as_json: bool = typer.Option(Fal
         _fail(str(exc), 1)
     finally:
         client.close()
+    st["http_endpoint"] = client.http_endpoint  # from the handshake; empty when the HTTP API is off
     if as_json:
         print(json.dumps(st, indent=2))
         return
@@ -216,6 +247,8 @@ def _gib(n: float) -> str:
 
 
 def _print_status(st: dict[str, Any]) -> None:
+    out.print(f"client endpoint {st.get('client_endpoint') or '-'}   HTTP (OpenAI API) "
+              f"{st.get('http_endpoint') or 'off'}", highlight=False)
     t = Table(title="nodes")
     for col in ("name", "pid", "alive", "restarts"):
         t.add_column(col)

@@ -110,6 +110,7 @@ class Client:
         self._context = zmq.Context.instance()
         self._socket: zmq.Socket | None = None
         self.state_endpoint = ""
+        self.http_endpoint = ""
 
     # ------------------------------------------------------------------ connection
 
@@ -127,6 +128,7 @@ class Client:
             msg = self._recv(deadline, connecting=True)
             if isinstance(msg, Welcome):
                 self.state_endpoint = msg.state_endpoint
+                self.http_endpoint = msg.http_endpoint
                 return sock
             if isinstance(msg, ErrorReply):
                 self.close()

@@ -84,6 +84,7 @@ class ClusterContext:
     client_endpoint: str = ""
     cluster_endpoint: str = ""
     state_endpoint: str = ""
+    http_endpoint: str = ""
 
     def to_client(self, peer: bytes, msg: Message) -> None:
         self.transport.send(CLIENTS, msg, peer=peer)

@@ -164,7 +164,8 @@ class Controller:
                                                         f"protocol version {msg.protocol_version} is not supported; "
                                                         f"this cluster speaks {PROTOCOL_VERSION}"))
             else:
-                self.context.to_client(peer, Welcome(PROTOCOL_VERSION, self.cluster_name, self.context.state_endpoint))
+                self.context.to_client(peer, Welcome(PROTOCOL_VERSION, self.cluster_name, self.context.state_endpoint,
+                                                        self.context.http_endpoint))
         elif isinstance(msg, (GenerateRequest, CancelRequest, StatusRequest)):
             self._tell("router", FromClient(peer, msg), peer, msg)
         elif isinstance(msg, (DeployModel, MigrateCommand)):

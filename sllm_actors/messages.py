@@ -73,6 +73,8 @@ class Welcome(Message):
     protocol_version: int
     cluster: str
     state_endpoint: str = ""
+    http_endpoint: str = ""
+    """The OpenAI-compatible HTTP front end (``http://HOST:PORT``), empty when it is off."""
 
 
 @_register

@@ -73,6 +73,8 @@ class ControllerSpec:
     client_port: int = 7700
     cluster_port: int = 7701
     state_port: int = 7702
+    http_port: int = 8000
+    """The OpenAI-compatible HTTP front end; 0 turns it off."""
 
     def endpoint(self, port: int) -> str:
         return f"tcp://{self.host}:{port}"
@@ -209,9 +211,10 @@ def parse_topology(data: Any, path: Path) -> Topology:
     top = r.mapping(data, "(top level)", {"controller", "nodes", "models", "scheduler"})
     base_dir = path.parent
 
-    ctl = r.mapping(top.get("controller", {}), "controller", {"host", "client_port", "cluster_port", "state_port"})
+    ctl = r.mapping(top.get("controller", {}), "controller", {"host", "client_port", "cluster_port", "state_port",
+                                                           "http_port"})
     ports = {}
-    for key, default in (("client_port", 7700), ("cluster_port", 7701), ("state_port", 7702)):
+    for key, default in (("client_port", 7700), ("cluster_port", 7701), ("state_port", 7702), ("http_port", 8000)):
         port = r.get(ctl, key, "controller", int, default)
         if not 0 <= port <= 65535:
             raise r.fail(f"controller.{key}", f"port must be 0..65535, got {port}")

@@ -77,7 +77,8 @@ def write_topology(path: Path, models: dict[str, Path | str], *, nodes: int = 2,
                    memory: str = "1GiB", extra: dict[str, Any] | None = None, keep_alive: str = "5m",
                    dram: str = "1GiB", ssd: str = "2GiB", repository_bandwidth: str = "") -> Path:
     data: dict[str, Any] = {
-        "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0},
+        # http_port 0: no HTTP front end unless a test asks for one (tests/test_http.py).
+        "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0, "http_port": 0},
         "nodes": [
             {
                 "name": f"node-{i + 1}",

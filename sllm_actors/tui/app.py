@@ -246,6 +246,7 @@ class SllmTui(App[None]):
     ) -> None:
         super().__init__()
         self.endpoint = endpoint
+        self.http_endpoint = ""
         self.on_quit = on_quit
         self.on_quit_called = False
         self._on_quit_lock = threading.Lock()
@@ -326,6 +327,7 @@ class SllmTui(App[None]):
                 with Client(self.endpoint, connect_timeout=3.0) as client:
                     status = client.status(timeout=5.0)
                     state_endpoint = client.state_endpoint
+                    self.http_endpoint = client.http_endpoint
             except (ClusterUnavailable, RequestError) as exc:
                 if not said:
                     self.post_message(Note(
@@ -395,6 +397,8 @@ class SllmTui(App[None]):
         up = sum(1 for n in nodes if n.get("alive"))
         requests = len(self.status.get("requests", []))
         parts = [self.endpoint, f"{up}/{len(nodes)} nodes up", f"{requests} requests"]
+        if self.http_endpoint:
+            parts.insert(1, f"HTTP {self.http_endpoint}")
         if since is not None and since > STALE_S:
             parts.append(f"no snapshot for {since:.0f}s: is the cluster up?")
         self.sub_title = " · ".join(parts)
