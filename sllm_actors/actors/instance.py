@@ -42,6 +42,7 @@ from sllm_actors.messages import (
 )
 from sllm_actors.node_context import Link, NodeContext
 from sllm_actors.storage.format import crc32
+from sllm_actors.storage_client import SERIAL_PARTS, format_parts
 from sllm_actors.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
@@ -241,12 +242,13 @@ class ModelInstanceActor(SupervisedActor):
         self._send(
             InstanceReady(
                 self.instance_id, self.node.name, self.gpu_index, self.model_name, load_s, loaded.tier,
-                loaded.memory_bytes,
+                loaded.memory_bytes, {**loaded.parts, "engine": load_s - sum(
+                    loaded.parts.get(p, 0.0) for p in SERIAL_PARTS)},
             )
         )
         self.node.event("load", f"{self.model_name} loaded on {self.node.name}/gpu-{self.gpu_index} from "
-                        f"{loaded.tier} in {load_s:.2f}s", {"model": self.model_name, "tier": loaded.tier,
-                                                              "seconds": load_s})
+                        f"{loaded.tier} in {load_s:.2f}s ({format_parts(loaded.parts)})",
+                        {"model": self.model_name, "tier": loaded.tier, "seconds": load_s, "parts": loaded.parts})
 
     def stopping(self) -> None:
         if self.link is not None:
