@@ -175,8 +175,10 @@ def ceilings(device: str, ours: Path, nbytes: int) -> dict[str, Any]:
     out["page_cache_read_gbs"] = nbytes / t / 1e9
     # What the SSD tier's verified copy of a repository checkpoint costs alone (source in the page cache,
     # as in the repository cold start below): the "fetch" a pipelined cold start overlaps with its load.
-    from sllm_actors.storage import copy_checkpoint
-
+    try:
+        from sllm_actors.storage import copy_checkpoint
+    except ImportError:  # code from before the pipelined fetch (a comparison run)
+        return out
     dest = ours.parent.parent / "copy-probe"
     shutil.rmtree(dest, ignore_errors=True)
     t = time.perf_counter()
@@ -367,7 +369,10 @@ def med(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def table(res: dict[str, Any]) -> str:
-    from sllm_actors.storage_client import SERIAL_PARTS
+    try:
+        from sllm_actors.storage_client import SERIAL_PARTS
+    except ImportError:  # code from before loads reported their parts
+        SERIAL_PARTS = ()
 
     gb = res["checkpoint_bytes"] / 1e9
     c = res["ceilings"]
