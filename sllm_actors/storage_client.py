@@ -203,7 +203,11 @@ class StorageClient:
                 parts["tokenizer"] = time.perf_counter() - tok_started
             parts.update(timings)
             warm_started = time.perf_counter()
-            warm_up(hf_model, tokenizer, device)
+            try:
+                warm_up(hf_model, tokenizer, device)
+            except Exception as exc:  # noqa: BLE001 - a warm-up is an optimisation: requests still get served
+                log.warning("%s: warm-up forward of %s failed (the first request pays its start-up): %s",
+                            self.node.name, model, exc)
             parts["warmup"] = time.perf_counter() - warm_started
         seconds = time.perf_counter() - started
         nbytes = checkpoint_size(path)
@@ -245,16 +249,27 @@ def format_parts(parts: dict[str, float], minimum: float = 0.005) -> str:
     return ", ".join(f"{k} {v:.2f}s" for v, k in shown) or "all parts under 5 ms"
 
 
+WARMUP_TOKENS = 8
+
+
 def warm_up(model: Any, tokenizer: Any, device: str) -> None:
-    """One forward pass of one token, so the first request does not pay for lazy initialisation (CUDA
-    kernels loaded on first use, cuBLAS workspaces for this model's shapes, allocator pools)."""
+    """A short prefill and one decode step against its cache, so the first request does not pay for
+    lazy initialisation: kernels loaded on first use, cuBLAS workspaces and algorithm choices for this
+    model's shapes, allocator pools (on a CPU, oneDNN's primitives for the weights' dtype). Prefill and
+    decode take different attention and matmul paths (many query rows against one), so both run."""
     import torch
 
     token = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     if token is None:
         token = 0
     with torch.inference_mode():
-        ids = torch.tensor([[int(token)]], device=device)
-        model(input_ids=ids, use_cache=True)
+        ids = torch.full((1, WARMUP_TOKENS), int(token), dtype=torch.long, device=device)
+        out = model(input_ids=ids, use_cache=True)
+        cache = getattr(out, "past_key_values", None)
+        nxt = ids[:, -1:]
+        if cache is not None:
+            model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        else:
+            model(input_ids=nxt, use_cache=False)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
