@@ -109,13 +109,16 @@ class StorageClient:
             except BaseException:
                 self._tell("ssd", TierRelease(model))
                 raise
+        if path is None:
+            return loaded
         if not self.node.directory.tell("dram", TierStore(model, path, release="ssd")):
             self._tell("ssd", TierRelease(model))  # the DRAM tier is restarting: no copy this time
         return loaded
 
     def _from_repository(self, model: str, source: str, device: str,
-                         parts: dict[str, float]) -> tuple[Loaded, str]:
-        """Fetch, store on SSD and load; returns the model and the SSD copy's path (leased).
+                         parts: dict[str, float]) -> tuple[Loaded, str | None]:
+        """Fetch, store on SSD and load; returns the model and the SSD copy's path (leased; None when only
+        the copy failed).
 
         A source already in our format is loaded straight from the repository while the SSD tier copies
         it (both read the same pages), so the start costs about the slower of the two, not their sum.
@@ -154,7 +157,15 @@ class StorageClient:
                 self._tell("ssd", TierDrop(model, "its load from the repository failed"))
             raise
         waited = time.perf_counter()
-        path = str(copying.get(timeout=FETCH_TIMEOUT_S))
+        try:
+            path = str(copying.get(timeout=FETCH_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 - the model is loaded and verified: serve it, uncached
+            # The copy failed where the load from the same source did not (a full disk, say): the copy
+            # removed itself, so no tier holds a partial one, and the next cold start fetches again.
+            parts["store_wait"] = time.perf_counter() - waited
+            log.warning("%s: %s loaded, but its SSD copy failed: %s", self.node.name, model, exc)
+            self.node.event("error", f"{model} on {self.node.name}: SSD copy failed: {exc}", {"model": model})
+            return loaded, None
         parts["store_wait"] = time.perf_counter() - waited
         self._tell("repository", TierLoaded(model, checkpoint_size(path), time.perf_counter() - started))
         return loaded, path

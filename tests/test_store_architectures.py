@@ -40,7 +40,6 @@ def test_an_architecture_round_trips_through_the_store(model_type: str, class_na
 def test_the_sweep_covers_architectures_whose_files_use_other_names(tmp_path: Path) -> None:
     """The case this exists for: ``save_pretrained`` writes Mixtral's experts one by one while the model
     holds them fused, so the files' names are not the parameters' names; the conversion must still load."""
-    import torch
 
     model = tiny_model("mixtral", "MixtralForCausalLM")
     model.save_pretrained(tmp_path / "hf")
@@ -55,4 +54,4 @@ def test_the_sweep_covers_architectures_whose_files_use_other_names(tmp_path: Pa
             stored |= set(h.keys())
     assert stored != set(model.state_dict()), "this transformers saves Mixtral under its own names: pick another"
     result = sweep_one("mixtral", "MixtralForCausalLM", tmp_path / "sweep")
-    assert result["tensors"] == len(model.state_dict()) and torch.is_tensor(next(iter(model.state_dict().values())))
+    assert result["tensors"] == len(model.state_dict())
