@@ -78,11 +78,23 @@ def write_checkpoints(work: Path, shape: str) -> tuple[Path, Path, int]:
     with parameters_on_meta():
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
+    # Random weights, small enough that a forward pass stays finite; norms at 1 as trained models are.
+    # Drawn once into a pool and copied out at shifting offsets: drawing 8 B normals one by one takes
+    # minutes, and what is measured here does not depend on the values.
+    pool = torch.empty(1 << 26, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+    offset = 0
     with torch.no_grad():
         for name, p in list(model.named_parameters()):
-            # Random weights, small enough that a forward pass stays finite; norms at 1 as trained models are.
-            real = torch.ones(p.shape, dtype=torch.bfloat16) if "norm" in name else \
-                torch.empty(p.shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+            real = torch.empty(p.shape, dtype=torch.bfloat16)
+            if "norm" in name:
+                real.fill_(1.0)
+            else:
+                flat, pos = real.view(-1), 0
+                while pos < flat.numel():
+                    offset = (offset + 7919) % (pool.numel() // 2)
+                    k = min(flat.numel() - pos, pool.numel() - offset)
+                    flat[pos:pos + k].copy_(pool[offset:offset + k])
+                    pos += k
             module, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module), attr, torch.nn.Parameter(real, requires_grad=False))
     model.eval()
