@@ -76,12 +76,13 @@ class Completion:
     total_s: float
     prompt_tokens: int
     migrations: list[dict[str, Any]] = field(default_factory=list)
+    cold_start: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id, "model": self.model, "token_ids": self.token_ids, "text": self.text,
             "finish_reason": self.finish_reason, "ttft_s": self.ttft_s, "total_s": self.total_s,
-            "prompt_tokens": self.prompt_tokens, "migrations": self.migrations,
+            "prompt_tokens": self.prompt_tokens, "migrations": self.migrations, "cold_start": self.cold_start,
         }
 
 
@@ -212,6 +213,7 @@ class Client:
                         request_id=msg.request_id, model=msg.model, token_ids=list(msg.token_ids), text=msg.text,
                         finish_reason=msg.finish_reason, ttft_s=msg.ttft_s, total_s=msg.total_s,
                         prompt_tokens=msg.prompt_tokens, migrations=list(msg.migrations),
+                        cold_start=dict(msg.cold_start),
                     )
                     return
         except RequestError:

@@ -63,6 +63,8 @@ class RequestRecord:
     first_token_at: float | None = None
     last_token_at: float | None = None
     migrations: list[dict[str, Any]] = field(default_factory=list)
+    cold_start: dict[str, Any] = field(default_factory=dict)
+    """The load this request waited for, if any (what ``GenerateDone.cold_start`` reports)."""
     active_migration: dict[str, Any] | None = None
     from_scratch: bool = False
 

@@ -181,6 +181,9 @@ class GenerateDone(Message):
     total_s: float
     prompt_tokens: int
     migrations: list[dict[str, Any]] = field(default_factory=list)
+    cold_start: dict[str, Any] = field(default_factory=dict)
+    """When this request waited for its model to load: ``tier``, ``load_s``, ``wait_s`` (request to
+    placement) and ``parts`` (the load's parts, seconds); empty when it found the model loaded."""
 
 
 @_register
@@ -294,6 +297,8 @@ class InstanceReady(Message):
     load_s: float
     tier: str
     memory_bytes: int
+    parts: dict[str, Any] = field(default_factory=dict)
+    """Where the load's time went, seconds (floats) per part (``storage_client.LOAD_PARTS``)."""
 
 
 @_register
@@ -718,6 +723,7 @@ class Placed:
     request_id: str
     node: str
     instance_id: str
+    cold_start: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -166,9 +166,13 @@ class Node:
         # start (7.9 s against 0.4 s for the same 50 MB model next time, on a 2-core machine).
         import torch
 
-        from sllm_actors.storage.model import warm_imports
+        from sllm_actors.storage.model import warm_devices, warm_imports
 
         warm_imports()
+        # The same for a GPU's lazy start (context, cuBLAS, kernels): paid here, not by the first request.
+        warmed = warm_devices([g.device for g in self.spec.gpus])
+        if warmed:
+            log.info("%s: CUDA devices warmed in %.2fs", self.spec.name, warmed)
 
         if self.spec.threads:
             torch.set_num_threads(self.spec.threads)

@@ -10,7 +10,7 @@ import copy
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -71,6 +71,8 @@ class Loaded:
     tokenizer: Any
     tier: str
     memory_bytes: int
+    parts: dict[str, float] = field(default_factory=dict)
+    """Where the load's time went, in seconds (``storage_client.LOAD_PARTS``)."""
 
 
 class Link:

@@ -12,8 +12,10 @@ Typed client functions over the tier actors, so instances never build raw tier m
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 900.0
 """A first fetch of the default model downloads and converts it; later ones are instant."""
 ASK_TIMEOUT_S = 60.0
+PIPELINED_FETCH = os.environ.get("SLLM_PIPELINED_FETCH", "1") != "0"
+"""A repository checkpoint in our format loads while the SSD tier copies it; ``SLLM_PIPELINED_FETCH=0``
+stores it first, then loads (the way it was: what benchmarks compare against)."""
 
 
 def dram_meta_root(spec: NodeSpec) -> Path:
@@ -46,6 +51,7 @@ class StorageClient:
         # Building a transformers model touches process-wide state (default dtype and device, lazy
         # init flags): two instances building at once corrupt each other. Loads on a node take turns.
         self.build_lock = threading.Lock()
+        self.tokenizers: dict[tuple[Any, ...], Any] = {}
 
     def child_specs(self) -> list[ChildSpec]:
         spec, node = self.spec, self.node
@@ -69,58 +75,163 @@ class StorageClient:
         self.node.directory.tell(tier, message)
 
     def load(self, model: str, source: str, device: str, dtype: str = "") -> Loaded:
-        """``dtype``: the serving dtype (a torch dtype name); empty keeps the stored one."""
+        """The model on ``device``, from the fastest tier holding it, in ``dtype`` (a torch dtype name; empty
+        keeps the stored one); ``Loaded.parts`` says where the time went (``LOAD_PARTS``)."""
         from sllm_actors.storage import CheckpointError
 
+        parts: dict[str, float] = {}
+        started = time.perf_counter()
         hit = self._ask("dram", TierLookup(model))
         if hit is not None:
+            parts["lookup"] = time.perf_counter() - started
             host, host_path = hit
             try:
-                return self._build(model, device, "dram", path=host_path, host=host, dtype=dtype)
+                return self._build(model, device, "dram", path=host_path, host=host, parts=parts, dtype=dtype)
             finally:
                 self._tell("dram", TierRelease(model))
         # The SSD copy (looked up or fetched) is leased until the DRAM tier has copied it, so a store of
         # another model cannot evict it mid-read.
         path = self._ask("ssd", TierLookup(model))
-        tier = "ssd"
+        parts["lookup"] = time.perf_counter() - started
         if path is None:
-            path, tier = self._fetch(model, source), "repository"
-        try:
+            loaded, path = self._from_repository(model, source, device, parts, dtype)
+        else:
             try:
-                loaded = self._build(model, device, tier, path=path, dtype=dtype)
+                loaded = self._build(model, device, "ssd", path=path, parts=parts, dtype=dtype)
             except CheckpointError as exc:
                 # The SSD copy is bad: drop it and take a fresh one from the repository, once.
                 log.warning("%s: %s on SSD failed verification: %s; fetching again", self.node.name, model, exc)
                 self.node.event("corrupt", f"{model} on {self.node.name} ssd failed its checksums: {exc}",
                                 {"model": model})
+                self._tell("ssd", TierRelease(model))
                 self._tell("ssd", TierDrop(model, str(exc)))
-                path, tier = self._fetch(model, source), "repository"
-                loaded = self._build(model, device, tier, path=path, dtype=dtype)
-        except BaseException:
-            self._tell("ssd", TierRelease(model))
-            raise
+                loaded, path = self._from_repository(model, source, device, parts, dtype)
+            except BaseException:
+                self._tell("ssd", TierRelease(model))
+                raise
+        if path is None:
+            return loaded
         if not self.node.directory.tell("dram", TierStore(model, path, release="ssd")):
             self._tell("ssd", TierRelease(model))  # the DRAM tier is restarting: no copy this time
         return loaded
 
-    def _fetch(self, model: str, source: str) -> str:
-        from sllm_actors.storage import checkpoint_size
+    def _from_repository(self, model: str, source: str, device: str, parts: dict[str, float],
+                         dtype: str = "") -> tuple[Loaded, str | None]:
+        """Fetch, store on SSD and load; returns the model and the SSD copy's path (leased; None when only
+        the copy failed).
+
+        A source already in our format is loaded straight from the repository while the SSD tier copies
+        it (both read the same pages), so the start costs about the slower of the two, not their sum.
+        Anything else is converted into the SSD tier first and loaded from there.
+        """
+        from sllm_actors.storage import checkpoint_size, is_checkpoint
 
         started = time.perf_counter()
-        local = self._ask("repository", Fetch(model, source), timeout=FETCH_TIMEOUT_S)
-        path = str(self._ask("ssd", TierStore(model, str(local)), timeout=FETCH_TIMEOUT_S))
+        local = str(self._ask("repository", Fetch(model, source), timeout=FETCH_TIMEOUT_S))
+        parts["fetch"] = time.perf_counter() - started
+        ssd = self.node.directory.get("ssd")
+        if ssd is None:
+            raise RuntimeError(f"{self.node.name}: the ssd tier is restarting; try again")
+        if not is_checkpoint(local) or not PIPELINED_FETCH:
+            stored = time.perf_counter()
+            path = str(ssd.ask(TierStore(model, local), timeout=FETCH_TIMEOUT_S))
+            parts["store"] = time.perf_counter() - stored
+            self._tell("repository", TierLoaded(model, checkpoint_size(path), time.perf_counter() - started))
+            try:
+                return self._build(model, device, "repository", path=path, parts=parts, dtype=dtype), path
+            except BaseException:
+                self._tell("ssd", TierRelease(model))
+                raise
+        copying = ssd.ask(TierStore(model, local), block=False)
+        try:
+            loaded = self._build(model, device, "repository", path=local, parts=parts, dtype=dtype)
+        except BaseException:
+            # The source is bad (or the build failed): wait for the copy so that nothing is left
+            # behind in any tier (the copy checks the same checksums and removes itself on a mismatch).
+            try:
+                copying.get(timeout=FETCH_TIMEOUT_S)
+            except Exception as exc:  # the copy's own failure: the load's error is the one to report
+                log.debug("%s: copying %s to ssd failed too: %s", self.node.name, model, exc)
+            else:
+                self._tell("ssd", TierRelease(model))
+                self._tell("ssd", TierDrop(model, "its load from the repository failed"))
+            raise
+        waited = time.perf_counter()
+        try:
+            path = str(copying.get(timeout=FETCH_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 - the model is loaded and verified: serve it, uncached
+            # The copy failed where the load from the same source did not (a full disk, say): the copy
+            # removed itself, so no tier holds a partial one, and the next cold start fetches again.
+            parts["store_wait"] = time.perf_counter() - waited
+            log.warning("%s: %s loaded, but its SSD copy failed: %s", self.node.name, model, exc)
+            self.node.event("error", f"{model} on {self.node.name}: SSD copy failed: {exc}", {"model": model})
+            return loaded, None
+        parts["store_wait"] = time.perf_counter() - waited
         self._tell("repository", TierLoaded(model, checkpoint_size(path), time.perf_counter() - started))
-        return path
+        return loaded, path
 
-    def _build(self, model: str, device: str, tier: str, *, path: str, host: Any = None, dtype: str = "") -> Loaded:
+    def _tokenizer(self, path: str) -> Any:
+        from sllm_actors.storage import load_tokenizer
+
+        key = self._tokenizer_key(path)
+        cached = self.tokenizers.get(key) if key else None
+        if cached is not None:
+            return cached
+        tokenizer = load_tokenizer(path)
+        if key and tokenizer is not None:
+            self.tokenizers[key] = tokenizer
+        return tokenizer
+
+    @staticmethod
+    def _tokenizer_key(path: str) -> tuple[Any, ...] | None:
+        # Keyed by the files' contents' identity, not by the model's name: a redeployed model with the
+        # same name but another tokenizer gets its own. Tokenizers are not mutated by the engine.
+        root = Path(path)
+        key: list[Any] = []
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "special_tokens_map.json"):
+            try:
+                st = (root / name).stat()
+            except OSError:
+                continue
+            key.append((name, st.st_size, st.st_mtime_ns))
+        return tuple(key) or None
+
+    def _build(self, model: str, device: str, tier: str, *, path: str, host: Any = None,
+               parts: dict[str, float] | None = None, dtype: str = "") -> Loaded:
         import torch
 
-        from sllm_actors.storage import checkpoint_size, load_model, load_tokenizer
+        from sllm_actors.storage import checkpoint_size, load_model
 
-        started = time.perf_counter()
+        parts = parts if parts is not None else {}
+        waited = time.perf_counter()
         with self.build_lock:
-            hf_model = load_model(path, device, host=host, dtype=getattr(torch, dtype) if dtype else None)
-            tokenizer = load_tokenizer(path)
+            started = time.perf_counter()
+            parts["queue"] = started - waited
+            # The tokenizer is read while the weights load (its parsing is mostly native code), and kept
+            # for the next load of the same files.
+            def read_tokenizer() -> Any:
+                tok_started = time.perf_counter()
+                try:
+                    return self._tokenizer(path)
+                finally:
+                    parts["tokenizer"] = time.perf_counter() - tok_started
+
+            with ThreadPoolExecutor(1, thread_name_prefix="sllm-tokenizer") as pool:
+                tok_future = pool.submit(read_tokenizer)
+                timings: dict[str, float] = {}
+                hf_model = load_model(path, device, host=host, timings=timings,
+                                      dtype=getattr(torch, dtype) if dtype else None)
+                loaded_at = time.perf_counter()
+                tokenizer = tok_future.result()
+                parts["tokenizer_wait"] = time.perf_counter() - loaded_at
+            parts.update(timings)
+            warm_started = time.perf_counter()
+            try:
+                warm_up(hf_model, tokenizer, device)
+            except Exception as exc:  # noqa: BLE001 - a warm-up is an optimisation: requests still get served
+                log.warning("%s: warm-up forward of %s failed (the first request pays its start-up): %s",
+                            self.node.name, model, exc)
+            parts["warmup"] = time.perf_counter() - warm_started
         seconds = time.perf_counter() - started
         nbytes = checkpoint_size(path)
         if tier == "ssd" and self.spec.ssd_bandwidth:
@@ -129,9 +240,59 @@ class StorageClient:
             if pause > 0:
                 time.sleep(pause)
                 seconds += pause
+                parts["throttle"] = pause
         if tier in ("ssd", "dram"):
             self._tell(tier, TierLoaded(model, nbytes, seconds))
         if tokenizer is None:
             raise ValueError(f"{Path(path).name}: the checkpoint has no tokenizer files")
         memory = sum(p.numel() * p.element_size() for p in hf_model.parameters())
-        return Loaded(hf_model, tokenizer, tier, memory)
+        return Loaded(hf_model, tokenizer, tier, memory, parts)
+
+
+LOAD_PARTS = ("lookup", "fetch", "store", "store_wait", "queue", "config", "read", "build", "read_wait", "assign",
+              "tokenizer", "tokenizer_wait", "warmup", "throttle")
+"""The parts of a load, in seconds. ``lookup``: asking the tiers; ``fetch``: the repository's answer;
+``store``: converting into the SSD tier before the load (a source not in our format); ``store_wait``: the
+SSD copy's time beyond a load that ran alongside it; ``queue``: waiting for another load on the node;
+``config``: index and config files; ``read``: weights to the device (file or host copy -> device, on its
+own thread); ``build``: the model's skeleton, meanwhile; ``read_wait``: the read beyond the build; ``assign``:
+weights into the skeleton; ``tokenizer`` (alongside) and ``tokenizer_wait`` (beyond the weights);
+``warmup``: one forward pass, so the first request finds kernels loaded; ``throttle``: a topology's
+bandwidth cap. Overlapping parts (``read``/``build``, ``tokenizer``, ``store``/``fetch`` when pipelined)
+do not add up; the serial ones (``lookup``, ``fetch``, ``store``, ``queue``, ``config``, ``build``,
+``read_wait``, ``assign``, ``tokenizer_wait``, ``warmup``, ``store_wait``, ``throttle``) do."""
+
+SERIAL_PARTS = ("lookup", "fetch", "store", "queue", "config", "build", "read_wait", "assign", "tokenizer_wait",
+                "warmup", "store_wait", "throttle")
+
+
+def format_parts(parts: dict[str, float], minimum: float = 0.005) -> str:
+    """The serial parts worth a mention, largest first: ``read_wait 0.31s, build 0.12s``."""
+    shown = sorted(((v, k) for k, v in parts.items() if k in SERIAL_PARTS and v >= minimum), reverse=True)
+    return ", ".join(f"{k} {v:.2f}s" for v, k in shown) or "all parts under 5 ms"
+
+
+WARMUP_TOKENS = 8
+
+
+def warm_up(model: Any, tokenizer: Any, device: str) -> None:
+    """A short prefill and one decode step against its cache, so the first request does not pay for
+    lazy initialisation: kernels loaded on first use, cuBLAS workspaces and algorithm choices for this
+    model's shapes, allocator pools (on a CPU, oneDNN's primitives for the weights' dtype). Prefill and
+    decode take different attention and matmul paths (many query rows against one), so both run."""
+    import torch
+
+    token = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    if token is None:
+        token = 0
+    with torch.inference_mode():
+        ids = torch.full((1, WARMUP_TOKENS), int(token), dtype=torch.long, device=device)
+        out = model(input_ids=ids, use_cache=True)
+        cache = getattr(out, "past_key_values", None)
+        nxt = ids[:, -1:]
+        if cache is not None:
+            model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        else:
+            model(input_ids=nxt, use_cache=False)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))

@@ -28,6 +28,7 @@ from sllm_actors.tui.view import (
     EventMemory,
     bar,
     fmt_bytes,
+    load_parts_line,
     migration_rows,
     node_state,
     pick_migration_target,
@@ -387,6 +388,19 @@ def test_node_state_comes_from_the_status_or_else_from_restart_events() -> None:
     memory.observe(Event(3.0, "restart", "node-1/supervisor restarted gpu-0",
                          {"node": "node-1", "child": "gpu-0"}))
     assert memory.restarts_of("node-1", "gpu-0") == 1
+
+
+def test_the_load_panel_names_the_last_loads_largest_serial_parts() -> None:
+    memory = EventMemory()
+    assert load_parts_line(memory.last_load) == ""
+    parts = {"read": 0.9, "build": 0.2, "read_wait": 0.7, "warmup": 0.05, "tokenizer": 0.4, "queue": 0.0}
+    memory.observe(Event(1.0, "load", "tiny loaded on node-1/gpu-0 from ssd in 1.00s",
+                         {"node": "node-1", "model": "tiny", "tier": "ssd", "seconds": 1.0, "parts": parts}))
+    line = load_parts_line(memory.last_load, limit=3)
+    # read and tokenizer overlap the build: not parts of the sum, so not shown
+    assert line == "tiny from ssd 1.00s: read_wait 0.70 · build 0.20 · warmup 0.05", line
+    memory.observe(Event(2.0, "load", "old node", {"model": "m", "tier": "dram", "seconds": 0.5}))
+    assert load_parts_line(memory.last_load) == "m from dram 0.50s", "a load event without parts still shows"
 
 
 def test_tree_and_tables_render_the_status_and_tolerate_missing_keys() -> None:

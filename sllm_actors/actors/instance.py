@@ -45,6 +45,7 @@ from sllm_actors.migration import (
     _sequence,
 )
 from sllm_actors.node_context import Link, NodeContext
+from sllm_actors.storage_client import SERIAL_PARTS, format_parts
 from sllm_actors.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
@@ -137,13 +138,15 @@ class ModelInstanceActor(SupervisedActor):
         self.memory_bytes = loaded.memory_bytes + self.engine.kv_pool_bytes
         load_s = time.perf_counter() - started
         self.publish("idle")
+        # "engine": what the load took beyond the storage's own serial parts (the KV pool, the engine's set-up).
+        parts = {**loaded.parts, "engine": load_s - sum(loaded.parts.get(p, 0.0) for p in SERIAL_PARTS)}
         self.send(InstanceReady(self.instance_id, self.node.name, self.gpu_index, self.model_name, load_s, loaded.tier,
-                                self.memory_bytes))
-        used, total = self.engine.kv_usage()
+                                self.memory_bytes, parts))
+        _, total = self.engine.kv_usage()
         self.node.event("load", f"{self.model_name} loaded on {self.node.name}/gpu-{self.gpu_index} from "
-                        f"{loaded.tier} in {load_s:.2f}s ({self.engine.dtype}, KV pool {total} blocks of "
-                        f"{self.engine.blocks.block_size} tokens)",
-                        {"model": self.model_name, "tier": loaded.tier, "seconds": load_s})
+                        f"{loaded.tier} in {load_s:.2f}s ({format_parts(loaded.parts)}; {self.engine.dtype}, KV pool "
+                        f"{total} blocks of {self.engine.blocks.block_size} tokens)",
+                        {"model": self.model_name, "tier": loaded.tier, "seconds": load_s, "parts": loaded.parts})
 
     def _engine(self, model: Any, tokenizer: Any, weight_bytes: int) -> Engine:
         opts = self.options

@@ -157,6 +157,8 @@ class RouterActor(SupervisedActor):
             self.cluster.directory.tell("scheduler", RequestFinished(msg.request_id, msg.instance_id))
             return
         rec.node, rec.instance_id = msg.node, msg.instance_id
+        if msg.cold_start and not rec.cold_start:
+            rec.cold_start = {**msg.cold_start, "wait_s": time.monotonic() - rec.created}
         if rec.state == "resuming" and rec.active_migration is not None:
             rec.active_migration["to"] = f"{msg.node}/{msg.instance_id}"
             rec.active_migration["switched"] = True
@@ -271,7 +273,7 @@ class RouterActor(SupervisedActor):
             request_id=rec.request_id, model=rec.model, token_ids=list(rec.generated), text=rec.text,
             finish_reason=msg.finish_reason,
             ttft_s=(rec.first_token_at or now) - rec.created, total_s=now - rec.created,
-            prompt_tokens=len(rec.prompt_ids or []), migrations=rec.migrations,
+            prompt_tokens=len(rec.prompt_ids or []), migrations=rec.migrations, cold_start=rec.cold_start,
         ))
 
     def _failed(self, msg: InferenceFailed) -> None:

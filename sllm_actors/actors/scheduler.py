@@ -412,10 +412,10 @@ class SchedulerActor(SupervisedActor):
             self.model_bytes[spec.name] = known
         return int(known * LOAD_OVERHEAD)
 
-    def _assign(self, inst: Instance, request_id: str) -> None:
+    def _assign(self, inst: Instance, request_id: str, cold_start: dict[str, Any] | None = None) -> None:
         inst.requests.add(request_id)
         inst.last_used = time.monotonic()
-        self.cluster.directory.tell("router", Placed(request_id, inst.node, inst.instance_id))
+        self.cluster.directory.tell("router", Placed(request_id, inst.node, inst.instance_id, cold_start))
 
     def _fail(self, request_id: str, code: str, message: str) -> None:
         self.cluster.directory.tell("router", PlacementFailed(request_id, code, message))
@@ -451,8 +451,10 @@ class SchedulerActor(SupervisedActor):
             inst.memory_bytes = int(msg.memory_bytes * LOAD_OVERHEAD)
             self.model_bytes[inst.model] = msg.memory_bytes
         waiters, inst.waiters = inst.waiters, []
+        cold_start = {"tier": msg.tier, "node": msg.node, "load_s": msg.load_s, "order_to_ready_s": measured,
+                      "parts": dict(msg.parts)}
         for request_id in waiters:
-            self._assign(inst, request_id)
+            self._assign(inst, request_id, cold_start)
         for order in self.migrations.values():
             if order.dest == inst.instance_id and not order.sent:
                 self._send_order(order)

@@ -89,7 +89,7 @@ class SsdTierActor(SupervisedActor):
         raise TypeError(f"{self.name}: unexpected message {message!r}")
 
     def _store(self, model: str, source: Path) -> str:
-        from sllm_actors.storage import checkpoint_size, convert, is_checkpoint
+        from sllm_actors.storage import checkpoint_size, convert, copy_checkpoint, is_checkpoint
 
         existing = self.entries.get(model)
         if existing is not None:
@@ -98,10 +98,16 @@ class SsdTierActor(SupervisedActor):
         dest = self.root / model
         tmp = self.root / f".{model}.incoming"
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_checkpoint(source):
-            shutil.copytree(source, tmp)  # already our format: a plain copy
-        else:
-            convert(str(source), str(tmp))
+        try:
+            if is_checkpoint(source):
+                # Already our format: copied with every chunk checked, so a fetch that is corrupt or cut
+                # short midway raises here and leaves nothing behind (a load may be reading it meanwhile).
+                copy_checkpoint(source, tmp)
+            else:
+                convert(str(source), str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         nbytes = checkpoint_size(tmp)
         self._evict_for(nbytes, keep=model)
         shutil.rmtree(dest, ignore_errors=True)

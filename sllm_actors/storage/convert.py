@@ -92,6 +92,8 @@ def convert(
         extra = {name: src_path / name for name in TOKENIZER_FILES if (src_path / name).is_file()}
         if config is not None:
             _add_missing_tied_keys(state_dict, config)
+            if kind == "hf":
+                state_dict = _as_transformers_loads_it(src_path, state_dict, config)
     if dtype is not None:
         state_dict = _cast_floating(state_dict, dtype)
     return save_checkpoint(
@@ -214,6 +216,48 @@ def _add_missing_tied_keys(state_dict: dict[str, torch.Tensor], config: Any) -> 
     for target, source in tied.items():
         if target not in state_dict and source in state_dict:
             state_dict[target] = state_dict[source]
+
+
+def _expected_keys(config: Any) -> set[str] | None:
+    """The state-dict keys of the model the config builds (parameters and persistent buffers)."""
+    from sllm_actors.storage.model import _model_class, parameters_on_meta
+
+    try:
+        cls = _model_class(config, None)
+        with parameters_on_meta():
+            skeleton = cls._from_config(copy.deepcopy(config))
+    except (CheckpointError, ValueError, TypeError, AttributeError, RuntimeError, ImportError) as exc:
+        log.info("cannot build %s to check its keys (%s)", type(config).__name__, exc)
+        return None
+    return set(skeleton.state_dict())
+
+
+def _as_transformers_loads_it(root: Path, state_dict: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """The state dict under the model's own parameter names.
+
+    Files usually hold exactly those, and then are taken as they are. Some architectures store tensors
+    under other names or shapes (older names, experts kept one by one where the model fuses them, and
+    transformers' ``save_pretrained`` writes such legacy layouts back out); transformers renames and
+    converts those while loading, per architecture. Rather than keep a table of our own, let
+    transformers load the directory and take its model's state dict: whatever it loads, we store.
+    """
+    expected = _expected_keys(config)
+    if expected is None or expected <= state_dict.keys():
+        return state_dict
+    from sllm_actors.storage.model import _model_class
+
+    missing = sorted(expected - state_dict.keys())
+    log.info("%s: %d tensors stored under other names (%s, ...); loading them the way transformers does",
+             root, len(missing), ", ".join(missing[:3]))
+    cls = _model_class(config, None)
+    model, info = cls.from_pretrained(root, dtype="auto", output_loading_info=True)
+    still_missing = sorted(info.get("missing_keys") or [])
+    if still_missing:
+        raise CheckpointError(
+            f"{root}: transformers cannot find weights the model needs either: {', '.join(still_missing[:10])}",
+            path=root, tensors=still_missing,
+        )
+    return dict(model.state_dict())
 
 
 def _cast_floating(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -103,6 +104,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     model_class: Any = None,
     host: Any = None,
+    timings: dict[str, float] | None = None,
     **loader_kwargs: Any,
 ) -> Any:
     """A transformers model (class from the config's architectures, else AutoModelForCausalLM's
@@ -112,10 +114,16 @@ def load_model(
     model is built in the stored dtype and the loaded tensors are used as they are.
     ``loader_kwargs`` go to ``load_state_dict`` (threads, chunk_bytes, verify, direct_io, stats).
     ``host``: a HostCheckpoint of this checkpoint (the DRAM tier's copy) to take the weights from
-    instead of the files; the model gets its own copy, so the tier may evict it later.
+    instead of the files; the model gets its own copy on a GPU (on the CPU the model shares the host
+    copy's memory, which stays alive as long as the model, whatever the tier does with it).
+    ``timings``: filled with where the time went, in seconds: ``config`` (index and config files),
+    ``read`` (weights to the device, on a thread of its own), ``build`` (the skeleton, meanwhile),
+    ``read_wait`` (what the read took beyond the build), ``assign`` (weights into the skeleton, ties,
+    buffers to the device).
     """
     from transformers import AutoConfig, GenerationConfig
 
+    t0 = time.perf_counter()
     root = Path(path)
     read_index(root)  # a missing or unfinished checkpoint fails here, before anything starts
     config = AutoConfig.from_pretrained(root)
@@ -127,16 +135,29 @@ def load_model(
 
     # Read the weights while the (GIL-bound) skeleton is built: the reader threads mostly wait on
     # I/O or run checksum code that releases the GIL.
+    read_s = [0.0]
+
+    def read() -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        try:
+            if host is not None:
+                # A private copy on the CPU would double the bytes moved for nothing: weights are never
+                # written, and the view keeps the tier's buffer alive after an eviction.
+                return host.state_dict(device, copy=False)
+            return load_state_dict(root, device, **loader_kwargs)
+        finally:
+            read_s[0] = time.perf_counter() - started
+
+    t1 = time.perf_counter()
     with ThreadPoolExecutor(1, thread_name_prefix="sllm-load-model") as pool:
-        if host is not None:
-            future = pool.submit(host.state_dict, device, copy=True)
-        else:
-            future = pool.submit(load_state_dict, root, device, **loader_kwargs)
+        future = pool.submit(read)
         try:
             with parameters_on_meta():
                 model = cls._from_config(config, dtype=build_dtype)
         finally:
+            t2 = time.perf_counter()
             state_dict = future.result()
+    t3 = time.perf_counter()
 
     if dtype is not None and stored is not None and dtype != stored:
         cast: dict[int, torch.Tensor] = {}
@@ -166,6 +187,9 @@ def load_model(
     if (root / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(root)
     model.eval()
+    if timings is not None:
+        timings.update(config=t1 - t0, read=read_s[0], build=t2 - t1, read_wait=t3 - t2,
+                       assign=time.perf_counter() - t3)
     return model
 
 
@@ -186,6 +210,38 @@ def warm_imports(architectures: tuple[str, ...] = WARM_ARCHITECTURES) -> None:
         getattr(transformers, name, None)
 
 
+def warm_devices(devices: list[str] | tuple[str, ...]) -> float:
+    """Start what a first forward on each CUDA device would otherwise start lazily: the CUDA context,
+    cuBLAS/cuBLASLt handles and workspaces, and the kernels a decoder layer uses (matmuls in each
+    float dtype, softmax, SiLU, RMS norm, rotary-style elementwise ops, SDPA, embedding lookups).
+    Does nothing for CPU devices (nothing there is lazy enough to matter). Returns the seconds spent."""
+    import time
+
+    cuda = sorted({d for d in devices if str(d).startswith("cuda")})
+    if not cuda or not torch.cuda.is_available():
+        return 0.0
+    started = time.perf_counter()
+    for name in cuda:
+        dev = torch.device(name)
+        with torch.cuda.device(dev), torch.inference_mode():
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                x = torch.randn(8, 256, device=dev, dtype=dtype)
+                w = torch.randn(512, 256, device=dev, dtype=dtype)
+                y = torch.nn.functional.linear(x, w)
+                y = torch.nn.functional.silu(y) * y
+                y = torch.softmax(y.float(), dim=-1).to(dtype)
+                var = y.float().pow(2).mean(-1, keepdim=True)
+                y = (y.float() * torch.rsqrt(var + 1e-6)).to(dtype)
+                torch.cat([y[..., 1:], -y[..., :1]], dim=-1)
+                q = torch.randn(1, 4, 8, 64, device=dev, dtype=dtype)
+                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+                torch.nn.functional.embedding(torch.arange(8, device=dev), w)
+                torch.matmul(x.unsqueeze(0), w.t().unsqueeze(0))
+            torch.argmax(torch.randn(1, 1000, device=dev), dim=-1).item()
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - started
+
+
 def has_tokenizer(path: str | os.PathLike[str]) -> bool:
     root = Path(path)
     return any(
@@ -203,4 +259,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     return AutoTokenizer.from_pretrained(Path(path))
 
 
-__all__ = ["TOKENIZER_FILES", "has_tokenizer", "load_model", "load_tokenizer", "parameters_on_meta", "warm_imports"]
+__all__ = [
+    "TOKENIZER_FILES", "has_tokenizer", "load_model", "load_tokenizer", "parameters_on_meta", "warm_devices",
+    "warm_imports",
+]

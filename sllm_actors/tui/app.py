@@ -50,6 +50,7 @@ from sllm_actors.tui.view import (
     Item,
     TreeLine,
     event_text,
+    load_parts_line,
     migration_rows,
     pick_migration_target,
     request_rows,
@@ -383,6 +384,9 @@ class SllmTui(App[None]):
         loads = [s.value for s in self.memory.load_times]
         label = "model load time (s): "
         label += f"last {loads[-1]:.2f} · max {max(loads):.2f} · n={len(loads)}" if loads else "no loads yet"
+        parts = load_parts_line(self.memory.last_load)
+        if parts:
+            label += "\n" + parts
         self.query_one("#load-label", Static).update(label)
         # All-equal data draws as full blocks; nothing to show reads better as an empty line.
         self.query_one("#load-times", Sparkline).data = loads if any(loads) else []

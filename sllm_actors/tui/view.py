@@ -127,6 +127,8 @@ class EventMemory:
         """Nodes whose process actor announced a restart that has not joined yet."""
         self.load_times: deque[Sample] = deque(maxlen=keep)
         self.throughput: deque[Sample] = deque(maxlen=keep)
+        self.last_load: dict[str, Any] = {}
+        """The last load event's data: model, tier, seconds and its parts (where the time went)."""
 
     def observe(self, event: Event) -> None:
         node = str(event.data.get("node", ""))
@@ -142,6 +144,7 @@ class EventMemory:
             seconds = event.data.get("seconds")
             if isinstance(seconds, (int, float)):
                 self.load_times.append(Sample(event.time, float(seconds)))
+                self.last_load = dict(event.data)
 
     def observe_status(self, status: dict[str, Any]) -> None:
         total = sum(float(r.get("tokens_per_s", 0.0) or 0.0) for r in status.get("requests", []))
@@ -149,6 +152,19 @@ class EventMemory:
 
     def restarts_of(self, node: str, child: str) -> int:
         return self.actor_restarts.get((node, child), 0)
+
+
+def load_parts_line(last_load: dict[str, Any], limit: int = 5) -> str:
+    """The last load's biggest serial parts: ``smol from dram 0.41s: read_wait 0.21 · build 0.09 · ...``."""
+    from sllm_actors.storage_client import SERIAL_PARTS
+
+    if not last_load:
+        return ""
+    parts = last_load.get("parts") or {}
+    shown = sorted(((float(v), k) for k, v in parts.items() if k in SERIAL_PARTS and isinstance(v, (int, float))),
+                   reverse=True)[:limit]
+    head = f"{last_load.get('model', '?')} from {last_load.get('tier', '?')} {float(last_load.get('seconds', 0)):.2f}s"
+    return head + (": " + " · ".join(f"{k} {v:.2f}" for v, k in shown) if shown else "")
 
 
 # ----------------------------------------------------------------------------- derived states
