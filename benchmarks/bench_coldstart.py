@@ -279,7 +279,7 @@ def cluster_topology(work: Path, name: str, repo: Path, device: str, nbytes: int
 
     gib = 1 << 30
     data = {
-        "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0},
+        "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0, "http_port": 0},
         "nodes": [{
             "name": "node-1",
             "gpus": [{"device": device if device != "cuda" else "cuda:0",

@@ -146,7 +146,7 @@ def topology(path: Path, model_dir: Path, device: str, max_n: int, dtype: str, d
     if dtype:
         model["dtype"] = dtype
     data = {
-        "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0},
+        "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0, "http_port": 0},
         "nodes": [{"name": "node-1", "gpus": [{"device": device, "memory": "120GiB" if device != "cpu" else "8GiB"}],
                    "dram": {"capacity": "40GiB" if device != "cpu" else "2GiB"},
                    "ssd": {"path": str(path.parent / "ssd"), "capacity": "60GiB"}}],

@@ -650,7 +650,7 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
     if warmup_model is not None:
         model_entries.append({"name": WARMUP_MODEL, "source": str(warmup_model), "keep_alive": "2s"})
     data = {
-        "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0},
+        "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0, "http_port": 0},
         "nodes": [
             {
                 "name": f"node-{i + 1}",
