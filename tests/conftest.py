@@ -20,6 +20,20 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cluster_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One key directory for the session: the first `sllm up` on loopback makes the keys there, and every
+    client of the tests (in this process or a `sllm` subprocess) finds the operator's key in it."""
+    keys = tmp_path_factory.mktemp("home") / "keys"
+    saved = os.environ.get("SLLM_KEYS")
+    os.environ["SLLM_KEYS"] = str(keys)
+    yield keys
+    if saved is None:
+        os.environ.pop("SLLM_KEYS", None)
+    else:
+        os.environ["SLLM_KEYS"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sllm_actors.testing import make_tiny_model

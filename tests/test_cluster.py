@@ -192,7 +192,10 @@ def client_status(cluster: RunningCluster) -> dict[str, Any]:
         return c.status()
 
 
-def test_deploy_registers_a_model(cluster: RunningCluster, tiny_model_b: Path, tmp_path: Path) -> None:
+def test_deploy_registers_a_model(cluster_factory: Any, tiny_model: Path, tiny_model_b: Path,
+                                  tmp_path: Path) -> None:
+    cluster = cluster_factory({"tiny": tiny_model},
+                              extra={"models_roots": [str(tiny_model_b.parent), str(tmp_path)]})
     with cluster.client() as client:
         assert "deployed gpt" in client.deploy("gpt", str(tiny_model_b))
         assert len(client.complete("gpt", PROMPT, max_tokens=4).token_ids) == 4

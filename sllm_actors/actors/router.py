@@ -22,6 +22,7 @@ from sllm_actors.messages import (
     ClusterSnapshot,
     ErrorReply,
     FromClient,
+    FromNode,
     GenerateDone,
     GenerateRequest,
     InferenceDone,
@@ -43,6 +44,7 @@ from sllm_actors.messages import (
     StatusRequest,
     TokenChunk,
 )
+from sllm_actors.security import redact_for_client
 from sllm_actors.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,15 @@ class RouterActor(SupervisedActor):
     # ------------------------------------------------------------------ messages
 
     def on_receive(self, message: Any) -> Any:
+        if isinstance(message, FromNode):
+            rec = self.requests.get(getattr(message.message, "request_id", ""))
+            if rec is not None and not _hosted_by(rec, message.node):
+                log.warning("router: refused %s for %s from %s, which does not host it (%s does)",
+                            message.message.tag, rec.request_id, message.node, rec.node or "no node yet")
+                return None
+            message = message.message
         if isinstance(message, FromClient):
-            self._from_client(message.peer, message.message)
+            self._from_client(message.peer, message.message, message.role)
         elif isinstance(message, TokenChunk):
             self._tokens(message)
         elif isinstance(message, PromptAccepted):
@@ -113,7 +122,7 @@ class RouterActor(SupervisedActor):
             raise TypeError(f"{self.name}: unexpected message {message!r}")
         return None
 
-    def _from_client(self, peer: bytes, msg: Any) -> None:
+    def _from_client(self, peer: bytes, msg: Any, role: str = "operator") -> None:
         if isinstance(msg, GenerateRequest):
             self._generate(peer, msg)
         elif isinstance(msg, CancelRequest):
@@ -122,7 +131,11 @@ class RouterActor(SupervisedActor):
                 self._cancel(rec)
                 self.cluster.to_client(peer, ErrorReply(msg.request_id, "cancelled", "cancelled by the client"))
         elif isinstance(msg, StatusRequest):
-            self.cluster.to_client(peer, StatusReply(msg.request_id, self.status()))
+            status = self.status()
+            if role != "operator":
+                own = {r.request_id for r in self.requests.values() if r.client == peer}
+                status = redact_for_client(status, own)
+            self.cluster.to_client(peer, StatusReply(msg.request_id, status))
         else:
             self.cluster.to_client(peer, ErrorReply(getattr(msg, "request_id", ""), "unexpected",
                                                     f"the router does not take {msg.tag} messages"))
@@ -369,6 +382,14 @@ class RouterActor(SupervisedActor):
             "tiers": tiers,
             "events": self.cluster.events.recent(50),
         }
+
+
+def _hosted_by(rec: RequestRecord, node: str) -> bool:
+    if node == rec.node:
+        return True
+    mig = rec.active_migration or {}
+    # A migration's destination streams before the source's Migrated notice may have arrived.
+    return any(str(mig.get(end, "")).split("/", 1)[0] == node for end in ("from", "to"))
 
 
 def _ask(ref: pykka.ActorRef[Any] | None, message: Any, default: Any) -> Any:
