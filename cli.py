@@ -129,7 +129,7 @@ def up(
             console.print(f"[yellow]warning:[/] nodes not joined after {ready_timeout:.0f}s: {', '.join(missing)}")
         ctx = controller.context
         print(f"ready: client endpoint {ctx.client_endpoint} state endpoint {ctx.state_endpoint} "
-              f"nodes {','.join(sorted(controller.node_names))}", flush=True)
+              f"nodes {','.join(sorted(controller.node_names))} cluster endpoint {ctx.cluster_endpoint}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
@@ -374,7 +374,7 @@ def keys_init(topology: Optional[Path] = typer.Argument(None, help="the cluster'
     except KeyProblem as exc:
         _fail(str(exc))
     for f in written:
-        out.print(str(f))
+        print(f)
     out.print(f"{len(written)} key file(s) written under {keys_dir()} (mode 0600)" if written
               else f"every key is there already under {keys_dir()}")
 
@@ -385,7 +385,7 @@ def keys_add_client(name: str) -> None:
     from sllm_actors.security import CLIENT, KeyProblem, add_key, keys_dir
 
     try:
-        out.print(str(add_key(keys_dir(), CLIENT, name)))
+        print(add_key(keys_dir(), CLIENT, name))  # plain: scripts read the path, rich would wrap it
     except KeyProblem as exc:
         _fail(str(exc))
 
@@ -396,7 +396,7 @@ def keys_add_node(name: str) -> None:
     from sllm_actors.security import NODE, KeyProblem, add_key, keys_dir
 
     try:
-        out.print(str(add_key(keys_dir(), NODE, name)))
+        print(add_key(keys_dir(), NODE, name))
     except KeyProblem as exc:
         _fail(str(exc))
 
@@ -408,7 +408,7 @@ def keys_revoke(name: str) -> None:
 
     try:
         for f in revoke_key(keys_dir(), name):
-            out.print(f"removed {f}")
+            print(f"removed {f}")
     except KeyProblem as exc:
         _fail(str(exc))
 

@@ -57,6 +57,17 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            layers=6)
 
 
+def with_key(sock: Any, who: str = "operator") -> Any:
+    """Give a raw test socket (before connect) the session's key of ``who``: "operator" or a node's name."""
+    from sllm_actors.security import find_credentials, keys_dir, load_credentials
+
+    creds = (find_credentials() if who == "operator"
+             else load_credentials(keys_dir() / "nodes" / f"{who}.key_secret"))
+    assert creds is not None, f"no key for {who} under {keys_dir()}"
+    creds.apply_client(sock)
+    return sock
+
+
 @dataclass
 class RunningCluster:
     proc: subprocess.Popen[str]
@@ -69,6 +80,14 @@ class RunningCluster:
         from sllm_actors.client import Client
 
         return Client(self.endpoint, **kwargs)
+
+    def cluster_endpoint(self) -> str:
+        """The nodes' socket (from the ready line)."""
+        for line in self.lines:
+            if line.startswith("ready:"):
+                words = line.split()
+                return words[words.index("cluster") + 2]
+        raise AssertionError("no ready line")
 
     def node_pids(self) -> dict[str, int]:
         with self.client() as c:
