@@ -50,6 +50,7 @@ class _Endpoint:
     bad_frames: int = 0
     monitor: zmq.Socket | None = None
     refused: int = 0
+    dropped: int = 0
 
 
 @dataclass(order=True)
@@ -310,9 +311,16 @@ class Transport:
                 continue
             self._send_frames(key, ep, frames)
 
-    def _send_frames(self, key: str, ep: _Endpoint, frames: list[bytes]) -> None:
+    def _send_frames(self, key: str, ep: _Endpoint, frames: list[Any]) -> None:
         try:
-            ep.socket.send_multipart(frames, copy=False)
+            # Never blocking: a peer that stops reading (its queue at the high-water mark) must not stall
+            # the one IO thread every other peer depends on; what it does not read is dropped.
+            ep.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            ep.dropped += 1
+            if ep.dropped <= 20 or ep.dropped % 1000 == 0:
+                log.warning("%s: a peer on %s is not reading; dropped a frame for it (#%d)", self.name, key,
+                            ep.dropped)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH and ep.on_unreachable is not None:
                 ep.on_unreachable(frames[0])
