@@ -77,7 +77,7 @@ def random_frames(rng: random.Random, nodes: list[str]) -> list[bytes]:
                 else body + rng.randbytes(rng.randint(1, 32))]
     if kind == 4:  # wrong header or version
         return [rng.choice([b"SLLM/0", b"SLLM/999", b"", rng.randbytes(6)]), frames[1], frames[2]]
-    return frames[: rng.randint(0, 2)] + [rng.randbytes(8)] * rng.randint(0, 3)  # wrong frame count
+    return frames[: rng.randint(0, 2)] + [rng.randbytes(8)] * rng.randint(1, 3)  # wrong frame count
 
 
 def fuzz_socket(endpoint: str, n: int, *, seed: int, credentials: Credentials | None, kind: int = zmq.DEALER,

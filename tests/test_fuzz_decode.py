@@ -14,7 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sllm_actors import wire
-from sllm_actors.messages import _REGISTRY, MAX_BODY_BYTES, Message, ProtocolError, _type_problem, decode, encode
+from sllm_actors.messages import (
+    _REGISTRY,
+    MAX_BODY_BYTES,
+    Message,
+    ProtocolError,
+    _type_problem,
+    decode,
+    encode,
+)
 
 # CI runs a bounded number; SLLM_FUZZ_EXAMPLES raises it for a long run.
 EXAMPLES = int(os.environ.get("SLLM_FUZZ_EXAMPLES", "300"))
@@ -148,8 +156,8 @@ def test_every_message_type_decodes_from_the_strategys_well_formed_bodies() -> N
         decoded: list[str] = []
 
         @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        @given(message_bodies(only=tag))
-        def run(body: bytes) -> None:
+        @given(body=message_bodies(only=tag))
+        def run(body: bytes, tag: str = tag, decoded: list[str] = decoded) -> None:
             msg = _check(body)
             assert msg is not None and msg.tag == tag, decode_problem(body)
             decoded.append(msg.tag)

@@ -21,9 +21,7 @@ from sllm_actors import wire
 from sllm_actors.client import Client, ClusterUnavailable, RequestError, TokenEvent
 from sllm_actors.messages import (
     _REGISTRY,
-    DeployModel,
     ErrorReply,
-    GenerateRequest,
     KillNode,
     Message,
     StatusRequest,
