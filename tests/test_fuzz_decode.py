@@ -153,17 +153,21 @@ def test_oversized_and_deeply_nested_bodies_are_protocol_errors() -> None:
 def test_every_message_type_decodes_from_the_strategys_well_formed_bodies() -> None:
     """The strategy reaches every type's field checks (a guard against a fuzz that never gets past the tag)."""
     for tag in TAGS:
-        decoded: list[str] = []
+        _well_formed_decode(tag)
 
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        @given(body=message_bodies(only=tag))
-        def run(body: bytes, tag: str = tag, decoded: list[str] = decoded) -> None:
-            msg = _check(body)
-            assert msg is not None and msg.tag == tag, decode_problem(body)
-            decoded.append(msg.tag)
 
-        run()
-        assert decoded, tag
+def _well_formed_decode(tag: str) -> None:
+    decoded: list[str] = []
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(body=message_bodies(only=tag))
+    def run(body: bytes) -> None:
+        msg = _check(body)
+        assert msg is not None and msg.tag == tag, decode_problem(body)
+        decoded.append(msg.tag)
+
+    run()
+    assert decoded, tag
 
 
 def decode_problem(body: bytes) -> str:
