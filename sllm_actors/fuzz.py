@@ -118,6 +118,77 @@ def fuzz_socket(endpoint: str, n: int, *, seed: int, credentials: Credentials | 
     return counts
 
 
+_ZMTP_GREETING = b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00"
+"""The start of a ZMTP 3.0 greeting: what a peer without keys gets as far as before the mechanism differs."""
+
+
+def fuzz_raw(endpoint: str, n: int, *, seed: int, label: str = "") -> FuzzCounts:
+    """No key at all: ``n`` chunks of random bytes straight onto the TCP port, on fresh connections (a
+    keyless ZeroMQ socket never gets past the handshake, so its frames would never leave it)."""
+    import socket
+
+    rng = random.Random(seed)
+    counts = FuzzCounts()
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    conn: socket.socket | None = None
+    for i in range(n):
+        if conn is None or i % 50 == 0:
+            if conn is not None:
+                conn.close()
+            conn = socket.create_connection((host, int(port)), timeout=2)
+            first = rng.random()
+            if first < 0.4:  # a greeting, then NULL or CURVE as the mechanism, then garbage
+                mech = rng.choice([b"NULL", b"CURVE", b"PLAIN", rng.randbytes(5)])
+                try:
+                    conn.sendall(_ZMTP_GREETING + mech.ljust(20, b"\x00") + b"\x00" + b"\x00" * 31)
+                except OSError:
+                    pass
+        try:
+            conn.sendall(rng.randbytes(rng.randint(1, 256)))
+            counts.sent += 1
+        except OSError:  # the server hung up on garbage, as it should: the next chunk opens another
+            counts.would_block += 1
+            conn.close()
+            conn = None
+    if conn is not None:
+        conn.close()
+    counts.by_target[label] = counts.sent
+    return counts
+
+
+def fuzz_foreign(endpoint: str, attempts: int, *, kind: int, credentials: Credentials, identity: bytes,
+                 label: str = "") -> FuzzCounts:
+    """A key the cluster does not know: ``attempts`` fresh connections, each trying to send; ZAP refuses
+    every handshake, so nothing leaves (``sent`` counts frames that did, which must stay 0)."""
+    counts = FuzzCounts()
+    rng = random.Random(attempts)
+    for _ in range(attempts):
+        sock = zmq.Context.instance().socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Queue only to a connection past its handshake, so a frame counted as sent really left (XSUB drops
+        # frames with no connection instead of refusing them: there only the server's log tells).
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        if identity:
+            sock.setsockopt(zmq.IDENTITY, identity)
+        credentials.apply_client(sock)
+        sock.connect(endpoint)
+        try:
+            deadline = time.monotonic() + 0.05
+            while time.monotonic() < deadline:
+                try:
+                    sock.send_multipart(random_frames(rng, []), zmq.NOBLOCK)
+                    counts.sent += 1
+                except zmq.Again:
+                    counts.would_block += 1
+                    time.sleep(0.005)  # pacing a refused socket's retries, bounded by the deadline
+            if sock.poll(50):
+                counts.replies += 1
+        finally:
+            sock.close(linger=0)
+    counts.by_target[label] = counts.sent
+    return counts
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -139,9 +210,17 @@ def run_campaign(endpoints: dict[str, str], per_target: int, seed: int, keys: di
     for socket_name, kind, identity, variants in plans:
         for i, variant in enumerate(variants):
             started = time.monotonic()
-            counts = fuzz_socket(endpoints[socket_name], per_target, seed=seed * 100 + len(rows) + i,
-                                 credentials=keys[variant], kind=kind, identity=identity, nodes=nodes,
-                                 label=f"{socket_name}/{variant}")
+            label, sub_seed = f"{socket_name}/{variant}", seed * 100 + len(rows) + i
+            if variant == "none":
+                counts = fuzz_raw(endpoints[socket_name], per_target, seed=sub_seed, label=label)
+            elif variant == "foreign":
+                creds = keys[variant]
+                assert creds is not None
+                counts = fuzz_foreign(endpoints[socket_name], max(5, per_target // 2000), kind=kind,
+                                      credentials=creds, identity=identity, label=label)
+            else:
+                counts = fuzz_socket(endpoints[socket_name], per_target, seed=sub_seed, credentials=keys[variant],
+                                     kind=kind, identity=identity, nodes=nodes, label=label)
             rows.append({"socket": socket_name, "key": variant, "sent": counts.sent,
                          "would_block": counts.would_block, "replies": counts.replies,
                          "seconds": round(time.monotonic() - started, 2)})

@@ -47,7 +47,9 @@ def test_live_fuzz_leaves_the_cluster_serving(cluster_factory: Any, tiny_model: 
     # Frames with a valid key were read and answered where the protocol answers (bad frames on the client
     # socket always are); without a key nothing came back.
     assert next(r for r in rows if r["socket"] == "clients" and r["key"] == "client")["replies"] > 0
-    assert all(r["replies"] == 0 for r in rows if r["key"] in ("none", "foreign") and r["socket"] != "state")
+    assert all(r["replies"] == 0 for r in rows if r["key"] in ("none", "foreign"))
+    assert all(r["sent"] == 0 for r in rows if r["key"] == "foreign" and r["socket"] != "state"), rows
+    assert all(r["sent"] > 0 for r in rows if r["key"] == "none")
     with cluster.client() as client:
         after = client.complete("tiny", PROMPT, max_tokens=16).token_ids
         status = client.status()
