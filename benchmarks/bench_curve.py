@@ -15,6 +15,7 @@ frame, with and without CURVE, in this process.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -55,7 +56,14 @@ def _intervals(client: Client, tokens: int) -> tuple[list[float], list[int]]:
         if isinstance(event, TokenEvent):
             times.append(time.perf_counter())
             ids.extend(event.token_ids)
-    return [b - a for a, b in zip(times, times[1:])], ids
+    return [b - a for a, b in itertools.pairwise(times)], ids
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (load-independent, unlike wall-clock medians)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _echo_us(curve: bool, n: int, size: int = 64) -> float:
@@ -113,12 +121,17 @@ def main(argv: list[str] | None = None) -> int:
                    "plain": Client(plain.context.client_endpoint, insecure=True, idle_timeout=300)}
         series: dict[str, list[float]] = {"curve": [], "plain": []}
         ids: dict[str, list[int]] = {}
+        node_pid = {}
+        node_cpu = {"curve": 0.0, "plain": 0.0}
         for name, client in clients.items():  # warm-up: cold load and the first forward
             _, ids[name] = _intervals(client, args.tokens)
+            node_pid[name] = client.status()["nodes"][0]["pid"]
         for rep in range(args.reps):
             order = ("curve", "plain") if rep % 2 == 0 else ("plain", "curve")
             for name in order:
+                cpu0 = _cpu_s(node_pid[name])
                 intervals, got = _intervals(clients[name], args.tokens)
+                node_cpu[name] += _cpu_s(node_pid[name]) - cpu0
                 series[name].extend(intervals)
                 assert got == ids[name], f"{name}: tokens differ between repetitions"
         for client in clients.values():
@@ -140,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "ms_per_token_mean": {k: round(statistics.mean(v) * 1e3, 4) for k, v in series.items()},
         "curve_minus_plain_ms": round(med["curve"] - med["plain"], 4),
         "ratio_curve_over_plain": round(med["curve"] / med["plain"], 4),
+        "node_cpu_ms_per_token": {k: round(v / (args.reps * args.tokens) * 1e3, 4) for k, v in node_cpu.items()},
         "echo_round_trip_us": {k: round(v, 2) for k, v in echo.items()},
         "echo_ratio": round(echo["curve"] / echo["plain"], 3),
         "token_ids_equal": True,
