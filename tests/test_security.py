@@ -31,6 +31,7 @@ from sllm_actors.security import (
     CLIENT,
     OPERATOR,
     KeyRing,
+    Peer,
     add_key,
     init_keys,
     keys_dir,
@@ -375,3 +376,19 @@ def test_a_second_cluster_keyring_is_not_this_ones(tmp_path: Path) -> None:
     mine = load_credentials(a / "nodes" / "n1.key_secret")
     assert ring.authenticate("cluster", b"", z85.decode(mine.public)) == ("node:n1", "")
     assert ring.authenticate("state", b"", z85.decode(mine.public))[0] == ""
+
+
+def test_api_keys_map_to_roles_and_revoke_by_deleting_the_line(tmp_path: Path) -> None:
+    import hashlib
+
+    from sllm_actors.security import api_key_role
+
+    (tmp_path / "api_keys").write_text(f"{hashlib.sha256(b'sk-alice').hexdigest()} client alice\n"
+                                       f"{hashlib.sha256(b'sk-ops').hexdigest()} operator ops\n"
+                                       f"{hashlib.sha256(b'sk-bad').hexdigest()} root bad\n")
+    assert api_key_role("sk-alice", tmp_path) == Peer(CLIENT, "alice")
+    assert api_key_role("sk-ops", tmp_path) == Peer(OPERATOR, "ops")
+    assert api_key_role("sk-bad", tmp_path) is None  # not a role
+    assert api_key_role("sk-nobody", tmp_path) is None
+    (tmp_path / "api_keys").write_text(f"{hashlib.sha256(b'sk-ops').hexdigest()} operator ops\n")
+    assert api_key_role("sk-alice", tmp_path) is None
