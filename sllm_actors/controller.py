@@ -284,6 +284,10 @@ class Controller:
         if isinstance(claimed, str) and claimed != node and not isinstance(msg, ClusterEvent):
             log.warning("controller: refused %s from %s claiming to be from %s", msg.tag, node, claimed)
             return
+        if isinstance(msg, (NodeHello, NodeStatus)) and LINK_SEPARATOR in peer.decode(errors="replace"):
+            # A node speaks for itself on its own socket; its actors' links carry their requests only.
+            log.warning("controller: refused %s from %r: not the node's own socket", msg.tag, peer)
+            return
         if address:
             # Relayed frames never get here (the relay passes them on unread): this is one the relay
             # refused, from an impostor or to an unknown node.

@@ -349,7 +349,8 @@ class Transport:
                 address, msg = wire.unpack(frames)
             except ProtocolError as exc:
                 ep.bad_frames += 1
-                log.warning("%s: bad frame on %s from %r: %s", self.name, key, peer, exc)
+                if ep.bad_frames <= 100 or ep.bad_frames % 1000 == 0:  # a flood must not flood the log
+                    log.warning("%s: bad frame on %s from %r (#%d): %s", self.name, key, peer, ep.bad_frames, exc)
                 reply = wire.pack(ErrorReply(exc.request_id, "bad_message", str(exc)))
                 try:
                     ep.socket.send_multipart([peer, *reply] if peer else reply, zmq.NOBLOCK)
