@@ -223,7 +223,7 @@ def find_credentials(explicit: str | os.PathLike[str] | None = None, role: str =
     if explicit:
         return load_credentials(Path(explicit).expanduser())
     env = os.environ.get(KEY_ENV)
-    if env:
+    if env and not role:  # $SLLM_KEY is a user's key; a node never takes it by accident
         return load_credentials(Path(env).expanduser())
     root = keys_dir()
     candidates = [root / "nodes" / f"{role}.key_secret"] if role else []

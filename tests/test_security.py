@@ -392,3 +392,22 @@ def test_api_keys_map_to_roles_and_revoke_by_deleting_the_line(tmp_path: Path) -
     assert api_key_role("sk-nobody", tmp_path) is None
     (tmp_path / "api_keys").write_text(f"{hashlib.sha256(b'sk-ops').hexdigest()} operator ops\n")
     assert api_key_role("sk-alice", tmp_path) is None
+
+
+def test_a_node_starts_only_with_its_own_key(tmp_path: Path) -> None:
+    root = tmp_path / "keys"
+    init_keys(root, ["node-1", "node-2"])
+    env = {**os.environ, "SLLM_KEYS": str(root)}
+    env.pop("SLLM_KEY", None)
+    cases = [
+        (["--key", str(root / "nodes" / "node-2.key_secret")], "is the key of node 'node-2', not of node 'node-1'"),
+        (["--key", str(tmp_path / "missing.key_secret")], "cannot read key file"),
+    ]
+    for extra, said in cases:
+        run = subprocess.run([sys.executable, "-m", "sllm_actors.node", "--join", "tcp://127.0.0.1:1", "--name",
+                              "node-1", *extra], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+        assert run.returncode == 2 and said in run.stderr, run.stderr
+    (root / "nodes" / "node-1.key_secret").unlink()
+    run = subprocess.run([sys.executable, "-m", "sllm_actors.node", "--join", "tcp://127.0.0.1:1", "--name", "node-1"],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert run.returncode == 2 and "no key for node node-1" in run.stderr, run.stderr
