@@ -18,6 +18,8 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 store_app = typer.Typer(no_args_is_help=True, help="The checkpoint store: convert and benchmark.")
 app.add_typer(store_app, name="store")
+keys_app = typer.Typer(no_args_is_help=True, help="The cluster's CURVE keys (under $SLLM_HOME/keys).")
+app.add_typer(keys_app, name="keys")
 
 console = Console(stderr=True)
 out = Console()
@@ -28,17 +30,19 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _client(cluster: Optional[str]) -> Any:
+def _client(cluster: Optional[str], key: Optional[Path] = None) -> Any:
     from sllm_actors.client import Client, ClusterUnavailable, resolve_endpoint
     from sllm_actors.topology import TopologyError
 
     try:
-        return Client(resolve_endpoint(cluster))
+        return Client(resolve_endpoint(cluster), key=key)
     except (ClusterUnavailable, TopologyError) as exc:
         _fail(str(exc))
 
 
 ClusterOpt = typer.Option(None, "--cluster", help="client endpoint tcp://HOST:PORT (else $SLLM_CLUSTER, else ./topology.yaml)")
+KeyOpt = typer.Option(None, "--key", help="our .key_secret file (else $SLLM_KEY, else the operator's or "
+                      "client.key_secret under $SLLM_HOME/keys)")
 
 
 @app.command()
@@ -86,12 +90,18 @@ def up(
         if policy not in POLICIES:
             _fail(f"--policy: unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
         topo = replace(topo, scheduler=replace(topo.scheduler, policy=policy))
+    from sllm_actors.security import KeyProblem, prepare_keys
+
+    try:
+        keys = prepare_keys(topo, say=lambda text: console.print(text))
+    except KeyProblem as exc:
+        _fail(str(exc))
     if any(m.source == DEFAULT_MODEL_SOURCE for m in topo.models):
         try:
             prepare_default_model(say=lambda text: console.print(text))
         except ModelSourceError as exc:
             _fail(str(exc))
-    controller = Controller(topo, node_log=node_log)
+    controller = Controller(topo, node_log=node_log, keys=keys)
     front = _http_front_end(topo, http_port, api_key, node_log)
     if front is not None:
         controller.context.http_endpoint = front.endpoint
@@ -133,7 +143,7 @@ def up(
             console.print(f"[yellow]warning:[/] nodes not joined after {ready_timeout:.0f}s: {', '.join(missing)}")
         ctx = controller.context
         print(f"ready: client endpoint {ctx.client_endpoint} state endpoint {ctx.state_endpoint} "
-              f"nodes {','.join(sorted(controller.node_names))}"
+              f"nodes {','.join(sorted(controller.node_names))} cluster endpoint {ctx.cluster_endpoint}"
               + (f" http endpoint {front.endpoint}" if front is not None else ""), flush=True)
         while not stop.wait(0.5):
             pass
@@ -162,8 +172,10 @@ def _http_front_end(topo: Any, port: Optional[int], keys: Optional[list[str]], l
 
 
 @app.command()
-def tui(cluster: Optional[str] = ClusterOpt) -> None:
-    """Watch and steer a running cluster in an interactive TUI (any number of them can attach)."""
+def tui(cluster: Optional[str] = ClusterOpt, key: Optional[Path] = KeyOpt) -> None:
+    """Watch and steer a running cluster in an interactive TUI (any number of them can attach; operator key)."""
+    if key is not None:
+        os.environ["SLLM_KEY"] = str(key)  # the TUI's own connections (client and state feed) find it there
     from sllm_actors.client import ClusterUnavailable, resolve_endpoint
     from sllm_actors.topology import TopologyError
     from sllm_actors.tui import run_tui
@@ -179,11 +191,13 @@ def tui(cluster: Optional[str] = ClusterOpt) -> None:
 def node(
     join: str = typer.Option(..., "--join", help="the controller's cluster endpoint, tcp://HOST:PORT"),
     name: str = typer.Option(..., "--name", help="this node's name in the topology"),
+    key: Optional[Path] = typer.Option(None, "--key", help="this node's key file (from `sllm keys add-node NAME`; "
+                                       "else $SLLM_HOME/keys/nodes/NAME.key_secret)"),
 ) -> None:
     """Run a node process that joins a controller (for nodes on other hosts)."""
     from sllm_actors.node import main as node_main
 
-    raise typer.Exit(node_main(["--join", join, "--name", name]))
+    raise typer.Exit(node_main(["--join", join, "--name", name, *(["--key", str(key)] if key else [])]))
 
 
 @app.command()
@@ -198,11 +212,12 @@ def generate(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
     cluster: Optional[str] = ClusterOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object at the end instead of streaming"),
+    key: Optional[Path] = KeyOpt,
 ) -> None:
     """Stream MODEL's answer to PROMPT."""
     from sllm_actors.client import ClusterUnavailable, Completion, RequestError, TokenEvent
 
-    client = _client(cluster)
+    client = _client(cluster, key)
     try:
         for event in client.generate(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                      seed=seed, chat=chat, stop=stop or []):
@@ -224,11 +239,12 @@ def generate(
 
 
 @app.command()
-def status(cluster: Optional[str] = ClusterOpt, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Nodes, GPUs, instances, requests in flight and storage tiers."""
+def status(cluster: Optional[str] = ClusterOpt, as_json: bool = typer.Option(False, "--json"),
+           key: Optional[Path] = KeyOpt) -> None:
+    """Nodes, GPUs, instances, requests in flight and storage tiers (a client key sees only its own requests)."""
     from sllm_actors.client import ClusterUnavailable, RequestError
 
-    client = _client(cluster)
+    client = _client(cluster, key)
     try:
         st = client.status()
     except (RequestError, ClusterUnavailable) as exc:
@@ -293,11 +309,12 @@ def deploy(
     name: str,
     source: Path = typer.Option(..., "--source", help="a Hugging Face model directory or a .gguf file"),
     cluster: Optional[str] = ClusterOpt,
+    key: Optional[Path] = KeyOpt,
 ) -> None:
-    """Register model NAME from SOURCE with the running cluster."""
+    """Register model NAME from SOURCE (under the topology's models_roots) with the running cluster."""
     from sllm_actors.client import ClusterUnavailable, RequestError
 
-    client = _client(cluster)
+    client = _client(cluster, key)
     try:
         out.print(client.deploy(name, str(source)))
     except (RequestError, ClusterUnavailable) as exc:
@@ -311,11 +328,12 @@ def migrate(
     request_id: str,
     to: str = typer.Option(..., "--to", help="destination NODE or NODE/gpu-N"),
     cluster: Optional[str] = ClusterOpt,
+    key: Optional[Path] = KeyOpt,
 ) -> None:
     """Live-migrate a running request to another GPU."""
     from sllm_actors.client import ClusterUnavailable, RequestError
 
-    client = _client(cluster)
+    client = _client(cluster, key)
     try:
         out.print(client.migrate(request_id, to))
     except (RequestError, ClusterUnavailable) as exc:
@@ -325,11 +343,11 @@ def migrate(
 
 
 @app.command("kill-node")
-def kill_node(node_name: str, cluster: Optional[str] = ClusterOpt) -> None:
+def kill_node(node_name: str, cluster: Optional[str] = ClusterOpt, key: Optional[Path] = KeyOpt) -> None:
     """SIGKILL a local node process (to watch the cluster recover)."""
     from sllm_actors.client import ClusterUnavailable, RequestError
 
-    client = _client(cluster)
+    client = _client(cluster, key)
     try:
         out.print(client.kill_node(node_name))
     except (RequestError, ClusterUnavailable) as exc:
@@ -369,6 +387,76 @@ def bench_replay(ctx: typer.Context) -> None:
     from sllm_actors.replay import main as replay_main
 
     raise typer.Exit(replay_main(ctx.args))
+
+
+@keys_app.command("init")
+def keys_init(topology: Optional[Path] = typer.Argument(None, help="the cluster's topology.yaml (default: "
+                                                         "./topology.yaml): one key per node it names")) -> None:
+    """Write the cluster's keys: the controller's, the operator's and one per node (existing ones are kept)."""
+    from sllm_actors.security import KeyProblem, init_keys, keys_dir
+    from sllm_actors.topology import TopologyError, load_topology
+
+    path = topology or Path("topology.yaml")
+    nodes: list[str] = []
+    if topology is not None or path.is_file():
+        try:
+            nodes = [n.name for n in load_topology(path).nodes]
+        except TopologyError as exc:
+            _fail(str(exc))
+    try:
+        written = init_keys(keys_dir(), nodes)
+    except KeyProblem as exc:
+        _fail(str(exc))
+    for f in written:
+        print(f)
+    out.print(f"{len(written)} key file(s) written under {keys_dir()} (mode 0600)" if written
+              else f"every key is there already under {keys_dir()}")
+
+
+@keys_app.command("add-client")
+def keys_add_client(name: str) -> None:
+    """Make client NAME's key; give them the printed file (`--key FILE`, or save it as keys/client.key_secret)."""
+    from sllm_actors.security import CLIENT, KeyProblem, add_key, keys_dir
+
+    try:
+        print(add_key(keys_dir(), CLIENT, name))  # plain: scripts read the path, rich would wrap it
+    except KeyProblem as exc:
+        _fail(str(exc))
+
+
+@keys_app.command("add-node")
+def keys_add_node(name: str) -> None:
+    """Make node NAME's key; copy the printed file to its host (`sllm node --join ... --key FILE`)."""
+    from sllm_actors.security import NODE, KeyProblem, add_key, keys_dir
+
+    try:
+        print(add_key(keys_dir(), NODE, name))
+    except KeyProblem as exc:
+        _fail(str(exc))
+
+
+@keys_app.command("add-api-key")
+def keys_add_api_key(name: str, role: str = typer.Option("client", "--role", help="client or operator")) -> None:
+    """Make an HTTP API key for NAME (printed once; only its hash is kept). Remove its line from keys/api_keys
+    to revoke it; the HTTP front end reads that file on every request."""
+    from sllm_actors.security import KeyProblem, add_api_key, keys_dir
+
+    try:
+        print(add_api_key(keys_dir(), role, name))
+    except KeyProblem as exc:
+        _fail(str(exc))
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str) -> None:
+    """Delete client or node NAME's key: a running controller refuses it from its next frame (no restart)."""
+    from sllm_actors.security import KeyProblem, keys_dir, revoke_key
+
+    try:
+        for f in revoke_key(keys_dir(), name):
+            print(f"removed {f}")
+    except KeyProblem as exc:
+        _fail(str(exc))
 
 
 @store_app.command("convert")

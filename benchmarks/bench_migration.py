@@ -823,7 +823,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     # ------------------------------------------------------------------ part 1: the cluster
     workdir = Path(tempfile.mkdtemp(prefix="bench-migration-"))
     trace_path = workdir / "trace.jsonl"
-    env = {"SLLM_HOME": str(home)}
+    from sllm_actors.security import keys_dir
+
+    env = {"SLLM_HOME": str(home), "SLLM_KEYS": str(keys_dir())}  # the client here finds the same keys
     if args.trace or args.round_timeout:
         tdir = workdir / "trace-site"
         tdir.mkdir()

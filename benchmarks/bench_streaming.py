@@ -206,10 +206,13 @@ def write_topology(path: Path, models: dict[str, Path], threads: int) -> Path:
 
 
 def start_cluster(topology: Path, timeout: float = 180.0) -> Cluster:
+    from sllm_actors.security import keys_dir
+
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "cli.py"), "up", str(topology), "--headless"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=topology.parent,
-        env={**os.environ, "SLLM_HOME": str(topology.parent / "home"), "SLLM_LOG_LEVEL": "WARNING"},
+        env={**os.environ, "SLLM_HOME": str(topology.parent / "home"), "SLLM_LOG_LEVEL": "WARNING",
+             "SLLM_KEYS": str(keys_dir())},  # where this process's client finds the operator key
     )
     lines: list[str] = []
     ready: queue.Queue[str] = queue.Queue()

@@ -7,7 +7,9 @@
         else:
             print(event.ttft_s, event.total_s)
 
-One ``Client`` is one ZeroMQ DEALER socket: use it from one thread; open one per thread.
+One ``Client`` is one ZeroMQ DEALER socket: use it from one thread; open one per thread. It presents a
+CURVE key: ``key=`` (a ``.key_secret`` file from ``sllm keys``), else ``$SLLM_KEY``, else the operator's or
+the client's key under ``$SLLM_HOME/keys`` (see :mod:`sllm_actors.security`).
 """
 
 from __future__ import annotations
@@ -104,8 +106,12 @@ def resolve_endpoint(cluster: str | None = None, cwd: Path | None = None) -> str
 
 
 class Client:
-    def __init__(self, endpoint: str, *, connect_timeout: float = 5.0, idle_timeout: float = 900.0) -> None:
+    def __init__(self, endpoint: str, *, connect_timeout: float = 5.0, idle_timeout: float = 900.0,
+                 key: str | os.PathLike[str] | None = None, insecure: bool = False) -> None:
+        """``insecure``: no CURVE, for a controller started without keys (benchmarks of what CURVE costs)."""
         self.endpoint = endpoint
+        self.key = key
+        self.insecure = insecure
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self._context = zmq.Context.instance()
@@ -118,9 +124,21 @@ class Client:
     def _connect(self) -> zmq.Socket:
         if self._socket is not None:
             return self._socket
+        credentials = None
+        if not self.insecure:
+            from sllm_actors.security import KeyProblem, find_credentials, no_key_message
+
+            try:
+                credentials = find_credentials(self.key)
+            except KeyProblem as exc:
+                raise ClusterUnavailable(str(exc)) from None
+            if credentials is None:
+                raise ClusterUnavailable(no_key_message(f"the cluster at {self.endpoint}"))
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"client-{uuid.uuid4().hex[:12]}".encode())
+        if credentials is not None:
+            credentials.apply_client(sock)
         sock.connect(self.endpoint)
         self._socket = sock
         sock.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "client")))
@@ -144,7 +162,7 @@ class Client:
                 if connecting:
                     raise ClusterUnavailable(
                         f"no sllm cluster answered at {self.endpoint} within {self.connect_timeout:.0f}s "
-                        "(is `sllm up` running there?)"
+                        "(is `sllm up` running there, and is our key one of its keys?)"
                     )
                 raise ClusterUnavailable(
                     f"the cluster at {self.endpoint} went silent for {self.idle_timeout:.0f}s; giving up"

@@ -7,6 +7,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sllm_actors.messages import ClusterEvent, Message
@@ -87,6 +88,8 @@ class ClusterContext:
     cluster_endpoint: str = ""
     state_endpoint: str = ""
     http_endpoint: str = ""
+    node_key_dir: Path | None = None
+    """Where the local nodes' key files are (None: the cluster runs without CURVE)."""
 
     def to_client(self, peer: bytes, msg: Message) -> None:
         self.transport.send(CLIENTS, msg, peer=peer)

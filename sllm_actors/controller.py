@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import pykka
@@ -27,6 +28,7 @@ from sllm_actors.messages import (
     DeployModel,
     ErrorReply,
     FromClient,
+    FromNode,
     GenerateRequest,
     Heartbeat,
     Hello,
@@ -51,6 +53,7 @@ from sllm_actors.messages import (
     Welcome,
 )
 from sllm_actors.node_context import LINK_SEPARATOR
+from sllm_actors.security import CLIENT, NODE, OPERATOR, KeyRing, Peer, parse_user_id
 from sllm_actors.supervisor import ChildSpec, Directory, Supervisor
 from sllm_actors.topology import Topology
 from sllm_actors.transport import Transport
@@ -63,11 +66,22 @@ SNAPSHOT_S = 0.5
 
 _TO_ROUTER = (TokenChunk, TokenBatch, PromptAccepted, InferenceDone, InferenceFailed, Migrated)
 _TO_SCHEDULER = (InstanceReady, LoadFailed, InstanceGone, MigrationEnded)
+KEYS_REFRESH_S = 1.0
+
+_CLIENT_MAY = (Hello, Heartbeat, GenerateRequest, CancelRequest, StatusRequest)
+ALLOWED: dict[str, tuple[type[Message], ...]] = {
+    CLIENT: _CLIENT_MAY,
+    OPERATOR: (*_CLIENT_MAY, DeployModel, MigrateCommand, KillNode),
+    NODE: (),
+}
+"""What each role may send on the client socket; anything else is answered with an ErrorReply naming both."""
 
 
 class Controller:
     def __init__(self, topology: Topology, *, spawn_local_nodes: bool = True, node_log: IO[bytes] | None = None,
-                 cluster_name: str = "sllm") -> None:
+                 cluster_name: str = "sllm", keys: KeyRing | None = None) -> None:
+        """``keys``: the ring every socket authenticates against (CURVE). None runs without CURVE, every
+        client an operator: for benchmarks measuring what CURVE costs, never for ``sllm up``."""
         self.topology = topology
         self.spawn_local_nodes = spawn_local_nodes
         self.node_log = node_log
@@ -77,6 +91,10 @@ class Controller:
         self.events = EventLog(self.transport)
         self.table = RequestTable()
         self.context = ClusterContext(topology, self.transport, self.directory, self.events, self.table)
+        self.keys = keys
+        self.context.node_key_dir = keys.root / "nodes" if keys is not None else None
+        if keys is not None:
+            self.transport.serve_curve(keys.server_public, keys.server_secret, keys.authenticate)
         self.supervisor: pykka.ActorRef[Any] | None = None
         self.node_names = {n.name for n in topology.nodes}
         self._last_seen: dict[str, float] = {}
@@ -89,13 +107,19 @@ class Controller:
         ctx.client_endpoint = self.transport.bind_router(
             CLIENTS, ctl.endpoint(ctl.client_port), self._from_client, on_unreachable=self._client_gone
         )
-        # A restarted node reconnects with the same identity: it takes over the old connection.
+        # Without keys a restarted node takes over its old connection by name (ROUTER_HANDOVER). With keys
+        # it may not: ZAP cannot see the name a peer will claim, so handover would give any node key the
+        # route of any node before its first frame could be refused. The name frees when the old
+        # connection closes (at once for a killed process; a dead host's within the ZeroMQ heartbeat).
         ctx.cluster_endpoint = self.transport.bind_router(
-            CLUSTER, ctl.endpoint(ctl.cluster_port), self._from_node, handover=True, relay=self._relay_to
+            CLUSTER, ctl.endpoint(ctl.cluster_port), self._from_node, handover=self.keys is None,
+            relay=self._relay_to, heartbeat_s=2.0,
         )
         ctx.state_endpoint = self.transport.bind_pub(STATE, ctl.endpoint(ctl.state_port))
         self.transport.every(TICK_S, self._tick)
         self.transport.every(SNAPSHOT_S, self._snapshot)
+        if self.keys is not None:
+            self.transport.every(KEYS_REFRESH_S, self.keys.refresh)
         children = [
             ChildSpec("registry", lambda sup, name: NodeRegistryActor.start(sup, name, cluster=ctx)),
             ChildSpec("scheduler", lambda sup, name: SchedulerActor.start(sup, name, cluster=ctx)),
@@ -157,7 +181,34 @@ class Controller:
 
     # ------------------------------------------------------------------ IO thread: dispatch only
 
-    def _from_client(self, peer: bytes, address: str, msg: Message) -> None:
+    def _sender(self, user_id: str) -> Peer | None:
+        """The peer a frame's CURVE key names, if that key is still in the ring (revoked keys stop here)."""
+        if self.keys is None:
+            return Peer(OPERATOR, "insecure")
+        peer = parse_user_id(user_id)
+        return peer if peer is not None and self.keys.current(user_id) else None
+
+    def _from_client(self, peer: bytes, address: str, msg: Message, user_id: str = "") -> None:
+        sender = self._sender(user_id)
+        request_id = getattr(msg, "request_id", "")
+        if sender is None:
+            log.warning("controller: refused %s from %r: key %r is no longer in the ring (revoked)", msg.tag, peer,
+                        user_id)
+            self.context.to_client(peer, ErrorReply(request_id, "unauthorized",
+                                                    f"key {user_id!r} has been revoked"))
+            return
+        if not isinstance(msg, ALLOWED.get(sender.role, ())):
+            log.warning("controller: refused %s from %s (role %s): not allowed", msg.tag, sender.user_id,
+                        sender.role)
+            self.context.to_client(peer, ErrorReply(request_id, "forbidden",
+                                                    f"role {sender.role} may not send {msg.tag} messages"))
+            return
+        if isinstance(msg, DeployModel):
+            problem = self._deploy_source_problem(msg.source)
+            if problem:
+                log.warning("controller: refused deploy of %r from %s: %s", msg.name, sender.user_id, problem)
+                self.context.to_client(peer, ErrorReply(request_id, "forbidden", problem))
+                return
         if isinstance(msg, Hello):
             if msg.protocol_version != PROTOCOL_VERSION:
                 self.context.to_client(peer, ErrorReply("", "version_mismatch",
@@ -167,9 +218,9 @@ class Controller:
                 self.context.to_client(peer, Welcome(PROTOCOL_VERSION, self.cluster_name, self.context.state_endpoint,
                                                         self.context.http_endpoint))
         elif isinstance(msg, (GenerateRequest, CancelRequest, StatusRequest)):
-            self._tell("router", FromClient(peer, msg), peer, msg)
+            self._tell("router", FromClient(peer, msg, sender.role), peer, msg)
         elif isinstance(msg, (DeployModel, MigrateCommand)):
-            self._tell("scheduler", FromClient(peer, msg), peer, msg)
+            self._tell("scheduler", FromClient(peer, msg, sender.role), peer, msg)
         elif isinstance(msg, KillNode):
             try:
                 pid = self.kill_node(msg.node)
@@ -182,30 +233,67 @@ class Controller:
             self.context.to_client(peer, ErrorReply(getattr(msg, "request_id", ""), "unexpected",
                                                     f"clients may not send {msg.tag} messages"))
 
+    def _deploy_source_problem(self, source: str) -> str:
+        """'' when ``source`` lies under a models root of the topology (or is the default model), else why not."""
+        from sllm_actors.models import default_model_dir
+        from sllm_actors.topology import DEFAULT_MODEL_SOURCE
+
+        if source == DEFAULT_MODEL_SOURCE:
+            return ""
+        roots = [*self.topology.models_roots, default_model_dir()]
+        try:
+            path = Path(source).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError) as exc:
+            return f"deploy source {source!r} is not a usable path: {exc}"
+        if any(path == r.resolve() or path.is_relative_to(r.resolve()) for r in roots):
+            return ""
+        return (f"deploy source {source} is outside the allowed model roots: "
+                f"{', '.join(str(r) for r in roots)} (add its directory to models_roots: in {self.topology.path})")
+
     def _tell(self, actor: str, wrapped: Any, peer: bytes, msg: Message) -> None:
         if not self.directory.tell(actor, wrapped):
             self.context.to_client(peer, ErrorReply(getattr(msg, "request_id", ""), "unavailable",
                                                     f"the {actor} is restarting; try again"))
 
-    def _relay_to(self, peer: bytes, address: str) -> bytes | None:
-        """Node-to-node frames (a migration's rounds and KV copies) go on to the node they name unread;
-        the receiving node decodes and checks them. From anything but a topology node, they are decoded
-        here and refused."""
+    def _relay_to(self, peer: bytes, address: str, user_id: str) -> tuple[bytes, bytes] | None:
+        """Node-to-node frames (a migration's rounds and KV copies) go on to the node they name unread,
+        with the sender's node (as its key names it) in the address frame; the receiving node decodes them
+        and checks that they come from the migration's other end. From anything but a topology node with
+        its own key, they are decoded here and refused."""
         sender = peer.decode(errors="replace").split(LINK_SEPARATOR, 1)[0]
-        if sender in self.node_names and address in self.node_names:
-            return address.encode()
+        if sender in self.node_names and address in self.node_names and self._node_key_ok(sender, user_id):
+            return address.encode(), sender.encode()
         return None
 
-    def _from_node(self, peer: bytes, address: str, msg: Message) -> None:
+    def _node_key_ok(self, node: str, user_id: str) -> bool:
+        if self.keys is None:
+            return True
+        peer = self._sender(user_id)
+        return peer is not None and peer.role == NODE and peer.name == node
+
+    def _from_node(self, peer: bytes, address: str, msg: Message, user_id: str = "") -> None:
         # A node's own socket is named after it; an actor's socket on that node is ``node~actor``.
         node = peer.decode(errors="replace").split(LINK_SEPARATOR, 1)[0]
         if node not in self.node_names:
             self.transport.send(CLUSTER, ErrorReply("", "rejected", f"node {node!r} is not in the topology "
                                                     f"{self.topology.path}"), peer=peer)
             return
+        if not self._node_key_ok(node, user_id):
+            # ZAP already refuses a key connecting under another node's name; this catches a key revoked since.
+            log.warning("controller: refused %s claiming node %s from key %r", msg.tag, node, user_id)
+            return
+        claimed = getattr(msg, "node", None) if not isinstance(msg, Heartbeat) else msg.sender
+        if isinstance(claimed, str) and claimed != node and not isinstance(msg, ClusterEvent):
+            log.warning("controller: refused %s from %s claiming to be from %s", msg.tag, node, claimed)
+            return
+        if isinstance(msg, (NodeHello, NodeStatus)) and LINK_SEPARATOR in peer.decode(errors="replace"):
+            # A node speaks for itself on its own socket; its actors' links carry their requests only.
+            log.warning("controller: refused %s from %r: not the node's own socket", msg.tag, peer)
+            return
         if address:
-            if address in self.node_names:
-                self.context.to_node(address, msg)  # node-to-node (migration), relayed
+            # Relayed frames never get here (the relay passes them on unread): this is one the relay
+            # refused, from an impostor or to an unknown node.
+            log.warning("controller: refused a %s from %s for %r: not relayed", msg.tag, node, address)
             return
         now = time.monotonic()
         if now - self._last_seen.get(node, 0.0) > SEEN_EVERY_S:
@@ -223,7 +311,7 @@ class Controller:
             self.directory.tell("registry", msg)
             self.directory.tell("scheduler", msg)  # tier contents and bandwidths feed its estimates
         elif isinstance(msg, _TO_ROUTER):
-            self.directory.tell("router", msg)
+            self.directory.tell("router", FromNode(node, msg))
             if isinstance(msg, Migrated):
                 self.directory.tell("scheduler", msg)  # it moves the request's slot to the destination
         elif isinstance(msg, _TO_SCHEDULER):

@@ -815,6 +815,17 @@ class FromClient:
 
     peer: bytes
     message: Message
+    role: str = "operator"
+    """The role of the key the message came with (``client`` sees only its own requests)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FromNode:
+    """A node's wire message about a request, with the node its key names: the router takes it only
+    from the node hosting the request (or the migration's source or destination)."""
+
+    node: str
+    message: Message
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from sllm_actors.actors.gpu import GpuActor, instance_actor_name
@@ -30,9 +31,11 @@ from sllm_actors.messages import (
     LoadFailed,
     LoadModel,
     Message,
+    MigrateOut,
     NodeConfig,
     NodeHello,
     NodeStatus,
+    ResumeDone,
     ResumeFailed,
     ResumeRequest,
     StartInference,
@@ -51,17 +54,26 @@ HEARTBEAT_S = 0.5
 CONTROLLER_LOST_S = 10.0
 """A local node exits when its controller has been silent this long (it would be an orphan)."""
 EXIT_GAVE_UP = 3
+_PEER_MESSAGES = (ResumeRequest, KvCopyBegin, KvCopyChunk, ResumeDone, ResumeFailed)
+"""What one node sends another (a migration's rounds, KV copies and their answers), relayed by the
+controller with the sender's node in the address frame; nothing else may come that way."""
+_REMEMBERED_MIGRATIONS = 4096
 
 
 class Node:
-    def __init__(self, join: str, name: str, *, exit_with_controller: bool = False) -> None:
+    def __init__(self, join: str, name: str, *, exit_with_controller: bool = False, credentials: Any = None) -> None:
         self.join = join
         self.name = name
         self.exit_with_controller = exit_with_controller
         self.incarnation = uuid.uuid4().hex[:12]
         self.transport = Transport(f"node:{name}")
+        if credentials is not None:
+            self.transport.use_credentials(credentials)
         self.directory = Directory()
         self.context = NodeContext(name, self._send, self.directory, self.transport.context, join)
+        self.context.credentials = credentials
+        # migration id -> the node at its other end, learned from what the controller or the source said.
+        self._migration_peers: OrderedDict[str, str] = OrderedDict()
         self.spec: NodeSpec | None = None
         self.configured = threading.Event()
         self.done = threading.Event()
@@ -77,8 +89,39 @@ class Node:
 
     # ------------------------------------------------------------------ IO thread callbacks
 
-    def _on_message(self, peer: bytes, address: str, msg: Message) -> None:
+    def _peer_problem(self, address: str, msg: Message) -> str:
+        """'' when a node-to-node message comes from the migration's other end, else why it is refused."""
+        if not address:
+            return "" if not isinstance(msg, _PEER_MESSAGES) else f"{msg.tag} must come from a node, not the controller"
+        if not isinstance(msg, _PEER_MESSAGES):
+            return f"{address} may not send {msg.tag} to another node"
+        migration_id = msg.migration_id
+        if isinstance(msg, (ResumeRequest, KvCopyBegin)):
+            if msg.source_node != address:
+                return f"{address} claims to be {msg.source_node}, the source of {migration_id}"
+            known = self._migration_peers.get(migration_id)
+            if known is not None and known != address:
+                return f"migration {migration_id} comes from {known}, not {address}"
+            self._remember(migration_id, address)
+            return ""
+        known = self._migration_peers.get(migration_id)
+        if known != address:
+            return f"migration {migration_id} has {known or 'no known peer'} at its other end, not {address}"
+        return ""
+
+    def _remember(self, migration_id: str, node: str) -> None:
+        self._migration_peers[migration_id] = node
+        while len(self._migration_peers) > _REMEMBERED_MIGRATIONS:
+            self._migration_peers.popitem(last=False)
+
+    def _on_message(self, peer: bytes, address: str, msg: Message, sender: str = "") -> None:
         self._last_heard = time.monotonic()
+        problem = self._peer_problem(address, msg)
+        if problem:
+            log.warning("%s: refused %s: %s", self.name, msg.tag, problem)
+            return
+        if isinstance(msg, MigrateOut):
+            self._remember(msg.migration_id, msg.dest_node)
         if isinstance(msg, NodeConfig):
             if not self.configured.is_set():
                 self.spec = NodeSpec.from_dict(msg.spec)
@@ -229,12 +272,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--join", required=True, help="the controller's cluster endpoint, tcp://HOST:PORT")
     parser.add_argument("--name", required=True)
     parser.add_argument("--exit-with-controller", action="store_true")
+    parser.add_argument("--key", help="this node's .key_secret file (default: $SLLM_HOME/keys/nodes/NAME.key_secret)")
+    parser.add_argument("--insecure", action="store_true", help="no CURVE (only a controller run without keys)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("SLLM_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s",
     )
-    node = Node(args.join, args.name, exit_with_controller=args.exit_with_controller)
+    credentials = None
+    if not args.insecure:
+        from sllm_actors.security import KeyProblem, find_credentials, no_key_message
+
+        try:
+            credentials = find_credentials(args.key, role=args.name)
+        except KeyProblem as exc:
+            log.error("%s: %s", args.name, exc)
+            return 2
+        if credentials is None:
+            log.error("%s: %s", args.name, no_key_message(f"node {args.name}"))
+            return 2
+        if credentials.role != "node" or credentials.name != args.name:
+            log.error("%s: %s is the key of %s %r, not of node %r", args.name, credentials.path, credentials.role,
+                      credentials.name, args.name)
+            return 2
+    node = Node(args.join, args.name, exit_with_controller=args.exit_with_controller, credentials=credentials)
 
     def on_signal(signum: int, frame: Any) -> None:
         node.done.set()

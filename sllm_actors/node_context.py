@@ -84,10 +84,12 @@ class Link:
     about a request in order.
     """
 
-    def __init__(self, context: zmq.Context, endpoint: str, identity: str) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, identity: str, credentials: Any = None) -> None:
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 2000)
         self.socket.setsockopt(zmq.IDENTITY, identity.encode())
+        if credentials is not None:
+            credentials.apply_client(self.socket)  # the node's own key: the controller checks the name
         self.socket.connect(endpoint)
 
     def send(self, msg: Message, address: str = "") -> None:
@@ -114,6 +116,7 @@ class NodeContext:
         self.directory = directory
         self.board = NodeBoard()
         self.storage: Any = None  # set by the node once its tier actors exist
+        self.credentials: Any = None  # the node's CURVE key (security.Credentials), for its actors' links
 
     def send(self, msg: Message, address: str = "") -> None:
         """To the controller, or through it to the node named ``address``."""
@@ -123,7 +126,8 @@ class NodeContext:
         """A socket of the calling actor's own (None without a controller endpoint, as in unit tests)."""
         if self.zmq_context is None or not self.controller_endpoint:
             return None
-        return Link(self.zmq_context, self.controller_endpoint, f"{self.name}{LINK_SEPARATOR}{actor}")
+        return Link(self.zmq_context, self.controller_endpoint, f"{self.name}{LINK_SEPARATOR}{actor}",
+                    self.credentials)
 
     def event(self, kind: str, text: str, data: dict[str, Any] | None = None) -> None:
         self._send(ClusterEvent(time.time(), kind, text, {"node": self.name, **(data or {})}), "")

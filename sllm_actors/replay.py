@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sllm_actors.security import keys_dir
 from sllm_actors.topology import POLICIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -704,7 +705,8 @@ def start_cluster(topology: Path, *, timeout: float = 180.0, env: dict[str, str]
     log_path = topology.with_suffix(".log")
     proc = subprocess.Popen(
         [*cmd, "up", str(topology), "--headless"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        cwd=topology.parent, env={**os.environ, "SLLM_HOME": str(topology.parent / "home"), **(env or {})},
+        cwd=topology.parent, env={**os.environ, "SLLM_HOME": str(topology.parent / "home"), "SLLM_KEYS": str(keys_dir()),
+             **(env or {})},  # the cluster's home moves; its keys stay where this process's clients look
     )
     ready: queue.Queue[str] = queue.Queue()
 

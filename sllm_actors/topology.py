@@ -105,6 +105,8 @@ class Topology:
     nodes: list[NodeSpec]
     models: list[ModelSpec]
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    models_roots: tuple[Path, ...] = ()
+    """Directories ``sllm deploy`` may take models from (besides the default model's package)."""
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -208,7 +210,7 @@ def parse_topology(data: Any, path: Path) -> Topology:
     r = _Reader(path)
     if data is None:
         raise r.fail("(top level)", "the file is empty")
-    top = r.mapping(data, "(top level)", {"controller", "nodes", "models", "scheduler"})
+    top = r.mapping(data, "(top level)", {"controller", "nodes", "models", "scheduler", "models_roots"})
     base_dir = path.parent
 
     ctl = r.mapping(top.get("controller", {}), "controller", {"host", "client_port", "cluster_port", "state_port",
@@ -303,7 +305,13 @@ def parse_topology(data: Any, path: Path) -> Topology:
         migration_max_rounds=rounds,
         migration_transfer=transfer,
     )
-    return Topology(path=path, controller=controller, nodes=nodes, models=models, scheduler=scheduler)
+    roots = r.get(top, "models_roots", "", list, [])
+    for i, root in enumerate(roots):
+        if not isinstance(root, str) or not root:
+            raise r.fail(f"models_roots[{i}]", f"expected a directory path, got {root!r}")
+    models_roots = tuple((base_dir / Path(root).expanduser()).resolve() for root in roots)
+    return Topology(path=path, controller=controller, nodes=nodes, models=models, scheduler=scheduler,
+                    models_roots=models_roots)
 
 
 def _parse_node(r: _Reader, raw: Any, where: str, base_dir: Path) -> NodeSpec:

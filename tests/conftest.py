@@ -20,6 +20,20 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cluster_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One key directory for the session: the first `sllm up` on loopback makes the keys there, and every
+    client of the tests (in this process or a `sllm` subprocess) finds the operator's key in it."""
+    keys = tmp_path_factory.mktemp("home") / "keys"
+    saved = os.environ.get("SLLM_KEYS")
+    os.environ["SLLM_KEYS"] = str(keys)
+    yield keys
+    if saved is None:
+        os.environ.pop("SLLM_KEYS", None)
+    else:
+        os.environ["SLLM_KEYS"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sllm_actors.testing import make_tiny_model
@@ -43,6 +57,17 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            layers=6)
 
 
+def with_key(sock: Any, who: str = "operator") -> Any:
+    """Give a raw test socket (before connect) the session's key of ``who``: "operator" or a node's name."""
+    from sllm_actors.security import find_credentials, keys_dir, load_credentials
+
+    creds = (find_credentials() if who == "operator"
+             else load_credentials(keys_dir() / "nodes" / f"{who}.key_secret"))
+    assert creds is not None, f"no key for {who} under {keys_dir()}"
+    creds.apply_client(sock)
+    return sock
+
+
 @dataclass
 class RunningCluster:
     proc: subprocess.Popen[str]
@@ -55,6 +80,14 @@ class RunningCluster:
         from sllm_actors.client import Client
 
         return Client(self.endpoint, **kwargs)
+
+    def cluster_endpoint(self) -> str:
+        """The nodes' socket (from the ready line)."""
+        for line in self.lines:
+            if line.startswith("ready:"):
+                words = line.split()
+                return words[words.index("cluster") + 2]
+        raise AssertionError("no ready line")
 
     def node_pids(self) -> dict[str, int]:
         with self.client() as c:

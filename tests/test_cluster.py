@@ -19,7 +19,7 @@ from sllm_actors import wire
 from sllm_actors.client import Client, ClusterUnavailable, Completion, RequestError, TokenEvent
 from sllm_actors.messages import ErrorReply, Hello, StatusRequest
 
-from .conftest import REPO, RunningCluster
+from .conftest import REPO, RunningCluster, with_key
 
 PROMPT = "The capital of France is"
 
@@ -106,7 +106,7 @@ def test_bad_requests_get_error_replies(cluster: RunningCluster, kwargs: dict[st
 
 def test_garbage_on_the_socket_gets_an_error_and_the_cluster_keeps_serving(cluster: RunningCluster) -> None:
     ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
+    sock = with_key(ctx.socket(zmq.DEALER))
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.endpoint)
     try:
@@ -192,7 +192,10 @@ def client_status(cluster: RunningCluster) -> dict[str, Any]:
         return c.status()
 
 
-def test_deploy_registers_a_model(cluster: RunningCluster, tiny_model_b: Path, tmp_path: Path) -> None:
+def test_deploy_registers_a_model(cluster_factory: Any, tiny_model: Path, tiny_model_b: Path,
+                                  tmp_path: Path) -> None:
+    cluster = cluster_factory({"tiny": tiny_model},
+                              extra={"models_roots": [str(tiny_model_b.parent), str(tmp_path)]})
     with cluster.client() as client:
         assert "deployed gpt" in client.deploy("gpt", str(tiny_model_b))
         assert len(client.complete("gpt", PROMPT, max_tokens=4).token_ids) == 4
@@ -256,7 +259,8 @@ def test_node_to_node_frames_are_relayed_only_between_topology_nodes(cluster_fac
     (instance_id, node), = {(i["instance_id"], i["node"]) for i in st["instances"]}
     other = "node-2" if node == "node-1" else "node-1"
     ctx = zmq.Context.instance()
-    impostor, peer = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    # Both hold a real node key: what the controller checks past the handshake is the name they claim.
+    impostor, peer = with_key(ctx.socket(zmq.DEALER), other), with_key(ctx.socket(zmq.DEALER), other)
     try:
         impostor.setsockopt(zmq.IDENTITY, b"intruder")
         peer.setsockopt(zmq.IDENTITY, f"{other}~test".encode())

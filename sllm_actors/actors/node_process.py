@@ -101,6 +101,8 @@ class NodeProcessActor(SupervisedActor):
             sys.executable, "-m", "sllm_actors.node",
             "--join", self.cluster.cluster_endpoint, "--name", self.node, "--exit-with-controller",
         ]
+        key_dir = self.cluster.node_key_dir
+        cmd += ["--key", str(key_dir / f"{self.node}.key_secret")] if key_dir is not None else ["--insecure"]
         stderr = self.log_file if self.log_file is not None else None
         # The node runs the very code the controller runs: this checkout's package first on the path, not
         # whatever copy an editable install elsewhere would put there.

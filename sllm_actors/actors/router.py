@@ -22,6 +22,7 @@ from sllm_actors.messages import (
     ClusterSnapshot,
     ErrorReply,
     FromClient,
+    FromNode,
     GenerateDone,
     GenerateRequest,
     InferenceDone,
@@ -44,6 +45,7 @@ from sllm_actors.messages import (
     TokenBatch,
     TokenChunk,
 )
+from sllm_actors.security import redact_for_client
 from sllm_actors.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
@@ -66,13 +68,20 @@ class RouterActor(SupervisedActor):
     # ------------------------------------------------------------------ messages
 
     def on_receive(self, message: Any) -> Any:
+        if isinstance(message, FromNode):
+            if isinstance(message.message, TokenBatch):
+                self._token_batch(message.message, message.node)
+                return None
+            rec = self.requests.get(getattr(message.message, "request_id", ""))
+            if rec is not None and not _hosted_by(rec, message.node):
+                log.warning("router: refused %s for %s from %s, which does not host it (%s does)",
+                            message.message.tag, rec.request_id, message.node, rec.node or "no node yet")
+                return None
+            message = message.message
         if isinstance(message, FromClient):
-            self._from_client(message.peer, message.message)
+            self._from_client(message.peer, message.message, message.role)
         elif isinstance(message, TokenBatch):
-            out = (self._accept_tokens(TokenChunk(request_id, index, token_ids, text))
-                   for request_id, index, token_ids, text in zip(message.request_ids, message.indexes,
-                                                                 message.token_ids, message.texts))
-            self.cluster.to_clients([o for o in out if o is not None])
+            self._token_batch(message, "")  # in-process: there is no sending node to check
         elif isinstance(message, TokenChunk):
             self._tokens(message)
         elif isinstance(message, PromptAccepted):
@@ -119,7 +128,7 @@ class RouterActor(SupervisedActor):
             raise TypeError(f"{self.name}: unexpected message {message!r}")
         return None
 
-    def _from_client(self, peer: bytes, msg: Any) -> None:
+    def _from_client(self, peer: bytes, msg: Any, role: str = "operator") -> None:
         if isinstance(msg, GenerateRequest):
             self._generate(peer, msg)
         elif isinstance(msg, CancelRequest):
@@ -128,7 +137,11 @@ class RouterActor(SupervisedActor):
                 self._cancel(rec)
                 self.cluster.to_client(peer, ErrorReply(msg.request_id, "cancelled", "cancelled by the client"))
         elif isinstance(msg, StatusRequest):
-            self.cluster.to_client(peer, StatusReply(msg.request_id, self.status()))
+            status = self.status()
+            if role != "operator":
+                own = {r.request_id for r in self.requests.values() if r.client == peer}
+                status = redact_for_client(status, own)
+            self.cluster.to_client(peer, StatusReply(msg.request_id, status))
         else:
             self.cluster.to_client(peer, ErrorReply(getattr(msg, "request_id", ""), "unexpected",
                                                     f"the router does not take {msg.tag} messages"))
@@ -177,6 +190,21 @@ class RouterActor(SupervisedActor):
             max_tokens=rec.max_tokens, temperature=rec.temperature, top_p=rec.top_p, seed=rec.seed, stop=rec.stop,
             text_so_far=text,
         )
+
+    def _token_batch(self, batch: TokenBatch, node: str) -> None:
+        """An engine step's tokens: each request's are checked against the node that sent them, then added to its
+        log; the clients' chunks leave with one wake-up of the IO thread."""
+        out = []
+        for request_id, index, token_ids, text in zip(batch.request_ids, batch.indexes, batch.token_ids, batch.texts):
+            rec = self.requests.get(request_id)
+            if node and rec is not None and not _hosted_by(rec, node):
+                log.warning("router: refused tokens for %s from %s, which does not host it (%s does)", request_id,
+                            node, rec.node or "no node yet")
+                continue
+            accepted = self._accept_tokens(TokenChunk(request_id, index, token_ids, text))
+            if accepted is not None:
+                out.append(accepted)
+        self.cluster.to_clients(out)
 
     def _tokens(self, chunk: TokenChunk) -> None:
         out = self._accept_tokens(chunk)
@@ -383,6 +411,14 @@ class RouterActor(SupervisedActor):
             "tiers": tiers,
             "events": self.cluster.events.recent(50),
         }
+
+
+def _hosted_by(rec: RequestRecord, node: str) -> bool:
+    if node == rec.node:
+        return True
+    mig = rec.active_migration or {}
+    # A migration's destination streams before the source's Migrated notice may have arrived.
+    return any(str(mig.get(end, "")).split("/", 1)[0] == node for end in ("from", "to"))
 
 
 def _ask(ref: pykka.ActorRef[Any] | None, message: Any, default: Any) -> Any:

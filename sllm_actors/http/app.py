@@ -113,7 +113,12 @@ class OpenAIServer:
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
 
     def _authorize(self, request: Request) -> None:
-        if not self.api_keys:
+        from sllm_actors.security import CLIENT, OPERATOR, api_key_role, keys_dir
+
+        # Keys given to this front end (--api-key, SLLM_API_KEY), and the cluster's own API keys
+        # (keys/api_keys, one role each, revoked by deleting their line): with neither, HTTP is open.
+        ring = keys_dir() / "api_keys"
+        if not self.api_keys and not ring.is_file():
             return
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
@@ -122,7 +127,10 @@ class OpenAIServer:
                            code="invalid_api_key")
         given = key.strip().encode()
         # Every key compared, each in constant time: the answer's timing says nothing about which is close.
-        if not any([hmac.compare_digest(given, k) for k in self.api_keys]):
+        if any([hmac.compare_digest(given, k) for k in self.api_keys]):
+            return
+        peer = api_key_role(key.strip(), ring.parent)
+        if peer is None or peer.role not in (CLIENT, OPERATOR):
             raise ApiError(401, "incorrect API key", type="invalid_request_error", code="invalid_api_key")
 
     async def _body(self, request: Request) -> Any:

@@ -44,6 +44,16 @@ SNAPSHOT_FRESH_S = 3.0
 WATCHDOG_S = 1.0
 
 
+def _credentials() -> Any:
+    """The front end's CURVE identity: the cluster's operator key (it is part of the cluster `sllm up` starts,
+    needs the state feed, and enforces the API keys' roles itself); any key ``sllm_actors.security`` finds
+    otherwise; None for a cluster without keys."""
+    from sllm_actors.security import find_credentials, keys_dir, load_credentials
+
+    operator = keys_dir() / "operator.key_secret"
+    return load_credentials(operator) if operator.is_file() else find_credentials(None)
+
+
 class RouterUnavailable(ConnectionError):
     """The router did not answer the handshake or a request in time."""
 
@@ -70,9 +80,12 @@ class RouterLink:
 
     async def start(self) -> None:
         """Connect and handshake; retries until the router answers, so the HTTP port can open first."""
+        credentials = _credentials()
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"http-{uuid.uuid4().hex[:12]}".encode())
+        if credentials is not None:
+            credentials.apply_client(sock)
         sock.connect(self.endpoint)
         self._sock = sock
         # A blocking view of the same socket, for a cancel sent while the caller's task is being cancelled
@@ -95,6 +108,8 @@ class RouterLink:
             sub = self._context.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.SUBSCRIBE, b"")
+            if credentials is not None:
+                credentials.apply_client(sub)
             sub.connect(reachable_state_endpoint(self.state_endpoint, self.endpoint))
             self._sub = sub
             self._tasks.append(asyncio.create_task(self._read_state(), name="state-reader"))

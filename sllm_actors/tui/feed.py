@@ -66,8 +66,17 @@ class FeedUpdate:
 
 class ClusterFeed:
     def __init__(self, state_endpoint: str, *, context: zmq.Context | None = None,
-                 remember: int = 2000) -> None:
+                 remember: int = 2000, credentials: Any = None) -> None:
+        """``credentials``: an operator's key (security.Credentials); by default the one the client finds."""
         self.state_endpoint = state_endpoint
+        if credentials is None:
+            from sllm_actors.security import KeyProblem, find_credentials
+
+            try:
+                credentials = find_credentials()
+            except KeyProblem:
+                credentials = None  # the client's connect says what is wrong with the key; the feed stays empty
+        self._credentials = credentials
         self._context = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._status: dict[str, Any] | None = None
@@ -111,6 +120,8 @@ class ClusterFeed:
         sock = self._context.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if self._credentials is not None:
+            self._credentials.apply_client(sock)
         sock.connect(self.state_endpoint)
         try:
             while not self._stop.is_set():
