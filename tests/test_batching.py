@@ -56,6 +56,17 @@ def _random_tokens(n: int, vocab: int, eos: int, rng: random.Random) -> list[int
     return [t for t in (rng.randrange(5, vocab) for _ in range(n * 2)) if t != eos][:n]
 
 
+def _serve(engine: Engine, seqs: list[Sequence], together: bool) -> None:
+    """All requests sharing the engine's batches, or each run to its end before the next is added."""
+    for seq in seqs:
+        engine.add(seq)
+        if not together:
+            while engine.has_work():
+                engine.step_batch()
+    while engine.has_work():
+        engine.step_batch()
+
+
 def _teacher_forced(engine: Engine, forced: dict[str, list[int]], prompt_lens: dict[str, int],
                     together: bool) -> dict[str, torch.Tensor]:
     """Run each request through the engine, feeding the forced tokens instead of sampled ones; returns the logits
@@ -72,13 +83,7 @@ def _teacher_forced(engine: Engine, forced: dict[str, list[int]], prompt_lens: d
     engine._sample = forced_sample  # type: ignore[method-assign]
     seqs = [Sequence(rid, ids[: prompt_lens[rid]], [], len(ids) - prompt_lens[rid] - 1, 0.0, 1.0, 0, [])
             for rid, ids in forced.items()]
-    for seq in seqs:
-        engine.add(seq)
-        if not together:
-            while engine.has_work():
-                engine.step_batch()
-    while engine.has_work():
-        engine.step_batch()
+    _serve(engine, seqs, together)
     assert all(s.generated_ids == forced[s.request_id][len(s.prompt_ids):-1] for s in seqs)
     return {rid: torch.stack(r) for rid, r in rows.items()}
 
@@ -115,13 +120,7 @@ def test_logits_match_transformers_alone_and_in_a_mixed_batch(arch: str, dtype: 
 
 def _greedy(engine: Engine, prompts: dict[str, list[int]], max_tokens: int, together: bool) -> dict[str, list[int]]:
     seqs = [Sequence(rid, ids, [], max_tokens, 0.0, 1.0, 0, []) for rid, ids in prompts.items()]
-    for seq in seqs:
-        engine.add(seq)
-        if not together:
-            while engine.has_work():
-                engine.step_batch()
-    while engine.has_work():
-        engine.step_batch()
+    _serve(engine, seqs, together)
     return {s.request_id: s.generated_ids for s in seqs}
 
 
