@@ -7,9 +7,10 @@ over each request's blocks. So Llama, Qwen2, Mistral and the other GQA decoders 
 without a line of their code rewritten.
 
 A step's tokens are packed into one row (``[1, tokens]``): first one decode token per running request, then
-each prefill chunk. Decodes attend all at once over their gathered blocks (padded to the longest, masked);
-each prefill chunk attends causally over its own request's blocks. Grouped-query heads are folded into the
-query axis for decodes (no copy of the cache per query head); prefills use SDPA's own GQA support.
+the prefill chunks. Decodes attend all at once over their gathered blocks (padded to a bucket, masked); the
+prefill chunks attend together in one call over their requests' gathered contexts, under a block-diagonal
+causal mask. Grouped-query heads are folded into the query axis (no copy of the cache per query head, and
+SDPA's memory-efficient kernel takes the mask); a lone fresh prompt uses plain causal SDPA.
 
 The step's layout (slots, block tables, lengths) is set by the runner in a thread-local :class:`StepLayout`
 before the forward: the registry passes the function only what the model has, and one engine per thread

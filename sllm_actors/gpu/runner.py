@@ -152,7 +152,7 @@ class ModelRunner:
         if decode_count:
             layout.n_decode = decode_count
             layout.decode_slots, layout.decode_mask = self._decode_context(
-                self._tables(feeds[:decode_count], self._blocks_bucket(feeds[:decode_count]))[0],
+                self._tables(feeds[:decode_count], self._blocks_bucket(feeds[:decode_count])),
                 self._tensor([f.start + 1 for f in feeds[:decode_count]]),
             )
         return self._run(self._tensor(ids), self._tensor(positions), layout, self._tensor(sample_rows))
@@ -188,16 +188,16 @@ class ModelRunner:
                 graph = self._capture(*key)
         if graph is not None:
             return graph.replay(self, feeds)[:n]
-        tables, _ = self._tables(feeds, n_blocks)
+        tables = self._tables(feeds, n_blocks)
         lens = self._tensor([f.start + 1 for f in feeds])
         ids = self._tensor([f.ids[0] for f in feeds])
         positions = self._tensor([f.start for f in feeds])
         slots = self._tensor([f.table[f.start // self.block_size] * self.block_size + f.start % self.block_size
                               for f in feeds])
-        return self._decode_forward(ids, positions, slots, tables, lens, keep_all=True)
+        return self._decode_forward(ids, positions, slots, tables, lens)
 
     def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                        tables: torch.Tensor, lens: torch.Tensor, keep_all: bool) -> torch.Tensor:
+                        tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         layout = StepLayout(self.k_cache, self.v_cache, slots, n_decode=ids.shape[0])
         layout.decode_slots, layout.decode_mask = self._decode_context(tables, lens)
         return self._run(ids, positions, layout, None)
@@ -260,13 +260,10 @@ class ModelRunner:
                 return size
         return n
 
-    def _tables(self, feeds: list[Feed], n_blocks: int, rows: int = 0) -> tuple[torch.Tensor, int]:
-        rows = max(rows, len(feeds))
-        table = [[SCRATCH_BLOCK] * n_blocks for _ in range(rows)]
-        for row, feed in zip(table, feeds):
-            used = feed.table[:n_blocks]
-            row[: len(used)] = used
-        return self._tensor(table).reshape(rows, n_blocks), rows
+    def _tables(self, feeds: list[Feed], n_blocks: int) -> torch.Tensor:
+        """[feeds, n_blocks] block tables, padded with the scratch block."""
+        table = [(f.table[:n_blocks] + [SCRATCH_BLOCK] * n_blocks)[:n_blocks] for f in feeds]
+        return self._tensor(table).reshape(len(feeds), n_blocks)
 
     # ------------------------------------------------------------------ CUDA graphs
 
@@ -309,12 +306,11 @@ class _DecodeGraph:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            runner._decode_forward(self.ids, self.positions, self.slots, self.tables, self.lens, keep_all=True)
+            runner._decode_forward(self.ids, self.positions, self.slots, self.tables, self.lens)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=runner._graph_pool):
-            self.logits = runner._decode_forward(self.ids, self.positions, self.slots, self.tables, self.lens,
-                                                 keep_all=True)
+            self.logits = runner._decode_forward(self.ids, self.positions, self.slots, self.tables, self.lens)
 
     def replay(self, runner: ModelRunner, feeds: list[Feed]) -> torch.Tensor:
         n = len(feeds)
