@@ -546,10 +546,11 @@ def logits_to_keep_aside(engine: Any, prompt_ids: list[int]) -> dict[str, float]
     from transformers import DynamicCache
 
     try:
-        from sllm_actors.gpu.engine import cache_kwarg
+        import inspect
 
         ids = torch.tensor([prompt_ids], dtype=torch.long)
-        name = cache_kwarg(engine.model)
+        # transformers 5.x takes the cache as ``cache`` (``past_key_values`` is deprecated there).
+        name = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else "past_key_values"
         full, last = [], []
         with torch.inference_mode():
             for _ in range(2):  # alternating, best of two: single prefills are noisy on a shared box
