@@ -122,91 +122,97 @@ def _emit(**rec):
             f.write(line)
 
 
+_LAST_STEP = {}
+_WATCH = set()
+_SRC_STEPS = {}
+
+
 def _patch_instance(mod):
     A = mod.ModelInstanceActor
-    last_step = {}
-    watch = set()
-
-    src_steps = {}
-    orig_step_all = A._step_all
-    def _step_all(self):
-        stepped = list(self.running)
-        first = [r for r in stepped if r in watch]
+    orig_step = A._step
+    def _step(self):
+        stepped = [s.request_id for s in self.engine.running] if self.engine is not None else []
+        first = [r for r in stepped if r in _WATCH]
         t0 = time.time()
-        orig_step_all(self)
+        orig_step(self)
         now = time.time()
         for r in stepped:
-            last_step[r] = now
-            if r in self.outgoing:
-                src_steps.setdefault(r, []).append((t0, now))
+            _LAST_STEP[r] = now
+            if r in self.source_side.outgoing:
+                _SRC_STEPS.setdefault(r, []).append((t0, now))
         for r in first:
-            watch.discard(r)
+            _WATCH.discard(r)
             _emit(ev="first_step", rid=r, node=self.node.name, t0=t0, t=now)
-    A._step_all = _step_all
+    A._step = _step
 
-    orig_send_round = A._send_round
+
+def _patch_migration(mod):
+    S, D = mod.MigrationSource, mod.MigrationDestination
+
+    orig_send_round = S._send_round
     def _send_round(self, seq, out, prompt_ids, new_ids):
-        _emit(ev="send_round", rid=seq.request_id, node=self.node.name, round=out.round,
+        _emit(ev="send_round", rid=seq.request_id, node=self.host.node.name, round=out.round,
               n=len(prompt_ids) + len(new_ids), n_generated=len(seq.generated_ids))
         return orig_send_round(self, seq, out, prompt_ids, new_ids)
-    A._send_round = _send_round
+    S._send_round = _send_round
 
-    orig_resume_in = A._resume_in
-    def _resume_in(self, msg):
+    orig_resume_in = D.resume_in
+    def resume_in(self, msg):
         t0 = time.time()
         orig_resume_in(self, msg)
-        _emit(ev="resume_in", rid=msg.request_id, node=self.node.name, round=msg.round,
+        _emit(ev="resume_in", rid=msg.request_id, node=self.host.node.name, round=msg.round,
               n=len(msg.prompt_ids) + len(msg.generated_ids), t0=t0, t=time.time())
-    A._resume_in = _resume_in
+    D.resume_in = resume_in
 
-    orig_round_done = A._round_done
-    def _round_done(self, msg):
+    orig_round_done = S.round_done
+    def round_done(self, msg):
         t0 = time.time()
         out = self.outgoing.get(msg.request_id)
-        seq = self.running.get(msg.request_id)
+        seq = self.host.engine.get(msg.request_id) if self.host.engine is not None else None
         new = None
         if out is not None and seq is not None and out.migration_id == msg.migration_id and out.round == msg.round:
             new = len(seq.generated_ids) - out.sent_upto
         orig_round_done(self, msg)
-        final = seq is not None and msg.request_id not in self.running
-        _emit(ev="round_done", rid=msg.request_id, node=self.node.name, round=msg.round, new_tokens=new,
-              final=final, t0=t0, t=time.time(), last_step=last_step.get(msg.request_id),
+        final = seq is not None and self.host.engine.get(msg.request_id) is None
+        _emit(ev="round_done", rid=msg.request_id, node=self.host.node.name, round=msg.round, new_tokens=new,
+              final=final, t0=t0, t=time.time(), last_step=_LAST_STEP.get(msg.request_id),
               dest_recompute_s=msg.recompute_s,
               n_generated=len(seq.generated_ids) if seq is not None else None)
         if final:
-            last_step.pop(msg.request_id, None)
-            _emit(ev="source_steps", rid=msg.request_id, steps=src_steps.pop(msg.request_id, []))
-    A._round_done = _round_done
+            _LAST_STEP.pop(msg.request_id, None)
+            _emit(ev="source_steps", rid=msg.request_id, steps=_SRC_STEPS.pop(msg.request_id, []))
+    S.round_done = round_done
 
-    if hasattr(A, "_handover"):
-        orig_handover = A._handover
-        def _handover(self, msg):
-            rid = msg.request_id
-            parked = self.parked.get(rid)
-            t0 = time.time()
-            orig_handover(self, msg)
-            t1 = time.time()
-            ok = parked is not None and (rid in self.running or rid in self.finished)
-            if ok:
-                # The hand-over feeds the last tokens and produces the first token in one go.
-                _emit(ev="continue", rid=rid, node=self.node.name, k=len(msg.generated_ids), ok=True, t0=t0, t=t1,
-                      context=len(parked.seq.tokens), via="handover")
-                _emit(ev="first_step", rid=rid, node=self.node.name, t0=t1, t=t1)
-        A._handover = _handover
+    orig_handover = D._handover
+    def _handover(self, msg):
+        rid = msg.request_id
+        parked = self.parked.get(rid)
+        t0 = time.time()
+        orig_handover(self, msg)
+        t1 = time.time()
+        ok = parked is not None and (self.host.engine.get(rid) is not None or rid in self.host.finished)
+        if ok:
+            # The hand-over feeds the last tokens and produces the first token in one go.
+            _emit(ev="continue", rid=rid, node=self.host.node.name, k=len(msg.generated_ids), ok=True, t0=t0,
+                  t=t1, context=len(parked.seq.tokens), via="handover")
+            _emit(ev="first_step", rid=rid, node=self.host.node.name, t0=t1, t=t1)
+    D._handover = _handover
 
-    orig_continue = A._continue_parked
-    def _continue_parked(self, parked, msg):
-        have = len(parked.seq.prompt_ids) + len(parked.seq.generated_ids)
+    orig_continue = D.continue_parked
+    def continue_parked(self, msg):
+        parked = self.parked.get(msg.request_id)
+        have = len(parked.seq.tokens) if parked is not None else 0
         k = len(msg.prompt_ids) + len(msg.generated_ids) - have
         t0 = time.time()
-        ok = orig_continue(self, parked, msg)
+        ok = orig_continue(self, msg)
         t1 = time.time()
-        _emit(ev="continue", rid=msg.request_id, node=self.node.name, k=k, ok=bool(ok), t0=t0, t=t1,
-              context=len(msg.prompt_ids) + len(msg.generated_ids), via="router")
-        if ok and msg.request_id in self.running:
-            _emit(ev="first_step", rid=msg.request_id, node=self.node.name, t0=t1, t=t1)
+        if parked is not None:
+            _emit(ev="continue", rid=msg.request_id, node=self.host.node.name, k=k, ok=bool(ok), t0=t0, t=t1,
+                  context=len(msg.prompt_ids) + len(msg.generated_ids), via="router")
+        if ok and self.host.engine.get(msg.request_id) is not None:
+            _emit(ev="first_step", rid=msg.request_id, node=self.host.node.name, t0=t1, t=t1)
         return ok
-    A._continue_parked = _continue_parked
+    D.continue_parked = continue_parked
 
 
 def _patch_router(mod):
@@ -221,18 +227,19 @@ def _patch_router(mod):
         _emit(ev="router_migrated", rid=msg.request_id, t0=t0, t=time.time(), n_generated=msg.n_generated)
     R._migrated = _migrated
 
-    orig_tokens = R._tokens
+    orig_tokens = R._accept_tokens
     def _tokens(self, chunk):
         if chunk.request_id not in watch:
             return orig_tokens(self, chunk)
         rec = self.requests.get(chunk.request_id)
         have = len(rec.generated) if rec is not None else -1
         t0 = time.time()
-        orig_tokens(self, chunk)
+        out = orig_tokens(self, chunk)
         if rec is not None and len(rec.generated) > have:
             watch.discard(chunk.request_id)
             _emit(ev="router_first_token", rid=chunk.request_id, index=have, t0=t0, t=time.time())
-    R._tokens = _tokens
+        return out
+    R._accept_tokens = _tokens
 
 
 def _patch_instance_experiments(mod):
@@ -246,13 +253,19 @@ def _instance(mod):
         _patch_instance(mod)
 
 
+def _migration(mod):
+    if _PATH:
+        _patch_migration(mod)
+    _patch_instance_experiments(mod)
+
+
 def _router(mod):
     if _PATH:
         _patch_router(mod)
 
 
 _TARGETS = {"sllm_actors.actors.instance": _instance, "sllm_actors.actors.router": _router,
-            "sllm_actors.migration": _patch_instance_experiments}
+            "sllm_actors.migration": _migration}
 
 
 class _Hook(importlib.abc.MetaPathFinder):
