@@ -131,7 +131,7 @@ def _patch_instance(mod):
     A = mod.ModelInstanceActor
     orig_step = A._step
     def _step(self):
-        stepped = [s.request_id for s in self.engine.running] if self.engine is not None else []
+        stepped = [s.request_id for s in self.engine.requests] if self.engine is not None else []
         first = [r for r in stepped if r in _WATCH]
         t0 = time.time()
         orig_step(self)

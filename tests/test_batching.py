@@ -186,3 +186,15 @@ def test_sampling_follows_the_distribution() -> None:
     assert (freq - probs).abs().max().item() < 0.03, freq
     nucleus = sample(logits, [1.0] * 4000, [0.7] * 4000, [step_seed(9, k) for k in range(4000)])
     assert set(nucleus.tolist()) == {0, 1}, "top_p 0.7 keeps the two tokens whose mass reaches it"
+
+
+def test_a_model_the_paged_attention_cannot_run_fails_at_load_with_the_reason() -> None:
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    tokenizer = make_tokenizer()
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM cannot run on the engine's paged attention.*soft-capping"):
+        Engine(model, tokenizer, kv_cache_bytes=1 << 20)

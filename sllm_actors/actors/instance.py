@@ -289,7 +289,7 @@ class ModelInstanceActor(SupervisedActor):
     def publish(self, state: str | None = None) -> None:
         self.published_at = time.monotonic()
         engine = self.engine
-        running = engine.running if engine is not None else []
+        running = engine.requests if engine is not None else []
         if state is None:
             state = "migrating" if self.source_side.busy() else "running" if running else "idle"
         used, total = engine.kv_usage() if engine is not None else (0, 0)

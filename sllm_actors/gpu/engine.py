@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sllm_actors.gpu.block_manager import BlockManager
+from sllm_actors.gpu.block_manager import SCRATCH_BLOCK, BlockManager
 from sllm_actors.gpu.runner import Feed, ModelRunner, kv_bytes_per_token
 from sllm_actors.gpu.sampler import choose_token, sample, step_seed
 from sllm_actors.gpu.scheduler import BatchScheduler, StepPlan
@@ -171,8 +171,19 @@ class Engine:
         self.scheduler = BatchScheduler(self.blocks, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                                         chunk_align=max_batched_tokens if deterministic else 0)
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
+        self._probe()
         self.steps = 0
         self.preemptions = 0
+
+    def _probe(self) -> None:
+        """One token through the paged path at load time (into the scratch block): a model whose code cannot run
+        on it fails its load with the reason, instead of crashing its instance on the first request."""
+        try:
+            self.runner.execute([Feed([0], 0, [SCRATCH_BLOCK], True)], 0)
+        except Exception as exc:  # any failure here means this architecture is not servable by the engine
+            name = type(self.model).__name__
+            raise ValueError(f"{name} cannot run on the engine's paged attention: {type(exc).__name__}: {exc}") \
+                from exc
 
     # ------------------------------------------------------------------ what the instance shows
 
@@ -188,7 +199,8 @@ class Engine:
         return self.scheduler.has_work()
 
     @property
-    def running(self) -> list[Sequence]:
+    def requests(self) -> list[Sequence]:
+        """Every request in the batch: running, then waiting."""
         return list(self.scheduler.running) + list(self.scheduler.waiting)
 
     # ------------------------------------------------------------------ requests

@@ -98,7 +98,10 @@ class ModelRunner:
         self.k_cache[:, scratch].zero_()
         self.v_cache[:, scratch].zero_()
         self.pool_bytes = 2 * self.k_cache.numel() * self.k_cache.element_size()
-        use_paged_attention(model)
+        try:
+            use_paged_attention(model)
+        except (ValueError, TypeError, AttributeError) as exc:  # an architecture that takes no registered attention
+            raise ValueError(f"{type(model).__name__} cannot run on the engine's paged attention: {exc}") from exc
         self.fused_norms = fuse_rms_norms(model) if self.device.type == "cuda" else 0
         self._keep_tensor_logits = True
         # Handed to the model as its "prepared" 4D mask, so transformers builds none: with no mask given it
