@@ -166,7 +166,8 @@ class Parked:
     since: float = field(default_factory=time.monotonic)
 
 
-def _sequence(msg: ResumeRequest | KvCopyBegin | StartInference) -> Sequence:
+def sequence_of(msg: ResumeRequest | KvCopyBegin | StartInference) -> Sequence:
+    """A request's decoding state from any message that carries its whole log and sampling parameters."""
     return Sequence(request_id=msg.request_id, prompt_ids=list(msg.prompt_ids), generated_ids=list(msg.generated_ids),
                     max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, seed=msg.seed,
                     stop=list(msg.stop), text=msg.text_so_far)
@@ -437,7 +438,7 @@ class MigrationDestination:
                 # The whole log (round 0, or a recompute after a refused KV copy): a fresh cache.
                 self.incoming.pop(msg.request_id, None)
                 self._drop(msg.request_id)
-                seq = _sequence(msg)
+                seq = sequence_of(msg)
                 host.source_side.prefill_cost.observe(len(seq.tokens), engine.prefill(seq))
                 self.parked[msg.request_id] = Parked(seq, msg.migration_id, msg.round)
             else:
@@ -532,7 +533,7 @@ class MigrationDestination:
         inc = self.incoming.pop(request_id)
         begin = inc.begin
         started = time.perf_counter()
-        seq = _sequence(begin)
+        seq = sequence_of(begin)
         try:
             layers = decode_cache(begin, inc.chunks)
             host.engine.import_cache(seq, begin.n_cached, layers)

@@ -225,13 +225,6 @@ class StorageClient:
                 tokenizer = tok_future.result()
                 parts["tokenizer_wait"] = time.perf_counter() - loaded_at
             parts.update(timings)
-            warm_started = time.perf_counter()
-            try:
-                warm_up(hf_model, tokenizer, device)
-            except Exception as exc:  # noqa: BLE001 - a warm-up is an optimisation: requests still get served
-                log.warning("%s: warm-up forward of %s failed (the first request pays its start-up): %s",
-                            self.node.name, model, exc)
-            parts["warmup"] = time.perf_counter() - warm_started
         seconds = time.perf_counter() - started
         nbytes = checkpoint_size(path)
         if tier == "ssd" and self.spec.ssd_bandwidth:
@@ -257,7 +250,8 @@ SSD copy's time beyond a load that ran alongside it; ``queue``: waiting for anot
 ``config``: index and config files; ``read``: weights to the device (file or host copy -> device, on its
 own thread); ``build``: the model's skeleton, meanwhile; ``read_wait``: the read beyond the build; ``assign``:
 weights into the skeleton; ``tokenizer`` (alongside) and ``tokenizer_wait`` (beyond the weights);
-``warmup``: one forward pass, so the first request finds kernels loaded; ``throttle``: a topology's
+``warmup``: the engine's short prefill and decode step through the path it serves by (timed by the instance),
+so the first request finds kernels loaded; ``throttle``: a topology's
 bandwidth cap. Overlapping parts (``read``/``build``, ``tokenizer``, ``store``/``fetch`` when pipelined)
 do not add up; the serial ones (``lookup``, ``fetch``, ``store``, ``queue``, ``config``, ``build``,
 ``read_wait``, ``assign``, ``tokenizer_wait``, ``warmup``, ``store_wait``, ``throttle``) do."""
@@ -272,27 +266,3 @@ def format_parts(parts: dict[str, float], minimum: float = 0.005) -> str:
     return ", ".join(f"{k} {v:.2f}s" for v, k in shown) or "all parts under 5 ms"
 
 
-WARMUP_TOKENS = 8
-
-
-def warm_up(model: Any, tokenizer: Any, device: str) -> None:
-    """A short prefill and one decode step against its cache, so the first request does not pay for
-    lazy initialisation: kernels loaded on first use, cuBLAS workspaces and algorithm choices for this
-    model's shapes, allocator pools (on a CPU, oneDNN's primitives for the weights' dtype). Prefill and
-    decode take different attention and matmul paths (many query rows against one), so both run."""
-    import torch
-
-    token = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-    if token is None:
-        token = 0
-    with torch.inference_mode():
-        ids = torch.full((1, WARMUP_TOKENS), int(token), dtype=torch.long, device=device)
-        out = model(input_ids=ids, use_cache=True)
-        cache = getattr(out, "past_key_values", None)
-        nxt = ids[:, -1:]
-        if cache is not None:
-            model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        else:
-            model(input_ids=nxt, use_cache=False)
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize(torch.device(device))

@@ -42,7 +42,7 @@ from sllm_actors.migration import (
     MigrationDestination,
     MigrationSource,
     MigrationTimeout,
-    _sequence,
+    sequence_of,
 )
 from sllm_actors.node_context import Link, NodeContext
 from sllm_actors.storage_client import SERIAL_PARTS, format_parts
@@ -139,14 +139,15 @@ class ModelInstanceActor(SupervisedActor):
         load_s = time.perf_counter() - started
         self.publish("idle")
         # "engine": what the load took beyond the storage's own serial parts (the KV pool, the engine's set-up).
-        parts = {**loaded.parts, "engine": load_s - sum(loaded.parts.get(p, 0.0) for p in SERIAL_PARTS)}
+        loaded_parts = {**loaded.parts, "warmup": self.engine.warmup_s}
+        parts = {**loaded_parts, "engine": load_s - sum(loaded_parts.get(p, 0.0) for p in SERIAL_PARTS)}
         self.send(InstanceReady(self.instance_id, self.node.name, self.gpu_index, self.model_name, load_s, loaded.tier,
                                 self.memory_bytes, parts))
         _, total = self.engine.kv_usage()
         self.node.event("load", f"{self.model_name} loaded on {self.node.name}/gpu-{self.gpu_index} from "
-                        f"{loaded.tier} in {load_s:.2f}s ({format_parts(loaded.parts)}; {self.engine.dtype}, KV pool "
+                        f"{loaded.tier} in {load_s:.2f}s ({format_parts(loaded_parts)}; {self.engine.dtype}, KV pool "
                         f"{total} blocks of {self.engine.blocks.block_size} tokens)",
-                        {"model": self.model_name, "tier": loaded.tier, "seconds": load_s, "parts": loaded.parts})
+                        {"model": self.model_name, "tier": loaded.tier, "seconds": load_s, "parts": loaded_parts})
 
     def _engine(self, model: Any, tokenizer: Any, weight_bytes: int) -> Engine:
         opts = self.options
@@ -208,7 +209,7 @@ class ModelInstanceActor(SupervisedActor):
                 if not prompt_ids:
                     raise ValueError("the prompt tokenizes to nothing")
                 self.send(PromptAccepted(msg.request_id, self.instance_id, prompt_ids))
-            seq = _sequence(msg)
+            seq = sequence_of(msg)
             seq.prompt_ids = prompt_ids
             if len(seq.generated_ids) >= seq.max_tokens:
                 self._finish(seq, "length")

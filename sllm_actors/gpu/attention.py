@@ -62,13 +62,6 @@ def set_layout(layout: StepLayout | None) -> None:
     _current.layout = layout
 
 
-def current_layout() -> StepLayout:
-    layout = getattr(_current, "layout", None)
-    if layout is None:
-        raise RuntimeError("paged attention called outside an engine step (no StepLayout set)")
-    return layout
-
-
 def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                     **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -140,5 +133,5 @@ def use_paged_attention(model: Any) -> None:
     model.set_attn_implementation(NAME)
 
 
-__all__ = ["NAME", "PrefillSegment", "StepLayout", "current_layout", "paged_attention", "set_layout",
+__all__ = ["NAME", "PrefillSegment", "StepLayout", "paged_attention", "set_layout",
            "use_paged_attention"]

@@ -32,6 +32,8 @@ from sllm_actors.gpu.scheduler import BatchScheduler, StepPlan
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 16
+WARMUP_TOKENS = 8
+"""The warm-up prompt's length: prefill and decode at load time run different kernels, so both run once."""
 DEFAULT_KV_BYTES = 256 * 1024**2
 """The pool of an engine built without a budget (tests, benchmarks); instances size theirs from the GPU's."""
 
@@ -88,9 +90,10 @@ class IncrementalDetokenizer:
         return pending
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One request's decoding state on one instance."""
+    """One request's decoding state on one instance. Compared by identity: it is mutable state (a batch finds and
+    removes its own object, never a look-alike)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -171,19 +174,26 @@ class Engine:
         self.scheduler = BatchScheduler(self.blocks, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                                         chunk_align=max_batched_tokens if deterministic else 0)
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
-        self._probe()
-        self.steps = 0
+        self.warmup_s = 0.0
+        self._warm_up()
         self.preemptions = 0
 
-    def _probe(self) -> None:
-        """One token through the paged path at load time (into the scratch block): a model whose code cannot run
-        on it fails its load with the reason, instead of crashing its instance on the first request."""
+    def _warm_up(self) -> None:
+        """A short prefill and one decode step through the paged path, into the scratch block, at load time: the
+        first request finds kernels loaded, workspaces and allocator pools made for the path it is served by.
+        A model whose code cannot run on that path fails its load with the reason here, instead of crashing its
+        instance on the first request."""
+        started = time.perf_counter()
         try:
-            self.runner.execute([Feed([0], 0, [SCRATCH_BLOCK], True)], 0)
+            n = min(WARMUP_TOKENS, self.blocks.block_size - 1)  # prompt and decode fit the scratch block
+            self.runner.execute([Feed([0] * n, 0, [SCRATCH_BLOCK], True)], 0)
+            self.runner.execute([Feed([0], n, [SCRATCH_BLOCK], True)], 1)
         except Exception as exc:  # any failure here means this architecture is not servable by the engine
             name = type(self.model).__name__
             raise ValueError(f"{name} cannot run on the engine's paged attention: {type(exc).__name__}: {exc}") \
                 from exc
+        self._settle()
+        self.warmup_s = time.perf_counter() - started
 
     # ------------------------------------------------------------------ what the instance shows
 
@@ -278,8 +288,7 @@ class Engine:
         if plan.empty():
             return result
         if self.deterministic:
-            groups = [StepPlan(decodes=[s]) for s in plan.decodes] + \
-                     [StepPlan(prefills=[c]) for c in plan.prefills] + [StepPlan(ready=plan.ready)]
+            groups = [StepPlan(decodes=[s]) for s in plan.decodes] + [StepPlan(prefills=[c]) for c in plan.prefills]
         else:
             groups = [plan]
         rows: list[torch.Tensor] = []
@@ -302,7 +311,6 @@ class Engine:
                 if seq.finish_reason:
                     self.scheduler.remove(seq.request_id)
                     result.finished.append(seq)
-        self.steps += 1
         result.seconds = time.perf_counter() - started
         return result
 

@@ -80,6 +80,32 @@ class Feed:
     """Whether this step needs the logits of its last token."""
 
 
+def _slot(table: list[int], position: int, block_size: int) -> int:
+    """The cache slot of a request's token at ``position``, from its block table."""
+    return table[position // block_size] * block_size + position % block_size
+
+
+def _padded_tables(feeds: list[Feed], n_blocks: int) -> list[list[int]]:
+    """Each feed's first ``n_blocks`` blocks, padded with the scratch block."""
+    return [(f.table[:n_blocks] + [SCRATCH_BLOCK] * n_blocks)[:n_blocks] for f in feeds]
+
+
+def decode_inputs(feeds: list[Feed], rows: int, n_blocks: int, block_size: int) -> torch.Tensor:
+    """A decode step's inputs as one host tensor ``[4 + n_blocks, rows]``: token ids, positions, slots, context
+    lengths, then the block tables (transposed). Rows past the feeds are padding: token 0 at position 0, written to
+    and reading only the scratch block."""
+    pad = rows - len(feeds)
+    starts = [f.start for f in feeds]
+    head = [
+        [f.ids[0] for f in feeds] + [0] * pad,
+        starts + [0] * pad,
+        [_slot(f.table, s, block_size) for f, s in zip(feeds, starts)] + [SCRATCH_BLOCK * block_size] * pad,
+        [s + 1 for s in starts] + [1] * pad,
+    ]
+    tables = _padded_tables(feeds, n_blocks) + [[SCRATCH_BLOCK] * n_blocks] * pad
+    return torch.cat([torch.tensor(head, dtype=torch.long), torch.tensor(tables, dtype=torch.long).T])
+
+
 class ModelRunner:
     def __init__(self, model: Any, *, num_blocks: int, block_size: int, cuda_graphs: bool = True,
                  max_graph_batch: int = 256, max_graph_context: int = 4096) -> None:
@@ -145,17 +171,17 @@ class ModelRunner:
                 pos = feed.start + offset
                 ids.append(token)
                 positions.append(pos)
-                slots.append(feed.table[pos // bs] * bs + pos % bs)
+                slots.append(_slot(feed.table, pos, bs))
             if feed.sample:
                 sample_rows.append(len(ids) - 1)
         layout = StepLayout(self.k_cache, self.v_cache, self._tensor(slots))
         if len(feeds) > decode_count:
-            layout.prefills = [self._prefill_segment(feeds[decode_count:], len(ids) - sum(
-                len(f.ids) for f in feeds[decode_count:]))]
+            # Decodes come first, one token each: the prefill tokens start at row decode_count.
+            layout.prefills = [self._prefill_segment(feeds[decode_count:], decode_count)]
         if decode_count:
             layout.n_decode = decode_count
             layout.decode_slots, layout.decode_mask = self._decode_context(
-                self._tables(feeds[:decode_count], self._blocks_bucket(feeds[:decode_count])),
+                self._tensor(_padded_tables(feeds[:decode_count], self._blocks_bucket(feeds[:decode_count]))),
                 self._tensor([f.start + 1 for f in feeds[:decode_count]]),
             )
         return self._run(self._tensor(ids), self._tensor(positions), layout, self._tensor(sample_rows))
@@ -191,12 +217,9 @@ class ModelRunner:
                 graph = self._capture(*key)
         if graph is not None:
             return graph.replay(self, feeds)[:n]
-        tables = self._tables(feeds, n_blocks)
-        lens = self._tensor([f.start + 1 for f in feeds])
-        ids = self._tensor([f.ids[0] for f in feeds])
-        positions = self._tensor([f.start for f in feeds])
-        slots = self._tensor([f.table[f.start // self.block_size] * self.block_size + f.start % self.block_size
-                              for f in feeds])
+        inputs = decode_inputs(feeds, len(feeds), n_blocks, self.block_size).to(self.device, non_blocking=True)
+        ids, positions, slots, lens = inputs[:4]
+        tables = inputs[4:].T
         return self._decode_forward(ids, positions, slots, tables, lens)
 
     def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -263,11 +286,6 @@ class ModelRunner:
                 return size
         return n
 
-    def _tables(self, feeds: list[Feed], n_blocks: int) -> torch.Tensor:
-        """[feeds, n_blocks] block tables, padded with the scratch block."""
-        table = [(f.table[:n_blocks] + [SCRATCH_BLOCK] * n_blocks)[:n_blocks] for f in feeds]
-        return self._tensor(table).reshape(len(feeds), n_blocks)
-
     # ------------------------------------------------------------------ CUDA graphs
 
     def _capture(self, batch: int, n_blocks: int) -> _DecodeGraph | None:
@@ -316,22 +334,7 @@ class _DecodeGraph:
             self.logits = runner._decode_forward(self.ids, self.positions, self.slots, self.tables, self.lens)
 
     def replay(self, runner: ModelRunner, feeds: list[Feed]) -> torch.Tensor:
-        n = len(feeds)
-        bs = runner.block_size
-        n_blocks = self.tables.shape[1]
-        pad = self.batch - n
-        scratch_slot = SCRATCH_BLOCK * bs
-        starts = [f.start for f in feeds]
-        rows = [
-            [f.ids[0] for f in feeds] + [0] * pad,
-            starts + [0] * pad,
-            [f.table[s // bs] * bs + s % bs for f, s in zip(feeds, starts)] + [scratch_slot] * pad,
-            [s + 1 for s in starts] + [1] * pad,
-        ]
-        tables = [(f.table[:n_blocks] + [SCRATCH_BLOCK] * n_blocks)[:n_blocks] for f in feeds]
-        tables += [[SCRATCH_BLOCK] * n_blocks] * pad
-        # One host tensor, one copy to the device: the inputs of a replay.
-        host = torch.cat([torch.tensor(rows, dtype=torch.long), torch.tensor(tables, dtype=torch.long).T])
+        host = decode_inputs(feeds, self.batch, self.tables.shape[1], runner.block_size)
         dev = host.to(runner.device, non_blocking=True)
         self.ids.copy_(dev[0])
         self.positions.copy_(dev[1])
