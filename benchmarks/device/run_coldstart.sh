@@ -2,18 +2,7 @@
 # The cold-start headline (benchmarks/bench_coldstart.py) for an 8B Llama-shape bf16 checkpoint, in one call:
 # about 4-6 minutes on a bare 1x H200 (the checkpoints are written there: 16 GB ours + 16 GB safetensors + the
 # SSD tier's copy, in /tmp). Wheels: the same .whl kit as setup.sh (no .gpu kit needed: no default model here).
-export PYTHONUNBUFFERED=1 SLLM_HOME=/tmp/sllm NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ ! -f /tmp/site/.ok ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  if ! python3 - <<'PY'
-import transformers, sys
-v = tuple(int(x) for x in transformers.__version__.split(".")[:2])
-print("device transformers", transformers.__version__); sys.exit(0 if v >= (4, 56) else 1)
-PY
-  then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/tf/*.whl || exit 1; fi
-  touch /tmp/site/.ok
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/device/wheels.sh
 python3 -c "import torch, transformers, zmq, pykka; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0), 'transformers', transformers.__version__)" || exit 1
 df -h /tmp | tail -1; free -g | head -2
 timeout 560 python3 benchmarks/bench_coldstart.py --device cuda --work /tmp/coldstart --json $OUT/coldstart_gpu.json 2>&1 | tee $OUT/coldstart_gpu.log

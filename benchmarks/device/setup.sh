@@ -4,17 +4,6 @@
 #   installed only where the machine's transformers is older than 4.56), as the device tool's README says;
 #   carry .whl and .gpu. The default model's GGUF (98 MB) is over the carry limit, so the model there is
 #   random-weight SmolLM2-135M (its real config and tokenizer): the same shape, so the same speed.
-export PYTHONUNBUFFERED=1 SLLM_HOME=/tmp/sllm NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ ! -f /tmp/site/.ok ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  if ! python3 - <<'PY'
-import transformers, sys
-v = tuple(int(x) for x in transformers.__version__.split(".")[:2])
-print("device transformers", transformers.__version__); sys.exit(0 if v >= (4, 56) else 1)
-PY
-  then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/tf/*.whl || exit 1; fi
-  touch /tmp/site/.ok
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/device/wheels.sh
 python3 -c "import torch, transformers, zmq, pykka, textual; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0), 'transformers', transformers.__version__)" || exit 1
 python3 benchmarks/device/random_default_model.py || exit 1

@@ -253,6 +253,10 @@ class Group:
         self.waiting_since = 0.0
         if isinstance(msg, _Silence):
             raise RouterUnavailable(f"no word from the cluster for {idle_timeout:.0f}s")
+        return self._take(msg)
+
+    def _take(self, msg: Message) -> tuple[int, Message]:
+        """(choice index, message); a request's last message settles it, and the group's last settles the group."""
         request_id = getattr(msg, "request_id", "")
         if isinstance(msg, (GenerateDone, ErrorReply)):
             self.pending.discard(request_id)
@@ -269,13 +273,7 @@ class Group:
             msg = self.queue.get_nowait()
             if isinstance(msg, _Silence):
                 continue  # a message just came: not silent
-            request_id = getattr(msg, "request_id", "")
-            if isinstance(msg, (GenerateDone, ErrorReply)):
-                self.pending.discard(request_id)
-                self.link._forget(request_id)
-                if not self.pending:
-                    self.link._groups.discard(self)
-            batch.append((self.index[request_id], msg))
+            batch.append(self._take(msg))
         return batch
 
     def cancel(self) -> None:

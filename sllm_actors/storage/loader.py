@@ -167,6 +167,23 @@ _ring_lock = threading.Lock()
 _free_rings: dict[int, list[_PinnedRing]] = {}
 
 
+def thread_buffers(nbytes: int) -> Callable[[], torch.Tensor]:
+    """A function giving each calling thread a host buffer of ``nbytes`` of its own, made on its first call (a
+    reader pool's scratch space: one buffer per thread, reused for every chunk it reads)."""
+    buffers: dict[int, torch.Tensor] = {}
+    lock = threading.Lock()
+
+    def buffer() -> torch.Tensor:
+        ident = threading.get_ident()
+        with lock:
+            buf = buffers.get(ident)
+            if buf is None:
+                buf = buffers[ident] = alloc_host_buffer(nbytes)
+        return buf
+
+    return buffer
+
+
 def _acquire_ring(count: int, chunk: int) -> _PinnedRing:
     with _ring_lock:
         rings = _free_rings.get(chunk, [])
@@ -715,15 +732,10 @@ def verify_checkpoint(
     threads = threads or default_threads()
     index, reader = _open(path, chunk_bytes, True, "auto", None)
     try:
-        scratch: dict[int, torch.Tensor] = {}
-        lock = threading.Lock()
+        buffer = thread_buffers(reader.chunk)
 
         def work(c: _Chunk) -> None:
-            ident = threading.get_ident()
-            with lock:
-                buf = scratch.get(ident)
-                if buf is None:
-                    buf = scratch[ident] = alloc_host_buffer(reader.chunk)
+            buf = buffer()
             reader.read(c, memoryview(buf.numpy())[: c.length], buf.data_ptr())
 
         _run_parallel(reader.chunks(), work, threads)
@@ -912,15 +924,10 @@ def copy_checkpoint(
             fd = os.open(out / part.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(fd)
             os.ftruncate(fd, part.nbytes)
-        scratch: dict[int, torch.Tensor] = {}
-        lock = threading.Lock()
+        buffer = thread_buffers(reader.chunk)
 
         def work(c: _Chunk) -> None:
-            ident = threading.get_ident()
-            with lock:
-                buf = scratch.get(ident)
-                if buf is None:
-                    buf = scratch[ident] = alloc_host_buffer(reader.chunk)
+            buf = buffer()
             mv = memoryview(buf.numpy())[: c.length]
             reader.read(c, mv, buf.data_ptr())
             written = 0
