@@ -49,9 +49,9 @@ def test_a_cold_start_reports_where_its_time_went(cluster_factory: Any, tiny_mod
     assert start["tier"] == "repository" and start["node"] == "node-1"
     parts = start["parts"]
     # Our format in the repository: loaded from there while the SSD tier copied it.
-    for part in ("lookup", "fetch", "queue", "read", "build", "assign", "warmup", "store_wait", "engine"):
+    for part in ("lookup", "fetch", "queue", "read", "build", "assign", "kv_pool", "norms", "warmup", "engine"):
         assert isinstance(parts.get(part), float) and parts[part] >= 0, (part, parts)
-    assert "store" not in parts, "a source in our format is not converted before the load"
+    assert "store" not in parts, "a source in our format is not converted before the load, nor waited for after it"
     serial = sum(parts[p] for p in SERIAL_PARTS if p in parts)
     assert serial <= start["load_s"] + 1e-6 <= start["wait_s"] + 1e-6 <= cold["ttft_s"] + 1e-6, (start, cold)
     assert parts["read"] > 0 and parts["warmup"] > 0
@@ -61,8 +61,23 @@ def test_a_cold_start_reports_where_its_time_went(cluster_factory: Any, tiny_mod
     assert warm["cold_start"] == {}, "a request that found the model loaded waited for no load"
     assert warm["token_ids"] == cold["token_ids"]
     with cluster.client() as c:
-        loads = [e for e in c.status()["events"] if e["kind"] == "load"]
+        events = c.status()["events"]
+    loads = [e for e in events if e["kind"] == "load"]
     assert loads and loads[-1]["data"]["parts"]["warmup"] > 0 and loads[-1]["data"]["parts"]["read"] > 0, loads
+    assert [e for e in events if e["kind"] == "store" and e["data"]["model"] == "tiny"], "the copy behind the load"
+
+
+def test_a_model_loaded_again_skips_the_warm_up(cluster_factory: Any, tiny_model: Path, tmp_path: Path) -> None:
+    repo = _converted(tiny_model, tmp_path / "repo" / "tiny")
+    cluster = cluster_factory({"tiny": repo}, nodes=1, keep_alive="1s")
+    first = _generate_json(cluster, "tiny")
+    assert first["cold_start"]["parts"]["warmup"] > 0
+    cluster.wait_for(lambda st: "dram" in _tiers_holding(st, "tiny") and not st["instances"], 60,
+                     "tiny unloaded and in the DRAM tier")
+    again = _generate_json(cluster, "tiny")
+    # The same model on the same node: its kernels are loaded and its code known to run on the paged path.
+    assert again["cold_start"]["tier"] == "dram" and again["cold_start"]["parts"]["warmup"] == 0, again
+    assert again["token_ids"] == first["token_ids"]
 
 
 def test_a_converted_source_is_stored_before_its_load(cluster_factory: Any, tiny_model: Path) -> None:

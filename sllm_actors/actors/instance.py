@@ -139,7 +139,7 @@ class ModelInstanceActor(SupervisedActor):
         load_s = time.perf_counter() - started
         self.publish("idle")
         # "engine": what the load took beyond the storage's own serial parts (the KV pool, the engine's set-up).
-        loaded_parts = {**loaded.parts, "warmup": self.engine.warmup_s}
+        loaded_parts = {**loaded.parts, **self.engine.setup_parts}
         parts = {**loaded_parts, "engine": load_s - sum(loaded_parts.get(p, 0.0) for p in SERIAL_PARTS)}
         self.send(InstanceReady(self.instance_id, self.node.name, self.gpu_index, self.model_name, load_s, loaded.tier,
                                 self.memory_bytes, parts))

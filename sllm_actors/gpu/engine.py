@@ -36,6 +36,10 @@ WARMUP_TOKENS = 8
 """The warm-up prompt's length: prefill and decode at load time run different kernels, so both run once."""
 DEFAULT_KV_BYTES = 256 * 1024**2
 """The pool of an engine built without a budget (tests, benchmarks); instances size theirs from the GPU's."""
+_WARMED: set[tuple[str, str, str, str]] = set()
+"""Models this process has run through the paged path, by (class, device, dtype, config): the same model loaded
+again (a DRAM hit after its unload) finds its kernels loaded and its code known to run, so a warm-up would only
+delay the request that is waiting for the load."""
 
 
 class IncrementalDetokenizer:
@@ -182,7 +186,10 @@ class Engine:
         """A short prefill and one decode step through the paged path, into the scratch block, at load time: the
         first request finds kernels loaded, workspaces and allocator pools made for the path it is served by.
         A model whose code cannot run on that path fails its load with the reason here, instead of crashing its
-        instance on the first request."""
+        instance on the first request. Skipped for a model this process has already run so (``_WARMED``)."""
+        key = (type(self.model).__qualname__, str(self.device), str(self.dtype), self.model.config.to_json_string())
+        if key in _WARMED:
+            return
         started = time.perf_counter()
         try:
             n = min(WARMUP_TOKENS, self.blocks.block_size - 1)  # prompt and decode fit the scratch block
@@ -194,6 +201,12 @@ class Engine:
                 from exc
         self._settle()
         self.warmup_s = time.perf_counter() - started
+        _WARMED.add(key)
+
+    @property
+    def setup_parts(self) -> dict[str, float]:
+        """Where the engine's set-up went, in seconds (the load parts ``kv_pool``, ``norms``, ``warmup``)."""
+        return {**self.runner.setup_parts, "warmup": self.warmup_s}
 
     # ------------------------------------------------------------------ what the instance shows
 

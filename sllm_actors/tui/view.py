@@ -38,6 +38,7 @@ EVENT_STYLES: dict[str, str] = {
     "schedule": "blue",
     "load": "cyan",
     "unload": "dim",
+    "store": "dim cyan",
     "deploy": "blue",
     "resume": "magenta",
     "migrate": "bold magenta",

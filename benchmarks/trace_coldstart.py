@@ -1,0 +1,159 @@
+"""Where a cold start's time goes on this machine, outside the cluster: the loader's paths one at a time, variant by
+variant, in one warm process (imports and CUDA start paid), on the checkpoint ``bench_coldstart.py`` writes.
+
+    python benchmarks/trace_coldstart.py [--device cuda] [--work DIR] [--small] [--json OUT]
+
+Page-cache path (the files warm): ``load_state_dict`` as shipped, then with one knob changed at a time (no checksums,
+more threads, larger chunks, buffered reads, a busy main thread like the model build's); ``load_model`` (the skeleton
+built while the weights read) as shipped and with a shorter GIL switch interval. DRAM path: the device allocation
+alone, the pinned copy alone, ``load_model`` from the host copy, and the engine's set-up on top (KV pool, norm check,
+warm-up, first and second time). Ceilings in the same run: a page-cache read by 16 threads, a pinned host->device
+copy. Each figure is the best of ``--reps``; GB/s is over the checkpoint's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_coldstart as bench  # noqa: E402
+
+
+def best_of(reps: int, fn: Callable[[], Any], after: Callable[[], None] | None = None) -> float:
+    import torch
+
+    times = []
+    for _ in range(reps):
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+        del result
+        if after is not None:
+            after()
+    return min(times)
+
+
+def busy_python(stop: threading.Event) -> None:
+    """Pure-Python work holding the GIL between its switch intervals, as a model's skeleton build does."""
+    n = 0
+    while not stop.is_set():
+        n = (n * 31 + 7) % 1_000_003
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    device = "cuda:0" if args.device == "cuda" else args.device
+    import torch
+
+    from sllm_actors.gpu.engine import Engine
+    from sllm_actors.storage import load_into_host, load_model, load_state_dict
+    from sllm_actors.storage.loader import copy_host_to_device
+    from sllm_actors.testing import make_tokenizer
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    ours, _, nbytes = bench.write_checkpoints(args.work, "small" if args.small else "8b")
+    data = [f for f in bench.files_of(ours) if f.name.startswith("data_")]
+    res: dict[str, Any] = {"bytes": nbytes, "device": device}
+
+    def record(key: str, seconds: float, note: str = "") -> None:
+        res[key] = {"s": seconds, "gbs": nbytes / seconds / 1e9}
+        bench.say(f"{key:44s} {seconds:7.3f} s  {nbytes / seconds / 1e9:6.1f} GB/s  {note}")
+
+    from sllm_actors.storage.bench import _read_files
+
+    bench.warm_cache(data)
+    record("ceiling: page-cache read, 16 threads", min(_read_files(data, direct=False, threads=16) for _ in range(2)))
+    record("ceiling: page-cache read, 32 threads", min(_read_files(data, direct=False, threads=32) for _ in range(2)))
+
+    # ---- the page-cache path
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("load_state_dict (as shipped)", {}),
+        ("  no checksums", {"verify": False}),
+        ("  32 threads", {"threads": 32}),
+        ("  8 threads", {"threads": 8}),
+        ("  64 MB chunks", {"chunk_bytes": 64 << 20}),
+        ("  buffered reads (no mincore)", {"direct_io": False}),
+    ]
+    for label, kwargs in variants:
+        bench.warm_cache(data)
+        record(label, best_of(args.reps, lambda kw=kwargs: load_state_dict(ours, device, **kw)))
+    stop = threading.Event()
+    spinner = threading.Thread(target=busy_python, args=(stop,), daemon=True)
+    spinner.start()
+    try:
+        record("  with a busy Python thread", best_of(args.reps, lambda: load_state_dict(ours, device)))
+    finally:
+        stop.set()
+        spinner.join()
+
+    timings: dict[str, float] = {}
+
+    def model_load(**kw: Any) -> Any:
+        timings.clear()
+        return load_model(ours, device, timings=timings, **kw)
+
+    record("load_model (build alongside)", best_of(args.reps, model_load), json.dumps(
+        {k: round(v, 3) for k, v in timings.items()}))
+    res["load_model_parts"] = dict(timings)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
+    try:
+        record("  switch interval 0.2 ms", best_of(args.reps, model_load), json.dumps(
+            {k: round(v, 3) for k, v in timings.items()}))
+    finally:
+        sys.setswitchinterval(interval)
+
+    # ---- the DRAM path
+    host = load_into_host(ours)
+    res["host_pinned"] = bool(host.buffer.is_pinned()) if device.startswith("cuda") else False
+    if device.startswith("cuda"):
+        record("device allocation alone", best_of(args.reps, lambda: torch.empty(nbytes, dtype=torch.uint8,
+                                                                                   device=device)))
+        record("pinned host copy -> device (copy_host_to_device)",
+               best_of(args.reps, lambda: copy_host_to_device(host.buffer, device)))
+    record("load_model from the host copy", best_of(args.reps, lambda: model_load(host=host)), json.dumps(
+        {k: round(v, 3) for k, v in timings.items()}))
+    res["load_model_host_parts"] = dict(timings)
+
+    model = model_load(host=host)
+    tokenizer = make_tokenizer()
+    for attempt in ("first", "second"):
+        started = time.perf_counter()
+        engine = Engine(model, tokenizer, kv_cache_bytes=8 << 30)
+        total = time.perf_counter() - started
+        res[f"engine_{attempt}"] = {"total": total, **engine.setup_parts}
+        bench.say(f"engine set-up, {attempt} time: {total:.3f} s "
+                  + json.dumps({k: round(v, 4) for k, v in engine.setup_parts.items()}))
+        del engine
+        gc.collect()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
