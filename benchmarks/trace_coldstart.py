@@ -147,6 +147,22 @@ def main() -> int:
         res[f"engine_{attempt}"] = {"total": total, **engine.setup_parts}
         bench.say(f"engine set-up, {attempt} time: {total:.3f} s "
                   + json.dumps({k: round(v, 4) for k, v in engine.setup_parts.items()}))
+        if attempt == "second":
+            # A request's first token from a just-made engine (no warm-up: the model ran before), then another's.
+            from sllm_actors.gpu.engine import Sequence
+
+            ids = tokenizer(bench.PROMPT)["input_ids"]
+            for which in ("first request", "second request"):
+                seq = Sequence(which, list(ids), [], 2, 0.0, 1.0, 0, [])
+                started = time.perf_counter()
+                engine.add(seq)
+                while not seq.generated_ids:
+                    engine.step_batch()
+                took = time.perf_counter() - started
+                res[f"engine_{which.replace(' ', '_')}_s"] = took
+                bench.say(f"engine: {which}'s first token in {took:.4f} s")
+                while engine.has_work():
+                    engine.step_batch()
         del engine
         gc.collect()
     if args.json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import faulthandler
 import os
 import signal
 import sys
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5
 CONTROLLER_LOST_S = 10.0
 """A local node exits when its controller has been silent this long (it would be an orphan)."""
+STOP_TRACE_AFTER_S = 12.0
 EXIT_GAVE_UP = 3
 _PEER_MESSAGES = (ResumeRequest, KvCopyBegin, KvCopyChunk, ResumeDone, ResumeFailed)
 """What one node sends another (a migration's rounds, KV copies and their answers), relayed by the
@@ -258,6 +260,8 @@ class Node:
         self.done.set()
 
     def stop(self) -> int:
+        # A stop that hangs (the controller gives it 20 s, then SIGKILLs) says where, in the node's log.
+        faulthandler.dump_traceback_later(STOP_TRACE_AFTER_S, exit=False)
         if self.supervisor is not None:
             try:
                 self.supervisor.stop(block=True, timeout=15)

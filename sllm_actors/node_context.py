@@ -73,6 +73,10 @@ class Loaded:
     memory_bytes: int
     parts: dict[str, float] = field(default_factory=dict)
     """Where the load's time went, in seconds (``storage_client.LOAD_PARTS``)."""
+    after_ready: Callable[[], None] | None = None
+    """What the storage does once the instance serves, or has failed (the DRAM tier's copy of what was read: its
+    page-locking, in the CUDA driver's lock, would otherwise stall the engine's set-up). Called once by the
+    instance."""
 
 
 class Link:

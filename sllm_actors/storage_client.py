@@ -109,11 +109,14 @@ class StorageClient:
             except BaseException:
                 self._tell("ssd", TierRelease(model))
                 raise
-        if path is None:
-            return loaded
+        if path is not None:
+            loaded.after_ready = lambda: self._store_in_dram(model, path)
+        return loaded
+
+    def _store_in_dram(self, model: str, path: str) -> None:
+        """Hand a leased SSD copy to the DRAM tier, which releases the lease once it has copied it."""
         if not self.node.directory.tell("dram", TierStore(model, path, release="ssd")):
             self._tell("ssd", TierRelease(model))  # the DRAM tier is restarting: no copy this time
-        return loaded
 
     def _from_repository(self, model: str, source: str, device: str, parts: dict[str, float],
                          dtype: str = "") -> tuple[Loaded, str | None]:
@@ -182,8 +185,7 @@ class StorageClient:
         self._tell("repository", TierLoaded(model, checkpoint_size(path), seconds))
         self.node.event("store", f"{model} stored on {self.node.name}'s SSD in {seconds:.1f}s, behind its load",
                         {"model": model, "seconds": seconds})
-        if not self.node.directory.tell("dram", TierStore(model, path, release="ssd")):
-            self._tell("ssd", TierRelease(model))
+        self._store_in_dram(model, path)
 
     def _tokenizer(self, path: str) -> Any:
         from sllm_actors.storage import load_tokenizer

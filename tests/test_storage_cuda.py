@@ -137,6 +137,20 @@ def test_pinned_host_buffers_are_released(tmp_path: Path) -> None:
     storage.release_pinned_buffers()
 
 
+def test_host_memory_is_pinned_in_pieces_and_copies_across_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sllm_actors.storage import loader
+
+    monkeypatch.setattr(loader, "REGISTER_PIECE_BYTES", 4 * MiB)
+    buf = storage.alloc_host_buffer(18 * MiB, pinned=True)  # four whole pieces and a short one
+    assert buf.is_pinned() and buf[17 * MiB:].is_pinned()
+    buf.copy_(torch.arange(buf.numel(), dtype=torch.int64).remainder(251).to(torch.uint8))
+    raw = storage.copy_host_to_device(buf, "cuda", chunk_bytes=4 * MiB)
+    assert torch.equal(raw.cpu(), buf)
+    del buf, raw
+    gc.collect()
+    storage.release_pinned_buffers()
+
+
 def test_large_load_matches_host_tier(tmp_path: Path) -> None:
     sd = {f"layer{i}": torch.randn(8 * MiB).to(torch.float16) for i in range(6)}  # 96 MiB
     storage.save_checkpoint(sd, tmp_path / "ckpt", partition_bytes=40 * MiB)

@@ -105,6 +105,9 @@ class ModelInstanceActor(SupervisedActor):
         """request id -> when it finished here (a duplicate StartInference for it is ignored)."""
         self.memory_bytes = 0
         self.published_at = 0.0
+        self.ready_at: float | None = None
+        """Until the first token leaves: when the instance said it was ready (the first token's timing is logged)."""
+        self.first_admitted_s = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -126,6 +129,7 @@ class ModelInstanceActor(SupervisedActor):
         started = time.perf_counter()
         opts = self.options
         dtype = (opts.dtype if opts is not None else "") or ("bfloat16" if self.device.startswith("cuda") else "")
+        loaded = None
         try:
             loaded = self.node.storage.load(self.model_name, self.source, self.device, dtype)
             self.engine = self._engine(loaded.model, loaded.tokenizer, loaded.memory_bytes)
@@ -134,6 +138,8 @@ class ModelInstanceActor(SupervisedActor):
             self.send(LoadFailed(self.instance_id, self.node.name, self.model_name, f"{exc}"))
             self.publish("failed")
             self.actor_ref.stop(block=False)
+            if loaded is not None and loaded.after_ready is not None:
+                loaded.after_ready()
             return
         self.memory_bytes = loaded.memory_bytes + self.engine.kv_pool_bytes
         load_s = time.perf_counter() - started
@@ -148,6 +154,9 @@ class ModelInstanceActor(SupervisedActor):
                         f"{loaded.tier} in {load_s:.2f}s ({format_parts(loaded_parts)}; {self.engine.dtype}, KV pool "
                         f"{total} blocks of {self.engine.blocks.block_size} tokens)",
                         {"model": self.model_name, "tier": loaded.tier, "seconds": load_s, "parts": loaded_parts})
+        self.ready_at = time.perf_counter()
+        if loaded.after_ready is not None:
+            loaded.after_ready()
 
     def _engine(self, model: Any, tokenizer: Any, weight_bytes: int) -> Engine:
         opts = self.options
@@ -218,6 +227,8 @@ class ModelInstanceActor(SupervisedActor):
         except ValueError as exc:
             self.send(InferenceFailed(msg.request_id, self.instance_id, "bad_request", str(exc)))
             return
+        if self.ready_at is not None and not self.first_admitted_s:
+            self.first_admitted_s = time.perf_counter() - self.ready_at
         self.publish()
         self._schedule_step()
 
@@ -262,6 +273,11 @@ class ModelInstanceActor(SupervisedActor):
         assert engine is not None
         result = engine.step_batch()
         self._emit(result)
+        if self.ready_at is not None and result.tokens:
+            # What a cold start's first token costs after the load: the request's way here, then its step.
+            log.info("%s: first token %.3fs after ready (the request arrived after %.3fs; its step took %.3fs)",
+                     self.name, time.perf_counter() - self.ready_at, self.first_admitted_s, result.seconds)
+            self.ready_at = None
         if self.source_side.copies_pending():
             # A share of a step for KV copies: the streams slow a little instead of stopping.
             self.source_side.pump(budget_s=max(COPY_SEND_MIN_S, COPY_SEND_SHARE * result.seconds))

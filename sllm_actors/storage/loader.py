@@ -73,6 +73,12 @@ def default_threads() -> int:
     return min(16, (os.cpu_count() or 1) * 2)
 
 
+COPY_THREADS = min(4, default_threads())
+"""A tier's copy is bound by one disk's writes, not by threads; and it runs behind a model that is already serving
+(a repository cold start), where 16 copy threads taking the GIL for every chunk slowed that model's warm-up from
+0.3 s to 2.8 s on the H200 machine."""
+
+
 @dataclass
 class LoadStats:
     """What a load did; filled in when passed as ``stats=`` (the benchmark reports it)."""
@@ -98,25 +104,39 @@ class LoadStats:
 # host memory
 
 
-def _cuda_host_register(t: torch.Tensor) -> bool:
-    """Page-lock ``t``'s memory in place (so H2D copies from it are DMA, asynchronous)."""
+REGISTER_PIECE_BYTES = 512 << 20
+"""Host memory is page-locked in pieces of this size. Registering faults in and pins every page while holding the
+CUDA driver's lock: one 16 GB registration (a DRAM-tier copy of an 8B model) held a serving instance's
+allocations on the same GPU for 3.6 s on the H200 machine; a piece holds them for a fraction of a second. A multiple
+of ``HOST_TO_DEVICE_CHUNK_BYTES``, so no copy chunk straddles two pieces."""
+
+
+def _cuda_host_register(t: torch.Tensor) -> list[int] | None:
+    """Page-lock ``t``'s memory in place, piece by piece (so H2D copies from it are DMA, asynchronous); returns the
+    registered pieces' addresses, or None (nothing left registered) when CUDA refuses."""
     try:
         cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(t.data_ptr(), t.numel(), 0)
     except (RuntimeError, AttributeError) as exc:
         log.debug("cudaHostRegister unavailable: %s", exc)
-        return False
-    if int(err) != 0:
-        log.debug("cudaHostRegister failed with error %s", int(err))
-        return False
-    return True
+        return None
+    base, n = t.data_ptr(), t.numel()
+    pieces: list[int] = []
+    for off in range(0, n, REGISTER_PIECE_BYTES):
+        err = int(cudart.cudaHostRegister(base + off, min(REGISTER_PIECE_BYTES, n - off), 0))
+        if err != 0:
+            log.debug("cudaHostRegister failed with error %s", err)
+            _cuda_host_unregister(pieces)
+            return None
+        pieces.append(base + off)
+    return pieces
 
 
-def _cuda_host_unregister(ptr: int) -> None:
-    try:
-        torch.cuda.cudart().cudaHostUnregister(ptr)
-    except (RuntimeError, AttributeError) as exc:  # interpreter shutdown, CUDA torn down
-        log.debug("cudaHostUnregister(%#x) failed: %s", ptr, exc)
+def _cuda_host_unregister(pieces: list[int]) -> None:
+    for ptr in pieces:
+        try:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        except (RuntimeError, AttributeError) as exc:  # interpreter shutdown, CUDA torn down
+            log.debug("cudaHostUnregister(%#x) failed: %s", ptr, exc)
 
 
 def alloc_host_buffer(nbytes: int, *, pinned: bool = False) -> torch.Tensor:
@@ -146,10 +166,11 @@ def alloc_host_buffer(nbytes: int, *, pinned: bool = False) -> torch.Tensor:
     arr = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=skip)
     tensor = torch.from_numpy(arr)
     if pinned and nbytes:
-        if _cuda_host_register(tensor):
+        pieces = _cuda_host_register(tensor)
+        if pieces is not None:
             # torch.from_numpy keeps `arr` alive exactly as long as some view of the buffer exists;
             # unregister before numpy lets go of the mapping.
-            weakref.finalize(arr, _cuda_host_unregister, tensor.data_ptr())
+            weakref.finalize(arr, _cuda_host_unregister, pieces)
         else:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     return tensor
@@ -908,7 +929,7 @@ def copy_checkpoint(
     import shutil
 
     root, out = Path(src), Path(dest)
-    threads = threads or default_threads()
+    threads = threads or COPY_THREADS
     index, reader = _open(root, chunk_bytes, True, False, None)
     fds: list[int] = []
     try:
