@@ -104,39 +104,31 @@ class LoadStats:
 # host memory
 
 
-REGISTER_PIECE_BYTES = 512 << 20
-"""Host memory is page-locked in pieces of this size. Registering faults in and pins every page while holding the
-CUDA driver's lock: one 16 GB registration (a DRAM-tier copy of an 8B model) held a serving instance's
-allocations on the same GPU for 3.6 s on the H200 machine; a piece holds them for a fraction of a second. A multiple
-of ``HOST_TO_DEVICE_CHUNK_BYTES``, so no copy chunk straddles two pieces."""
+def _cuda_host_register(t: torch.Tensor) -> bool:
+    """Page-lock ``t``'s memory in place (so H2D copies from it are DMA, asynchronous).
 
-
-def _cuda_host_register(t: torch.Tensor) -> list[int] | None:
-    """Page-lock ``t``'s memory in place, piece by piece (so H2D copies from it are DMA, asynchronous); returns the
-    registered pieces' addresses, or None (nothing left registered) when CUDA refuses."""
+    The pages are faulted in first, outside CUDA: registering faults in and pins every page while holding the CUDA
+    driver's lock, and one 16 GB registration of fresh memory (a DRAM-tier copy of an 8B model) held a serving
+    instance's allocations on the same GPU for 3.6 s on the H200 machine. (Registering in pieces instead would leave
+    a buffer that one copy cannot span: CUDA refuses a copy across two registrations.)"""
+    t.zero_()
     try:
         cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(t.data_ptr(), t.numel(), 0)
     except (RuntimeError, AttributeError) as exc:
         log.debug("cudaHostRegister unavailable: %s", exc)
-        return None
-    base, n = t.data_ptr(), t.numel()
-    pieces: list[int] = []
-    for off in range(0, n, REGISTER_PIECE_BYTES):
-        err = int(cudart.cudaHostRegister(base + off, min(REGISTER_PIECE_BYTES, n - off), 0))
-        if err != 0:
-            log.debug("cudaHostRegister failed with error %s", err)
-            _cuda_host_unregister(pieces)
-            return None
-        pieces.append(base + off)
-    return pieces
+        return False
+    if int(err) != 0:
+        log.debug("cudaHostRegister failed with error %s", int(err))
+        return False
+    return True
 
 
-def _cuda_host_unregister(pieces: list[int]) -> None:
-    for ptr in pieces:
-        try:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
-        except (RuntimeError, AttributeError) as exc:  # interpreter shutdown, CUDA torn down
-            log.debug("cudaHostUnregister(%#x) failed: %s", ptr, exc)
+def _cuda_host_unregister(ptr: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except (RuntimeError, AttributeError) as exc:  # interpreter shutdown, CUDA torn down
+        log.debug("cudaHostUnregister(%#x) failed: %s", ptr, exc)
 
 
 def alloc_host_buffer(nbytes: int, *, pinned: bool = False) -> torch.Tensor:
@@ -166,11 +158,10 @@ def alloc_host_buffer(nbytes: int, *, pinned: bool = False) -> torch.Tensor:
     arr = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=skip)
     tensor = torch.from_numpy(arr)
     if pinned and nbytes:
-        pieces = _cuda_host_register(tensor)
-        if pieces is not None:
+        if _cuda_host_register(tensor):
             # torch.from_numpy keeps `arr` alive exactly as long as some view of the buffer exists;
             # unregister before numpy lets go of the mapping.
-            weakref.finalize(arr, _cuda_host_unregister, pieces)
+            weakref.finalize(arr, _cuda_host_unregister, tensor.data_ptr())
         else:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     return tensor
