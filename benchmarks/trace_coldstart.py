@@ -64,111 +64,165 @@ def main() -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--parts", default="loader,engine,copy",
+                   help="loader: the page-cache and DRAM paths; engine: its set-up and a first request, profiled; "
+                        "copy: the engine's warm-up while a tier copy runs alongside")
     args = p.parse_args()
+    todo = set(args.parts.split(","))
     device = "cuda:0" if args.device == "cuda" else args.device
     import torch
 
-    from sllm_actors.gpu.engine import Engine
     from sllm_actors.storage import load_into_host, load_model, load_state_dict
     from sllm_actors.storage.loader import copy_host_to_device
-    from sllm_actors.testing import make_tokenizer
 
     args.work.mkdir(parents=True, exist_ok=True)
     ours, _, nbytes = bench.write_checkpoints(args.work, "small" if args.small else "8b")
     data = [f for f in bench.files_of(ours) if f.name.startswith("data_")]
     res: dict[str, Any] = {"bytes": nbytes, "device": device}
+    timings: dict[str, float] = {}
 
     def record(key: str, seconds: float, note: str = "") -> None:
         res[key] = {"s": seconds, "gbs": nbytes / seconds / 1e9}
         bench.say(f"{key:44s} {seconds:7.3f} s  {nbytes / seconds / 1e9:6.1f} GB/s  {note}")
 
-    from sllm_actors.storage.bench import _read_files
-
-    bench.warm_cache(data)
-    record("ceiling: page-cache read, 16 threads", min(_read_files(data, direct=False, threads=16) for _ in range(2)))
-    record("ceiling: page-cache read, 32 threads", min(_read_files(data, direct=False, threads=32) for _ in range(2)))
-
-    # ---- the page-cache path
-    variants: list[tuple[str, dict[str, Any]]] = [
-        ("load_state_dict (as shipped)", {}),
-        ("  no checksums", {"verify": False}),
-        ("  32 threads", {"threads": 32}),
-        ("  8 threads", {"threads": 8}),
-        ("  64 MB chunks", {"chunk_bytes": 64 << 20}),
-        ("  buffered reads (no mincore)", {"direct_io": False}),
-    ]
-    for label, kwargs in variants:
-        bench.warm_cache(data)
-        record(label, best_of(args.reps, lambda kw=kwargs: load_state_dict(ours, device, **kw)))
-    stop = threading.Event()
-    spinner = threading.Thread(target=busy_python, args=(stop,), daemon=True)
-    spinner.start()
-    try:
-        record("  with a busy Python thread", best_of(args.reps, lambda: load_state_dict(ours, device)))
-    finally:
-        stop.set()
-        spinner.join()
-
-    timings: dict[str, float] = {}
-
     def model_load(**kw: Any) -> Any:
         timings.clear()
         return load_model(ours, device, timings=timings, **kw)
 
-    record("load_model (build alongside)", best_of(args.reps, model_load), json.dumps(
-        {k: round(v, 3) for k, v in timings.items()}))
-    res["load_model_parts"] = dict(timings)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0002)
-    try:
-        record("  switch interval 0.2 ms", best_of(args.reps, model_load), json.dumps(
-            {k: round(v, 3) for k, v in timings.items()}))
-    finally:
-        sys.setswitchinterval(interval)
+    def shown() -> str:
+        return json.dumps({k: round(v, 3) for k, v in timings.items()})
+
+    if "loader" in todo:
+        from sllm_actors.storage.bench import _read_files
+
+        bench.warm_cache(data)
+        record("ceiling: page-cache read, 16 threads", min(_read_files(data, direct=False, threads=16) for _ in range(2)))
+        record("ceiling: page-cache read, 32 threads", min(_read_files(data, direct=False, threads=32) for _ in range(2)))
+        variants: list[tuple[str, dict[str, Any]]] = [
+            ("load_state_dict (as shipped)", {}),
+            ("  no checksums", {"verify": False}),
+            ("  32 threads", {"threads": 32}),
+            ("  8 threads", {"threads": 8}),
+            ("  64 MB chunks", {"chunk_bytes": 64 << 20}),
+            ("  buffered reads (no mincore)", {"direct_io": False}),
+        ]
+        for label, kwargs in variants:
+            bench.warm_cache(data)
+            record(label, best_of(args.reps, lambda kw=kwargs: load_state_dict(ours, device, **kw)))
+        stop = threading.Event()
+        spinner = threading.Thread(target=busy_python, args=(stop,), daemon=True)
+        spinner.start()
+        try:
+            record("  with a busy Python thread", best_of(args.reps, lambda: load_state_dict(ours, device)))
+        finally:
+            stop.set()
+            spinner.join()
+        record("load_model (build alongside)", best_of(args.reps, model_load), shown())
+        res["load_model_parts"] = dict(timings)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0002)
+        try:
+            record("  switch interval 0.2 ms", best_of(args.reps, model_load), shown())
+        finally:
+            sys.setswitchinterval(interval)
 
     # ---- the DRAM path
     host = load_into_host(ours)
     res["host_pinned"] = bool(host.buffer.is_pinned()) if device.startswith("cuda") else False
-    if device.startswith("cuda"):
-        record("device allocation alone", best_of(args.reps, lambda: torch.empty(nbytes, dtype=torch.uint8,
-                                                                                   device=device)))
-        record("pinned host copy -> device (copy_host_to_device)",
-               best_of(args.reps, lambda: copy_host_to_device(host.buffer, device)))
-    record("load_model from the host copy", best_of(args.reps, lambda: model_load(host=host)), json.dumps(
-        {k: round(v, 3) for k, v in timings.items()}))
-    res["load_model_host_parts"] = dict(timings)
+    if "loader" in todo:
+        if device.startswith("cuda"):
+            record("device allocation alone", best_of(args.reps, lambda: torch.empty(nbytes, dtype=torch.uint8,
+                                                                                       device=device)))
+            record("pinned host copy -> device (copy_host_to_device)",
+                   best_of(args.reps, lambda: copy_host_to_device(host.buffer, device)))
+        record("load_model from the host copy", best_of(args.reps, lambda: model_load(host=host)), shown())
+        res["load_model_host_parts"] = dict(timings)
+    if "engine" in todo:
+        engine_probe(res, model_load(host=host))
+    if "copy" in todo:
+        warm_up_beside_a_copy(args, res, lambda: model_load(host=host), ours)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
 
-    model = model_load(host=host)
+
+def engine_probe(res: dict[str, Any], model: Any) -> None:
+    """The engine's set-up on a loaded model, first and second time; then a request's first token from the second
+    engine, profiled, against a second request's."""
+    import cProfile
+    import io
+    import pstats
+
+    from sllm_actors.gpu.engine import Engine, Sequence
+    from sllm_actors.testing import make_tokenizer
+
     tokenizer = make_tokenizer()
+    engine = None
     for attempt in ("first", "second"):
+        engine = None
+        gc.collect()
         started = time.perf_counter()
         engine = Engine(model, tokenizer, kv_cache_bytes=8 << 30)
         total = time.perf_counter() - started
         res[f"engine_{attempt}"] = {"total": total, **engine.setup_parts}
         bench.say(f"engine set-up, {attempt} time: {total:.3f} s "
                   + json.dumps({k: round(v, 4) for k, v in engine.setup_parts.items()}))
-        if attempt == "second":
-            # A request's first token from a just-made engine (no warm-up: the model ran before), then another's.
-            from sllm_actors.gpu.engine import Sequence
+    assert engine is not None
+    ids = tokenizer(bench.PROMPT)["input_ids"]
+    for which in ("first request", "second request", "third request"):
+        seq = Sequence(which, list(ids), [], 2, 0.0, 1.0, 0, [])
+        profiler = cProfile.Profile() if which == "first request" else None
+        started = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        engine.add(seq)
+        while not seq.generated_ids:
+            engine.step_batch()
+        if profiler is not None:
+            profiler.disable()
+        took = time.perf_counter() - started
+        res[f"engine_{which.replace(' ', '_')}_s"] = took
+        bench.say(f"engine: {which}'s first token in {took:.4f} s")
+        if profiler is not None:
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+            print(out.getvalue()[-6000:], flush=True)
+        while engine.has_work():
+            engine.step_batch()
 
-            ids = tokenizer(bench.PROMPT)["input_ids"]
-            for which in ("first request", "second request"):
-                seq = Sequence(which, list(ids), [], 2, 0.0, 1.0, 0, [])
-                started = time.perf_counter()
-                engine.add(seq)
-                while not seq.generated_ids:
-                    engine.step_batch()
-                took = time.perf_counter() - started
-                res[f"engine_{which.replace(' ', '_')}_s"] = took
-                bench.say(f"engine: {which}'s first token in {took:.4f} s")
-                while engine.has_work():
-                    engine.step_batch()
-        del engine
-        gc.collect()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
-    return 0
+
+def warm_up_beside_a_copy(args: Any, res: dict[str, Any], load: Callable[[], Any], ours: Path) -> None:
+    """The engine's warm-up (forced) alone, then while the SSD tier's copy of the checkpoint runs alongside, as it
+    does behind a repository cold start."""
+    import shutil
+
+    from sllm_actors.gpu import engine as engine_module
+    from sllm_actors.gpu.engine import Engine
+    from sllm_actors.storage import copy_checkpoint
+    from sllm_actors.testing import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    dest = args.work / "copy-beside"
+    for label in ("alone", "beside a copy"):
+        engine_module._WARMED.clear()
+        model = load()
+        copying = None
+        if label == "beside a copy":
+            shutil.rmtree(dest, ignore_errors=True)
+            copying = threading.Thread(target=copy_checkpoint, args=(ours, dest), daemon=True)
+            copying.start()
+            time.sleep(2.0)  # a benchmark, not a test: let the copy reach its steady state
+        started = time.perf_counter()
+        engine = Engine(model, tokenizer, kv_cache_bytes=8 << 30)
+        total = time.perf_counter() - started
+        res[f"warmup_{label.replace(' ', '_')}"] = {"total": total, **engine.setup_parts}
+        bench.say(f"engine set-up with its warm-up, {label}: {total:.3f} s "
+                  + json.dumps({k: round(v, 4) for k, v in engine.setup_parts.items()}))
+        del engine, model
+        if copying is not None:
+            copying.join()
+            shutil.rmtree(dest, ignore_errors=True)
 
 
 if __name__ == "__main__":

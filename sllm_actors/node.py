@@ -8,8 +8,9 @@ from the controller (``NodeConfig``), so the topology file lives in one place.
 from __future__ import annotations
 
 import argparse
-import logging
 import faulthandler
+import gc
+import logging
 import os
 import signal
 import sys
@@ -251,8 +252,16 @@ class Node:
             if self.done.wait(0.05):
                 return self.stop()
         self.transport.every(0.1, self._publish_status)
+        # What the start-up made (imports, CUDA, actors) lives as long as the node: out of the collector's sight, a
+        # full collection walks only what serving makes (350k objects here took ~0.1 s per walk otherwise).
+        gc.collect()
+        gc.freeze()
         log.info("%s: up with %d device(s), pid %d", self.name, len(self.spec.gpus), os.getpid())
-        self.done.wait()
+        # A timed wait, not a bare one: SIGTERM may land on any of the node's threads (CUDA's, ZeroMQ's), and Python
+        # runs its handler only when the main thread wakes. A bare wait slept through it until the controller's
+        # 20 s deadline and SIGKILL on the GPU machine.
+        while not self.done.wait(0.5):
+            pass
         return self.stop()
 
     def _give_up(self, why: str) -> None:
