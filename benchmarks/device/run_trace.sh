@@ -4,7 +4,7 @@
 source benchmarks/device/wheels.sh
 python3 -c "import torch, transformers, zmq, pykka; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'transformers', transformers.__version__)" || exit 1
 df -h /tmp | tail -1; free -g | head -2; nproc
-timeout 170 python3 benchmarks/trace_coldstart.py --work /tmp/coldstart --json $OUT/trace.json 2>&1 | grep -v "Writing model" | tee $OUT/trace.log
+timeout 170 python3 benchmarks/trace_coldstart.py --work /tmp/coldstart --parts ${PARTS:-loader,engine,copy} --json $OUT/trace.json 2>&1 | grep -v "Writing model" | tee $OUT/trace.log
 timeout ${BENCH_S:-330} python3 benchmarks/bench_coldstart.py --device cuda --work /tmp/coldstart --reps ${REPS:-2} ${BENCH_ARGS:---skip-baselines} \
   --json $OUT/coldstart.json 2>&1 | grep -v "Writing model" | tee $OUT/coldstart.log
 cp /tmp/coldstart/topology-*.log $OUT/ 2>/dev/null
