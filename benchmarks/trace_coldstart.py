@@ -75,6 +75,11 @@ def main() -> int:
     from sllm_actors.storage import load_into_host, load_model, load_state_dict
     from sllm_actors.storage.loader import copy_host_to_device
 
+    if todo == {"first-step"}:
+        first_step(res := {"device": device}, device, args.small)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     ours, _, nbytes = bench.write_checkpoints(args.work, "small" if args.small else "8b")
     data = [f for f in bench.files_of(ours) if f.name.startswith("data_")]
@@ -190,6 +195,48 @@ def engine_probe(res: dict[str, Any], model: Any) -> None:
             print(out.getvalue()[-6000:], flush=True)
         while engine.has_work():
             engine.step_batch()
+
+
+def first_step(res: dict[str, Any], device: str, small: bool) -> None:
+    """A request's first token from a just-made engine on a model that ran before (so no warm-up), with the KV pool
+    written whole at creation and without: is the first step slow because its pool memory was never touched?
+    A random model made on the device (no checkpoint: this part needs none)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sllm_actors.gpu import runner as runner_module
+    from sllm_actors.gpu.engine import Engine, Sequence
+    from sllm_actors.testing import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(**bench.SHAPES["small" if small else "8b"], max_position_embeddings=8192,
+                         tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    ids = tokenizer(bench.PROMPT)["input_ids"]
+    Engine(model, tokenizer, kv_cache_bytes=8 << 30)  # the warm-up, once
+    for zeroed in (False, True, False, True):
+        runner_module.ZERO_CUDA_POOL = zeroed
+        gc.collect()
+        started = time.perf_counter()
+        engine = Engine(model, tokenizer, kv_cache_bytes=8 << 30)
+        made = time.perf_counter() - started
+        times = []
+        for which in range(3):
+            seq = Sequence(f"r{which}", list(ids) * (1 + which), [], 2, 0.0, 1.0, 0, [])
+            started = time.perf_counter()
+            engine.add(seq)
+            while not seq.generated_ids:
+                engine.step_batch()
+            times.append(time.perf_counter() - started)
+            while engine.has_work():
+                engine.step_batch()
+        key = "pool zeroed" if zeroed else "pool as allocated"
+        res.setdefault(key, []).append({"engine_s": made, "first_tokens_s": times})
+        bench.say(f"{key:18s}: engine {made:.4f} s; first tokens of requests 1-3 (new blocks each) "
+                  + ", ".join(f"{t:.4f}" for t in times))
+        del engine
+    runner_module.ZERO_CUDA_POOL = True
 
 
 def warm_up_beside_a_copy(args: Any, res: dict[str, Any], load: Callable[[], Any], ours: Path) -> None:
