@@ -56,6 +56,7 @@ HEARTBEAT_S = 0.5
 CONTROLLER_LOST_S = 10.0
 """A local node exits when its controller has been silent this long (it would be an orphan)."""
 STOP_TRACE_AFTER_S = 12.0
+"""A stop still running after this long dumps every thread's stack into the node's log (the controller SIGKILLs at 20 s)."""
 EXIT_GAVE_UP = 3
 _PEER_MESSAGES = (ResumeRequest, KvCopyBegin, KvCopyChunk, ResumeDone, ResumeFailed)
 """What one node sends another (a migration's rounds, KV copies and their answers), relayed by the
@@ -277,6 +278,7 @@ class Node:
             except Exception:  # already stopped after giving up
                 pass
         self.transport.stop()
+        faulthandler.cancel_dump_traceback_later()
         return self.exit_code
 
 

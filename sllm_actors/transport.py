@@ -78,6 +78,7 @@ class Transport:
         self._authenticate: Authenticate | None = None
         self._zap: zmq.Socket | None = None
         self.refused = 0
+        self._refused_by_kind: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------------ CURVE (before binding)
 
@@ -272,7 +273,7 @@ class Transport:
                 self._zap.send_multipart([version, request_id, b"200", b"OK", user.encode(), b""])
             else:
                 self._note_refused(domain.decode(errors="replace"),
-                                   f"{address.decode(errors='replace')} ({identity[:40]!r}): {why}")
+                                   f"{address.decode(errors='replace')} ({identity[:40]!r}): {why}", why.split(":")[0])
                 self._zap.send_multipart([version, request_id, b"400", why.encode(), b"", b""])
 
     def _handshake_failures(self, key: str, ep: _Endpoint) -> None:
@@ -285,17 +286,18 @@ class Transport:
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 continue  # ZAP refused it, and said why already
             self._note_refused(key, "a peer failed the CURVE handshake (no key, or not this cluster's "
-                                    f"server key; zmq code {event['value']})")
+                                    f"server key; zmq code {event['value']})", "handshake")
 
-    def _note_refused(self, key: str, why: str) -> None:
+    def _note_refused(self, key: str, why: str, kind: str) -> None:
         self.refused += 1
         ep = self._endpoints.get(key)
         if ep is not None:
             ep.refused += 1
-        n = ep.refused if ep is not None else self.refused
-        # A flood of bad handshakes must not flood the log: the first few, then every thousandth.
+        # A flood of bad handshakes must not flood the log: the first few of each kind, then every thousandth.
+        # Counted by kind, so that a flood of one (handshakes without keys) does not hide another (an unknown key).
+        n = self._refused_by_kind[(key, kind)] = self._refused_by_kind.get((key, kind), 0) + 1
         if n <= 20 or n % 1000 == 0:
-            log.warning("%s: refused a connection on %s (#%d): %s", self.name, key, n, why)
+            log.warning("%s: refused a connection on %s (#%d of this kind): %s", self.name, key, n, why)
 
     def _run_due_timers(self) -> int:
         now = time.monotonic()

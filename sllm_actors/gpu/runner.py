@@ -112,10 +112,6 @@ def decode_inputs(feeds: list[Feed], rows: int, n_blocks: int, block_size: int) 
     return torch.cat([torch.tensor(head, dtype=torch.long), torch.tensor(tables, dtype=torch.long).T])
 
 
-ZERO_CUDA_POOL = True
-"""Whether a CUDA pool is written whole at creation (see ``ModelRunner``); a switch for the trace that measures it."""
-
-
 class ModelRunner:
     def __init__(self, model: Any, *, num_blocks: int, block_size: int, cuda_graphs: bool = True,
                  max_graph_batch: int = 256, max_graph_context: int = 4096) -> None:
@@ -131,16 +127,9 @@ class ModelRunner:
         shape = (layers, num_blocks * block_size, kv_heads, head_dim)
         self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        if self.device.type == "cuda" and ZERO_CUDA_POOL:
-            # Written whole once, here (8 GiB in ~3 ms): the first step over never-touched pool memory ran its
-            # attention at a fraction of its speed (trace_coldstart.py, --parts first-step), a cost the first
-            # request after every load would pay.
-            self.k_cache.zero_()
-            self.v_cache.zero_()
-        else:
-            scratch = slice(SCRATCH_BLOCK * block_size, (SCRATCH_BLOCK + 1) * block_size)
-            self.k_cache[:, scratch].zero_()
-            self.v_cache[:, scratch].zero_()
+        scratch = slice(SCRATCH_BLOCK * block_size, (SCRATCH_BLOCK + 1) * block_size)
+        self.k_cache[:, scratch].zero_()
+        self.v_cache[:, scratch].zero_()
         self.pool_bytes = 2 * self.k_cache.numel() * self.k_cache.element_size()
         pooled = time.perf_counter()
         try:

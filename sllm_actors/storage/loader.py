@@ -74,9 +74,8 @@ def default_threads() -> int:
 
 
 COPY_THREADS = min(4, default_threads())
-"""A tier's copy is bound by one disk's writes, not by threads; and it runs behind a model that is already serving
-(a repository cold start), where 16 copy threads taking the GIL for every chunk slowed that model's warm-up from
-0.3 s to 2.8 s on the H200 machine."""
+"""A tier's copy is bound by one disk's writes, not by threads (16 GB on the H200 machine: 10.6 s on 4 threads,
+11.3 s on 16), and it runs behind a model that is already serving, whose own threads want the GIL."""
 
 
 @dataclass
@@ -107,10 +106,10 @@ class LoadStats:
 def _cuda_host_register(t: torch.Tensor) -> bool:
     """Page-lock ``t``'s memory in place (so H2D copies from it are DMA, asynchronous).
 
-    The pages are faulted in first, outside CUDA: registering faults in and pins every page while holding the CUDA
-    driver's lock, and one 16 GB registration of fresh memory (a DRAM-tier copy of an 8B model) held a serving
-    instance's allocations on the same GPU for 3.6 s on the H200 machine. (Registering in pieces instead would leave
-    a buffer that one copy cannot span: CUDA refuses a copy across two registrations.)"""
+    The pages are faulted in first, outside CUDA: registering fresh memory faults in every page inside the call,
+    while it holds the CUDA driver's lock (a 16 GB DRAM-tier registration coincided with 3.6 s of KV-pool allocation
+    by an instance starting beside it on the H200 machine). Registering in pieces instead would leave a buffer that
+    one copy cannot span: CUDA refuses a copy across two registrations."""
     t.zero_()
     try:
         cudart = torch.cuda.cudart()
