@@ -268,7 +268,14 @@ def test_sse_wire_format(base: str) -> None:
 
 def test_models_health_and_metrics(base: str, oai: openai.OpenAI) -> None:
     oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
-    models = {m.id: m for m in oai.models.list().data}
+    # The front end learns of the instance from the state feed, a moment after the answer (run alone, this test
+    # once looked before it had).
+    deadline = time.monotonic() + 10
+    while True:
+        models = {m.id: m for m in oai.models.list().data}
+        if models["tiny"].model_dump()["state"] != "cold" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)  # polling a condition with a deadline
     assert set(models) == {"tiny", "slow"}
     tiny = models["tiny"].model_dump()
     assert tiny["owned_by"] == "sllm" and tiny["state"] in ("loaded", "serving") and tiny["instances"]
@@ -288,6 +295,8 @@ def test_models_health_and_metrics(base: str, oai: openai.OpenAI) -> None:
     assert samples[("sllm_controller_up", "")] == 1
     assert samples[('sllm_nodes', '{alive="true"}')] == 2
     assert any(name == "sllm_cold_starts_total" for name, _ in samples)
+    read = [v for (name, labels), v in samples.items() if name == "sllm_cold_start_part_seconds_total" and 'part="read"' in labels]
+    assert read and read[0] > 0, "where the loads' time went"
     assert any(name == "sllm_instances" and 'model="tiny"' in labels for name, labels in samples)
     assert all(line.startswith("sllm_") for line in text.splitlines() if line and not line.startswith("#"))
 

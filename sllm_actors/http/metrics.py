@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sllm_actors.messages import ClusterEvent
+from sllm_actors.storage_client import LOAD_PARTS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -53,6 +54,9 @@ class Metrics:
                                    ["model", "tier"], registry=r)
         self.cold_start_seconds = Histogram("sllm_cold_start_seconds", "load time of a model onto a GPU by tier",
                                             ["tier"], buckets=_LOAD_BUCKETS, registry=r)
+        self.cold_start_parts = Counter("sllm_cold_start_part_seconds", "where model loads' time went, by tier and "
+                                        "part (storage_client.LOAD_PARTS; overlapping parts such as read and build "
+                                        "do not add up)", ["tier", "part"], registry=r)
         self.http_errors = Counter("sllm_http_errors", "HTTP answers with an error status", ["status"], registry=r)
         r.register(_SnapshotCollector(snapshot))
 
@@ -63,6 +67,11 @@ class Metrics:
             seconds = event.data.get("seconds")
             if isinstance(seconds, (int, float)):
                 self.cold_start_seconds.labels(tier).observe(float(seconds))
+            parts = event.data.get("parts")
+            for part, value in (parts.items() if isinstance(parts, dict) else ()):
+                # Only the known parts: label values come from a node's event, and must stay a small set.
+                if part in LOAD_PARTS and isinstance(value, (int, float)) and value > 0:
+                    self.cold_start_parts.labels(tier, part).inc(float(value))
 
     def request_done(self, model: str, migrations: list[dict[str, Any]]) -> None:
         for m in migrations:
