@@ -1,14 +1,19 @@
-"""Where a cold start's time goes on this machine, outside the cluster: the loader's paths one at a time, variant by
-variant, in one warm process (imports and CUDA start paid), on the checkpoint ``bench_coldstart.py`` writes.
+"""Where a cold start's time goes on this machine, outside the cluster, in one warm process (imports and CUDA start
+paid), on the checkpoint ``bench_coldstart.py`` writes.
 
-    python benchmarks/trace_coldstart.py [--device cuda] [--work DIR] [--small] [--json OUT]
+    python benchmarks/trace_coldstart.py --work DIR [--device cuda] [--small] [--parts loader,engine,copy]
+    python benchmarks/trace_coldstart.py --work DIR --parts first-step     (no checkpoint: a random model)
 
-Page-cache path (the files warm): ``load_state_dict`` as shipped, then with one knob changed at a time (no checksums,
-more threads, larger chunks, buffered reads, a busy main thread like the model build's); ``load_model`` (the skeleton
-built while the weights read) as shipped and with a shorter GIL switch interval. DRAM path: the device allocation
-alone, the pinned copy alone, ``load_model`` from the host copy, and the engine's set-up on top (KV pool, norm check,
-warm-up, first and second time). Ceilings in the same run: a page-cache read by 16 threads, a pinned host->device
-copy. Each figure is the best of ``--reps``; GB/s is over the checkpoint's bytes.
+``loader``: the page-cache path (files warm): ``load_state_dict`` as shipped, then with one knob changed at a time
+(no checksums, more or fewer threads, larger chunks, buffered reads, a busy Python thread beside it as the model
+build is); ``load_model`` (the skeleton built while the weights read) as shipped and with a shorter GIL switch
+interval; the DRAM path: the device allocation alone, the pinned copy alone, ``load_model`` from the host copy.
+Ceiling in the same run: a page-cache read by 16 and 32 threads. Each figure is the best of ``--reps``; GB/s is over
+the checkpoint's bytes.
+``engine``: the engine's set-up on the loaded model (KV pool, norm check, warm-up), first and second time, then a
+request's first token from the second engine, profiled, against later requests'.
+``copy``: the engine's warm-up alone and while a tier copy of the checkpoint runs beside it.
+``first-step``: first tokens from fresh engines on one model, request after request.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import threading
 import time
