@@ -21,6 +21,7 @@ from typing import Any
 
 from sllm_actors.actors.dram_tier import DramTierActor
 from sllm_actors.actors.repository_tier import RepositoryTierActor
+from sllm_actors.actors import ssd_tier
 from sllm_actors.actors.ssd_tier import SsdTierActor
 from sllm_actors.messages import Fetch, TierDrop, TierLoaded, TierLookup, TierRelease, TierStore
 from sllm_actors.node_context import Loaded, NodeContext
@@ -137,7 +138,7 @@ class StorageClient:
             raise RuntimeError(f"{self.node.name}: the ssd tier is restarting; try again")
         if not is_checkpoint(local) or not PIPELINED_FETCH:
             stored = time.perf_counter()
-            path = str(ssd.ask(TierStore(model, local), timeout=FETCH_TIMEOUT_S))
+            path = str(ssd_tier.store(ssd, model, local, ASK_TIMEOUT_S).get(timeout=FETCH_TIMEOUT_S))
             parts["store"] = time.perf_counter() - stored
             self._tell("repository", TierLoaded(model, checkpoint_size(path), time.perf_counter() - started))
             try:
@@ -145,7 +146,7 @@ class StorageClient:
             except BaseException:
                 self._tell("ssd", TierRelease(model))
                 raise
-        copying = ssd.ask(TierStore(model, local), block=False)
+        copying = ssd_tier.store(ssd, model, local, ASK_TIMEOUT_S)
         try:
             # Read through the page cache, not around it: the copy reads the same pages at the same time, so
             # the disk is read once for both.

@@ -114,8 +114,8 @@ def test_a_dram_hit_does_not_need_the_ssd_copy_it_came_from(
 
 
 def test_the_ssd_tier_never_evicts_a_copy_being_read(tiny_model: Path, tmp_path: Path) -> None:
-    from sllm_actors.actors.ssd_tier import SsdTierActor
-    from sllm_actors.messages import TierLookup, TierRelease, TierStore
+    from sllm_actors.actors.ssd_tier import SsdTierActor, store
+    from sllm_actors.messages import TierLookup, TierRelease
     from sllm_actors.node_context import NodeContext
     from sllm_actors.storage import checkpoint_size, convert
     from sllm_actors.supervisor import Directory
@@ -126,16 +126,60 @@ def test_the_ssd_tier_never_evicts_a_copy_being_read(tiny_model: Path, tmp_path:
     node = NodeContext("node-t", lambda msg, address: None, Directory())
     ssd = SsdTierActor.start(None, "ssd", node=node, root=str(tmp_path / "ssd"), capacity=int(size * 1.5))
     try:
-        ssd.ask(TierStore("a", str(source)), timeout=30)
+        store(ssd, "a", str(source)).get(timeout=30)
         ssd.ask(TierRelease("a"), timeout=5)
         held = ssd.ask(TierLookup("a"), timeout=5)  # a build reads this copy now
-        ssd.ask(TierStore("b", str(source)), timeout=30)
+        store(ssd, "b", str(source)).get(timeout=30)
         assert Path(held, "index.json").is_file(), "a leased copy was evicted"
         assert (tmp_path / "ssd" / "b" / "index.json").is_file()
         for model in ("a", "b"):
             ssd.ask(TierRelease(model), timeout=5)
-        ssd.ask(TierStore("c", str(source)), timeout=30)
+        store(ssd, "c", str(source)).get(timeout=30)
         assert not Path(held).exists(), "an unleased, least recently used copy stays over capacity"
         assert ssd.ask(TierLookup("c"), timeout=5)
     finally:
+        ssd.stop()
+
+
+def test_the_ssd_tier_answers_while_it_copies(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import sllm_actors.storage as storage
+    from sllm_actors.actors.ssd_tier import SsdTierActor, store
+    from sllm_actors.messages import TierLookup
+    from sllm_actors.node_context import NodeContext
+    from sllm_actors.storage import CheckpointError, convert
+    from sllm_actors.supervisor import Directory
+
+    source = tmp_path / "source"
+    convert(str(tiny_model), str(source))
+    release, copying = threading.Event(), threading.Event()
+    real_copy = storage.copy_checkpoint
+
+    def held_copy(src: Any, dest: Any, **kwargs: Any) -> Any:
+        copying.set()
+        assert release.wait(30), "the test never let the copy go on"
+        if Path(src).name == "broken":
+            raise CheckpointError(f"{src}: checksum mismatch (a test's)")
+        return real_copy(src, dest, **kwargs)
+
+    monkeypatch.setattr(storage, "copy_checkpoint", held_copy)
+    node = NodeContext("node-t", lambda msg, address: None, Directory())
+    ssd = SsdTierActor.start(None, "ssd", node=node, root=str(tmp_path / "ssd"), capacity=1 << 30)
+    try:
+        first = store(ssd, "a", str(source))
+        again = store(ssd, "a", str(source))  # the same model meanwhile: waits for the one copy
+        assert copying.wait(10)
+        # A 16 GB copy takes 10 s on the GPU machine: other models' lookups are answered meanwhile.
+        assert ssd.ask(TierLookup("other"), timeout=5) is None
+        assert ssd.ask(TierLookup("a"), timeout=5) is None, "a copy in progress is not a copy"
+        release.set()
+        assert first.get(timeout=30) == again.get(timeout=30) == str(tmp_path / "ssd" / "a")
+        broken = tmp_path / "broken"
+        real_copy(source, broken)
+        with pytest.raises(CheckpointError):
+            store(ssd, "b", str(broken)).get(timeout=30)
+        assert sorted(p.name for p in (tmp_path / "ssd").iterdir() if not p.name.startswith(".bandwidth")) == ["a"]
+    finally:
+        release.set()
         ssd.stop()
