@@ -159,11 +159,17 @@ class SsdTierActor(SupervisedActor):
             for future in waiting:
                 future.set_exception((type(msg.error), msg.error, msg.error.__traceback__))
             return
-        nbytes = checkpoint_size(msg.tmp)
-        self._evict_for(nbytes, keep=msg.model)
         dest = self.root / msg.model
-        shutil.rmtree(dest, ignore_errors=True)
-        msg.tmp.rename(dest)
+        try:
+            nbytes = checkpoint_size(msg.tmp)
+            self._evict_for(nbytes, keep=msg.model)
+            shutil.rmtree(dest, ignore_errors=True)
+            msg.tmp.rename(dest)
+        except OSError as exc:  # the disk refused the last step: the waiters hear it, nothing is left behind
+            shutil.rmtree(msg.tmp, ignore_errors=True)
+            for future in waiting:
+                future.set_exception((type(exc), exc, exc.__traceback__))
+            return
         self.entries[msg.model] = Entry(dest, nbytes, leases=len(waiting))
         self._publish()
         for future in waiting:
