@@ -45,6 +45,18 @@ from sllm_actors.messages import (
 )
 
 
+def router_socket(context: zmq.Context, endpoint: str, kind: str, credentials: Any) -> zmq.Socket:
+    """A DEALER connected to the router, as each client holds one (this module's ``Client``, the HTTP front end's
+    bridge, on an asyncio context or not): an identity of its own (``KIND-`` and random), no linger, and CURVE with
+    ``credentials`` where the cluster has keys."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, f"{kind}-{uuid.uuid4().hex[:12]}".encode())
+    if credentials is not None:
+        credentials.apply_client(sock)
+    sock.connect(endpoint)
+    return sock
+
 class ClusterUnavailable(ConnectionError):
     """No cluster answered at the endpoint in time."""
 
@@ -134,12 +146,7 @@ class Client:
                 raise ClusterUnavailable(str(exc)) from None
             if credentials is None:
                 raise ClusterUnavailable(no_key_message(f"the cluster at {self.endpoint}"))
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, f"client-{uuid.uuid4().hex[:12]}".encode())
-        if credentials is not None:
-            credentials.apply_client(sock)
-        sock.connect(self.endpoint)
+        sock = router_socket(self._context, self.endpoint, "client", credentials)
         self._socket = sock
         sock.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "client")))
         deadline = time.monotonic() + self.connect_timeout

@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from sllm_actors import wire
+from sllm_actors.client import router_socket
 from sllm_actors.messages import (
     PROTOCOL_VERSION,
     CancelRequest,
@@ -81,12 +82,7 @@ class RouterLink:
     async def start(self) -> None:
         """Connect and handshake; retries until the router answers, so the HTTP port can open first."""
         credentials = _credentials()
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, f"http-{uuid.uuid4().hex[:12]}".encode())
-        if credentials is not None:
-            credentials.apply_client(sock)
-        sock.connect(self.endpoint)
+        sock = router_socket(self._context, self.endpoint, "http", credentials)
         self._sock = sock
         # A blocking view of the same socket, for a cancel sent while the caller's task is being cancelled
         # (an await there would be cancelled too). A DEALER under its high-water mark never blocks.
