@@ -295,17 +295,21 @@ def cluster_topology(work: Path, name: str, repo: Path, device: str, nbytes: int
     return path
 
 
-def parts_line(row: dict[str, Any]) -> str:
-    """A cold start's wait and its largest serial parts, for the progress lines."""
+def largest_parts(parts: dict[str, Any], minimum: float = 0.0) -> list[tuple[float, str]]:
+    """A load's serial parts (those that add up), largest first, as (seconds, name)."""
     try:
         from sllm_actors.storage_client import SERIAL_PARTS
     except ImportError:  # code from before loads reported their parts
         SERIAL_PARTS = ()
+    return sorted(((v, k) for k, v in parts.items() if k in SERIAL_PARTS and isinstance(v, float) and v >= minimum),
+                  reverse=True)
+
+
+def parts_line(row: dict[str, Any]) -> str:
+    """A cold start's wait and its largest serial parts, for the progress lines."""
     cs = row.get("cold_start") or {}
     parts = cs.get("parts", {})
-    top = sorted(((v, k) for k, v in parts.items() if k in SERIAL_PARTS and isinstance(v, float) and v >= 0.001),
-                 reverse=True)
-    shown = ", ".join(f"{k} {v:.3f}" for v, k in top)
+    shown = ", ".join(f"{k} {v:.3f}" for v, k in largest_parts(parts, minimum=0.001))
     extra = f"; read {parts['read']:.3f} alongside" if isinstance(parts.get("read"), float) else ""
     return (f"wait {cs.get('wait_s', 0):.3f} = order->ready {cs.get('order_to_ready_s', 0):.3f} (load "
             f"{cs.get('load_s', 0):.3f}: {shown}{extra}); ready -> first token {row['ttft_s'] - cs.get('wait_s', 0):.3f}")
@@ -417,11 +421,6 @@ def med(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def table(res: dict[str, Any]) -> str:
-    try:
-        from sllm_actors.storage_client import SERIAL_PARTS
-    except ImportError:  # code from before loads reported their parts
-        SERIAL_PARTS = ()
-
     gb = res["checkpoint_bytes"] / 1e9
     c = res["ceilings"]
     lines = [f"cold start, {res['shape']} Llama shape, {gb:.2f} GB bf16, device {res['device']} "
@@ -443,8 +442,7 @@ def table(res: dict[str, Any]) -> str:
         if rows:
             cs = rows[len(rows) // 2]["cold_start"]
             parts = cs.get("parts", {})
-            top = sorted(((v, k) for k, v in parts.items() if k in SERIAL_PARTS and isinstance(v, float)),
-                         reverse=True)[:4]
+            top = largest_parts(parts)[:4]
             label = {"ssd_warm": "ssd tier, page cache warm",
                      "repository_serial": "repository, fetch then load (no pipeline)"}.get(tier, f"{tier} tier")
             row(f"ours, cluster, from the {label}", med(rows, "ttft_s"),

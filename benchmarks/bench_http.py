@@ -99,6 +99,17 @@ def per_stream(streams: int, tokens: int) -> int:
     return max(1, -(-MIN_ROUND_TOKENS // (streams * tokens)))
 
 
+async def _streams_of(one: Any, streams: int, tokens: int) -> dict[str, Any]:
+    """``streams`` concurrent streams, each running ``one()`` (a request: (TTFT, tokens)) one after another."""
+    async def serial() -> list[tuple[float, int]]:
+        return [await one() for _ in range(per_stream(streams, tokens))]
+
+    t0 = time.perf_counter()
+    results = [r for rs in await asyncio.gather(*[serial() for _ in range(streams)]) for r in rs]
+    wall = time.perf_counter() - t0
+    return _summary(results, wall)
+
+
 async def zmq_round(link: Any, streams: int, tokens: int) -> dict[str, Any]:
     from sllm_actors.messages import ErrorReply, GenerateDone, GenerateRequest, TokenChunk
 
@@ -121,13 +132,7 @@ async def zmq_round(link: Any, streams: int, tokens: int) -> dict[str, Any]:
         assert ttft is not None
         return ttft, n
 
-    async def serial() -> list[tuple[float, int]]:
-        return [await one() for _ in range(per_stream(streams, tokens))]
-
-    t0 = time.perf_counter()
-    results = [r for rs in await asyncio.gather(*[serial() for _ in range(streams)]) for r in rs]
-    wall = time.perf_counter() - t0
-    return _summary(results, wall)
+    return await _streams_of(one, streams, tokens)
 
 
 async def http_round(client: Any, base: str, streams: int, tokens: int) -> dict[str, Any]:
@@ -165,13 +170,7 @@ async def http_round(client: Any, base: str, streams: int, tokens: int) -> dict[
         assert state["ttft"] is not None
         return state["ttft"], state["n"]
 
-    async def serial() -> list[tuple[float, int]]:
-        return [await one() for _ in range(per_stream(streams, tokens))]
-
-    t0 = time.perf_counter()
-    results = [r for rs in await asyncio.gather(*[serial() for _ in range(streams)]) for r in rs]
-    wall = time.perf_counter() - t0
-    return _summary(results, wall)
+    return await _streams_of(one, streams, tokens)
 
 
 def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_coldstart as bench  # noqa: E402
 
 
-def best_of(reps: int, fn: Callable[[], Any], after: Callable[[], None] | None = None) -> float:
+def best_of(reps: int, fn: Callable[[], Any]) -> float:
     import torch
 
     times = []
@@ -49,9 +49,19 @@ def best_of(reps: int, fn: Callable[[], Any], after: Callable[[], None] | None =
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
         del result
-        if after is not None:
-            after()
     return min(times)
+
+
+def timed_engine(res: dict[str, Any], key: str, label: str, model: Any, tokenizer: Any) -> Any:
+    """An engine on ``model`` (8 GiB pool), its set-up timed and recorded under ``key``."""
+    from sllm_actors.gpu.engine import Engine
+
+    started = time.perf_counter()
+    engine = Engine(model, tokenizer, kv_cache_bytes=8 << 30)
+    total = time.perf_counter() - started
+    res[key] = {"total": total, **engine.setup_parts}
+    bench.say(f"engine set-up, {label}: {total:.3f} s " + json.dumps({k: round(v, 4) for k, v in engine.setup_parts.items()}))
+    return engine
 
 
 def busy_python(stop: threading.Event) -> None:
@@ -163,7 +173,7 @@ def engine_probe(res: dict[str, Any], model: Any) -> None:
     import io
     import pstats
 
-    from sllm_actors.gpu.engine import Engine, Sequence
+    from sllm_actors.gpu.engine import Sequence
     from sllm_actors.testing import make_tokenizer
 
     tokenizer = make_tokenizer()
@@ -171,12 +181,7 @@ def engine_probe(res: dict[str, Any], model: Any) -> None:
     for attempt in ("first", "second"):
         engine = None
         gc.collect()
-        started = time.perf_counter()
-        engine = Engine(model, tokenizer, kv_cache_bytes=8 << 30)
-        total = time.perf_counter() - started
-        res[f"engine_{attempt}"] = {"total": total, **engine.setup_parts}
-        bench.say(f"engine set-up, {attempt} time: {total:.3f} s "
-                  + json.dumps({k: round(v, 4) for k, v in engine.setup_parts.items()}))
+        engine = timed_engine(res, f"engine_{attempt}", f"{attempt} time", model, tokenizer)
     assert engine is not None
     ids = tokenizer(bench.PROMPT)["input_ids"]
     for which in ("first request", "second request", "third request"):
@@ -248,7 +253,6 @@ def warm_up_beside_a_copy(args: Any, res: dict[str, Any], load: Callable[[], Any
     import shutil
 
     from sllm_actors.gpu import engine as engine_module
-    from sllm_actors.gpu.engine import Engine
     from sllm_actors.storage import copy_checkpoint
     from sllm_actors.testing import make_tokenizer
 
@@ -263,12 +267,8 @@ def warm_up_beside_a_copy(args: Any, res: dict[str, Any], load: Callable[[], Any
             copying = threading.Thread(target=copy_checkpoint, args=(ours, dest), daemon=True)
             copying.start()
             time.sleep(2.0)  # a benchmark, not a test: let the copy reach its steady state
-        started = time.perf_counter()
-        engine = Engine(model, tokenizer, kv_cache_bytes=8 << 30)
-        total = time.perf_counter() - started
-        res[f"warmup_{label.replace(' ', '_')}"] = {"total": total, **engine.setup_parts}
-        bench.say(f"engine set-up with its warm-up, {label}: {total:.3f} s "
-                  + json.dumps({k: round(v, 4) for k, v in engine.setup_parts.items()}))
+        engine = timed_engine(res, f"warmup_{label.replace(' ', '_')}", f"with its warm-up, {label}", model,
+                              tokenizer)
         del engine, model
         if copying is not None:
             copying.join()
