@@ -32,7 +32,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _client(cluster: Optional[str], key: Optional[Path] = None) -> Any:
     from sllm_actors.client import Client, ClusterUnavailable, resolve_endpoint
-    from sllm_actors.topology import TopologyError
+    from sllm_actors.runtime.topology import TopologyError
 
     try:
         return Client(resolve_endpoint(cluster), key=key)
@@ -59,9 +59,9 @@ def up(
                                                 "comma-separated); none: no key needed"),
 ) -> None:
     """Start the controller and the local nodes of TOPOLOGY."""
-    from sllm_actors.controller import Controller
+    from sllm_actors.actors.controller.process import Controller
     from sllm_actors.models import ModelSourceError, prepare_default_model
-    from sllm_actors.topology import DEFAULT_MODEL_SOURCE, TopologyError, load_topology
+    from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE, TopologyError, load_topology
 
     interactive = not headless and sys.stdin.isatty() and sys.stdout.isatty()
     log_format = "%(asctime)s controller %(levelname)s %(name)s: %(message)s"
@@ -85,12 +85,12 @@ def up(
     if policy is not None:
         from dataclasses import replace
 
-        from sllm_actors.topology import POLICIES
+        from sllm_actors.runtime.topology import POLICIES
 
         if policy not in POLICIES:
             _fail(f"--policy: unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
         topo = replace(topo, scheduler=replace(topo.scheduler, policy=policy))
-    from sllm_actors.security import KeyProblem, prepare_keys
+    from sllm_actors.runtime.security import KeyProblem, prepare_keys
 
     try:
         keys = prepare_keys(topo, say=lambda text: console.print(text))
@@ -177,7 +177,7 @@ def tui(cluster: Optional[str] = ClusterOpt, key: Optional[Path] = KeyOpt) -> No
     if key is not None:
         os.environ["SLLM_KEY"] = str(key)  # the TUI's own connections (client and state feed) find it there
     from sllm_actors.client import ClusterUnavailable, resolve_endpoint
-    from sllm_actors.topology import TopologyError
+    from sllm_actors.runtime.topology import TopologyError
     from sllm_actors.tui import run_tui
 
     try:
@@ -195,7 +195,7 @@ def node(
                                        "else $SLLM_HOME/keys/nodes/NAME.key_secret)"),
 ) -> None:
     """Run a node process that joins a controller (for nodes on other hosts)."""
-    from sllm_actors.node import main as node_main
+    from sllm_actors.actors.node.process import main as node_main
 
     raise typer.Exit(node_main(["--join", join, "--name", name, *(["--key", str(key)] if key else [])]))
 
@@ -371,7 +371,7 @@ def prepare() -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
 def simulate(ctx: typer.Context) -> None:
     """Compare the placement policies on a simulated cluster (discrete events; `sllm simulate --help`)."""
-    from sllm_actors.simulator import main as simulate_main
+    from sllm_eval.simulator import main as simulate_main
 
     raise typer.Exit(simulate_main(ctx.args))
 
@@ -384,7 +384,7 @@ app.add_typer(bench_app, name="bench")
                                                 "help_option_names": []})
 def bench_replay(ctx: typer.Context) -> None:
     """Replay a Gamma or Azure-trace workload per policy and compare latency (`sllm bench replay --help`)."""
-    from sllm_actors.replay import main as replay_main
+    from sllm_eval.replay import main as replay_main
 
     raise typer.Exit(replay_main(ctx.args))
 
@@ -393,8 +393,8 @@ def bench_replay(ctx: typer.Context) -> None:
 def keys_init(topology: Optional[Path] = typer.Argument(None, help="the cluster's topology.yaml (default: "
                                                          "./topology.yaml): one key per node it names")) -> None:
     """Write the cluster's keys: the controller's, the operator's and one per node (existing ones are kept)."""
-    from sllm_actors.security import KeyProblem, init_keys, keys_dir
-    from sllm_actors.topology import TopologyError, load_topology
+    from sllm_actors.runtime.security import KeyProblem, init_keys, keys_dir
+    from sllm_actors.runtime.topology import TopologyError, load_topology
 
     path = topology or Path("topology.yaml")
     nodes: list[str] = []
@@ -416,7 +416,7 @@ def keys_init(topology: Optional[Path] = typer.Argument(None, help="the cluster'
 @keys_app.command("add-client")
 def keys_add_client(name: str) -> None:
     """Make client NAME's key; give them the printed file (`--key FILE`, or save it as keys/client.key_secret)."""
-    from sllm_actors.security import CLIENT, KeyProblem, add_key, keys_dir
+    from sllm_actors.runtime.security import CLIENT, KeyProblem, add_key, keys_dir
 
     try:
         print(add_key(keys_dir(), CLIENT, name))  # plain: scripts read the path, rich would wrap it
@@ -427,7 +427,7 @@ def keys_add_client(name: str) -> None:
 @keys_app.command("add-node")
 def keys_add_node(name: str) -> None:
     """Make node NAME's key; copy the printed file to its host (`sllm node --join ... --key FILE`)."""
-    from sllm_actors.security import NODE, KeyProblem, add_key, keys_dir
+    from sllm_actors.runtime.security import NODE, KeyProblem, add_key, keys_dir
 
     try:
         print(add_key(keys_dir(), NODE, name))
@@ -439,7 +439,7 @@ def keys_add_node(name: str) -> None:
 def keys_add_api_key(name: str, role: str = typer.Option("client", "--role", help="client or operator")) -> None:
     """Make an HTTP API key for NAME (printed once; only its hash is kept). Remove its line from keys/api_keys
     to revoke it; the HTTP front end reads that file on every request."""
-    from sllm_actors.security import KeyProblem, add_api_key, keys_dir
+    from sllm_actors.runtime.security import KeyProblem, add_api_key, keys_dir
 
     try:
         print(add_api_key(keys_dir(), role, name))
@@ -450,7 +450,7 @@ def keys_add_api_key(name: str, role: str = typer.Option("client", "--role", hel
 @keys_app.command("revoke")
 def keys_revoke(name: str) -> None:
     """Delete client or node NAME's key: a running controller refuses it from its next frame (no restart)."""
-    from sllm_actors.security import KeyProblem, keys_dir, revoke_key
+    from sllm_actors.runtime.security import KeyProblem, keys_dir, revoke_key
 
     try:
         for f in revoke_key(keys_dir(), name):
@@ -478,7 +478,7 @@ def store_bench(
     as_json: Optional[Path] = typer.Option(None, "--json", help="write the figures to this file"),
 ) -> None:
     """Loader bandwidth against the hardware ceilings and the usual baselines, in one run."""
-    from sllm_actors.storage.bench import run_bench
+    from sllm_eval.storage_bench import run_bench
 
     run_bench(device, size, str(as_json) if as_json else None)
 

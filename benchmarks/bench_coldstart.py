@@ -65,7 +65,7 @@ def write_checkpoints(work: Path, shape: str) -> tuple[Path, Path, int]:
 
     from sllm_actors.storage import checkpoint_size, save_checkpoint
     from sllm_actors.storage.model import parameters_on_meta
-    from sllm_actors.testing import make_tokenizer
+    from sllm_eval.tiny_models import make_tokenizer
 
     ours, hf = work / "repository" / "coldstart", work / "hf" / "coldstart"
     if (ours / "index.json").is_file() and (hf / "config.json").is_file():
@@ -127,7 +127,7 @@ def drop_cache(paths: list[Path]) -> str:
             return "drop_caches"
         except OSError:
             pass
-    from sllm_actors.storage.bench import _evict
+    from sllm_eval.storage_bench import _evict
 
     return "fadvise" if _evict(paths) else "fadvise (not verified)"
 
@@ -137,7 +137,7 @@ def files_of(root: Path) -> list[Path]:
 
 
 def warm_cache(paths: list[Path]) -> None:
-    from sllm_actors.storage.bench import _warm
+    from sllm_eval.storage_bench import _warm
 
     _warm(paths)
 
@@ -149,7 +149,7 @@ def ceilings(device: str, ours: Path, nbytes: int) -> dict[str, Any]:
     import torch
 
     from sllm_actors.storage import alloc_host_buffer
-    from sllm_actors.storage.bench import _read_files
+    from sllm_eval.storage_bench import _read_files
 
     out: dict[str, Any] = {}
     probe = min(nbytes, 4 << 30)
@@ -298,7 +298,7 @@ def cluster_topology(work: Path, name: str, repo: Path, device: str, nbytes: int
 def largest_parts(parts: dict[str, Any], minimum: float = 0.0) -> list[tuple[float, str]]:
     """A load's serial parts (those that add up), largest first, as (seconds, name)."""
     try:
-        from sllm_actors.storage_client import SERIAL_PARTS
+        from sllm_actors.actors.node.storage_client import SERIAL_PARTS
     except ImportError:  # code from before loads reported their parts
         SERIAL_PARTS = ()
     return sorted(((v, k) for k, v in parts.items() if k in SERIAL_PARTS and isinstance(v, float) and v >= minimum),
@@ -351,7 +351,7 @@ def in_tier(tier: str) -> Any:
 
 
 def ours_through_cluster(work: Path, repo: Path, device: str, nbytes: int, reps: int) -> dict[str, Any]:
-    from sllm_actors.replay import start_cluster, stop_cluster
+    from sllm_eval.replay import start_cluster, stop_cluster
 
     out: dict[str, Any] = {}
     shutil.rmtree(work / "ssd", ignore_errors=True)
@@ -399,7 +399,7 @@ def ours_through_cluster(work: Path, repo: Path, device: str, nbytes: int, reps:
     # Cluster 3: the repository cold start again, with the fetch stored first and loaded after (no pipeline),
     # on an empty SSD tier: the same-run comparison for the pipelined one above.
     shutil.rmtree(work / "ssd", ignore_errors=True)
-    from sllm_actors.replay import start_cluster as start
+    from sllm_eval.replay import start_cluster as start
 
     cluster = start(cluster_topology(work, "serial", repo, device, nbytes, dram=True), timeout=300,
                     env={"SLLM_PIPELINED_FETCH": "0"})

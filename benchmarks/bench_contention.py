@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from sllm_actors.replay import (
+from sllm_eval.replay import (
     PromptMaker,
     ReplayRecords,
     RequestRecord,
@@ -124,7 +124,7 @@ def _wait_empty(endpoint: str, timeout_s: float) -> bool:
 def run_policy(policy: str, args: argparse.Namespace, a_model: Any, b_model: Any, prompts: PromptMaker,
                work: Path) -> tuple[ReplayRecords, dict[str, str], list[dict[str, Any]]]:
     from sllm_actors.client import Client
-    from sllm_actors.tui.feed import reachable_state_endpoint
+    from sllm_actors.feed import reachable_state_endpoint
 
     topo = write_bench_topology(
         work / "topology.yaml", [a_model, b_model], policy=policy, keep_alive_s=args.keep_alive, nodes=2,

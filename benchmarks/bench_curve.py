@@ -32,10 +32,10 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sllm_actors.client import Client, TokenEvent
-from sllm_actors.controller import Controller
-from sllm_actors.security import KeyRing, init_keys, load_credentials
-from sllm_actors.testing import make_tiny_model
-from sllm_actors.topology import parse_topology
+from sllm_actors.actors.controller.process import Controller
+from sllm_actors.runtime.security import KeyRing, init_keys, load_credentials
+from sllm_eval.tiny_models import make_tiny_model
+from sllm_actors.runtime.topology import parse_topology
 
 PROMPT = "The capital of France is"
 

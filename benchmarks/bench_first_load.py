@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {repo!r})
-import sllm_actors.node  # noqa: F401  -- a node process's module-level imports
+import sllm_actors.actors.node.process  # noqa: F401  -- a node process's module-level imports
 warm_s = 0.0
 if {warm!r}:
     from sllm_actors.storage.model import warm_imports

@@ -203,7 +203,7 @@ def process_groups(up_pid: int) -> dict[str, list[int]]:
             continue
     return {
         "controller": [up_pid],
-        "nodes": [p for p in children if "sllm_actors.node" in cmd[p]],
+        "nodes": [p for p in children if "sllm_actors.actors.node.process" in cmd[p]],
         "http_server": [p for p in children if "sllm_actors.http" in cmd[p]],
         "bench_client": [os.getpid()],
     }
@@ -281,7 +281,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
-    from sllm_actors.testing import make_tiny_model
+    from sllm_eval.tiny_models import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         work = Path(tmp)

@@ -264,8 +264,8 @@ def _router(mod):
         _patch_router(mod)
 
 
-_TARGETS = {"sllm_actors.actors.instance": _instance, "sllm_actors.actors.router": _router,
-            "sllm_actors.migration": _migration}
+_TARGETS = {"sllm_actors.actors.node.instance": _instance, "sllm_actors.actors.controller.router": _router,
+            "sllm_actors.migration.protocol": _migration}
 
 
 class _Hook(importlib.abc.MetaPathFinder):
@@ -833,7 +833,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     # ------------------------------------------------------------------ part 1: the cluster
     workdir = Path(tempfile.mkdtemp(prefix="bench-migration-"))
     trace_path = workdir / "trace.jsonl"
-    from sllm_actors.security import keys_dir
+    from sllm_actors.runtime.security import keys_dir
 
     env = {"SLLM_HOME": str(home), "SLLM_KEYS": str(keys_dir())}  # the client here finds the same keys
     if args.trace or args.round_timeout:

@@ -3,7 +3,7 @@
     python benchmarks/bench_replay.py --policy all [--trace gamma|azure-conv|azure-code] [--rps 0.7] [--cv 2]
         [--models 4] [--duration 120] [--seed 0] [--json out.json] [--png out.png] [--cluster tcp://HOST:PORT]
 
-The same as ``sllm bench replay``; everything is in :mod:`sllm_actors.replay` (``--help`` lists every
+The same as ``sllm bench replay``; everything is in :mod:`sllm_eval.replay` (``--help`` lists every
 option). Without ``--cluster``, for each policy it writes a topology with the model family (random-weight
 variants of SmolLM2-135M's architecture at about 50, 150, 400 and 1000 MB, cached in ``$SLLM_HOME/family``)
 on 2 nodes x 1 ``cpu`` device with room for about two models each, DRAM and SSD tiers smaller than the
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from sllm_actors.replay import main
+from sllm_eval.replay import main
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

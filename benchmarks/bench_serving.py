@@ -159,7 +159,7 @@ def topology(path: Path, model_dir: Path, device: str, max_n: int, dtype: str, d
 
 def serve(model_dir: Path, device: str, levels: list[int], args: argparse.Namespace, *, deterministic: bool = False,
           env: dict[str, str] | None = None, label: str = "ours") -> dict[str, Any]:
-    from sllm_actors.replay import start_cluster, stop_cluster
+    from sllm_eval.replay import start_cluster, stop_cluster
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     topo = topology(work / "topology.yaml", model_dir, device, max(levels), args.dtype, deterministic, args.kv_cache)

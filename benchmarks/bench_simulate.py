@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sllm_actors.simulator import (
+from sllm_eval.simulator import (
     POLICIES,
     build_parser,
     config_from_args,

@@ -1,4 +1,4 @@
-"""Checkpoint-loading benchmark (see sllm_actors/storage/bench.py for what is measured).
+"""Checkpoint-loading benchmark (see sllm_eval/storage_bench.py for what is measured).
 
 python benchmarks/bench_store.py --device cpu --size-gb 1 --json out.json
 python benchmarks/bench_store.py --device cuda:0 --size-gb 8 --json out.json
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sllm_actors.storage.bench import run_bench
+from sllm_eval.storage_bench import run_bench
 
 
 def main() -> None:

@@ -206,7 +206,7 @@ def write_topology(path: Path, models: dict[str, Path], threads: int) -> Path:
 
 
 def start_cluster(topology: Path, timeout: float = 180.0) -> Cluster:
-    from sllm_actors.security import keys_dir
+    from sllm_actors.runtime.security import keys_dir
 
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "cli.py"), "up", str(topology), "--headless"],
@@ -431,7 +431,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from sllm_actors.client import Client
-    from sllm_actors.testing import make_tiny_model
+    from sllm_eval.tiny_models import make_tiny_model
 
     torch.set_num_threads(args.threads)
     sizes = [s.strip() for s in args.models.split(",") if s.strip()]

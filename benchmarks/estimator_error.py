@@ -3,7 +3,7 @@
     python benchmarks/estimator_error.py benchmarks/results/replay_*.json
 
 For each replay JSON (``sllm bench replay --json``) and each of its policies: the simulator runs that
-replay's workload with costs calibrated from it (``sllm_actors/sim_validate.py``, the validation's own
+replay's workload with costs calibrated from it (``sllm_eval/sim_validate.py``, the validation's own
 set-up: node load pipeline, the same estimator code as the scheduler), and every load that a placement
 decision estimated is compared with its simulated time, from the order to the end (queue waits in it).
 A noise-free comparison of estimator versions: the real replay's load times move with the host's load.

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["SLLM_KEYS"] = str(work / "keys")
 
     from sllm_actors.client import Client
-    from sllm_actors.fuzz import rss_bytes, run_campaign
-    from sllm_actors.testing import make_tiny_model
+    from sllm_eval.fuzz import rss_bytes, run_campaign
+    from sllm_eval.tiny_models import make_tiny_model
     from tests.conftest import start_cluster, stop_cluster, write_topology
     from tests.test_fuzz_live import fuzz_keys
 

@@ -112,7 +112,7 @@ def main() -> int:
         return json.dumps({k: round(v, 3) for k, v in timings.items()})
 
     if "loader" in todo:
-        from sllm_actors.storage.bench import _read_files
+        from sllm_eval.storage_bench import _read_files
 
         bench.warm_cache(data)
         record("ceiling: page-cache read, 16 threads", min(_read_files(data, direct=False, threads=16) for _ in range(2)))
@@ -174,7 +174,7 @@ def engine_probe(res: dict[str, Any], model: Any) -> None:
     import pstats
 
     from sllm_actors.gpu.engine import Sequence
-    from sllm_actors.testing import make_tokenizer
+    from sllm_eval.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer()
     engine = None
@@ -218,7 +218,7 @@ def first_step(res: dict[str, Any], device: str, small: bool) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sllm_actors.gpu.engine import Engine, Sequence
-    from sllm_actors.testing import make_tokenizer
+    from sllm_eval.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer()
     config = LlamaConfig(**bench.SHAPES["small" if small else "8b"], max_position_embeddings=8192,
@@ -254,7 +254,7 @@ def warm_up_beside_a_copy(args: Any, res: dict[str, Any], load: Callable[[], Any
 
     from sllm_actors.gpu import engine as engine_module
     from sllm_actors.storage import copy_checkpoint
-    from sllm_actors.testing import make_tokenizer
+    from sllm_eval.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer()
     dest = args.work / "copy-beside"

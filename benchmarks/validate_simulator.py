@@ -1,5 +1,5 @@
 """Validate the simulator against a real replay: the same workload and cluster, costs from the replay's
-measurements (see ``sllm_actors/sim_validate.py``), real against simulated latency per policy.
+measurements (see ``sllm_eval/sim_validate.py``), real against simulated latency per policy.
 
     python benchmarks/validate_simulator.py REPLAY.json [--policy all] [--json OUT] [--seed K]
         [--calibration-out CAL.json] [--per-policy-calibration] [--markdown]
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sllm_actors.sim_validate import (
+from sllm_eval.sim_validate import (
     WARMUP_BYTES,
     ReplayError,
     derive_calibration,

@@ -353,7 +353,7 @@ def act1_cold_starts(cluster: Cluster, checks: Checks, model_dir: Path, workdir:
 
     def scale_to_zero() -> None:
         t0 = time.monotonic()
-        from sllm_actors.topology import parse_duration
+        from sllm_actors.runtime.topology import parse_duration
 
         cluster.wait_for(lambda st: not instances_of(st, MODEL), parse_duration(KEEP_ALIVE) + 60,
                          f"{MODEL} to scale to zero")
@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = checkpoint_size(str(model_dir))
     need = size * LOAD_OVERHEAD
-    from sllm_actors.topology import parse_size
+    from sllm_actors.runtime.topology import parse_size
 
     memory = parse_size(DEVICE_MEMORY)
     if not need <= memory < 2 * need:

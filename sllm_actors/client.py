@@ -9,7 +9,7 @@
 
 One ``Client`` is one ZeroMQ DEALER socket: use it from one thread; open one per thread. It presents a
 CURVE key: ``key=`` (a ``.key_secret`` file from ``sllm keys``), else ``$SLLM_KEY``, else the operator's or
-the client's key under ``$SLLM_HOME/keys`` (see :mod:`sllm_actors.security`).
+the client's key under ``$SLLM_HOME/keys`` (see :mod:`sllm_actors.runtime.security`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from sllm_actors import wire
+from sllm_actors.runtime import wire
 from sllm_actors.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -109,7 +109,7 @@ def resolve_endpoint(cluster: str | None = None, cwd: Path | None = None) -> str
         return env
     path = (cwd or Path.cwd()) / "topology.yaml"
     if path.is_file():
-        from sllm_actors.topology import load_topology
+        from sllm_actors.runtime.topology import load_topology
 
         return load_topology(path).controller.client_endpoint
     raise ClusterUnavailable(
@@ -138,7 +138,7 @@ class Client:
             return self._socket
         credentials = None
         if not self.insecure:
-            from sllm_actors.security import KeyProblem, find_credentials, no_key_message
+            from sllm_actors.runtime.security import KeyProblem, find_credentials, no_key_message
 
             try:
                 credentials = find_credentials(self.key)

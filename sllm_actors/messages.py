@@ -1,7 +1,7 @@
 """Every message of the sllm-actors protocol, and its wire form.
 
 A message is an immutable, typed record with a type tag. On the wire it is one msgpack body
-``[tag, {field: value}]`` inside an envelope of three frames (see :mod:`sllm_actors.wire`):
+``[tag, {field: value}]`` inside an envelope of three frames (see :mod:`sllm_actors.runtime.wire`):
 ``[b"SLLM/<version>", address, body]``. Fields are append-only: a new field goes at the end
 with a default, so an older peer's message still decodes.
 

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from sllm_actors.topology import DEFAULT_MODEL_SOURCE
+from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE
 
 log = logging.getLogger(__name__)
 

@@ -36,14 +36,14 @@ def cluster_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sllm_actors.testing import make_tiny_model
+    from sllm_eval.tiny_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sllm_actors.testing import make_tiny_model
+    from sllm_eval.tiny_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", arch="gpt2", seed=1)
 
@@ -51,7 +51,7 @@ def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 10 ms a token on one CPU thread: slow enough that a migration lands mid-stream."""
-    from sllm_actors.testing import make_tiny_model
+    from sllm_eval.tiny_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "slow-llama", arch="llama", seed=7, hidden_size=384,
                            layers=6)
@@ -59,7 +59,7 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def with_key(sock: Any, who: str = "operator") -> Any:
     """Give a raw test socket (before connect) the session's key of ``who``: "operator" or a node's name."""
-    from sllm_actors.security import find_credentials, keys_dir, load_credentials
+    from sllm_actors.runtime.security import find_credentials, keys_dir, load_credentials
 
     creds = (find_credentials() if who == "operator"
              else load_credentials(keys_dir() / "nodes" / f"{who}.key_secret"))

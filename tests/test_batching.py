@@ -17,7 +17,7 @@ import torch
 
 from sllm_actors.gpu.engine import Engine, Sequence
 from sllm_actors.gpu.sampler import sample, step_seed
-from sllm_actors.testing import make_tokenizer
+from sllm_eval.tiny_models import make_tokenizer
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.06}
 ARCHITECTURES = ["llama", "qwen2", "mistral", "gpt2"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import zmq
 
-from sllm_actors import wire
+from sllm_actors.runtime import wire
 from sllm_actors.client import Client, ClusterUnavailable, Completion, RequestError, TokenEvent
 from sllm_actors.messages import ErrorReply, Hello, StatusRequest
 

@@ -40,7 +40,7 @@ def _tiers_holding(st: dict[str, Any], model: str) -> set[str]:
 
 
 def test_a_cold_start_reports_where_its_time_went(cluster_factory: Any, tiny_model: Path, tmp_path: Path) -> None:
-    from sllm_actors.storage_client import SERIAL_PARTS
+    from sllm_actors.actors.node.storage_client import SERIAL_PARTS
 
     repo = _converted(tiny_model, tmp_path / "repo" / "tiny")
     cluster = cluster_factory({"tiny": repo}, nodes=1)

@@ -13,7 +13,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sllm_actors import wire
+from sllm_actors.runtime import wire
 from sllm_actors.messages import (
     _REGISTRY,
     MAX_BODY_BYTES,

@@ -11,8 +11,8 @@ from typing import Any
 
 import zmq
 
-from sllm_actors.fuzz import rss_bytes, run_campaign
-from sllm_actors.security import CLIENT, Credentials, add_key, keys_dir, load_credentials
+from sllm_eval.fuzz import rss_bytes, run_campaign
+from sllm_actors.runtime.security import CLIENT, Credentials, add_key, keys_dir, load_credentials
 
 PER_TARGET = int(os.environ.get("SLLM_LIVE_FUZZ_FRAMES", "1500"))
 RSS_BOUND = 64 * 1024 * 1024

@@ -458,7 +458,7 @@ def test_an_http_port_in_use_is_reported_by_sllm_up(tmp_path: Path, tiny_model: 
 
 
 def test_http_port_in_the_topology_is_checked(tmp_path: Path) -> None:
-    from sllm_actors.topology import TopologyError, parse_topology
+    from sllm_actors.runtime.topology import TopologyError, parse_topology
 
     base = {"nodes": [{"name": "n", "gpus": [{"device": "cpu"}]}]}
     assert parse_topology(base, tmp_path / "t.yaml").controller.http_port == 8000

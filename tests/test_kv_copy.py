@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from sllm_actors import placement
+from sllm_actors.policy import placement
 from sllm_actors.messages import KvCopyBegin, KvCopyChunk, decode, encode
-from sllm_actors.topology import TopologyError, parse_topology
+from sllm_actors.runtime.topology import TopologyError, parse_topology
 
 from .conftest import RunningCluster
 from .test_migration import (
@@ -108,7 +108,7 @@ def _seq(engine: Any, temperature: float = 0.0) -> Any:
 
 def _wire_copy(engine: Any, seq: Any, corrupt: str = "") -> tuple[KvCopyBegin, dict[int, bytes]]:
     """What the source sends, through msgpack, in small chunks (cut across tensor boundaries)."""
-    from sllm_actors.migration import CacheChunks
+    from sllm_actors.migration.protocol import CacheChunks
 
     n_cached, layers = engine.export_cache(seq)
     whole = b"".join(t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes() for pair in layers for t in pair)
@@ -138,7 +138,7 @@ def _wire_copy(engine: Any, seq: Any, corrupt: str = "") -> tuple[KvCopyBegin, d
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("cut", [0, 1, 7])
 def test_a_copied_cache_continues_exactly(engine: Any, temperature: float, cut: int) -> None:
-    from sllm_actors.migration import decode_cache as _decode_cache
+    from sllm_actors.migration.protocol import decode_cache as _decode_cache
     from sllm_actors.gpu.engine import Sequence
 
     ref = _seq(engine, temperature)
@@ -159,7 +159,7 @@ def test_a_copied_cache_continues_exactly(engine: Any, temperature: float, cut: 
 
 @pytest.mark.parametrize(("corrupt", "problem"), [("flip", "checksum mismatch"), ("short", "short KV copy")])
 def test_a_damaged_copy_is_refused(engine: Any, corrupt: str, problem: str) -> None:
-    from sllm_actors.migration import decode_cache as _decode_cache
+    from sllm_actors.migration.protocol import decode_cache as _decode_cache
 
     seq = _seq(engine)
     engine.prefill(seq)

@@ -9,7 +9,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from sllm_actors import wire
+from sllm_actors.runtime import wire
 from sllm_actors.messages import (
     MAX_BODY_BYTES,
     PROTOCOL_VERSION,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sllm_actors.placement import (
+from sllm_actors.policy.placement import (
     Estimator,
     GpuView,
     InstanceView,
@@ -167,7 +167,7 @@ def test_the_load_overhead_is_learned_from_measured_loads(est: Estimator) -> Non
 
 
 def test_tier_bandwidth_is_refined_from_real_loads() -> None:
-    from sllm_actors.actors.tier_common import Bandwidth
+    from sllm_actors.actors.node.tier_common import Bandwidth
 
     bw = Bandwidth(1 * GB)  # measured at start
     bw.observe(2 * GB, 1.0)  # a real load ran at 2 GB/s

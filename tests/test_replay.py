@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sllm_actors.replay import (
+from sllm_eval.replay import (
     PromptMaker,
     ReplayRecords,
     RequestRecord,
@@ -19,14 +19,14 @@ from sllm_actors.replay import (
     summarize,
     warm_up,
 )
-from sllm_actors.workload import Arrival, gamma_workload
+from sllm_eval.workload import Arrival, gamma_workload
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def two_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from sllm_actors.testing import make_tiny_model
+    from sllm_eval.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("replay-models")
     return {
@@ -157,7 +157,7 @@ def test_prompt_maker_lengths(two_tiny: dict[str, Path]) -> None:
 
 
 def test_seed_ssd_tiers_spreads_copies_round_robin(tmp_path: Path) -> None:
-    from sllm_actors.replay import FamilyModel, seed_ssd_tiers
+    from sllm_eval.replay import FamilyModel, seed_ssd_tiers
 
     family = []
     for name in ("m-a", "m-b", "m-c"):
@@ -179,7 +179,7 @@ def test_merge_reports_of_separate_runs(tmp_path: Path) -> None:
     import json
     from dataclasses import asdict
 
-    from sllm_actors.replay import merge_reports
+    from sllm_eval.replay import merge_reports
 
     def run_file(name: str, policy: str, latencies: list[float], arrivals: list[float]) -> Path:
         recs = ReplayRecords(RequestRecord(i, "m", a, 16, 8, ttft_s=lat / 2, latency_s=lat, tokens=8)

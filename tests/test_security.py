@@ -17,7 +17,7 @@ import pytest
 import zmq
 from zmq.utils import z85
 
-from sllm_actors import wire
+from sllm_actors.runtime import wire
 from sllm_actors.client import Client, ClusterUnavailable, RequestError, TokenEvent
 from sllm_actors.messages import (
     _REGISTRY,
@@ -27,7 +27,7 @@ from sllm_actors.messages import (
     StatusRequest,
     TokenChunk,
 )
-from sllm_actors.security import (
+from sllm_actors.runtime.security import (
     CLIENT,
     OPERATOR,
     KeyRing,
@@ -343,7 +343,7 @@ def test_a_client_key_sees_only_its_own_requests(cluster_factory: Any, slow_mode
 
 def test_node_to_node_messages_only_from_the_migrations_other_end() -> None:
     from sllm_actors.messages import KvCopyChunk, LoadModel, MigrateOut, ResumeDone, ResumeRequest
-    from sllm_actors.node import Node
+    from sllm_actors.actors.node.process import Node
 
     node = Node("tcp://127.0.0.1:1", "node-2")
     try:
@@ -381,7 +381,7 @@ def test_a_second_cluster_keyring_is_not_this_ones(tmp_path: Path) -> None:
 def test_api_keys_map_to_roles_and_revoke_by_deleting_the_line(tmp_path: Path) -> None:
     import hashlib
 
-    from sllm_actors.security import api_key_role
+    from sllm_actors.runtime.security import api_key_role
 
     (tmp_path / "api_keys").write_text(f"{hashlib.sha256(b'sk-alice').hexdigest()} client alice\n"
                                        f"{hashlib.sha256(b'sk-ops').hexdigest()} operator ops\n"
@@ -404,10 +404,10 @@ def test_a_node_starts_only_with_its_own_key(tmp_path: Path) -> None:
         (["--key", str(tmp_path / "missing.key_secret")], "cannot read key file"),
     ]
     for extra, said in cases:
-        run = subprocess.run([sys.executable, "-m", "sllm_actors.node", "--join", "tcp://127.0.0.1:1", "--name",
+        run = subprocess.run([sys.executable, "-m", "sllm_actors.actors.node", "--join", "tcp://127.0.0.1:1", "--name",
                               "node-1", *extra], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
         assert run.returncode == 2 and said in run.stderr, run.stderr
     (root / "nodes" / "node-1.key_secret").unlink()
-    run = subprocess.run([sys.executable, "-m", "sllm_actors.node", "--join", "tcp://127.0.0.1:1", "--name", "node-1"],
+    run = subprocess.run([sys.executable, "-m", "sllm_actors.actors.node", "--join", "tcp://127.0.0.1:1", "--name", "node-1"],
                          capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
     assert run.returncode == 2 and "no key for node node-1" in run.stderr, run.stderr

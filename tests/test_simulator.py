@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sllm_actors.simulator import (
+from sllm_eval.simulator import (
     POLICIES,
     ModelConfig,
     ServerConfig,
@@ -18,7 +18,7 @@ from sllm_actors.simulator import (
     main,
     simulate,
 )
-from sllm_actors.workload import Arrival, gamma_workload
+from sllm_eval.workload import Arrival, gamma_workload
 
 GB = 1_000_000_000
 BW = {"dram": 10 * GB, "ssd": 1 * GB, "repository": 0.1 * GB}
@@ -283,7 +283,7 @@ def test_command_line_small_config_with_a_trace(tmp_path: Path, capsys: pytest.C
 
 
 def test_command_line_topology_with_a_calibration_and_flags_that_win(tmp_path: Path) -> None:
-    from sllm_actors.simulator import build_parser, config_from_args
+    from sllm_eval.simulator import build_parser, config_from_args
 
     cal = tmp_path / "cal.json"
     cal.write_text(json.dumps({"bandwidth": {"ssd": 5e8, "dram": 4e9}, "decode_s_per_token": 0.05,
@@ -301,7 +301,7 @@ def test_command_line_topology_with_a_calibration_and_flags_that_win(tmp_path: P
 
 
 def test_command_line_replays_a_saved_workload_and_writes_records(tmp_path: Path) -> None:
-    from sllm_actors.workload import save_workload
+    from sllm_eval.workload import save_workload
 
     work = [Arrival(0.0, "smollm2-135m", 20, 5), Arrival(0.5, "smollm2-135m", 30, 8)]
     save_workload(tmp_path / "w.csv", work)
@@ -362,7 +362,7 @@ def test_calibration_sets_load_fixed_times_and_shared_cores_and_rejects_bad_ones
 def test_migration_switched_off_makes_serverlessllm_wait_like_locality_wait() -> None:
     from dataclasses import replace
 
-    from sllm_actors.placement import placement_policy
+    from sllm_actors.policy.placement import placement_policy
 
     assert placement_policy("serverlessllm", False) == "locality-wait"
     assert placement_policy("serverlessllm", True) == "serverlessllm"

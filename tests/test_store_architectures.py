@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sllm_actors.storage.arch_sweep import Skip, causal_lm_architectures, sweep_one, tiny_model
+from sllm_eval.arch_sweep import Skip, causal_lm_architectures, sweep_one, tiny_model
 
 ARCHITECTURES = causal_lm_architectures()
 MUST_SWEEP = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt",

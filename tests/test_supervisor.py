@@ -10,7 +10,7 @@ from typing import Any
 import pykka
 import pytest
 
-from sllm_actors.supervisor import ChildSpec, Directory, SupervisedActor, Supervisor
+from sllm_actors.runtime.supervisor import ChildSpec, Directory, SupervisedActor, Supervisor
 
 
 class Worker(SupervisedActor):

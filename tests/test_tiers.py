@@ -114,11 +114,11 @@ def test_a_dram_hit_does_not_need_the_ssd_copy_it_came_from(
 
 
 def test_the_ssd_tier_never_evicts_a_copy_being_read(tiny_model: Path, tmp_path: Path) -> None:
-    from sllm_actors.actors.ssd_tier import SsdTierActor, store
+    from sllm_actors.actors.node.ssd_tier import SsdTierActor, store
     from sllm_actors.messages import TierLookup, TierRelease
-    from sllm_actors.node_context import NodeContext
+    from sllm_actors.actors.node.context import NodeContext
     from sllm_actors.storage import checkpoint_size, convert
-    from sllm_actors.supervisor import Directory
+    from sllm_actors.runtime.supervisor import Directory
 
     source = tmp_path / "source"
     convert(str(tiny_model), str(source))
@@ -145,11 +145,11 @@ def test_the_ssd_tier_answers_while_it_copies(tiny_model: Path, tmp_path: Path, 
     import threading
 
     import sllm_actors.storage as storage
-    from sllm_actors.actors.ssd_tier import SsdTierActor, store
+    from sllm_actors.actors.node.ssd_tier import SsdTierActor, store
     from sllm_actors.messages import TierLookup
-    from sllm_actors.node_context import NodeContext
+    from sllm_actors.actors.node.context import NodeContext
     from sllm_actors.storage import CheckpointError, convert
-    from sllm_actors.supervisor import Directory
+    from sllm_actors.runtime.supervisor import Directory
 
     source = tmp_path / "source"
     convert(str(tiny_model), str(source))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sllm_actors.topology import TopologyError, load_topology, parse_duration, parse_size
+from sllm_actors.runtime.topology import TopologyError, load_topology, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,7 @@ from rich.text import Text
 from sllm_actors.client import Client, ClusterUnavailable, RequestError
 from sllm_actors.tui import SllmTui
 from sllm_actors.tui.app import ActorTree, PromptScreen, Table
-from sllm_actors.tui.feed import ClusterFeed, Event, reachable_state_endpoint
+from sllm_actors.feed import ClusterFeed, Event, reachable_state_endpoint
 from sllm_actors.tui.view import (
     EventMemory,
     bar,

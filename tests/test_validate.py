@@ -1,4 +1,4 @@
-"""Simulator validation against a replay (sllm_actors/sim_validate.py), on a small replay JSON built here
+"""Simulator validation against a replay (sllm_eval/sim_validate.py), on a small replay JSON built here
 whose costs are known: the derived calibration must find them, and the simulation must then match."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sllm_actors.sim_validate import (
+from sllm_eval.sim_validate import (
     ReplayError,
     derive_calibration,
     load_replay,
@@ -16,7 +16,7 @@ from sllm_actors.sim_validate import (
     replay_workload,
     validate,
 )
-from sllm_actors.simulator import load_calibration
+from sllm_eval.simulator import load_calibration
 
 MB = 1_000_000
 T0 = 1_700_000_000.0

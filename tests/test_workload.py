@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sllm_actors.workload import (
+from sllm_eval.workload import (
     Arrival,
     TraceNotFound,
     azure_workload,
@@ -119,7 +119,7 @@ def test_the_real_azure_traces_match_their_readme() -> None:
 
 
 def test_a_workload_round_trips_through_csv(tmp_path: Path) -> None:
-    from sllm_actors.workload import load_workload, save_workload
+    from sllm_eval.workload import load_workload, save_workload
 
     w = gamma_workload(["x", "y"], 3, 2, 60, seed=9, prompt_tokens=(1, 99), output_tokens=(1, 9))
     save_workload(tmp_path / "w.csv", w)

@@ -113,7 +113,7 @@ class OpenAIServer:
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
 
     def _authorize(self, request: Request) -> None:
-        from sllm_actors.security import CLIENT, OPERATOR, api_key_role, keys_dir
+        from sllm_actors.runtime.security import CLIENT, OPERATOR, api_key_role, keys_dir
 
         # Keys given to this front end (--api-key, SLLM_API_KEY), and the cluster's own API keys
         # (keys/api_keys, one role each, revoked by deleting their line): with neither, HTTP is open.

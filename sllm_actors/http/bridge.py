@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from sllm_actors import wire
+from sllm_actors.runtime import wire
 from sllm_actors.client import router_socket
 from sllm_actors.messages import (
     PROTOCOL_VERSION,
@@ -47,9 +47,9 @@ WATCHDOG_S = 1.0
 
 def _credentials() -> Any:
     """The front end's CURVE identity: the cluster's operator key (it is part of the cluster `sllm up` starts,
-    needs the state feed, and enforces the API keys' roles itself); any key ``sllm_actors.security`` finds
+    needs the state feed, and enforces the API keys' roles itself); any key ``sllm_actors.runtime.security`` finds
     otherwise; None for a cluster without keys."""
-    from sllm_actors.security import find_credentials, keys_dir, load_credentials
+    from sllm_actors.runtime.security import find_credentials, keys_dir, load_credentials
 
     operator = keys_dir() / "operator.key_secret"
     return load_credentials(operator) if operator.is_file() else find_credentials(None)
@@ -99,7 +99,7 @@ class RouterLink:
                 log.warning("http: no answer from the router at %s yet; retrying", self.endpoint)
         self.state_endpoint = welcome.state_endpoint
         if self.state_endpoint:
-            from sllm_actors.tui.feed import reachable_state_endpoint
+            from sllm_actors.feed import reachable_state_endpoint
 
             sub = self._context.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)

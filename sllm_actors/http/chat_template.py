@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sllm_actors.http.openai_api import ApiError, bad
-from sllm_actors.topology import DEFAULT_MODEL_SOURCE
+from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE
 
 
 def tokenizer_dir(source: str) -> tuple[Path, dict[str, Any]] | None:

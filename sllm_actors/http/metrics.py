@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sllm_actors.messages import ClusterEvent
-from sllm_actors.storage_client import LOAD_PARTS
+from sllm_actors.actors.node.storage_client import LOAD_PARTS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

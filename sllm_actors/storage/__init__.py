@@ -6,7 +6,6 @@ the functions that build models or read foreign formats import transformers, whe
 
 from __future__ import annotations
 
-from sllm_actors.storage.bench import run_bench
 from sllm_actors.storage.convert import convert, convert_cli, detect_source, read_sllm_store
 from sllm_actors.storage.format import (
     DEFAULT_PARTITION_BYTES,
@@ -64,7 +63,6 @@ __all__ = [
     "read_index",
     "read_sllm_store",
     "release_pinned_buffers",
-    "run_bench",
     "save_checkpoint",
     "state_dict_from_host",
     "verify_checkpoint",

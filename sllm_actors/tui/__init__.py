@@ -36,7 +36,7 @@ def run_tui(endpoint: str, *, stop_cluster: Callable[[], None] | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     from sllm_actors.client import ClusterUnavailable, resolve_endpoint
-    from sllm_actors.topology import TopologyError
+    from sllm_actors.runtime.topology import TopologyError
 
     parser = argparse.ArgumentParser(prog="python -m sllm_actors.tui", description=__doc__.splitlines()[0])
     parser.add_argument("--cluster",

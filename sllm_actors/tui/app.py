@@ -2,7 +2,7 @@
 send prompts.
 
 It reads the cluster only through the controller's state PUB socket (snapshots and events, see
-:mod:`sllm_actors.tui.feed`) and makes one short-lived client connection per action, so any number of
+:mod:`sllm_actors.feed`) and makes one short-lived client connection per action, so any number of
 TUIs can watch one cluster from any terminal. Widgets are redrawn by a timer at a steady rate from the
 newest snapshot, never per message or per token.
 
@@ -43,7 +43,7 @@ from textual.widgets import (
 from textual.widgets.tree import TreeNode
 
 from sllm_actors.client import Client, ClusterUnavailable, Completion, RequestError, TokenEvent
-from sllm_actors.tui.feed import ClusterFeed, Event, reachable_state_endpoint
+from sllm_actors.feed import ClusterFeed, Event, reachable_state_endpoint
 from sllm_actors.tui.view import (
     Cells,
     EventMemory,

@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.text import Text
 
-from sllm_actors.tui.feed import Event
+from sllm_actors.feed import Event
 
 STATE_STYLES: dict[str, str] = {
     "running": "bold green",
@@ -157,7 +157,7 @@ class EventMemory:
 
 def load_parts_line(last_load: dict[str, Any], limit: int = 5) -> str:
     """The last load's biggest serial parts: ``smol from dram 0.41s: read_wait 0.21 · build 0.09 · ...``."""
-    from sllm_actors.storage_client import SERIAL_PARTS
+    from sllm_actors.actors.node.storage_client import SERIAL_PARTS
 
     if not last_load:
         return ""

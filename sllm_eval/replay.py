@@ -8,7 +8,7 @@ Four parts:
 * :func:`make_model_family`: random-weight variants of the default model's architecture (its vocabulary and
   tokenizer, hidden size and depth scaled) at about 50, 150, 400 and 1000 MB, written once in our
   checkpoint format and reused.
-* :func:`replay`: sends each :class:`~sllm_actors.workload.Arrival` at its time from a pool of threads,
+* :func:`replay`: sends each :class:`~sllm_eval.workload.Arrival` at its time from a pool of threads,
   one :class:`~sllm_actors.client.Client` per thread, and records per request the time to the first
   token event and to the completion (both from the scheduled arrival), the migrations the completion
   lists, and the error (code and message) of a refused or failed request. A subscriber on the cluster's
@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sllm_actors.security import keys_dir
-from sllm_actors.topology import POLICIES
+from sllm_actors.runtime.security import keys_dir
+from sllm_actors.runtime.topology import POLICIES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -241,7 +241,7 @@ class _Watcher:
     """
 
     def __init__(self, state_endpoint: str) -> None:
-        from sllm_actors.tui.feed import ClusterFeed
+        from sllm_actors.feed import ClusterFeed
 
         self.feed = ClusterFeed(state_endpoint)
         self.events: list[dict[str, Any]] = []
@@ -307,7 +307,7 @@ def replay(endpoint: str, workload: Sequence[Any], *, concurrency_limit: int = 3
     times attached (see :class:`ReplayRecords`).
     """
     from sllm_actors.client import Client, ClusterUnavailable, Completion, RequestError, TokenEvent
-    from sllm_actors.tui.feed import reachable_state_endpoint
+    from sllm_actors.feed import reachable_state_endpoint
 
     say = say or (lambda text: None)
     make_prompt = prompt_maker or PromptMaker()
@@ -746,7 +746,7 @@ WARMUP_MODEL = "warmup"
 
 def make_warmup_model(dest_dir: str | os.PathLike[str]) -> Path:
     """A tiny llama (same architecture as the family) whose loads warm each node up before a replay."""
-    from sllm_actors.testing import make_tiny_model
+    from sllm_eval.tiny_models import make_tiny_model
 
     path = Path(dest_dir).expanduser() / "warmup-small-llama"
     if not (path / "config.json").is_file():
@@ -817,7 +817,7 @@ def build_workload(trace: str, *, models: Sequence[str], rps: float, cv: float, 
     is kept as far as the range allows); gamma lengths are uniform in the ranges. ``models[0]`` is the
     most popular (Zipf, s = 1).
     """
-    from sllm_actors import workload as wl
+    from sllm_eval import workload as wl
 
     if trace == "gamma":
         return wl.gamma_workload(list(models), rps=rps, cv=cv, duration_s=duration_s, seed=seed,

@@ -19,10 +19,10 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.actors.tier_common import Bandwidth, measure_disk_read
+from sllm_actors.actors.node.tier_common import Bandwidth, measure_disk_read
 from sllm_actors.messages import Query, TierDrop, TierLoaded, TierLookup, TierRelease, TierStore
-from sllm_actors.node_context import NodeContext
-from sllm_actors.supervisor import SupervisedActor
+from sllm_actors.actors.node.context import NodeContext
+from sllm_actors.runtime.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.cluster_context import ClusterContext, RequestRecord
+from sllm_actors.actors.controller.context import ClusterContext, RequestRecord
 from sllm_actors.messages import (
     CancelInference,
     CancelRequest,
@@ -45,8 +45,8 @@ from sllm_actors.messages import (
     TokenBatch,
     TokenChunk,
 )
-from sllm_actors.security import redact_for_client
-from sllm_actors.supervisor import SupervisedActor
+from sllm_actors.runtime.security import redact_for_client
+from sllm_actors.runtime.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
 

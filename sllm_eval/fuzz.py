@@ -15,9 +15,9 @@ from typing import Any
 
 import zmq
 
-from sllm_actors import wire
+from sllm_actors.runtime import wire
 from sllm_actors.messages import _REGISTRY, Message, encode
-from sllm_actors.security import Credentials
+from sllm_actors.runtime.security import Credentials
 
 # What a mutated frame starts from: every wire type but the three an operator key could use to change
 # the cluster for real (those are refused for the client key the fuzz uses, and tested by role elsewhere).

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from sllm_actors.messages import ClusterEvent, Message
-from sllm_actors.supervisor import Directory
-from sllm_actors.topology import Topology
-from sllm_actors.transport import Transport
+from sllm_actors.runtime.supervisor import Directory
+from sllm_actors.runtime.topology import Topology
+from sllm_actors.runtime.transport import Transport
 
 CLIENTS = "clients"
 CLUSTER = "cluster"

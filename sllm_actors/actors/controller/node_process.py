@@ -22,9 +22,9 @@ from typing import IO, Any
 import pykka
 
 import sllm_actors
-from sllm_actors.cluster_context import ClusterContext
+from sllm_actors.actors.controller.context import ClusterContext
 from sllm_actors.messages import NodeProcessExited
-from sllm_actors.supervisor import SupervisedActor
+from sllm_actors.runtime.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class NodeProcessActor(SupervisedActor):
 
     def _spawn(self) -> None:
         cmd = [
-            sys.executable, "-m", "sllm_actors.node",
+            sys.executable, "-m", "sllm_actors.actors.node",
             "--join", self.cluster.cluster_endpoint, "--name", self.node, "--exit-with-controller",
         ]
         key_dir = self.cluster.node_key_dir

@@ -14,11 +14,11 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.actors.tier_common import Bandwidth
+from sllm_actors.actors.node.tier_common import Bandwidth
 from sllm_actors.messages import Fetch, TierLoaded
 from sllm_actors.models import directory_bytes, resolve_source
-from sllm_actors.node_context import NodeContext
-from sllm_actors.supervisor import SupervisedActor
+from sllm_actors.actors.node.context import NodeContext
+from sllm_actors.runtime.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
 

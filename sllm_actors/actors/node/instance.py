@@ -4,7 +4,7 @@ The actor handles messages and drives the engine (:mod:`sllm_actors.gpu.engine`)
 sends itself runs one engine step (one forward over every running request, new prompts prefilled in chunks),
 and the step's tokens leave in one ``TokenBatch``. Between two steps the inbox is served, so a cancel, a new
 request or a migration order never waits for a generation to end. Requests beyond the batch's size wait in
-the engine's queue, never dropped. The live-migration protocol's two sides are in :mod:`sllm_actors.migration`.
+the engine's queue, never dropped. The live-migration protocol's two sides are in :mod:`sllm_actors.migration.protocol`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from sllm_actors.messages import (
     StartInference,
     TokenBatch,
 )
-from sllm_actors.migration import (
+from sllm_actors.migration.protocol import (
     COPY_SEND_MIN_S,
     COPY_SEND_SHARE,
     MigrationDestination,
@@ -44,9 +44,9 @@ from sllm_actors.migration import (
     MigrationTimeout,
     sequence_of,
 )
-from sllm_actors.node_context import Link, NodeContext
-from sllm_actors.storage_client import SERIAL_PARTS, format_parts
-from sllm_actors.supervisor import SupervisedActor
+from sllm_actors.actors.node.context import Link, NodeContext
+from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
+from sllm_actors.runtime.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ A workload is a list of :class:`Arrival`, sorted by time. Two generators:
 
 Example::
 
-    from sllm_actors.workload import gamma_workload, azure_workload
+    from sllm_eval.workload import gamma_workload, azure_workload
     w = gamma_workload(["a", "b", "c"], rps=5, cv=2, duration_s=60, seed=0, prompt_tokens=(16, 64))
     w = azure_workload("conv", ["a", "b"], duration_s=60, rps_scale=0.5, seed=0, max_prompt=256, max_output=64)
     for a in w:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sllm_actors import placement
+from sllm_actors.policy import placement
 from sllm_actors.gpu.engine import Sequence
 from sllm_actors.messages import (
     KV_CHUNK_BYTES,
@@ -44,7 +44,7 @@ from sllm_actors.messages import (
 from sllm_actors.storage.format import crc32
 
 if TYPE_CHECKING:
-    from sllm_actors.actors.instance import ModelInstanceActor
+    from sllm_actors.actors.node.instance import ModelInstanceActor
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pykka
 
-from sllm_actors import placement
-from sllm_actors.cluster_context import ClusterContext
+from sllm_actors.policy import placement
+from sllm_actors.actors.controller.context import ClusterContext
 from sllm_actors.messages import (
     AbortMigration,
     Ack,
@@ -49,8 +49,8 @@ from sllm_actors.messages import (
     UnloadModel,
 )
 from sllm_actors.models import default_model_dir, directory_bytes, is_model_dir
-from sllm_actors.supervisor import SupervisedActor
-from sllm_actors.topology import DEFAULT_MODEL_SOURCE, ModelSpec
+from sllm_actors.runtime.supervisor import SupervisedActor
+from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE, ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The node process: a NodeSupervisor over storage tiers and GPUs, linked to the controller.
 
-Started by ``sllm up`` for local nodes (``python -m sllm_actors.node``) or by hand on another host
+Started by ``sllm up`` for local nodes (``python -m sllm_actors.actors.node``) or by hand on another host
 with ``sllm node --join tcp://CONTROLLER:PORT --name NAME``. The node learns its GPUs and tiers
 from the controller (``NodeConfig``), so the topology file lives in one place.
 """
@@ -20,7 +20,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from sllm_actors.actors.gpu import GpuActor, instance_actor_name
+from sllm_actors.actors.node.gpu import GpuActor, instance_actor_name
 from sllm_actors.messages import (
     PROTOCOL_VERSION,
     CancelInference,
@@ -44,11 +44,11 @@ from sllm_actors.messages import (
     UnloadModel,
     Welcome,
 )
-from sllm_actors.node_context import NodeContext
-from sllm_actors.storage_client import StorageClient
-from sllm_actors.supervisor import ChildSpec, Directory, Supervisor
-from sllm_actors.topology import NodeSpec
-from sllm_actors.transport import Transport
+from sllm_actors.actors.node.context import NodeContext
+from sllm_actors.actors.node.storage_client import StorageClient
+from sllm_actors.runtime.supervisor import ChildSpec, Directory, Supervisor
+from sllm_actors.runtime.topology import NodeSpec
+from sllm_actors.runtime.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     credentials = None
     if not args.insecure:
-        from sllm_actors.security import KeyProblem, find_credentials, no_key_message
+        from sllm_actors.runtime.security import KeyProblem, find_credentials, no_key_message
 
         try:
             credentials = find_credentials(args.key, role=args.name)

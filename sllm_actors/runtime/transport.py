@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 import zmq.utils.monitor
 
-from sllm_actors import wire
+from sllm_actors.runtime import wire
 from sllm_actors.messages import MAX_BODY_BYTES, ErrorReply, Message, ProtocolError
 
 log = logging.getLogger(__name__)

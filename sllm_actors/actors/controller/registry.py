@@ -14,7 +14,7 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.cluster_context import ClusterContext
+from sllm_actors.actors.controller.context import ClusterContext
 from sllm_actors.messages import (
     Heartbeat,
     NodeConfig,
@@ -26,7 +26,7 @@ from sllm_actors.messages import (
     Query,
     Tick,
 )
-from sllm_actors.supervisor import SupervisedActor
+from sllm_actors.runtime.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from typing import IO, Any
 
 import pykka
 
-from sllm_actors.actors.node_process import Kill, NodeProcessActor
-from sllm_actors.actors.registry import NodeRegistryActor, Seen
-from sllm_actors.actors.router import RouterActor
-from sllm_actors.actors.scheduler import SchedulerActor
-from sllm_actors.cluster_context import CLIENTS, CLUSTER, STATE, ClusterContext, EventLog, RequestTable
+from sllm_actors.actors.controller.node_process import Kill, NodeProcessActor
+from sllm_actors.actors.controller.registry import NodeRegistryActor, Seen
+from sllm_actors.actors.controller.router import RouterActor
+from sllm_actors.actors.controller.scheduler import SchedulerActor
+from sllm_actors.actors.controller.context import CLIENTS, CLUSTER, STATE, ClusterContext, EventLog, RequestTable
 from sllm_actors.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -52,11 +52,11 @@ from sllm_actors.messages import (
     TokenChunk,
     Welcome,
 )
-from sllm_actors.node_context import LINK_SEPARATOR
-from sllm_actors.security import CLIENT, NODE, OPERATOR, KeyRing, Peer, parse_user_id
-from sllm_actors.supervisor import ChildSpec, Directory, Supervisor
-from sllm_actors.topology import Topology
-from sllm_actors.transport import Transport
+from sllm_actors.actors.node.context import LINK_SEPARATOR
+from sllm_actors.runtime.security import CLIENT, NODE, OPERATOR, KeyRing, Peer, parse_user_id
+from sllm_actors.runtime.supervisor import ChildSpec, Directory, Supervisor
+from sllm_actors.runtime.topology import Topology
+from sllm_actors.runtime.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class Controller:
     def _deploy_source_problem(self, source: str) -> str:
         """'' when ``source`` lies under a models root of the topology (or is the default model), else why not."""
         from sllm_actors.models import default_model_dir
-        from sllm_actors.topology import DEFAULT_MODEL_SOURCE
+        from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE
 
         if source == DEFAULT_MODEL_SOURCE:
             return ""

@@ -2,8 +2,8 @@
 
 The cluster is N servers of G GPUs each; every server has a DRAM tier and an SSD tier (LRU, of given
 capacity and bandwidth) and reaches a model repository at a given bandwidth. Every placement decision
-calls the very :func:`sllm_actors.placement.choose` the SchedulerActor calls, over
-:class:`~sllm_actors.placement.GpuView` objects kept up to date incrementally, so the policies
+calls the very :func:`sllm_actors.policy.placement.choose` the SchedulerActor calls, over
+:class:`~sllm_actors.policy.placement.GpuView` objects kept up to date incrementally, so the policies
 compared here are the code that runs in the real cluster.
 
 What it mirrors of the SchedulerActor (``actors/scheduler.py``):
@@ -37,14 +37,14 @@ decoding, each advances at ``min(1, shared_cores / A)`` on top of the sharing in
 
 Use::
 
-    from sllm_actors.simulator import SimConfig, simulate
-    from sllm_actors.workload import gamma_workload
+    from sllm_eval.simulator import SimConfig, simulate
+    from sllm_eval.workload import gamma_workload
     cfg = SimConfig.cluster(servers=250, gpus_per_server=4, models=1000)
     work = gamma_workload(cfg.model_names(), rps=50, cv=2, duration_s=600, seed=0)
     print(simulate(cfg, work, "serverlessllm", seed=0).summary())
 
 or ``sllm simulate --servers 250 --gpus-per-server 4 --models 1000 --policy all --rps 50 --cv 2
---duration 600 --seed 0`` (``python -m sllm_actors.simulator`` takes the same arguments).
+--duration 600 --seed 0`` (``python -m sllm_eval.simulator`` takes the same arguments).
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sllm_actors import placement
-from sllm_actors.placement import Estimator, GpuView, InstanceView, MigrationCost, RunningView
-from sllm_actors.workload import Arrival
+from sllm_actors.policy import placement
+from sllm_actors.policy.placement import Estimator, GpuView, InstanceView, MigrationCost, RunningView
+from sllm_eval.workload import Arrival
 
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
 TIERS = ("dram", "ssd", "repository")
@@ -240,7 +240,7 @@ class SimConfig:
         topology are the scheduler's defaults. ``start_tier`` as in :meth:`small_cpu`."""
         if start_tier not in TIERS:
             raise ValueError(f"start_tier must be one of {TIERS}, got {start_tier!r}")
-        from sllm_actors.topology import load_topology
+        from sllm_actors.runtime.topology import load_topology
 
         topo = load_topology(path)
         servers = []
@@ -1411,7 +1411,7 @@ def simulate(config: SimConfig, workload: list[Arrival], policy: str, seed: int 
 
 
 def _size(text: str) -> int:
-    from sllm_actors.topology import parse_size
+    from sllm_actors.runtime.topology import parse_size
 
     try:
         return parse_size(text)
@@ -1536,7 +1536,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 
 def workload_from_args(args: argparse.Namespace, cfg: SimConfig) -> list[Arrival]:
-    from sllm_actors import workload as wl
+    from sllm_eval import workload as wl
 
     names = cfg.model_names()
     if args.workload is not None:
@@ -1594,7 +1594,7 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``sllm simulate`` (also ``python -m sllm_actors.simulator``): returns the exit status."""
+    """``sllm simulate`` (also ``python -m sllm_eval.simulator``): returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     policies = list(POLICIES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]

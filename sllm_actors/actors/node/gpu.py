@@ -12,11 +12,11 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.actors.instance import ModelInstanceActor
+from sllm_actors.actors.node.instance import ModelInstanceActor
 from sllm_actors.messages import InstanceGone, LoadFailed, LoadModel, UnloadModel
-from sllm_actors.node_context import NodeContext
-from sllm_actors.supervisor import ChildExited, SupervisedActor
-from sllm_actors.topology import GpuSpec
+from sllm_actors.actors.node.context import NodeContext
+from sllm_actors.runtime.supervisor import ChildExited, SupervisedActor
+from sllm_actors.runtime.topology import GpuSpec
 
 log = logging.getLogger(__name__)
 

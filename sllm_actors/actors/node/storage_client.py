@@ -19,14 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sllm_actors.actors.dram_tier import DramTierActor
-from sllm_actors.actors.repository_tier import RepositoryTierActor
-from sllm_actors.actors import ssd_tier
-from sllm_actors.actors.ssd_tier import SsdTierActor
+from sllm_actors.actors.node.dram_tier import DramTierActor
+from sllm_actors.actors.node.repository_tier import RepositoryTierActor
+from sllm_actors.actors.node import ssd_tier
+from sllm_actors.actors.node.ssd_tier import SsdTierActor
 from sllm_actors.messages import Fetch, TierDrop, TierLoaded, TierLookup, TierRelease, TierStore
-from sllm_actors.node_context import Loaded, NodeContext
-from sllm_actors.supervisor import ChildSpec
-from sllm_actors.topology import NodeSpec
+from sllm_actors.actors.node.context import Loaded, NodeContext
+from sllm_actors.runtime.supervisor import ChildSpec
+from sllm_actors.runtime.topology import NodeSpec
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import zmq
 
-from sllm_actors import wire
+from sllm_actors.runtime import wire
 from sllm_actors.messages import ClusterEvent, Message
-from sllm_actors.supervisor import Directory
+from sllm_actors.runtime.supervisor import Directory
 
 
 LINK_SEPARATOR = "~"

@@ -39,8 +39,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from sllm_actors.simulator import TIERS, SimConfig, apply_calibration, simulate
-from sllm_actors.workload import Arrival
+from sllm_eval.simulator import TIERS, SimConfig, apply_calibration, simulate
+from sllm_eval.workload import Arrival
 
 WARMUP_MODEL = "warmup"
 WARMUP_BYTES = 13_000_000
@@ -121,7 +121,7 @@ def load_samples(replay: dict[str, Any], policy: str) -> list[dict[str, Any]]:
 
 
 def _topology(replay: dict[str, Any]) -> Any:
-    from sllm_actors.topology import load_topology
+    from sllm_actors.runtime.topology import load_topology
 
     with tempfile.TemporaryDirectory(prefix="sllm-validate-") as tmp:
         path = Path(tmp) / "topology.yaml"
@@ -194,7 +194,7 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
 
     # Loads, per tier.
     default_bw: dict[str, float] = {}
-    from sllm_actors import placement
+    from sllm_actors.policy import placement
 
     for tier in TIERS:
         bws = [getattr(n, f"{tier}_bandwidth", None) for n in topo.nodes]

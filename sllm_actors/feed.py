@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from sllm_actors import wire
+from sllm_actors.runtime import wire
 from sllm_actors.messages import ClusterEvent, ClusterSnapshot, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class ClusterFeed:
         """``credentials``: an operator's key (security.Credentials); by default the one the client finds."""
         self.state_endpoint = state_endpoint
         if credentials is None:
-            from sllm_actors.security import KeyProblem, find_credentials
+            from sllm_actors.runtime.security import KeyProblem, find_credentials
 
             try:
                 credentials = find_credentials()

@@ -1,0 +1,1 @@
+"""Live migration by tokens: the source and destination sides of the protocol."""
