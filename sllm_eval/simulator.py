@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import math
 import random
 import sys
 import time
@@ -64,6 +63,7 @@ from typing import Any
 
 from sllm_actors.policy import placement
 from sllm_actors.policy.placement import Estimator, GpuView, InstanceView, MigrationCost, RunningView
+from sllm_eval.stats import stats
 from sllm_eval.workload import Arrival
 
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
@@ -443,20 +443,6 @@ def estimate_errors(estimates: Sequence[tuple[str, float, float]]) -> dict[str, 
     return out
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "p50": None, "p99": None}
-    v = sorted(values)
-
-    def pct(p: float) -> float:
-        # Linear interpolation between closest ranks (numpy's default).
-        k = (len(v) - 1) * p
-        lo, hi = math.floor(k), math.ceil(k)
-        return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-    return {"mean": sum(v) / len(v), "p50": pct(0.5), "p99": pct(0.99)}
-
-
 @dataclass
 class SimResult:
     policy: str
@@ -498,8 +484,8 @@ class SimResult:
             "requests": len(self.requests),
             "completed": len(done),
             "failed": len(self.requests) - len(done),
-            "latency_s": _stats([r.latency_s for r in done]),
-            "ttft_s": _stats([r.ttft_s for r in done if r.ttft_s is not None]),
+            "latency_s": stats([r.latency_s for r in done]),
+            "ttft_s": stats([r.ttft_s for r in done if r.ttft_s is not None]),
             "cold_starts": cold,
             "warm_starts": sum(1 for r in self.requests if not r.cold_tier),
             "loads": dict(self.loads),
