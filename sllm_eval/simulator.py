@@ -1,12 +1,13 @@
 """``sllm simulate``: a discrete-event simulation of the scheduler on a virtual clock.
 
 The cluster is N servers of G GPUs each; every server has a DRAM tier and an SSD tier (LRU, of given
-capacity and bandwidth) and reaches a model repository at a given bandwidth. Every placement decision
-calls the very :func:`sllm_actors.policy.placement.choose` the SchedulerActor calls, over
-:class:`~sllm_actors.policy.placement.GpuView` objects kept up to date incrementally, so the policies
-compared here are the code that runs in the real cluster.
+capacity and bandwidth) and reaches a model repository at a given bandwidth. The placement steps are the
+SchedulerActor's own: one :class:`~sllm_actors.policy.steps.PlacementSteps` (which calls
+:func:`~sllm_actors.policy.placement.choose` over :class:`~sllm_actors.policy.placement.GpuView` objects
+kept up to date incrementally here) decides, and this simulation carries out its actions on a virtual
+clock, so the policies compared here are the code that runs in the real cluster.
 
-What it mirrors of the SchedulerActor (``actors/scheduler.py``):
+What the steps decide, and how it is simulated:
 
 * a request goes to the ready instance of its model with room (fewest requests first); else it waits on
   an instance that is loading, or on a GPU reserved for its model; else ``choose()`` decides:
@@ -16,7 +17,8 @@ What it mirrors of the SchedulerActor (``actors/scheduler.py``):
   losing nothing; once the GPU has no request left the new model loads there), ``preempt`` (Shepherd:
   the busy instance stops at once and its requests are placed again from scratch, their progress lost;
   the new model loads at once), or ``wait`` (queue; a request queued longer than ``queue_timeout_s``
-  fails). The queue is retried whenever a request finishes or an instance becomes ready.
+  fails). A move that cannot start gives the GPU's reservation up and its waiters queue. The queue is
+  retried whenever a request finishes or an instance becomes ready.
 * an idle instance is unloaded ``keep_alive_s`` after its last request; a model keeps at most
   ``max_instances`` instances of ``max_concurrency`` requests each.
 * a load from the SSD tier puts the model in DRAM too; from the repository, in SSD and DRAM (LRU
@@ -605,7 +607,7 @@ class _Inst(steps.Instance):
         self.tier = ""
 
     # The placement steps set these; the view ``choose`` reads follows them.
-    @property  # type: ignore[override]
+    @property
     def state(self) -> str:
         return self._state
 
@@ -614,7 +616,7 @@ class _Inst(steps.Instance):
         self._state = value
         self.sync_view()
 
-    @property  # type: ignore[override]
+    @property
     def draining(self) -> bool:
         return self._draining
 
@@ -805,7 +807,7 @@ class _Sim:
                 self.gpus.append(g)
         if not self.gpus:
             raise ValueError("the cluster has no GPU")
-        self.views = [g.view for g in self.gpus]
+        self.views: list[GpuView] = [g.view for g in self.gpus]
         if policy == "random":
             for _ in range(config.prior_choices):
                 self.rng.choice(self.views)
@@ -840,9 +842,10 @@ class _Sim:
             gpu = next((g for g in by_name[server].gpus if g.free() >= self.need[model]), None)
             if gpu is None:
                 raise ValueError(f"initial instance of {model}: no GPU of {server} has room for it")
-            inst = self.steps.new_instance(spec.name, gpu.view.key, [], 0.0)
+            inst = self.steps.new_instance(spec.name, (gpu.view.node, gpu.view.gpu), [], 0.0)
+            assert isinstance(inst, _Inst)
             inst.state = "ready"
-            gpu.add(inst)  # type: ignore[arg-type]
+            gpu.add(inst)
             self._maybe_idle(inst)
 
     # -------------------------------------------------------------- tiers
@@ -919,18 +922,18 @@ class _Sim:
         """Do in simulation what the placement steps decided."""
         if isinstance(action, steps.Serve):
             req = action.request
-            req.queued_since = None  # type: ignore[attr-defined]
+            req.queued_since = None
             self._assign(action.instance, req)  # type: ignore[arg-type]
         elif isinstance(action, steps.JoinLoad):
             req = action.request
-            req.status, req.queued_since = "waiting-load", None  # type: ignore[attr-defined]
-            if not req.cold_tier:  # type: ignore[attr-defined]
+            req.status, req.queued_since = "waiting-load", None
+            if not req.cold_tier:
                 req.cold_tier = action.instance.tier  # type: ignore[attr-defined]
         elif isinstance(action, steps.JoinReserved):
             req = action.request
-            req.status, req.queued_since = "waiting-load", None  # type: ignore[attr-defined]
+            req.status, req.queued_since = "waiting-load", None
         elif isinstance(action, steps.Enqueued):
-            self._enqueued(action.waiting.request)  # type: ignore[arg-type]
+            self._enqueued(action.waiting.request)
         elif isinstance(action, steps.Decided):
             self._decided(action)
         elif isinstance(action, steps.StartInstance):
@@ -964,7 +967,7 @@ class _Sim:
         decision = action.decision
         self.decisions[decision.kind] += 1
         if self.cfg.record_log:
-            self._log("schedule", request=action.request.idx, model=action.model,  # type: ignore[attr-defined]
+            self._log("schedule", request=action.request.idx, model=action.model,
                       decision=decision.kind, node=decision.gpu[0] if decision.gpu else "",
                       gpu=decision.gpu[1] if decision.gpu else None, tier=decision.tier,
                       estimate_s=decision.estimate_s if decision.gpu else None, considered=decision.considered)
@@ -1015,7 +1018,7 @@ class _Sim:
         """ServerlessLLM: the requests keep decoding on the source while the destination loads (if it must)
         and recomputes their tokens; then they switch (:meth:`_switch`)."""
         src, dest = action.source, action.dest
-        moving: list[_Req] = list(action.requests)  # type: ignore[arg-type]
+        moving: list[_Req] = list(action.requests)
         dest.incoming += len(moving)
         dest.sync_view()  # type: ignore[attr-defined]
         order = _Order(src, dest, moving)  # type: ignore[arg-type]
@@ -1084,9 +1087,9 @@ class _Sim:
         self.loads[tier] += 1
         self.load_s += dur
         for r in waiters:
-            r.status = "waiting-load"  # type: ignore[attr-defined]
-            if not r.cold_tier:  # type: ignore[attr-defined]
-                r.cold_tier = tier  # type: ignore[attr-defined]
+            r.status = "waiting-load"
+            if not r.cold_tier:
+                r.cold_tier = tier
         gpu.add(inst)
         if ready_at is not None:
             self._push(ready_at, _LOADED, inst, None)
@@ -1278,7 +1281,7 @@ class _Sim:
                 for r in i.requests:
                     assert r.inst is i and r.status == "running"
         for w in self.steps.queue:
-            assert w.request.status == "queued"  # type: ignore[attr-defined]
+            assert w.request.status == "queued"
 
     def result(self, wall_s: float) -> SimResult:
         records = []

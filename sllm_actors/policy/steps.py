@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Generator, Hashable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from sllm_actors.policy import placement
 
@@ -39,6 +39,7 @@ __all__ = [
     "ModelLimits",
     "PlacementSteps",
     "Preempt",
+    "Request",
     "Reservation",
     "Serve",
     "StartInstance",
@@ -50,6 +51,9 @@ __all__ = [
 
 GpuKey = tuple[str, int]
 """(node, GPU index)."""
+Request: TypeAlias = Any
+"""A request's handle, hashable: the scheduler's request id, the simulator's request record. The steps only
+count, compare and pass them back."""
 
 
 class Instance:
@@ -65,9 +69,9 @@ class Instance:
         self.node = node
         self.gpu = gpu
         self.memory_bytes = memory_bytes
-        self.requests: dict[Hashable, None] = {}
+        self.requests: dict[Request, None] = {}
         """The requests it runs, in the order they came (a dict as an ordered set)."""
-        self.waiters: list[Hashable] = []
+        self.waiters: list[Request] = []
         """Requests waiting for it to finish loading."""
         self.last_used = now
         self.draining = False
@@ -98,7 +102,7 @@ class Reservation:
     """A GPU held for a model until the busy instances there have moved away or stopped."""
 
     model: str
-    waiters: list[Hashable]
+    waiters: list[Request]
     estimate_s: float
 
 
@@ -106,7 +110,7 @@ class Reservation:
 class Waiting:
     """A queued request, with the time it first queued (its timeout counts from there)."""
 
-    request: Hashable
+    request: Request
     model: str
     since: float
 
@@ -120,7 +124,7 @@ class Serve:
     record the request on the instance once this is carried out."""
 
     instance: Instance
-    request: Hashable
+    request: Request
     after_load: bool = False
 
 
@@ -129,7 +133,7 @@ class JoinLoad:
     """``request`` waits for ``instance`` to finish loading (already among its waiters)."""
 
     instance: Instance
-    request: Hashable
+    request: Request
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class JoinReserved:
     """``request`` waits for the GPU ``gpu``, reserved for its model, to be freed."""
 
     gpu: GpuKey
-    request: Hashable
+    request: Request
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ class Enqueued:
 class Fail:
     """``request`` cannot be placed at all."""
 
-    request: Hashable
+    request: Request
     code: str
     message: str
 
@@ -161,7 +165,7 @@ class Decided:
     """``choose`` decided where ``model`` starts, for ``request``: for the log and the counts."""
 
     model: str
-    request: Hashable
+    request: Request
     decision: placement.Decision
 
 
@@ -189,7 +193,7 @@ class Migrate:
     migration_id: str
     source: Instance
     dest: Instance
-    requests: list[Hashable]
+    requests: list[Request]
     reason: str
 
 
@@ -199,7 +203,7 @@ class Preempt:
     The instance is unloaded next."""
 
     instance: Instance
-    requests: list[Hashable]
+    requests: list[Request]
     why: str
 
 
@@ -214,7 +218,7 @@ def drive(steps: Steps[T], carry_out: Callable[[Action], object]) -> T:
         try:
             action = next(steps)
         except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+            return done.value
         carry_out(action)
 
 
@@ -280,7 +284,7 @@ class PlacementSteps:
 
     # ------------------------------------------------------------------ instances
 
-    def new_instance(self, model: str, key: GpuKey, waiters: Iterable[Hashable], now: float) -> Instance:
+    def new_instance(self, model: str, key: GpuKey, waiters: Iterable[Request], now: float) -> Instance:
         """Count a new instance of ``model`` on ``key`` (state ``loading``)."""
         inst = self.make_instance(f"{model}-{next(self._ids)}", model, key[0], key[1],
                                   self.cluster.need_bytes(model), now)
@@ -302,12 +306,12 @@ class PlacementSteps:
         """Ready with nothing running, waiting or on its way: what keep-alive and making room may unload."""
         return inst.state == "ready" and not inst.requests and not inst.waiters and not inst.incoming
 
-    def request_done(self, inst: Instance, request: Hashable, now: float) -> None:
+    def request_done(self, inst: Instance, request: Request, now: float) -> None:
         """``request`` left ``inst`` (finished, or moved away)."""
         inst.requests.pop(request, None)
         inst.last_used = now
 
-    def unqueue(self, request: Hashable) -> None:
+    def unqueue(self, request: Request) -> None:
         self.queue = [w for w in self.queue if w.request != request]
 
     def expire_queue(self, now: float, timeout_s: float) -> list[Waiting]:
@@ -319,7 +323,7 @@ class PlacementSteps:
 
     # ------------------------------------------------------------------ the steps
 
-    def place(self, request: Hashable, model: str, now: float, exclude: str = "") -> Steps[None]:
+    def place(self, request: Request, model: str, now: float, exclude: str = "") -> Steps[None]:
         """Place ``request`` for ``model`` (not on instance ``exclude``: the one it just left)."""
         limits = self.models.get(model)
         if limits is None:
@@ -351,7 +355,7 @@ class PlacementSteps:
             return
         yield from self._enqueue(Waiting(request, model, now))
 
-    def start_instance(self, model: str, first_waiter: Hashable, now: float) -> Steps[bool]:
+    def start_instance(self, model: str, first_waiter: Request, now: float) -> Steps[bool]:
         """Start an instance of ``model`` for ``first_waiter`` where ``choose`` says; False: none can start."""
         limits = self.models[model]
         if sum(1 for i in self.by_model[model] if i.state != "unloading") >= limits.max_instances:
@@ -426,7 +430,7 @@ class PlacementSteps:
         for request in reservation.waiters:
             yield from self._enqueue(Waiting(request, reservation.model, now))
 
-    def migrate(self, requests: list[Hashable], source: Instance, where: tuple[str, int | None], reason: str,
+    def migrate(self, requests: list[Request], source: Instance, where: tuple[str, int | None], reason: str,
                 now: float) -> Steps[str | None]:
         """Move ``requests`` of ``source`` to an instance of its model at ``where`` (a node, and a GPU or
         None for any), loading one there if needed; the migration's id, or None: no room there."""
@@ -483,7 +487,7 @@ class PlacementSteps:
 
     # ------------------------------------------------------------------ helpers
 
-    def _serve(self, inst: Instance, request: Hashable, now: float, after_load: bool = False) -> Steps[None]:
+    def _serve(self, inst: Instance, request: Request, now: float, after_load: bool = False) -> Steps[None]:
         yield Serve(inst, request, after_load)
         inst.requests[request] = None
         inst.last_used = now
@@ -496,8 +500,8 @@ class PlacementSteps:
         inst.state = "unloading"
         yield Unload(inst, why)
 
-    def _ordered(self, requests: Iterable[Hashable]) -> list[Hashable]:
-        return sorted(requests, key=self.request_order)  # type: ignore[arg-type]
+    def _ordered(self, requests: Iterable[Request]) -> list[Request]:
+        return sorted(requests, key=self.request_order)
 
     def _where(self, where: tuple[str, int | None] | None) -> list[GpuKey]:
         """The GPUs of alive nodes at ``where`` (None: anywhere), in topology order."""
