@@ -48,7 +48,6 @@ from sllm_eval.replay import (
     ReplayRecords,
     RequestRecord,
     _machine,
-    _stats,
     _Watcher,
     make_model_family,
     print_table,
@@ -58,6 +57,7 @@ from sllm_eval.replay import (
     summarize,
     write_bench_topology,
 )
+from sllm_eval.stats import REPLAY_POINTS, stats
 
 EXPECTED = {"serverlessllm": "migrate", "shepherd": "preempt", "locality-wait": "wait"}
 ROLES = ("victim", "other", "B")
@@ -241,8 +241,8 @@ def role_table(results: dict[str, ReplayRecords], roles: dict[str, dict[str, str
         lat = s["latency_all_s"]
 
         def role(name: str, key: str = "latency_s", recs: ReplayRecords = recs, policy: str = policy) -> dict[str, Any]:
-            return _stats([getattr(r, key) for r in recs if roles[policy][str(r.index)] == name
-                           and getattr(r, key) is not None])
+            return stats([getattr(r, key) for r in recs if roles[policy][str(r.index)] == name
+                          and getattr(r, key) is not None], REPLAY_POINTS)
 
         v, o, b, bt = role("victim"), role("other"), role("B"), role("B", "ttft_s")
         checks = getattr(recs, "checks", [])
@@ -265,7 +265,7 @@ def ratios(results: dict[str, ReplayRecords], roles: dict[str, dict[str, str]]) 
     def figures(policy: str, recs: ReplayRecords) -> dict[str, float]:
         lat = [r.latency_s for r in recs if r.latency_s is not None]
         victims = [r.latency_s for r in recs if roles[policy][str(r.index)] == "victim" and r.latency_s is not None]
-        s, v = _stats(lat), _stats(victims)
+        s, v = stats(lat, REPLAY_POINTS), stats(victims, REPLAY_POINTS)
         return {"p99": s["p99"], "max": s["max"], "mean": s["mean"], "victim_mean": v["mean"], "victim_max": v["max"]}
 
     mine = figures("serverlessllm", base)

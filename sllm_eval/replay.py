@@ -47,6 +47,7 @@ from typing import Any
 
 from sllm_actors.runtime.security import keys_dir
 from sllm_actors.runtime.topology import POLICIES
+from sllm_eval.stats import REPLAY_POINTS, stats
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -424,16 +425,6 @@ def replay(endpoint: str, workload: Sequence[Any], *, concurrency_limit: int = 3
 # ---------------------------------------------------------------------------------------------- summary
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
-    import numpy as np
-
-    a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
-
-
 def _estimates(events: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The scheduler's start-up estimates against the measured starts (its ``estimate`` events), by tier."""
     pairs: list[tuple[str, float, float]] = []
@@ -497,11 +488,11 @@ def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
         "completed": len(ok),
         "errors": dict(errors),
         "error_examples": examples,
-        "latency_s": _stats([r.latency_s for r in ok if r.latency_s is not None]),
+        "latency_s": stats([r.latency_s for r in ok if r.latency_s is not None], REPLAY_POINTS),
         # Failed requests counted at their time to failure (a lower bound on what they would have taken).
-        "latency_all_s": _stats([r.latency_s for r in records if r.latency_s is not None]),
-        "ttft_s": _stats([r.ttft_s for r in ok if r.ttft_s is not None]),
-        "server_ttft_s": _stats([r.server_ttft_s for r in ok if r.server_ttft_s is not None]),
+        "latency_all_s": stats([r.latency_s for r in records if r.latency_s is not None], REPLAY_POINTS),
+        "ttft_s": stats([r.ttft_s for r in ok if r.ttft_s is not None], REPLAY_POINTS),
+        "server_ttft_s": stats([r.server_ttft_s for r in ok if r.server_ttft_s is not None], REPLAY_POINTS),
         "send_delay_max_s": max((r.send_delay_s for r in records), default=0.0),
         "tokens": tokens,
         "duration_s": duration,

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sllm_eval.simulator import TIERS, SimConfig, apply_calibration, simulate
+from sllm_eval.stats import stats
 from sllm_eval.workload import Arrival
 
 WARMUP_MODEL = "warmup"
@@ -363,22 +364,13 @@ def replay_config(replay: dict[str, Any], calibration: dict[str, Any], warmup_by
 # ---------------------------------------------------------------------------------------------- comparing
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "p50": None, "p99": None}
-    import numpy as np
-
-    a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
-
-
 def real_summary(replay: dict[str, Any], policy: str) -> dict[str, Any]:
     ok = _ok(replay["records"][policy])
     loads = {t: 0 for t in TIERS}
     for s in load_samples(replay, policy):
         loads[s["tier"]] += 1
     return {"completed": len(ok), "failed": len(replay["records"][policy]) - len(ok),
-            "latency_s": _stats([r["latency_s"] for r in ok]), "ttft_s": _stats([r["ttft_s"] for r in ok]),
+            "latency_s": stats([r["latency_s"] for r in ok]), "ttft_s": stats([r["ttft_s"] for r in ok]),
             "loads": loads}
 
 

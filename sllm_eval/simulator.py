@@ -1,12 +1,13 @@
 """``sllm simulate``: a discrete-event simulation of the scheduler on a virtual clock.
 
 The cluster is N servers of G GPUs each; every server has a DRAM tier and an SSD tier (LRU, of given
-capacity and bandwidth) and reaches a model repository at a given bandwidth. Every placement decision
-calls the very :func:`sllm_actors.policy.placement.choose` the SchedulerActor calls, over
-:class:`~sllm_actors.policy.placement.GpuView` objects kept up to date incrementally, so the policies
-compared here are the code that runs in the real cluster.
+capacity and bandwidth) and reaches a model repository at a given bandwidth. The placement steps are the
+SchedulerActor's own: one :class:`~sllm_actors.policy.steps.PlacementSteps` (which calls
+:func:`~sllm_actors.policy.placement.choose` over :class:`~sllm_actors.policy.placement.GpuView` objects
+kept up to date incrementally here) decides, and this simulation carries out its actions on a virtual
+clock, so the policies compared here are the code that runs in the real cluster.
 
-What it mirrors of the SchedulerActor (``actors/scheduler.py``):
+What the steps decide, and how it is simulated:
 
 * a request goes to the ready instance of its model with room (fewest requests first); else it waits on
   an instance that is loading, or on a GPU reserved for its model; else ``choose()`` decides:
@@ -16,7 +17,8 @@ What it mirrors of the SchedulerActor (``actors/scheduler.py``):
   losing nothing; once the GPU has no request left the new model loads there), ``preempt`` (Shepherd:
   the busy instance stops at once and its requests are placed again from scratch, their progress lost;
   the new model loads at once), or ``wait`` (queue; a request queued longer than ``queue_timeout_s``
-  fails). The queue is retried whenever a request finishes or an instance becomes ready.
+  fails). A move that cannot start gives the GPU's reservation up and its waiters queue. The queue is
+  retried whenever a request finishes or an instance becomes ready.
 * an idle instance is unloaded ``keep_alive_s`` after its last request; a model keeps at most
   ``max_instances`` instances of ``max_concurrency`` requests each.
 * a load from the SSD tier puts the model in DRAM too; from the repository, in SSD and DRAM (LRU
@@ -52,7 +54,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import math
 import random
 import sys
 import time
@@ -62,8 +63,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sllm_actors.policy import placement
+from sllm_actors.policy import placement, steps
 from sllm_actors.policy.placement import Estimator, GpuView, InstanceView, MigrationCost, RunningView
+from sllm_eval.stats import stats
 from sllm_eval.workload import Arrival
 
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
@@ -443,20 +445,6 @@ def estimate_errors(estimates: Sequence[tuple[str, float, float]]) -> dict[str, 
     return out
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "p50": None, "p99": None}
-    v = sorted(values)
-
-    def pct(p: float) -> float:
-        # Linear interpolation between closest ranks (numpy's default).
-        k = (len(v) - 1) * p
-        lo, hi = math.floor(k), math.ceil(k)
-        return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-    return {"mean": sum(v) / len(v), "p50": pct(0.5), "p99": pct(0.99)}
-
-
 @dataclass
 class SimResult:
     policy: str
@@ -498,8 +486,8 @@ class SimResult:
             "requests": len(self.requests),
             "completed": len(done),
             "failed": len(self.requests) - len(done),
-            "latency_s": _stats([r.latency_s for r in done]),
-            "ttft_s": _stats([r.ttft_s for r in done if r.ttft_s is not None]),
+            "latency_s": stats([r.latency_s for r in done]),
+            "ttft_s": stats([r.ttft_s for r in done if r.ttft_s is not None]),
             "cold_starts": cold,
             "warm_starts": sum(1 for r in self.requests if not r.cold_tier),
             "loads": dict(self.loads),
@@ -583,59 +571,64 @@ class _Req:
         return self.prompt + min(gen, self.output)
 
 
-class _Inst:
+class _Inst(steps.Instance):
+    """An instance as the placement steps see it (its ``requests`` are the :class:`_Req` running on it), with
+    what the simulation adds: its GPU, its view for ``choose`` (kept in step with its state) and progress."""
+
     __slots__ = (
-        "draining",
+        "_draining",
+        "_state",
+        "device",
         "epoch",
-        "estimate",
-        "gpu",
-        "id",
-        "incoming",
-        "last_used",
-        "mem",
-        "model",
         "orders",
         "parts",
-        "running",
         "spec",
         "started",
-        "state",
         "t_last",
         "tier",
         "view",
-        "waiters",
     )
 
-    def __init__(self, iid: str, spec: ModelConfig, gpu: _Gpu, mem: int, now: float) -> None:
-        self.id = iid
-        self.model = spec.name
+    def __init__(self, iid: str, spec: ModelConfig, device: _Gpu, mem: int, now: float) -> None:
+        self._state = "loading"
+        self._draining = False
+        self.view = InstanceView(iid, spec.name, "loading", [], mem)
+        super().__init__(iid, spec.name, device.view.node, device.view.gpu, mem, now)
         self.spec = spec
-        self.gpu = gpu
-        self.mem = mem
-        self.state = "loading"
-        self.running: dict[int, _Req] = {}
-        self.waiters: list[_Req] = []
-        self.incoming = 0
-        """Requests migrating here, not yet switched."""
+        self.device = device
         self.orders: list[_Order] = []
         """Migrations waiting for this (loading) destination."""
-        self.last_used = now
-        self.draining = False
-        self.view = InstanceView(iid, spec.name, "loading", [], mem)
         self.epoch = 0
         self.t_last = now
         self.started = now
-        self.estimate = 0.0
-        """The placement decision's start-up estimate (0 for a migration's destination)."""
         self.parts = (0.0, 0.0, 0.0)
         """Its own load's estimated (fetch, build, tail), as the real scheduler keeps them: its node's queue
         term for other loads replays them (``load_pipeline`` ``node``)."""
         self.tier = ""
 
+    # The placement steps set these; the view ``choose`` reads follows them.
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        self.sync_view()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        self.sync_view()
+
     def sync_view(self) -> None:
-        if self.draining:
+        if self._draining:
             self.view.state = "draining"
-        elif self.state == "loading":
+        elif self._state == "loading":
             self.view.state = "loading"
         elif self.incoming:
             self.view.state = "migrating"  # holds room for requests on their way: neither idle nor movable
@@ -643,7 +636,7 @@ class _Inst:
             self.view.state = "ready"
 
     def idle(self) -> bool:
-        return self.state == "ready" and not self.running and not self.waiters and not self.incoming
+        return steps.PlacementSteps.is_idle(self)
 
 
 @dataclass
@@ -681,11 +674,12 @@ class _View(GpuView):
 class _Gpu:
     __slots__ = ("active", "busy_s", "busy_since", "index", "insts", "load_free_at", "server", "view")
 
-    def __init__(self, index: int, server: _Server, gpu: int, memory: int) -> None:
+    def __init__(self, index: int, server: _Server, gpu: int, memory: int, insts: list[_Inst]) -> None:
         self.index = index
         self.server = server
         self.view = _View(server.name, gpu, memory, server.bandwidth, server.holds, server.tier_of)
-        self.insts: list[_Inst] = []
+        self.insts = insts
+        """The placement steps' list of the instances on this GPU (they add and remove them)."""
         self.load_free_at = 0.0
         self.active = 0
         self.busy_since = 0.0
@@ -695,16 +689,15 @@ class _Gpu:
         return self.view.free
 
     def add(self, inst: _Inst) -> None:
-        self.insts.append(inst)
+        """``inst`` (counted here by the placement steps) takes its room in the view."""
         self.view.instances.append(inst.view)
-        self.view.used += inst.mem
-        self.view.free -= inst.mem
+        self.view.used += inst.memory_bytes
+        self.view.free -= inst.memory_bytes
 
     def remove(self, inst: _Inst) -> None:
-        self.insts.remove(inst)
         self.view.instances.remove(inst.view)
-        self.view.used -= inst.mem
-        self.view.free += inst.mem
+        self.view.used -= inst.memory_bytes
+        self.view.free += inst.memory_bytes
 
 
 class _Lru:
@@ -765,13 +758,6 @@ class _Server:
             self.on_drop(self, model)
 
 
-@dataclass
-class _Reservation:
-    model: str
-    waiters: list[_Req]
-    estimate: float
-
-
 # ---------------------------------------------------------------------------------------------- engine
 
 
@@ -802,16 +788,26 @@ class _Sim:
         self.servers: list[_Server] = []
         self.gpus: list[_Gpu] = []
         self.model_servers: dict[str, set[int]] = {m.name: set() for m in config.models}
+        # The SchedulerActor's placement steps, on this virtual clock: every node is up.
+        self.steps = steps.PlacementSteps(
+            self, policy, migration=config.migration, estimator=self.est, rng=self.rng,
+            make_instance=lambda iid, model, node, gpu, mem, now: _Inst(
+                iid, self.specs[model], self.by_key[(node, gpu)], mem, now),
+            request_order=lambda r: r.idx, skip_stuck_models=True,
+        )
+        for m in config.models:
+            self.steps.add_model(m.name, steps.ModelLimits(m.max_concurrency, m.max_instances))
         for si, sc in enumerate(config.servers):
             srv = _Server(si, sc, self._dropped, self._log if config.record_log else None)
             self.servers.append(srv)
+            self.steps.alive.add(sc.name)
             for gi, mem in enumerate(sc.gpu_memory):
-                g = _Gpu(len(self.gpus), srv, gi, int(mem))
+                g = _Gpu(len(self.gpus), srv, gi, int(mem), self.steps.add_gpu(sc.name, gi, int(mem)))  # type: ignore[arg-type]
                 srv.gpus.append(g)
                 self.gpus.append(g)
         if not self.gpus:
             raise ValueError("the cluster has no GPU")
-        self.views = [g.view for g in self.gpus]
+        self.views: list[GpuView] = [g.view for g in self.gpus]
         if policy == "random":
             for _ in range(config.prior_choices):
                 self.rng.choice(self.views)
@@ -820,12 +816,8 @@ class _Sim:
         self.now = 0.0
         self.heap: list[tuple[float, int, int, Any, Any]] = []
         self.seq = 0
-        self.insts: dict[str, _Inst] = {}
-        self.model_insts: dict[str, list[_Inst]] = {m.name: [] for m in config.models}
-        self.queue: list[_Req] = []
-        self.reserved: dict[tuple[str, int], _Reservation] = {}
+        self.insts: dict[str, _Inst] = self.steps.instances  # type: ignore[assignment]
         self.loading_gpus: set[int] = set()
-        self.ids = 0
         self.loads = {t: 0 for t in TIERS}
         self.estimates: list[tuple[str, float, float]] = []
         self.decisions = {k: 0 for k in ("load", "migrate", "preempt", "wait")}
@@ -850,12 +842,9 @@ class _Sim:
             gpu = next((g for g in by_name[server].gpus if g.free() >= self.need[model]), None)
             if gpu is None:
                 raise ValueError(f"initial instance of {model}: no GPU of {server} has room for it")
-            self.ids += 1
-            inst = _Inst(f"{model}-{self.ids}", spec, gpu, self.need[model], 0.0)
+            inst = self.steps.new_instance(spec.name, (gpu.view.node, gpu.view.gpu), [], 0.0)
+            assert isinstance(inst, _Inst)
             inst.state = "ready"
-            inst.sync_view()
-            self.insts[inst.id] = inst
-            self.model_insts[model].append(inst)
             gpu.add(inst)
             self._maybe_idle(inst)
 
@@ -904,7 +893,7 @@ class _Sim:
                     self._step(a)
             elif kind == _ARRIVE:
                 a.status = "placing"
-                self._place(a)
+                self._run(self.steps.place(a, a.model, self.now))
             elif kind == _LOADED:
                 self._loaded(a)
             elif kind == _SWITCH:
@@ -916,7 +905,7 @@ class _Sim:
             elif kind == _FETCHED:
                 self._fetched(a)
             elif kind == _REPLACE:
-                self._place(a, exclude=b)
+                self._run(self.steps.place(a, a.model, self.now, exclude=b.instance_id))
             if self.cfg.check_invariants:
                 self._check()
         for g in self.gpus:
@@ -924,43 +913,64 @@ class _Sim:
                 g.busy_s += self.now - g.busy_since
                 g.busy_since = self.now
 
-    # -------------------------------------------------------------- placement (mirrors SchedulerActor)
+    # -------------------------------------------------------------- placement: the SchedulerActor's steps
 
-    def _place(self, req: _Req, exclude: _Inst | None = None) -> None:
-        spec = req.spec
-        conc = spec.max_concurrency
-        insts = self.model_insts[req.model]
-        best = None
-        for i in insts:
-            if (i.state == "ready" and not i.draining and i is not exclude and len(i.running) + i.incoming < conc
-                    and (best is None or len(i.running) < len(best.running))):
-                best = i
-        if best is not None:
-            self._assign(best, req)
-            return
-        for i in insts:
-            if i.state == "loading" and len(i.waiters) < conc:
-                i.waiters.append(req)
-                req.status = "waiting-load"
-                if not req.cold_tier:
-                    req.cold_tier = i.tier
-                return
-        for res in self.reserved.values():
-            if res.model == req.model and len(res.waiters) < conc:
-                res.waiters.append(req)
-                req.status = "waiting-load"
-                return
-        if self._start_instance(spec, req):
-            return
-        self._enqueue(req)
+    def _run(self, todo: steps.Steps[Any]) -> Any:
+        return steps.drive(todo, self._carry_out)
 
-    def _enqueue(self, req: _Req) -> None:
+    def _carry_out(self, action: steps.Action) -> None:
+        """Do in simulation what the placement steps decided."""
+        if isinstance(action, steps.Serve):
+            req = action.request
+            req.queued_since = None
+            self._assign(action.instance, req)  # type: ignore[arg-type]
+        elif isinstance(action, steps.JoinLoad):
+            req = action.request
+            req.status, req.queued_since = "waiting-load", None
+            if not req.cold_tier:
+                req.cold_tier = action.instance.tier  # type: ignore[attr-defined]
+        elif isinstance(action, steps.JoinReserved):
+            req = action.request
+            req.status, req.queued_since = "waiting-load", None
+        elif isinstance(action, steps.Enqueued):
+            self._enqueued(action.waiting.request)
+        elif isinstance(action, steps.Decided):
+            self._decided(action)
+        elif isinstance(action, steps.StartInstance):
+            self._load_on(action.instance)  # type: ignore[arg-type]
+        elif isinstance(action, steps.Unload):
+            self._unload(action.instance)  # type: ignore[arg-type]
+        elif isinstance(action, steps.Migrate):
+            self._start_migration(action)
+        elif isinstance(action, steps.Preempt):
+            self._preempt(action.instance)  # type: ignore[arg-type]
+        else:
+            raise TypeError(f"the simulation cannot do {action!r}")  # Fail: every model is configured
+
+    def need_bytes(self, model: str) -> int:
+        """(for the placement steps)"""
+        return self.need[model]
+
+    def gpu_views(self, model: str, now: float) -> list[GpuView]:
+        """(for the placement steps) the views, brought up to ``now`` where ``choose`` for ``model`` reads them."""
+        self._refresh_views(model)
+        return self.views
+
+    def _enqueued(self, req: _Req) -> None:
         req.status = "queued"
-        self.queue.append(req)
         if req.queued_since is None:
             req.queued_since = self.now
             req.queue_token += 1
             self._push(self.now + self.cfg.queue_timeout_s, _TIMEOUT, req, req.queue_token)
+
+    def _decided(self, action: steps.Decided) -> None:
+        decision = action.decision
+        self.decisions[decision.kind] += 1
+        if self.cfg.record_log:
+            self._log("schedule", request=action.request.idx, model=action.model,
+                      decision=decision.kind, node=decision.gpu[0] if decision.gpu else "",
+                      gpu=decision.gpu[1] if decision.gpu else None, tier=decision.tier,
+                      estimate_s=decision.estimate_s if decision.gpu else None, considered=decision.considered)
 
     def _refresh_views(self, model: str) -> None:
         now = self.now
@@ -986,116 +996,38 @@ class _Sim:
             for si in self.model_servers[model]:
                 for g in self.servers[si].gpus:
                     for inst in g.insts:
-                        if inst.running:
+                        if inst.requests:
                             self._advance(inst)
-                            for r in inst.running.values():
+                            for r in inst.requests:
                                 r.rv.tokens = r.tokens()
 
-    def _start_instance(self, spec: ModelConfig, req: _Req) -> bool:
-        if len(self.model_insts[spec.name]) >= spec.max_instances:
-            return False
-        need = self.need[spec.name]
-        self._refresh_views(spec.name)
-        views = self.views if not self.reserved else [v for v in self.views if v.key not in self.reserved]
-        decision = placement.choose(placement.placement_policy(self.policy, self.cfg.migration), spec.name, need,
-                                    views, self.est, self.rng)  # type: ignore[arg-type]
-        self.decisions[decision.kind] += 1
-        if self.cfg.record_log:
-            self._log("schedule", request=req.idx, model=spec.name, decision=decision.kind,
-                      node=decision.gpu[0] if decision.gpu else "", gpu=decision.gpu[1] if decision.gpu else None,
-                      tier=decision.tier, estimate_s=decision.estimate_s if decision.gpu else None,
-                      considered=decision.considered)
-        if decision.kind == "wait" or decision.gpu is None:
-            return False
-        gpu = self.by_key[decision.gpu]
-        for iid in decision.evict:
-            inst = self.insts.get(iid)
-            if inst is not None:
-                self._unload(inst)
-        if decision.kind == "load":
-            self._load_on(spec, gpu, [req], decision.estimate_s)
-            return True
-        self.reserved[decision.gpu] = _Reservation(spec.name, [req], decision.estimate_s)
-        req.status = "waiting-load"
-        for iid, dest in decision.move:
-            busy = self.insts.get(iid)
-            if busy is None:
-                continue
-            busy.draining = True
-            busy.sync_view()
-            if decision.kind == "migrate":
-                if not self._migrate(busy, self.by_key[dest]):
-                    busy.draining = False
-                    busy.sync_view()
-            else:
-                self._advance(busy)
-                stopped = list(busy.running.values())
-                for r in stopped:
-                    self._stop(busy, r)
-                    r.restart()
-                    r.preemptions += 1
-                    self.preemptions += 1
-                    r.status = "preempted"
-                    self._push(self.now, _REPLACE, r, busy)
-                self._reschedule(busy)
-                self._unload(busy)
-        self._try_reserved(gpu)
-        return True
+    def _preempt(self, busy: _Inst) -> None:
+        """Shepherd: ``busy``'s requests stop at once and are placed again from scratch."""
+        self._advance(busy)
+        stopped = list(busy.requests)
+        for r in stopped:
+            self._stop(busy, r)
+            r.restart()
+            r.preemptions += 1
+            self.preemptions += 1
+            r.status = "preempted"
+            self._push(self.now, _REPLACE, r, busy)
+        self._reschedule(busy)
 
-    def _try_reserved(self, gpu: _Gpu) -> None:
-        res = self.reserved.get(gpu.view.key)
-        if res is None:
-            return
-        if any(i.draining and i.running for i in gpu.insts):
-            return
-        for inst in list(gpu.insts):
-            if inst.draining and inst.state == "ready":
-                self._unload(inst)
-        del self.reserved[gpu.view.key]
-        spec = self.specs[res.model]
-        if gpu.free() >= self.need[res.model]:
-            self._load_on(spec, gpu, res.waiters, res.estimate)
-        else:
-            # A move could not start and the GPU was not freed: its waiters are placed again.
-            for r in res.waiters:
-                self._place(r)
-
-    def _migrate(self, src: _Inst, dest_gpu: _Gpu) -> bool:
-        spec = src.spec
-        moving = list(src.running.values())
-        dest = None
-        for i in self.model_insts[src.model]:
-            if (i.gpu is dest_gpu and i is not src and i.state in ("ready", "loading") and not i.draining
-                    and len(i.running) + len(i.waiters) + i.incoming + len(moving) <= spec.max_concurrency):
-                dest = i
-                break
-        if dest is None:
-            need = self.need[src.model]
-            if dest_gpu.free() < need and not self._make_room(dest_gpu, need):
-                return False
-            dest = self._load_on(spec, dest_gpu, [])
+    def _start_migration(self, action: steps.Migrate) -> None:
+        """ServerlessLLM: the requests keep decoding on the source while the destination loads (if it must)
+        and recomputes their tokens; then they switch (:meth:`_switch`)."""
+        src, dest = action.source, action.dest
+        moving: list[_Req] = list(action.requests)
         dest.incoming += len(moving)
-        dest.sync_view()
-        order = _Order(src, dest, moving)
+        dest.sync_view()  # type: ignore[attr-defined]
+        order = _Order(src, dest, moving)  # type: ignore[arg-type]
         for r in moving:
             r.order = order
         if dest.state == "ready":
             self._send_order(order)
         else:
-            dest.orders.append(order)
-        return True
-
-    def _make_room(self, gpu: _Gpu, need: int) -> bool:
-        idle = sorted((i for i in gpu.insts if i.idle() and not i.draining), key=lambda i: i.last_used)
-        free = gpu.free()
-        if free + sum(i.mem for i in idle) < need:
-            return False
-        for inst in idle:
-            if free >= need:
-                break
-            self._unload(inst)
-            free += inst.mem
-        return True
+            dest.orders.append(order)  # type: ignore[attr-defined]
 
     def _send_order(self, order: _Order) -> None:
         src = order.source
@@ -1120,18 +1052,18 @@ class _Sim:
         req.migrations += 1
         self.migrations += 1
         self._assign(dest, req)
-        if src.draining and not src.running:
-            self._try_reserved(src.gpu)
+        if src.draining and not src.requests:
+            self._run(self.steps.try_reserved(self.now))
+            self._maybe_idle(src)  # no reservation took its GPU: it goes at its keep-alive, as in the scheduler
 
     # -------------------------------------------------------------- instances
 
     def _load_cost(self, spec: ModelConfig, gpu: _Gpu, tier: str) -> float:
         return spec.size_bytes / gpu.view.bandwidth(tier) + self.cfg.load_fixed_s.get(tier, 0.0)
 
-    def _load_on(self, spec: ModelConfig, gpu: _Gpu, waiters: list[_Req], estimate: float = 0.0) -> _Inst:
-        self.ids += 1
-        inst = _Inst(f"{spec.name}-{self.ids}", spec, gpu, self.need[spec.name], self.now)
-        inst.estimate = estimate
+    def _load_on(self, inst: _Inst) -> None:
+        """Load ``inst`` (counted on its GPU by the placement steps) from its node's fastest tier holding it."""
+        spec, gpu, waiters = inst.spec, inst.device, inst.waiters
         tier = gpu.view.best_tier(spec.name)
         inst.tier = tier
         dur = self._load_cost(spec, gpu, tier)
@@ -1154,41 +1086,34 @@ class _Sim:
         self.loading_gpus.add(gpu.index)
         self.loads[tier] += 1
         self.load_s += dur
-        inst.waiters = list(waiters)
         for r in waiters:
             r.status = "waiting-load"
             if not r.cold_tier:
                 r.cold_tier = tier
-        self.insts[inst.id] = inst
-        self.model_insts[spec.name].append(inst)
         gpu.add(inst)
         if ready_at is not None:
             self._push(ready_at, _LOADED, inst, None)
-        return inst
 
     def _fetched(self, inst: _Inst) -> None:
         """(``load_pipeline`` ``node``) a repository fetch is done and stored on SSD; the build takes its turn."""
-        srv = inst.gpu.server
+        srv = inst.device.server
         srv.ssd.put(inst.model, inst.spec.size_bytes)
         if inst.model in srv.holds["ssd"]:
             self.model_servers[inst.model].add(srv.index)
-        _, build, _ = placement.load_parts("repository", self._load_cost(inst.spec, inst.gpu, "repository"),
-                                           self._load_cost(inst.spec, inst.gpu, "dram"))
+        _, build, _ = placement.load_parts("repository", self._load_cost(inst.spec, inst.device, "repository"),
+                                           self._load_cost(inst.spec, inst.device, "dram"))
         start = max(self.now, srv.build_free_at)
         srv.build_free_at = start + build
         self._push(srv.build_free_at, _LOADED, inst, None)
 
     def _loaded(self, inst: _Inst) -> None:
-        if inst.estimate > 0:
-            self.estimates.append((inst.tier, inst.estimate, self.now - inst.started))
+        if inst.estimate_s > 0:
+            self.estimates.append((inst.tier, inst.estimate_s, self.now - inst.started))
         if self.cfg.record_log:
-            self._log("load", node=inst.gpu.server.name, gpu=inst.gpu.view.gpu, model=inst.model, tier=inst.tier,
-                      seconds=self.now - inst.t_last, instance=inst.id)
-        inst.state = "ready"
-        inst.last_used = self.now
+            self._log("load", node=inst.device.server.name, gpu=inst.device.view.gpu, model=inst.model, tier=inst.tier,
+                      seconds=self.now - inst.t_last, instance=inst.instance_id)
         inst.t_last = self.now
-        inst.sync_view()
-        srv = inst.gpu.server
+        srv = inst.device.server
         model = inst.model
         size = inst.spec.size_bytes
         if inst.tier == "repository":
@@ -1202,30 +1127,28 @@ class _Sim:
             srv.dram.touch(model)
         if model in srv.holds["dram"] or model in srv.holds["ssd"]:
             self.model_servers[model].add(srv.index)
-        waiters, inst.waiters = inst.waiters, []
-        for r in waiters:
-            self._assign(inst, r)
+        self._run(self.steps.ready(inst, self.now))
         orders, inst.orders = inst.orders, []
         for order in orders:
             self._send_order(order)
         self._maybe_idle(inst)
-        self._drain_queue()
+        self._run(self.steps.drain_queue(self.now))
 
     def _unload(self, inst: _Inst) -> None:
-        assert not inst.running and not inst.waiters, f"unloading {inst.id} with requests"
+        assert not inst.requests and not inst.waiters, f"unloading {inst.instance_id} with requests"
         if self.cfg.record_log:
-            self._log("unload", node=inst.gpu.server.name, model=inst.model, instance=inst.id)
+            self._log("unload", node=inst.device.server.name, model=inst.model, instance=inst.instance_id)
         inst.state = "gone"
-        del self.insts[inst.id]
-        self.model_insts[inst.model].remove(inst)
-        inst.gpu.remove(inst)
+        self.steps.remove(inst)
+        inst.device.remove(inst)
 
     def _maybe_idle(self, inst: _Inst) -> None:
-        if inst.idle() and not inst.draining:
+        # Draining or not, as the scheduler's keep-alive: a reservation that takes the GPU unloads it first.
+        if inst.idle():
             self._push(max(self.now, inst.last_used + inst.spec.keep_alive_s), _KEEPALIVE, inst, inst.last_used)
 
     def _keepalive(self, inst: _Inst, stamp: float) -> None:
-        if inst.state != "ready" or inst.last_used != stamp or not inst.idle() or inst.draining:
+        if inst.state != "ready" or inst.last_used != stamp or not inst.idle():
             return
         self._unload(inst)
 
@@ -1234,27 +1157,27 @@ class _Sim:
     def _advance(self, inst: _Inst) -> None:
         dt = self.now - inst.t_last
         inst.t_last = self.now
-        if dt <= 0 or not inst.running:
+        if dt <= 0 or not inst.requests:
             return
-        n = len(inst.running)
+        n = len(inst.requests)
         d = (dt / (1.0 + self.cfg.batch_sharing * (n - 1)) if n > 1 else dt) / self.pool
-        for r in inst.running.values():
+        for r in inst.requests:
             r.work_left -= d
             r.prefill_left -= d
 
     def _reschedule(self, inst: _Inst) -> None:
         inst.epoch += 1
-        if not inst.running:
+        if not inst.requests:
             return
-        n = len(inst.running)
+        n = len(inst.requests)
         slow = (1.0 + self.cfg.batch_sharing * (n - 1) if n > 1 else 1.0) * self.pool
-        nxt = min((r.prefill_left if r.first_token is None else r.work_left) for r in inst.running.values())
+        nxt = min((r.prefill_left if r.first_token is None else r.work_left) for r in inst.requests)
         self._push(self.now + max(0.0, nxt) * slow, _STEP, inst, inst.epoch)
 
     def _step(self, inst: _Inst) -> None:
         self._advance(inst)
         done = []
-        for r in inst.running.values():
+        for r in inst.requests:
             if r.first_token is None and r.prefill_left <= _EPS:
                 r.first_token = self.now
             if r.work_left <= _EPS:
@@ -1285,14 +1208,14 @@ class _Sim:
 
     def _assign(self, inst: _Inst, req: _Req) -> None:
         self._advance(inst)
-        if not inst.running:
+        if not inst.requests:
             self._set_active(inst, True)
         req.inst = inst
         req.status = "running"
-        inst.running[req.idx] = req
+        inst.requests[req] = None
         inst.view.requests.append(req.rv)
         inst.last_used = self.now
-        g = inst.gpu
+        g = inst.device
         if g.active == 0:
             g.busy_since = self.now
         g.active += 1
@@ -1300,20 +1223,20 @@ class _Sim:
 
     def _stop(self, inst: _Inst, req: _Req) -> None:
         """Take a running request off its instance (it finished, moved or was preempted)."""
-        del inst.running[req.idx]
+        del inst.requests[req]
         inst.view.requests.remove(req.rv)
         req.inst = None
-        if not inst.running:
+        if not inst.requests:
             self._set_active(inst, False)
         inst.last_used = self.now
-        g = inst.gpu
+        g = inst.device
         g.active -= 1
         if g.active == 0:
             g.busy_s += self.now - g.busy_since
 
     def _finish(self, inst: _Inst, req: _Req) -> None:
         self._stop(inst, req)
-        req.server = inst.gpu.server.name
+        req.server = inst.device.server.name
         req.status = "done"
         req.finish = self.now
         if req.order is not None:
@@ -1324,39 +1247,15 @@ class _Sim:
             self._maybe_idle(dest)
 
     def _after_finish(self, inst: _Inst) -> None:
-        if inst.draining:
-            if not inst.running:
-                self._try_reserved(inst.gpu)
-        else:
-            self._maybe_idle(inst)
-        self._drain_queue()
+        self._maybe_idle(inst)
+        self._run(self.steps.freed(inst, self.now))
 
     # -------------------------------------------------------------- the queue
-
-    def _drain_queue(self) -> None:
-        for key in list(self.reserved):
-            self._try_reserved(self.by_key[key])
-        if not self.queue:
-            return
-        waiting, self.queue = self.queue, []
-        stuck: set[str] = set()
-        for r in waiting:
-            if r.model in stuck:
-                # This model found no room a moment ago and nothing changed for it since.
-                self.queue.append(r)
-                continue
-            before = len(self.queue)
-            r.status = "placing"
-            self._place(r)
-            if len(self.queue) > before:
-                stuck.add(r.model)
-            elif r.status != "queued":
-                r.queued_since = None
 
     def _timeout(self, req: _Req, token: int) -> None:
         if req.status != "queued" or req.queue_token != token:
             return
-        self.queue.remove(req)
+        self.steps.unqueue(req)
         req.status = "failed"
         req.finish = self.now
         req.error = (f"no_capacity: no GPU could serve {req.model} within {self.cfg.queue_timeout_s:.0f}s "
@@ -1366,7 +1265,7 @@ class _Sim:
 
     def _check(self) -> None:
         for g in self.gpus:
-            used = sum(i.mem for i in g.insts)
+            used = sum(i.memory_bytes for i in g.insts)
             v = g.view
             assert used <= v.memory_total, f"{v.key} over memory: {used} > {v.memory_total}"
             assert used == v.used == GpuView.used.fget(v) and v.free == GpuView.free.fget(v), f"{v.key}: view"
@@ -1375,14 +1274,14 @@ class _Sim:
                 assert v.best_tier(m) == GpuView.best_tier(v, m), f"{v.key}: best tier of {m}"
             for t in TIERS:
                 assert v.bandwidth(t) == GpuView.bandwidth(v, t)
-            assert g.active == sum(len(i.running) for i in g.insts), f"{g.view.key}: active count"
+            assert g.active == sum(len(i.requests) for i in g.insts), f"{g.view.key}: active count"
             for i in g.insts:
-                assert [rv for rv in i.view.requests] == [r.rv for r in i.running.values()]
+                assert [rv for rv in i.view.requests] == [r.rv for r in i.requests]
                 assert i.incoming >= 0
-                for r in i.running.values():
+                for r in i.requests:
                     assert r.inst is i and r.status == "running"
-        for r in self.queue:
-            assert r.status == "queued"
+        for w in self.steps.queue:
+            assert w.request.status == "queued"
 
     def result(self, wall_s: float) -> SimResult:
         records = []

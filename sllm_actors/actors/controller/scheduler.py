@@ -1,15 +1,18 @@
 """SchedulerActor: which instance serves a request, and where a model starts.
 
-Placement here: a ready instance of the model with room; else one that is loading; else a new
-instance on the first GPU with memory for it (unloading idle instances of other models if that makes
-room); else the request waits in a queue until capacity appears or its timeout ends it with a clear
-error. Idle instances go after the model's ``keep_alive``.
+The placement steps themselves (a ready instance of the model with room; else one that is loading; else a
+GPU reserved for it; else a new instance where ``placement.choose`` says, unloading idle instances or
+moving busy ones to make room; else the queue) are :class:`~sllm_actors.policy.steps.PlacementSteps`, the
+same code the simulator runs. This actor is their shell: it feeds them the cluster's events and carries out
+the actions they return (messages to nodes and the router, events), and it keeps what only a real cluster
+has: live migrations' orders, the load estimator's measurements, the queue's timeout and idle instances'
+``keep_alive`` on its ticks.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +20,6 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.policy import placement
 from sllm_actors.actors.controller.context import ClusterContext
 from sllm_actors.messages import (
     AbortMigration,
@@ -49,6 +51,7 @@ from sllm_actors.messages import (
     UnloadModel,
 )
 from sllm_actors.models import default_model_dir, directory_bytes, is_model_dir
+from sllm_actors.policy import placement, steps
 from sllm_actors.runtime.supervisor import SupervisedActor
 from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE, ModelSpec
 
@@ -59,30 +62,22 @@ LOAD_OVERHEAD = 1.15
 """Room for activations and KV caches beside the weights."""
 
 
-@dataclass
-class Instance:
-    instance_id: str
-    node: str
-    gpu: int
-    model: str
-    memory_bytes: int
-    state: str = "loading"  # loading, ready, unloading
-    requests: set[str] = field(default_factory=set)
-    waiters: list[str] = field(default_factory=list)
-    last_used: float = field(default_factory=time.monotonic)
-    load_s: float = 0.0
-    tier: str = ""
-    estimate_s: float = 0.0
-    """What the estimator predicted for this load, to report its error when the load is done."""
-    parts: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    """Its own load's (fetch, build, tail) estimate, no queue: what it holds up other loads on its node by."""
-    started: float = field(default_factory=time.monotonic)
-    draining: bool = False
-    """Its requests are being moved off to make room: it takes no new ones."""
-    overlapped: bool = False
-    """Another load ran on the same node meanwhile: its time holds a wait, not only its own work."""
-    kv_blocks: tuple[int, int] = (0, 0)
-    """(used, total) blocks of its KV pool, as its node last reported."""
+class Instance(steps.Instance):
+    """An instance as the placement steps see it, with what the scheduler measured of its load."""
+
+    __slots__ = ("kv_blocks", "load_s", "overlapped", "parts", "started", "tier")
+
+    def __init__(self, instance_id: str, model: str, node: str, gpu: int, memory_bytes: int, now: float) -> None:
+        super().__init__(instance_id, model, node, gpu, memory_bytes, now)
+        self.load_s = 0.0
+        self.tier = ""
+        self.parts: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        """Its own load's (fetch, build, tail) estimate, no queue: what it holds up other loads on its node by."""
+        self.started = now
+        self.overlapped = False
+        """Another load ran on the same node meanwhile: its time holds a wait, not only its own work."""
+        self.kv_blocks: tuple[int, int] = (0, 0)
+        """(used, total) blocks of its KV pool, as its node last reported."""
 
 
 @dataclass
@@ -98,13 +93,6 @@ class MigrationOrder:
     started: float = field(default_factory=time.monotonic)
 
 
-@dataclass
-class Waiting:
-    request_id: str
-    model: str
-    since: float
-
-
 class SchedulerActor(SupervisedActor):
     def __init__(self, supervisor: pykka.ActorRef[Any], name: str, *, cluster: ClusterContext) -> None:
         super().__init__(supervisor, name)
@@ -112,51 +100,52 @@ class SchedulerActor(SupervisedActor):
         self.topology = cluster.topology
         self.catalog: dict[str, ModelSpec] = {m.name: m for m in self.topology.models}
         self.model_bytes: dict[str, int] = {}
-        self.alive: set[str] = set()
-        self.instances: dict[str, Instance] = {}
-        self.queue: list[Waiting] = []
         self.migrations: dict[str, MigrationOrder] = {}
         self.policy = self.topology.scheduler.policy
-        self.placement_policy = placement.placement_policy(self.policy, self.topology.scheduler.migration)
         self.estimator = placement.Estimator(self.model_bytes)
         self.node_tiers: dict[str, dict[str, Any]] = {}
         """node -> {"bandwidth": {tier: B/s}, "holds": {tier: set(models)}} from NodeStatus."""
-        self.reserved: dict[tuple[str, int], tuple[str, list[str], float]] = {}
         self.request_tokens: dict[str, int] = {}
         """Tokens so far per running request (prompt + generated), for migration estimates."""
-        """GPU -> (model, waiters, estimate) to load there once migrations or preemptions free it."""
-        self.rng = __import__("random").Random(0)
-        self._ids = itertools.count(1)
+        self.steps = steps.PlacementSteps(
+            self, self.policy, migration=self.topology.scheduler.migration, estimator=self.estimator,
+            rng=random.Random(0), make_instance=Instance,
+        )
+        for node in self.topology.nodes:
+            for index, gpu in enumerate(node.gpus):
+                self.steps.add_gpu(node.name, index, gpu.memory_bytes)
+        for spec in self.catalog.values():
+            self._add_model(spec)
+        self.alive = self.steps.alive
+        self.instances: dict[str, Instance] = self.steps.instances  # type: ignore[assignment]
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ messages
 
     def on_receive(self, message: Any) -> Any:
+        now = time.monotonic()
         if isinstance(message, Place):
-            self._place(message.request_id, message.model, exclude=message.exclude_instance)
+            self._run(self.steps.place(message.request_id, message.model, now, exclude=message.exclude_instance))
         elif isinstance(message, RequestFinished):
             inst = self.instances.get(message.instance_id)
             self.request_tokens.pop(message.request_id, None)
             if inst is not None:
-                inst.requests.discard(message.request_id)
-                inst.last_used = time.monotonic()
-                if inst.draining:
-                    self._try_reserved()
-            self.queue = [w for w in self.queue if w.request_id != message.request_id]
-            self._drain_queue()
+                self.steps.request_done(inst, message.request_id, now)
+            self.steps.unqueue(message.request_id)
+            self._run(self.steps.freed(inst, now))
         elif isinstance(message, InstanceReady):
-            self._ready(message)
+            self._ready(message, now)
         elif isinstance(message, LoadFailed):
-            self._load_failed(message)
+            self._load_failed(message, now)
         elif isinstance(message, InstanceGone):
-            self._gone([message.instance_id], message.reason)
+            self._gone([message.instance_id], message.reason, now)
         elif isinstance(message, NodeUp):
             self.alive.add(message.node)
-            self._drain_queue()
+            self._run(self.steps.drain_queue(now))
         elif isinstance(message, NodeLost):
             self.alive.discard(message.node)
             lost = [i.instance_id for i in self.instances.values() if i.node == message.node]
-            self._gone(lost, f"node {message.node} lost: {message.reason}")
+            self._gone(lost, f"node {message.node} lost: {message.reason}", now)
         elif isinstance(message, RequestTokens):
             self.request_tokens = dict(message.tokens)
         elif isinstance(message, NodeStatus):
@@ -171,118 +160,62 @@ class SchedulerActor(SupervisedActor):
         elif isinstance(message, FromClient) and isinstance(message.message, DeployModel):
             self._deploy(message.peer, message.message)
         elif isinstance(message, FromClient) and isinstance(message.message, MigrateCommand):
-            self._migrate_command(message.peer, message.message)
+            self._migrate_command(message.peer, message.message, now)
         elif isinstance(message, Migrated):
-            self._request_moved(message)
+            self._request_moved(message, now)
         elif isinstance(message, MigrationEnded):
-            self._migration_ended(message)
+            self._migration_ended(message, now)
         elif isinstance(message, Query):
             return self._query(message.what)
         else:
             raise TypeError(f"{self.name}: unexpected message {message!r}")
         return None
 
-    # ------------------------------------------------------------------ placement
+    # ------------------------------------------------------------------ the placement steps' shell
 
-    def _place(self, request_id: str, model: str, exclude: str = "") -> None:
-        spec = self.catalog.get(model)
-        if spec is None:
-            known = ", ".join(sorted(self.catalog)) or "none"
-            self._fail(request_id, "unknown_model", f"model {model!r} is not deployed (deployed: {known})")
-            return
-        ready = [
-            i for i in self.instances.values()
-            if i.model == model and i.state == "ready" and i.node in self.alive and i.instance_id != exclude
-            and not i.draining and len(i.requests) < spec.target_concurrency
-        ]
-        if ready:
-            inst = min(ready, key=lambda i: len(i.requests))
-            self._assign(inst, request_id)
-            return
-        loading = [
-            i for i in self.instances.values()
-            if i.model == model and i.state == "loading" and len(i.waiters) < spec.target_concurrency
-        ]
-        if loading:
-            loading[0].waiters.append(request_id)
-            return
-        for slot, (reserved_model, waiters, _) in self.reserved.items():
-            if reserved_model == model and len(waiters) < spec.target_concurrency:
-                waiters.append(request_id)
-                return
-        if self._start_instance(spec, request_id):
-            return
-        self.queue.append(Waiting(request_id, model, time.monotonic()))
-        log.info("scheduler: %s waits for capacity for %s", request_id, model)
+    def _run(self, todo: steps.Steps[Any], cold_start: dict[str, Any] | None = None) -> Any:
+        """Carry out what the placement steps decide, in order; ``cold_start``: what to tell the requests
+        that waited for a load (:class:`~sllm_actors.policy.steps.Serve` ``after_load``)."""
+        return steps.drive(todo, lambda action: self._carry_out(action, cold_start))
 
-    def _start_instance(self, spec: ModelSpec, first_waiter: str) -> bool:
-        count = sum(1 for i in self.instances.values() if i.model == spec.name and i.state != "unloading")
-        if count >= spec.max_instances:
-            return False
-        need = self._need_bytes(spec)
-        views = self._views()
-        decision = placement.choose(self.placement_policy, spec.name, need, views, self.estimator, self.rng)  # type: ignore[arg-type]
-        self.cluster.events.emit(
-            "schedule", f"{self.policy}: {decision.kind} {spec.name}"
-            + (f" on {decision.gpu[0]}/gpu-{decision.gpu[1]} from {decision.tier}, est. {decision.estimate_s:.2f}s"
-               if decision.gpu else ""),
-            {"model": spec.name, "request_id": first_waiter, "decision": decision.kind,
-             "estimate_s": decision.estimate_s if decision.gpu else None, "considered": decision.considered},
-        )
-        if decision.kind == "wait" or decision.gpu is None:
-            return False
-        slot = decision.gpu
-        for instance_id in decision.evict:
-            inst = self.instances.get(instance_id)
-            if inst is not None:
-                self._unload(inst, f"to make room for {spec.name}")
-        if decision.kind == "load":
-            inst = self._load_on(spec, slot, [first_waiter], f"for {first_waiter}")
-            inst.estimate_s = decision.estimate_s
-            return True
-        # migrate (ServerlessLLM) or preempt (Shepherd): free the GPU, then load there.
-        self.reserved[slot] = (spec.name, [first_waiter], decision.estimate_s)
-        for instance_id, dest in decision.move:
-            busy = self.instances.get(instance_id)
-            if busy is None:
-                continue
-            busy.draining = True
-            if decision.kind == "migrate":
-                order = self._migrate(sorted(busy.requests), busy, dest, f"make room for {spec.name}")
-                if order is None:
-                    # The GPU will not be freed: give the reservation up, the waiter queues instead.
-                    busy.draining = False
-                    _, waiters, _ = self.reserved.pop(slot, (None, [], 0.0))
-                    self.queue += [Waiting(r, spec.name, time.monotonic()) for r in waiters]
-            else:
-                requests = sorted(busy.requests)
-                busy.requests.clear()
-                self.cluster.directory.tell("router", Preempt(requests, f"preempted for {spec.name}"))
-                self._unload(busy, f"preempted for {spec.name}")
-        self._try_reserved()
-        return True
+    def _carry_out(self, action: steps.Action, cold_start: dict[str, Any] | None) -> None:
+        if isinstance(action, steps.Serve):
+            inst = action.instance
+            self.cluster.directory.tell("router", Placed(
+                str(action.request), inst.node, inst.instance_id, cold_start if action.after_load else None))
+        elif isinstance(action, steps.Enqueued):
+            log.info("scheduler: %s waits for capacity for %s", action.waiting.request, action.waiting.model)
+        elif isinstance(action, steps.Fail):
+            self._fail(str(action.request), action.code, action.message)
+        elif isinstance(action, steps.Decided):
+            decision = action.decision
+            self.cluster.events.emit(
+                "schedule", f"{self.policy}: {decision.kind} {action.model}"
+                + (f" on {decision.gpu[0]}/gpu-{decision.gpu[1]} from {decision.tier}, est. "
+                   f"{decision.estimate_s:.2f}s" if decision.gpu else ""),
+                {"model": action.model, "request_id": action.request, "decision": decision.kind,
+                 "estimate_s": decision.estimate_s if decision.gpu else None, "considered": decision.considered},
+            )
+        elif isinstance(action, steps.StartInstance):
+            self._load_on(action.instance, action.why)  # type: ignore[arg-type]
+        elif isinstance(action, steps.Unload):
+            self._unload(action.instance, action.why)
+        elif isinstance(action, steps.Migrate):
+            self._start_migration(action)
+        elif isinstance(action, steps.Preempt):
+            self.cluster.directory.tell("router", Preempt([str(r) for r in action.requests], action.why))
+        # JoinLoad, JoinReserved: the request waits where the steps put it; nothing to send.
 
-    def _try_reserved(self) -> None:
-        """Load each reserved model once its GPU has been freed by migrations or preemptions."""
-        for slot, (model, waiters, estimate) in list(self.reserved.items()):
-            spec = self.catalog.get(model)
-            if spec is None:
-                del self.reserved[slot]
-                continue
-            on_gpu = [i for i in self.instances.values() if (i.node, i.gpu) == slot]
-            still_busy = [i for i in on_gpu if i.draining and i.requests]
-            if still_busy:
-                continue
-            for inst in on_gpu:
-                if inst.draining and inst.state == "ready":
-                    self._unload(inst, f"its requests moved away for {model}")
-            del self.reserved[slot]
-            if slot[0] not in self.alive:
-                for request_id in waiters:
-                    self._place(request_id, model)
-                continue
-            inst = self._load_on(spec, slot, waiters, "on the GPU freed for it")
-            inst.estimate_s = estimate
+    def need_bytes(self, model: str) -> int:
+        """(for the placement steps) device bytes an instance of ``model`` takes."""
+        return self._need_bytes(self.catalog[model])
+
+    def gpu_views(self, model: str, now: float) -> list[placement.GpuView]:
+        """(for the placement steps) every GPU of an alive node, for ``choose``."""
+        return self._views(now)
+
+    def _add_model(self, spec: ModelSpec) -> None:
+        self.steps.add_model(spec.name, steps.ModelLimits(spec.target_concurrency, spec.max_instances))
 
     def _bandwidth(self, node: str, tier: str) -> float:
         measured = self.node_tiers.get(node, {}).get("bandwidth", {}).get(tier, 0.0)
@@ -302,21 +235,23 @@ class SchedulerActor(SupervisedActor):
                 log.info("scheduler: %s holds %s, which nothing uses; unloading it", msg.node, instance_id)
                 self.cluster.to_node(msg.node, UnloadModel(instance_id))
 
-    def _views(self) -> list[placement.GpuView]:
+    def _in_migration(self) -> set[str]:
+        return {o.source for o in self.migrations.values()} | {o.dest for o in self.migrations.values()}
+
+    def _views(self, now: float) -> list[placement.GpuView]:
         views = []
         # Per node, not per GPU: a node's fetches and builds take turns across all of its GPUs.
         loads: dict[str, list[placement.LoadUnderWay]] = {}
         for i in self.instances.values():
             if i.state == "loading":
                 loads.setdefault(i.node, []).append(placement.LoadUnderWay(i.started, *i.parts))
-        now = time.monotonic()
-        in_migration = {o.source for o in self.migrations.values()} | {o.dest for o in self.migrations.values()}
+        in_migration = self._in_migration()
         for node in self.topology.nodes:
             if node.name not in self.alive:
                 continue
             tiers = self.node_tiers.get(node.name, {})
             for index, gpu in enumerate(node.gpus):
-                if (node.name, index) in self.reserved:
+                if (node.name, index) in self.steps.reserved:
                     continue
                 instances = [
                     placement.InstanceView(
@@ -326,7 +261,7 @@ class SchedulerActor(SupervisedActor):
                         [placement.RunningView(r, self.request_tokens.get(r, 0)) for r in sorted(i.requests)],
                         i.memory_bytes,
                     )
-                    for i in self.instances.values() if i.node == node.name and i.gpu == index
+                    for i in self.steps.on_gpu[(node.name, index)]
                 ]
                 views.append(placement.GpuView(
                     node.name, index, gpu.memory_bytes, instances,
@@ -335,69 +270,26 @@ class SchedulerActor(SupervisedActor):
                 ))
         return views
 
-    def _load_on(self, spec: ModelSpec, slot: tuple[str, int], waiters: list[str], why: str) -> Instance:
-        node, gpu = slot
-        instance_id = f"{spec.name}-{next(self._ids)}"
-        inst = Instance(instance_id, node, gpu, spec.name, self._need_bytes(spec), waiters=list(waiters))
+    def _load_on(self, inst: Instance, why: str) -> None:
+        """Order ``inst``'s node to load it (the steps counted it on its GPU already)."""
+        spec = self.catalog[inst.model]
+        node, gpu = inst.node, inst.gpu
         # Its own load's parts read only the node's tiers: no need for the whole cluster's views.
         tiers = self.node_tiers.get(node, {})
         inst.parts = self.estimator.load_parts(spec.name, placement.GpuView(
             node, gpu, 0, tiers=dict(tiers.get("bandwidth", {})), holds=tiers.get("holds", {})))
         for other in self.instances.values():
-            if other.node == node and other.state == "loading":
+            if other is not inst and other.node == node and other.state == "loading":
                 other.overlapped = inst.overlapped = True
-        self.instances[instance_id] = inst
         self.cluster.to_node(node, LoadModel(
-            instance_id, spec.name, spec.source, gpu, spec.target_concurrency, spec.dtype, spec.kv_cache_bytes,
+            inst.instance_id, spec.name, spec.source, gpu, spec.target_concurrency, spec.dtype, spec.kv_cache_bytes,
             spec.deterministic, spec.max_batch,
         ))
         self.cluster.events.emit(
             "schedule", f"start {spec.name} on {node}/gpu-{gpu} {why}", {"model": spec.name, "node": node, "gpu": gpu},
         )
-        return inst
 
-    def _gpus(self) -> list[tuple[str, int, int]]:
-        """(node, gpu index, free bytes) of every GPU on an alive node, in topology order."""
-        out = []
-        for node in self.topology.nodes:
-            if node.name not in self.alive:
-                continue
-            for index, gpu in enumerate(node.gpus):
-                used = sum(
-                    i.memory_bytes for i in self.instances.values() if i.node == node.name and i.gpu == index
-                )
-                out.append((node.name, index, gpu.memory_bytes - used))
-        return out
-
-    def _find_gpu(self, need: int, only: tuple[str, int | None] | None = None) -> tuple[str, int] | None:
-        for node, gpu, free in self._gpus():
-            if only is not None and (node != only[0] or (only[1] is not None and gpu != only[1])):
-                continue
-            if free >= need:
-                return node, gpu
-        return None
-
-    def _make_room(self, need: int, only: tuple[str, int | None] | None = None) -> tuple[str, int] | None:
-        """Unload idle instances (least recently used first) on the GPU where that frees enough."""
-        for node, gpu, free in self._gpus():
-            if only is not None and (node != only[0] or (only[1] is not None and gpu != only[1])):
-                continue
-            idle = sorted(
-                (i for i in self.instances.values()
-                 if i.node == node and i.gpu == gpu and i.state == "ready" and not i.requests and not i.waiters),
-                key=lambda i: i.last_used,
-            )
-            if free + sum(i.memory_bytes for i in idle) < need:
-                continue
-            for inst in idle:
-                if free >= need:
-                    break
-                self._unload(inst, "to make room")
-                free += inst.memory_bytes
-            return node, gpu
-        return None
-
-    def _unload(self, inst: Instance, why: str) -> None:
+    def _unload(self, inst: steps.Instance, why: str) -> None:
         inst.state = "unloading"
         self.cluster.to_node(inst.node, UnloadModel(inst.instance_id))
         self.cluster.events.emit(
@@ -412,29 +304,22 @@ class SchedulerActor(SupervisedActor):
             self.model_bytes[spec.name] = known
         return int(known * LOAD_OVERHEAD)
 
-    def _assign(self, inst: Instance, request_id: str, cold_start: dict[str, Any] | None = None) -> None:
-        inst.requests.add(request_id)
-        inst.last_used = time.monotonic()
-        self.cluster.directory.tell("router", Placed(request_id, inst.node, inst.instance_id, cold_start))
-
     def _fail(self, request_id: str, code: str, message: str) -> None:
         self.cluster.directory.tell("router", PlacementFailed(request_id, code, message))
 
     # ------------------------------------------------------------------ instance lifecycle
 
-    def _ready(self, msg: InstanceReady) -> None:
+    def _ready(self, msg: InstanceReady, now: float) -> None:
         inst = self.instances.get(msg.instance_id)
         if inst is None:
             # Loaded after we gave up on it (node lost and back, say): nobody waits; unload it.
             self.cluster.to_node(msg.node, UnloadModel(msg.instance_id))
             return
-        inst.state = "ready"
-        inst.last_used = time.monotonic()  # keep-alive counts from ready, not from the order to load
         inst.load_s = msg.load_s
         inst.tier = msg.tier
         if msg.memory_bytes and inst.model not in self.model_bytes:
             self.model_bytes[inst.model] = msg.memory_bytes
-        measured = time.monotonic() - inst.started
+        measured = now - inst.started
         if not inst.overlapped and msg.load_s > 0:
             nbytes = msg.memory_bytes or self.model_bytes.get(inst.model, 0)
             self.estimator.observe_load(msg.load_s, nbytes, self._bandwidth(inst.node, msg.tier))
@@ -450,74 +335,63 @@ class SchedulerActor(SupervisedActor):
         if msg.memory_bytes:
             inst.memory_bytes = int(msg.memory_bytes * LOAD_OVERHEAD)
             self.model_bytes[inst.model] = msg.memory_bytes
-        waiters, inst.waiters = inst.waiters, []
         cold_start = {"tier": msg.tier, "node": msg.node, "load_s": msg.load_s, "order_to_ready_s": measured,
                       "parts": dict(msg.parts)}
-        for request_id in waiters:
-            self._assign(inst, request_id, cold_start)
-        for order in self.migrations.values():
+        self._run(self.steps.ready(inst, now), cold_start)
+        for order in list(self.migrations.values()):
             if order.dest == inst.instance_id and not order.sent:
-                self._send_order(order)
-        self._drain_queue()
+                self._send_order(order, now)
+        self._run(self.steps.drain_queue(now))
 
-    def _load_failed(self, msg: LoadFailed) -> None:
-        inst = self.instances.pop(msg.instance_id, None)
+    def _load_failed(self, msg: LoadFailed, now: float) -> None:
+        inst = self.instances.get(msg.instance_id)
         if inst is None:
             return
+        self.steps.remove(inst)
         self.cluster.events.emit("error", f"loading {msg.model} on {msg.node} failed: {msg.error}",
                                  {"model": msg.model, "node": msg.node})
         for request_id in inst.waiters:
-            self._fail(request_id, "load_failed", f"loading {msg.model} on {msg.node} failed: {msg.error}")
+            self._fail(str(request_id), "load_failed", f"loading {msg.model} on {msg.node} failed: {msg.error}")
         for order in [o for o in self.migrations.values() if o.dest == msg.instance_id]:
-            self._end_order(order, "aborted", f"loading the destination failed: {msg.error}")
-        self._drain_queue()
+            self._end_order(order, "aborted", f"loading the destination failed: {msg.error}", now)
+        self._run(self.steps.drain_queue(now))
 
-    def _gone(self, instance_ids: list[str], reason: str) -> None:
+    def _gone(self, instance_ids: list[str], reason: str, now: float) -> None:
         lost_with_requests = []
         orphans: list[tuple[str, str]] = []
         for instance_id in instance_ids:
-            inst = self.instances.pop(instance_id, None)
+            inst = self.instances.get(instance_id)
             if inst is None:
                 continue
+            self.steps.remove(inst)
             for order in list(self.migrations.values()):
                 if order.dest == instance_id:
                     src = self.instances.get(order.source)
                     if src is not None and order.sent:
                         self.cluster.to_node(src.node, AbortMigration(order.migration_id, src.instance_id, reason))
                     else:
-                        self._end_order(order, "aborted", f"destination lost: {reason}")
+                        self._end_order(order, "aborted", f"destination lost: {reason}", now)
                 elif order.source == instance_id:
                     # The router resumes those requests from their logs; the order itself is moot.
-                    self._end_order(order, "aborted", f"source lost: {reason}")
+                    self._end_order(order, "aborted", f"source lost: {reason}", now)
             if inst.requests:
                 lost_with_requests.append(instance_id)
-            orphans += [(r, inst.model) for r in inst.waiters]
+            orphans += [(str(r), inst.model) for r in inst.waiters]
         if lost_with_requests:
             self.cluster.directory.tell("router", InstancesLost(lost_with_requests, reason))
         for request_id, model in orphans:
-            self._place(request_id, model)
-        self._drain_queue()
-
-    def _drain_queue(self) -> None:
-        self._try_reserved()
-        waiting, self.queue = self.queue, []
-        for w in waiting:
-            before = len(self.queue)
-            self._place(w.request_id, w.model)
-            if len(self.queue) > before:
-                self.queue[-1] = w  # still waiting: keep its original arrival time for the timeout
+            self._run(self.steps.place(request_id, model, now))
+        self._run(self.steps.drain_queue(now))
 
     def _tick(self, now: float) -> None:
         timeout = self.topology.scheduler.queue_timeout_s
-        expired = [w for w in self.queue if now - w.since > timeout]
-        for w in expired:
-            self.queue.remove(w)
-            self._fail(w.request_id, "no_capacity",
+        for w in self.steps.expire_queue(now, timeout):
+            self._fail(str(w.request), "no_capacity",
                        f"no GPU could serve {w.model} within {timeout:.0f}s (all busy or too small)")
-        in_migration = {o.source for o in self.migrations.values()} | {o.dest for o in self.migrations.values()}
+        in_migration = self._in_migration()
         for inst in list(self.instances.values()):
             spec = self.catalog.get(inst.model)
-            if spec is None or inst.state != "ready" or inst.requests or inst.waiters:
+            if spec is None or not self.steps.is_idle(inst):
                 continue
             if inst.instance_id in in_migration:
                 continue  # a destination has no requests until the source hands them over
@@ -537,13 +411,14 @@ class SchedulerActor(SupervisedActor):
             ))
             return
         self.catalog[msg.name] = ModelSpec(name=msg.name, source=str(source.resolve()))
+        self._add_model(self.catalog[msg.name])
         self.model_bytes.pop(msg.name, None)
         self.cluster.events.emit("deploy", f"deployed {msg.name} from {source}", {"model": msg.name})
         self.cluster.to_client(peer, Ack(msg.request_id, f"deployed {msg.name}"))
 
     # ------------------------------------------------------------------ live migration
 
-    def _migrate_command(self, peer: bytes, cmd: MigrateCommand) -> None:
+    def _migrate_command(self, peer: bytes, cmd: MigrateCommand, now: float) -> None:
         def refuse(code: str, message: str) -> None:
             self.cluster.to_client(peer, ErrorReply(cmd.request_id, code, message))
 
@@ -575,46 +450,35 @@ class SchedulerActor(SupervisedActor):
         if node == src.node and gpu in (None, src.gpu) and len(self.topology.node(node).gpus) == 1:
             refuse("already_there", f"request {cmd.subject} already runs on {src.node}/gpu-{src.gpu}")
             return
-        order = self._migrate(subjects, src, (node, gpu), f"operator order {cmd.request_id}")
-        if order is None:
+        migration_id = self._run(self.steps.migrate(subjects, src, (node, gpu), f"operator order {cmd.request_id}",
+                                                    now))
+        if migration_id is None:
             refuse("no_room", f"no room for {src.model} on {cmd.target}")
             return
-        order.peer, order.command_id = peer, cmd.request_id
+        order = self.migrations.get(migration_id)
+        if order is not None:
+            order.peer, order.command_id = peer, cmd.request_id
 
-    def _migrate(self, request_ids: list[str], src: Instance, where: tuple[str, int | None],
-                 reason: str) -> MigrationOrder | None:
-        """Move requests of ``src`` to an instance of its model at ``where`` (loading one if needed)."""
-        spec = self.catalog[src.model]
-        dest = next(
-            (i for i in self.instances.values()
-             if i.model == src.model and i.node == where[0] and (where[1] is None or i.gpu == where[1])
-             and i.instance_id != src.instance_id and i.state in ("ready", "loading")
-             and len(i.requests) + len(i.waiters) + len(request_ids) <= spec.target_concurrency),
-            None,
-        )
-        if dest is None:
-            need = self._need_bytes(spec)
-            slot = self._find_gpu(need, where) or self._make_room(need, where)
-            if slot is None:
-                return None
-            dest = self._load_on(spec, slot, [], f"as the destination of a migration ({reason})")
-        migration_id = f"mig-{next(self._ids)}"
-        order = MigrationOrder(migration_id, src.instance_id, dest.instance_id, list(request_ids), reason=reason)
-        self.migrations[migration_id] = order
+    def _start_migration(self, action: steps.Migrate) -> None:
+        """Order the migration the placement steps decided (now, or once its destination is ready)."""
+        src, dest = action.source, action.dest
+        request_ids = [str(r) for r in action.requests]
+        order = MigrationOrder(action.migration_id, src.instance_id, dest.instance_id, request_ids,
+                               reason=action.reason)
+        self.migrations[action.migration_id] = order
         for request_id in request_ids:
             self.cluster.directory.tell("router", MigrationStarted(
-                request_id, migration_id, f"{src.node}/{src.instance_id}", f"{dest.node}/{dest.instance_id}"))
+                request_id, action.migration_id, f"{src.node}/{src.instance_id}", f"{dest.node}/{dest.instance_id}"))
         self.cluster.events.emit(
             "migrate", f"migrate {', '.join(request_ids)} {src.node}/gpu-{src.gpu} -> {dest.node}/gpu-{dest.gpu} "
-                       f"({reason})", {"migration_id": migration_id})
+                       f"({action.reason})", {"migration_id": action.migration_id})
         if dest.state == "ready":
-            self._send_order(order)
-        return order
+            self._send_order(order, time.monotonic())
 
-    def _send_order(self, order: MigrationOrder) -> None:
+    def _send_order(self, order: MigrationOrder, now: float) -> None:
         src, dest = self.instances.get(order.source), self.instances.get(order.dest)
         if src is None or dest is None:
-            self._end_order(order, "aborted", "the source or destination is gone")
+            self._end_order(order, "aborted", "the source or destination is gone", now)
             return
         order.sent = True
         sched = self.topology.scheduler
@@ -628,7 +492,7 @@ class SchedulerActor(SupervisedActor):
             recompute.a, recompute.b, link.bytes_per_s, link.fixed_s,
         ))
 
-    def _request_moved(self, msg: Migrated) -> None:
+    def _request_moved(self, msg: Migrated, now: float) -> None:
         src, dest = self.instances.get(msg.source_instance), self.instances.get(msg.dest_instance)
         if src is not None and msg.transfer == "copy" and msg.kv_bytes and msg.copy_s > 0 and dest is not None:
             link = self.estimator.links.setdefault((src.node, dest.node), placement.LinkCost())
@@ -637,20 +501,19 @@ class SchedulerActor(SupervisedActor):
             self.estimator.migration.setdefault(src.model, placement.MigrationCost()).observe(
                 msg.tokens_recomputed, msg.total_s)
         if src is not None:
-            src.requests.discard(msg.request_id)
-            src.last_used = time.monotonic()
+            self.steps.request_done(src, msg.request_id, now)
         if dest is not None:
-            dest.requests.add(msg.request_id)
-            dest.last_used = time.monotonic()
+            dest.requests[msg.request_id] = None
+            dest.last_used = now
 
-    def _migration_ended(self, msg: MigrationEnded) -> None:
+    def _migration_ended(self, msg: MigrationEnded, now: float) -> None:
         order = self.migrations.get(msg.migration_id)
         if order is not None:
-            self._end_order(order, msg.outcome, msg.detail)
+            self._end_order(order, msg.outcome, msg.detail, now)
 
-    def _end_order(self, order: MigrationOrder, outcome: str, detail: str) -> None:
+    def _end_order(self, order: MigrationOrder, outcome: str, detail: str, now: float) -> None:
         self.migrations.pop(order.migration_id, None)
-        took = time.monotonic() - order.started
+        took = now - order.started
         if outcome != "done":
             # The router is told so the request's stream record says the migration did not happen.
             self.cluster.directory.tell("router", MigrationEnded(order.migration_id, order.source, outcome, detail))
@@ -668,11 +531,9 @@ class SchedulerActor(SupervisedActor):
         if src is not None and outcome != "done" and src.draining:
             # The GPU was not freed; stop waiting for it and let the reserved model choose again.
             src.draining = False
-            for slot in [k for k in self.reserved if k == (src.node, src.gpu)]:
-                model, waiters, _ = self.reserved.pop(slot)
-                self.queue += [Waiting(r, model, time.monotonic()) for r in waiters]
-        self._try_reserved()
-        self._drain_queue()
+            self._run(self.steps.release(src.key, now))
+        self._run(self.steps.try_reserved(now))
+        self._run(self.steps.drain_queue(now))
 
     def _query(self, what: str) -> Any:
         if what == "instances":
@@ -695,7 +556,7 @@ class SchedulerActor(SupervisedActor):
                 for o in self.migrations.values()
             ]
         if what == "queue":
-            return [{"request_id": w.request_id, "model": w.model} for w in self.queue]
+            return [{"request_id": w.request, "model": w.model} for w in self.steps.queue]
         raise ValueError(f"unknown query {what!r}")
 
 

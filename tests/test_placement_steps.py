@@ -1,0 +1,208 @@
+"""The placement steps without actors: each step of PlacementSteps, and the actions it returns, on a small
+cluster described by hand (two nodes of one GPU of 10 GB, models of 6 GB)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sllm_actors.policy import placement, steps
+
+GB = 10**9
+
+
+class Cluster:
+    """A ClusterView over the steps' own instances: node -> tier -> models held, every model 6 GB."""
+
+    def __init__(self, holds: dict[str, dict[str, set[str]]]) -> None:
+        self.holds = holds
+        self.steps: steps.PlacementSteps | None = None
+
+    def need_bytes(self, model: str) -> int:
+        return 6 * GB
+
+    def gpu_views(self, model: str, now: float) -> list[placement.GpuView]:
+        assert self.steps is not None
+        views = []
+        for (node, gpu), memory in self.steps.gpus.items():
+            if node not in self.steps.alive:
+                continue
+            instances = [placement.InstanceView(i.instance_id, i.model, "migrating" if i.draining else i.state,
+                                                [placement.RunningView(str(r), 10) for r in i.requests],
+                                                i.memory_bytes)
+                         for i in self.steps.on_gpu[(node, gpu)]]
+            views.append(placement.GpuView(node, gpu, memory, instances, holds=self.holds.get(node, {}), now=now))
+        return views
+
+
+def make(policy: str = "serverlessllm", holds: dict[str, dict[str, set[str]]] | None = None,
+         concurrency: int = 2, max_instances: int = 4) -> steps.PlacementSteps:
+    cluster = Cluster(holds or {})
+    core = steps.PlacementSteps(cluster, policy, estimator=placement.Estimator({"a": 6 * GB, "b": 6 * GB}))
+    cluster.steps = core
+    for node in ("n1", "n2"):
+        core.add_gpu(node, 0, 10 * GB)
+        core.alive.add(node)
+    for model in ("a", "b"):
+        core.add_model(model, steps.ModelLimits(concurrency, max_instances))
+    return core
+
+
+def run(todo: steps.Steps[Any]) -> list[steps.Action]:
+    done: list[steps.Action] = []
+    steps.drive(todo, done.append)
+    return done
+
+
+def kinds(actions: list[steps.Action]) -> list[str]:
+    return [type(a).__name__ for a in actions]
+
+
+def ready_instance(core: steps.PlacementSteps, model: str, node: str, *requests: str) -> steps.Instance:
+    inst = core.new_instance(model, (node, 0), [], 0.0)
+    run(core.ready(inst, 0.0))
+    for r in requests:
+        inst.requests[r] = None
+    return inst
+
+
+def test_a_ready_instance_with_room_serves_the_one_with_fewest_requests_first() -> None:
+    core = make()
+    busy = ready_instance(core, "a", "n1", "r1")
+    idle = ready_instance(core, "a", "n2")
+    actions = run(core.place("r2", "a", 5.0))
+    assert actions == [steps.Serve(idle, "r2")]
+    assert list(idle.requests) == ["r2"] and idle.last_used == 5.0
+    # Excluded (the instance it just left), draining or full instances take no request.
+    idle.draining = True
+    busy.requests["r3"] = None
+    assert kinds(run(core.place("r4", "a", 6.0, exclude=busy.instance_id))) == ["Decided", "Enqueued"]
+
+
+def test_a_request_waits_on_a_loading_instance_then_is_served_when_it_is_ready() -> None:
+    core = make()
+    loading = core.new_instance("a", ("n1", 0), [], 0.0)
+    assert run(core.place("r1", "a", 1.0)) == [steps.JoinLoad(loading, "r1")]
+    assert loading.waiters == ["r1"]
+    actions = run(core.ready(loading, 2.0))
+    assert actions == [steps.Serve(loading, "r1", after_load=True)]
+    assert loading.state == "ready" and loading.waiters == [] and list(loading.requests) == ["r1"]
+
+
+def test_with_no_instance_a_new_one_starts_where_choose_says() -> None:
+    core = make(holds={"n2": {"dram": {"a"}}})
+    actions = run(core.place("r1", "a", 0.0))
+    assert kinds(actions) == ["Decided", "StartInstance"]
+    decided, start = actions
+    assert isinstance(decided, steps.Decided) and decided.decision.kind == "load"
+    assert isinstance(start, steps.StartInstance)
+    inst = start.instance
+    assert (inst.node, inst.state, inst.waiters) == ("n2", "loading", ["r1"])  # n2 holds it in DRAM
+    assert inst.estimate_s == decided.decision.estimate_s > 0
+    assert core.on_gpu[("n2", 0)] == [inst] and core.by_model["a"] == [inst]
+
+
+def test_idle_instances_of_other_models_are_unloaded_to_make_room() -> None:
+    core = make()
+    idle_b = [ready_instance(core, "b", "n1"), ready_instance(core, "b", "n2")]
+    actions = run(core.place("r1", "a", 0.0))
+    assert kinds(actions) == ["Decided", "Unload", "StartInstance"]
+    unloaded = actions[1]
+    assert isinstance(unloaded, steps.Unload) and unloaded.instance in idle_b
+    assert unloaded.instance.state == "unloading"
+    # The shell reports it gone: its room is free again.
+    core.remove(unloaded.instance)
+    assert unloaded.instance.instance_id not in core.instances
+
+
+def test_no_room_queues_then_room_drains_the_queue_and_the_timeout_expires_the_rest() -> None:
+    core = make()
+    busy = [ready_instance(core, "b", "n1", "x1"), ready_instance(core, "b", "n2", "x2")]
+    actions = run(core.place("r1", "a", 1.0))
+    assert kinds(actions) == ["Decided", "Enqueued"]
+    assert [w.request for w in core.queue] == ["r1"]
+    run(core.place("r2", "a", 2.0))
+    # A request leaves: the idle instance makes room, the queue's first request starts a load, the second
+    # waits on that load; their original queue times are kept for the timeout.
+    core.request_done(busy[0], "x1", 3.0)
+    actions = run(core.freed(busy[0], 3.0))
+    assert kinds(actions) == ["Decided", "Unload", "StartInstance", "JoinLoad"]
+    assert core.queue == []
+    assert kinds(run(core.place("r3", "a", 4.0))) == ["Decided", "Enqueued"]  # the load is full
+    assert core.expire_queue(9.0, 5.0) == [] and [w.request for w in core.queue] == ["r3"]
+    assert [w.request for w in core.expire_queue(9.5, 5.0)] == ["r3"] and core.queue == []
+
+
+def test_an_unknown_model_fails_and_the_instance_limit_queues() -> None:
+    core = make(max_instances=1, concurrency=1)
+    assert run(core.place("r1", "zzz", 0.0)) == [
+        steps.Fail("r1", "unknown_model", "model 'zzz' is not deployed (deployed: a, b)")]
+    ready_instance(core, "a", "n1", "x")
+    assert kinds(run(core.place("r2", "a", 0.0))) == ["Enqueued"]  # one instance, full: no Decided
+
+
+def test_migration_makes_room_on_the_gpu_that_holds_the_model_then_it_loads_there() -> None:
+    # n1 holds b in DRAM but runs a; n2 holds a in DRAM: moving a to n2 beats loading b from the repository.
+    core = make(holds={"n1": {"dram": {"b"}}, "n2": {"dram": {"a"}}})
+    busy = ready_instance(core, "a", "n1", "x1")
+    actions = run(core.place("r1", "b", 0.0))
+    assert kinds(actions) == ["Decided", "JoinReserved", "StartInstance", "Migrate"]
+    assert actions[0].decision.kind == "migrate"  # type: ignore[union-attr]
+    assert core.reserved[("n1", 0)].waiters == ["r1"] and busy.draining
+    migrate = actions[3]
+    assert isinstance(migrate, steps.Migrate) and migrate.source is busy and migrate.requests == ["x1"]
+    assert migrate.dest.node == "n2" and migrate.dest.state == "loading" and migrate.migration_id.startswith("mig-")
+    # Another request for b waits on the reservation.
+    assert run(core.place("r2", "b", 0.5)) == [steps.JoinReserved(("n1", 0), "r2")]
+    # The request moved: the drained instance goes and b loads on the GPU freed for it, with both waiters.
+    core.request_done(busy, "x1", 1.0)
+    actions = run(core.freed(busy, 1.0))
+    assert kinds(actions) == ["Unload", "StartInstance"]
+    start = actions[1]
+    assert isinstance(start, steps.StartInstance) and start.instance.key == ("n1", 0)
+    assert start.instance.waiters == ["r1", "r2"] and core.reserved == {}
+
+
+def test_a_move_that_cannot_start_gives_the_reservation_up_and_its_waiters_queue(monkeypatch: Any) -> None:
+    core = make(holds={"n1": {"dram": {"b"}}, "n2": {"dram": {"a"}}}, concurrency=1)
+    busy = ready_instance(core, "a", "n1", "x1")
+    ready_instance(core, "b", "n2", "y1")  # n2 has no room for a, whatever choose decided, and b is full
+    decision = placement.Decision("migrate", ("n1", 0), 1.0, "dram", move=[(busy.instance_id, ("n2", 0))])
+    monkeypatch.setattr(placement, "choose", lambda *args, **kwargs: decision)
+    actions = run(core.place("r1", "b", 0.0))
+    assert kinds(actions) == ["Decided", "JoinReserved", "Enqueued"]
+    assert not busy.draining and core.reserved == {} and [w.request for w in core.queue] == ["r1"]
+
+
+def test_preemption_stops_the_busy_instance_and_loads_at_once() -> None:
+    core = make(policy="shepherd", holds={"n1": {"dram": {"b"}}, "n2": {"dram": {"a"}}})
+    busy = ready_instance(core, "a", "n1", "x1", "x2")
+    actions = run(core.place("r1", "b", 0.0))
+    assert kinds(actions) == ["Decided", "JoinReserved", "Preempt", "Unload", "StartInstance"]
+    preempt = actions[2]
+    assert isinstance(preempt, steps.Preempt) and preempt.instance is busy and preempt.requests == ["x1", "x2"]
+    assert busy.state == "unloading" and not busy.requests
+    start = actions[4]
+    assert isinstance(start, steps.StartInstance) and start.instance.key == ("n1", 0)
+    assert start.instance.waiters == ["r1"]
+
+
+def test_an_explicit_migration_loads_a_destination_making_room_or_reports_none() -> None:
+    core = make()
+    src = ready_instance(core, "a", "n1", "x1")
+    idle_b = ready_instance(core, "b", "n2")
+    moved = run(core.migrate(["x1"], src, ("n2", None), "operator", 0.0))
+    assert kinds(moved) == ["Unload", "StartInstance", "Migrate"]
+    assert moved[0].instance is idle_b  # type: ignore[union-attr]
+    # A second move to the same GPU joins the destination already loading there.
+    again = run(core.migrate(["x1"], src, ("n2", 0), "again", 0.0))
+    assert kinds(again) == ["Migrate"] and again[0].dest is moved[1].instance  # type: ignore[union-attr]
+    # Its own GPU has no room beside it, and nothing idle to unload.
+    assert steps.drive(core.migrate(["x1"], src, ("n1", 0), "nowhere", 0.0), lambda action: None) is None
+
+
+def test_idle_is_ready_with_nothing_running_waiting_or_on_its_way() -> None:
+    core = make()
+    inst = ready_instance(core, "a", "n1")
+    assert core.is_idle(inst)
+    inst.incoming = 1
+    assert not core.is_idle(inst)
