@@ -404,7 +404,7 @@ def kv_copy_over_zmq(engine: Any, seq: Any) -> dict[str, Any]:
     import torch
     import zmq
 
-    from sllm_actors.gpu.engine import Sequence
+    from sllm_actors.gpu.sequence import Sequence
 
     ctx = zmq.Context.instance()
     push = ctx.socket(zmq.PUSH)
@@ -473,7 +473,7 @@ def sync() -> None:
 def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int) -> dict[str, Any]:
     import torch
 
-    from sllm_actors.gpu.engine import Sequence
+    from sllm_actors.gpu.sequence import Sequence
 
     res: dict[str, list[float]] = {k: [] for k in (
         "prefill_prompt_s", "restart_s", "recompute_s", "kv_serialize_s", "kv_send_s", "kv_rebuild_s",
@@ -809,7 +809,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     prompts: dict[int, tuple[str, list[int]]] = {L: make_prompt(engine, L) for L in lengths}
     alternatives: dict[int, Any] = {}
     # Warm the engine (first calls allocate); not measured.
-    from sllm_actors.gpu.engine import Sequence
+    from sllm_actors.gpu.sequence import Sequence
     warm = Sequence("w", prompts[lengths[0]][1][:32], [], 4, 0.0, 1.0, 0, [])
     engine.prefill(warm)
     for _ in range(3):

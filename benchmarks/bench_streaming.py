@@ -134,7 +134,7 @@ class Direct:
 
         Adds this thread's CPU seconds of the decode loop after the first token to ``cpu_s``.
         """
-        from sllm_actors.gpu.engine import Sequence
+        from sllm_actors.gpu.sequence import Sequence
 
         engine = self.engine
         started = time.perf_counter()

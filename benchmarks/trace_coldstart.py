@@ -173,7 +173,7 @@ def engine_probe(res: dict[str, Any], model: Any) -> None:
     import io
     import pstats
 
-    from sllm_actors.gpu.engine import Sequence
+    from sllm_actors.gpu.sequence import Sequence
     from sllm_eval.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer()
@@ -217,7 +217,8 @@ def first_step(res: dict[str, Any], device: str, small: bool) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sllm_actors.gpu.engine import Engine, Sequence
+    from sllm_actors.gpu.engine import Engine
+    from sllm_actors.gpu.sequence import Sequence
     from sllm_eval.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer()

@@ -30,7 +30,8 @@ MODEL = {"deterministic": True, "target_concurrency": N_STREAMS}
 
 def _alone(model_dir: Path) -> list[list[int]]:
     """Each request run by itself through the same engine."""
-    from sllm_actors.gpu.engine import Engine, Sequence
+    from sllm_actors.gpu.engine import Engine
+    from sllm_actors.gpu.sequence import Sequence
     from sllm_actors.models import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir, "cpu")

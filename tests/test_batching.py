@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from sllm_actors.gpu.engine import Engine, Sequence
+from sllm_actors.gpu.engine import Engine
 from sllm_actors.gpu.sampler import sample, step_seed
+from sllm_actors.gpu.sequence import Sequence
 from sllm_eval.tiny_models import make_tokenizer
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.06}

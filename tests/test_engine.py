@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sllm_actors.gpu.engine import Engine, Sequence, choose_token
+from sllm_actors.gpu.engine import Engine, choose_token
+from sllm_actors.gpu.sequence import Sequence
 
 PROMPT = "The capital of France is"
 
@@ -95,7 +96,7 @@ def test_chat_template_is_applied(engine: Engine) -> None:
 def test_text_resumes_exactly_where_a_character_was_split(engine: Engine) -> None:
     """A resume (migration, restart) can fall between the tokens of one character: its bytes were never text, so
     the resumed detokenizer must still produce it, once."""
-    from sllm_actors.gpu.engine import IncrementalDetokenizer
+    from sllm_actors.gpu.detokenizer import IncrementalDetokenizer
 
     text = "naïve 日本語 — ünïcode ok"
     ids = engine.tokenizer(text)["input_ids"]

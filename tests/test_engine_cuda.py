@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sllm_actors.gpu.engine import Engine, Sequence
+from sllm_actors.gpu.engine import Engine
+from sllm_actors.gpu.sequence import Sequence
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

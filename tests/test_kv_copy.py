@@ -101,7 +101,7 @@ def engine(tiny_model: Path) -> Any:
 
 
 def _seq(engine: Any, temperature: float = 0.0) -> Any:
-    from sllm_actors.gpu.engine import Sequence
+    from sllm_actors.gpu.sequence import Sequence
 
     return Sequence("r", engine.tokenize(PROMPT, chat=False), [], 40, temperature, 0.9, 3, [])
 
@@ -138,8 +138,8 @@ def _wire_copy(engine: Any, seq: Any, corrupt: str = "") -> tuple[KvCopyBegin, d
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("cut", [0, 1, 7])
 def test_a_copied_cache_continues_exactly(engine: Any, temperature: float, cut: int) -> None:
+    from sllm_actors.gpu.sequence import Sequence
     from sllm_actors.migration.protocol import decode_cache as _decode_cache
-    from sllm_actors.gpu.engine import Sequence
 
     ref = _seq(engine, temperature)
     engine.prefill(ref)

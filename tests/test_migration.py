@@ -21,7 +21,8 @@ RECOMPUTE = {"migration_transfer": "recompute"}
 
 
 def _reference(model_dir: Path, n: int, *, temperature: float = 0.0, seed: int = 0) -> list[int]:
-    from sllm_actors.gpu.engine import Engine, Sequence
+    from sllm_actors.gpu.engine import Engine
+    from sllm_actors.gpu.sequence import Sequence
     from sllm_actors.models import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir, "cpu")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sllm_actors.policy import placement
-from sllm_actors.gpu.engine import Sequence
+from sllm_actors.gpu.sequence import Sequence
 from sllm_actors.messages import (
     KV_CHUNK_BYTES,
     KvCopyBegin,

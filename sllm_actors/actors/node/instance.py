@@ -17,7 +17,8 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.gpu.engine import Engine, Sequence, StepResult
+from sllm_actors.gpu.engine import Engine, StepResult
+from sllm_actors.gpu.sequence import Sequence
 from sllm_actors.messages import (
     AbortMigration,
     CancelInference,
@@ -310,7 +311,7 @@ class ModelInstanceActor(SupervisedActor):
         if state is None:
             state = "migrating" if self.source_side.busy() else "running" if running else "idle"
         used, total = engine.kv_usage() if engine is not None else (0, 0)
-        waiting = len(engine.scheduler.waiting) if engine is not None else 0
+        waiting = engine.waiting_count() if engine is not None else 0
         self.node.board.update_instance(
             self.instance_id,
             model=self.model_name,
