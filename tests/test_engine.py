@@ -9,6 +9,7 @@ import torch
 
 from sllm_actors.gpu.engine import Engine, choose_token
 from sllm_actors.gpu.sequence import Sequence
+from sllm_actors.messages import SamplingParams
 
 PROMPT = "The capital of France is"
 
@@ -23,8 +24,8 @@ def engine(tiny_model: Path) -> Engine:
 
 def _seq(engine: Engine, *, generated: list[int] | None = None, temperature: float = 0.0, seed: int = 7,
          max_tokens: int = 24, stop: list[str] | None = None) -> Sequence:
-    return Sequence("r", engine.tokenize(PROMPT, chat=False), list(generated or []), max_tokens, temperature, 0.9,
-                    seed, stop or [])
+    return Sequence("r", engine.tokenize(PROMPT, chat=False), list(generated or []),
+                    SamplingParams(max_tokens, temperature, 0.9, seed, tuple(stop or ())))
 
 
 def _run(engine: Engine, seq: Sequence) -> list[int]:

@@ -164,10 +164,11 @@ class Engine:
         n = len(seq.tokens)
         if n >= self.max_positions:
             raise ValueError(f"{n} tokens exceed the model's context of {self.max_positions}")
-        need = min(len(seq.prompt_ids) + max(seq.max_tokens, len(seq.generated_ids)), self.max_positions)
+        max_tokens = seq.sampling.max_tokens
+        need = min(len(seq.prompt_ids) + max(max_tokens, len(seq.generated_ids)), self.max_positions)
         if need > self.blocks.capacity_tokens:
             raise ValueError(f"the request needs up to {need} tokens of KV cache (prompt {len(seq.prompt_ids)} + "
-                             f"max_tokens {seq.max_tokens}); this instance's KV pool holds "
+                             f"max_tokens {max_tokens}); this instance's KV pool holds "
                              f"{self.blocks.capacity_tokens}")
 
     def add(self, seq: Sequence) -> None:
@@ -270,8 +271,12 @@ class Engine:
         return (logits if who else None), who
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        ids = sample(logits, [s.temperature for s in seqs], [s.top_p for s in seqs],
-                     [step_seed(s.seed, len(s.generated_ids)) for s in seqs])
+        params = [s.sampling for s in seqs]
+        step_seeds = []
+        for seq, p in zip(seqs, params):
+            assert p.seed is not None, "the router draws the seed of every request it sends on"
+            step_seeds.append(step_seed(p.seed, len(seq.generated_ids)))
+        ids = sample(logits, [p.temperature for p in params], [p.top_p for p in params], step_seeds)
         return ids.tolist()  # the step's one device-to-host copy
 
     def _accept(self, seq: Sequence, token: int) -> TokenOut:
@@ -283,9 +288,10 @@ class Engine:
         if token in self.eos_ids:
             seq.finish_reason = "eos"
             return TokenOut(seq, index, token, "")
-        if seq.stop and delta:
+        stop = seq.sampling.stop
+        if stop and delta:
             combined = seq.text + delta
-            cut = min((i for i in (combined.find(s, max(0, len(seq.text) - len(s))) for s in seq.stop) if i >= 0),
+            cut = min((i for i in (combined.find(s, max(0, len(seq.text) - len(s))) for s in stop) if i >= 0),
                       default=-1)
             if cut >= 0:
                 delta = combined[:cut][len(seq.text):]
@@ -293,7 +299,7 @@ class Engine:
                 seq.finish_reason = "stop"
                 return TokenOut(seq, index, token, delta)
         seq.text += delta
-        if len(seq.generated_ids) >= seq.max_tokens:
+        if len(seq.generated_ids) >= seq.sampling.max_tokens:
             seq.finish_reason = "length"
         elif seq.n_tokens >= self.max_positions:
             seq.finish_reason = "context"

@@ -1,6 +1,7 @@
 """A request's state on one instance: its token log, its sampling parameters, where its KV cache is.
 
-The token log (prompt ids + generated ids) and the sampling parameters are the whole request: the KV cache
+The token log (prompt ids + generated ids) and the :class:`~sllm_actors.messages.SamplingParams` (the same
+record the messages carry) are the whole request: the KV cache
 (``block_table``, ``num_cached``) is derived from the log, and the text from the generated ids. The scheduler
 decides over these records, the engine advances them.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sllm_actors.gpu.detokenizer import IncrementalDetokenizer
+from sllm_actors.messages import SamplingParams
 
 
 @dataclass(eq=False)
@@ -23,11 +25,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     generated_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    stop: list[str]
+    sampling: SamplingParams
     text: str = ""
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0

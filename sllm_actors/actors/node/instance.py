@@ -221,7 +221,7 @@ class ModelInstanceActor(SupervisedActor):
                 self.send(PromptAccepted(msg.request_id, self.instance_id, prompt_ids))
             seq = sequence_of(msg)
             seq.prompt_ids = prompt_ids
-            if len(seq.generated_ids) >= seq.max_tokens:
+            if len(seq.generated_ids) >= seq.sampling.max_tokens:
                 self._finish(seq, "length")
                 return
             engine.add(seq)
@@ -237,7 +237,7 @@ class ModelInstanceActor(SupervisedActor):
         """A request whose cache is ready (a migration's destination) emits its next token at once (the
         catch-up's forward made its logits) and joins the batch."""
         assert self.engine is not None
-        if len(seq.generated_ids) >= seq.max_tokens:
+        if len(seq.generated_ids) >= seq.sampling.max_tokens:
             self.engine.release(seq)
             self._finish(seq, "length")
             return
