@@ -79,9 +79,8 @@ class DecodeGraph:
 class DecodeGraphs:
     """A runner's captured decode steps by shape (padded batch, context blocks), and when to capture one."""
 
-    def __init__(self, forward: DecodeForward, device: torch.device, block_size: int, *, enabled: bool,
-                 max_batch: int, max_blocks: int) -> None:
-        self.forward = forward
+    def __init__(self, device: torch.device, block_size: int, *, enabled: bool, max_batch: int,
+                 max_blocks: int) -> None:
         self.device = device
         self.block_size = block_size
         self.enabled = enabled and device.type == "cuda"
@@ -95,23 +94,25 @@ class DecodeGraphs:
         self._uses: dict[tuple[int, int], int] = {}
         self._pool: Any = None
 
-    def for_shape(self, batch: int, n_blocks: int) -> DecodeGraph | None:
-        """The graph of this shape, captured now if the shape has been served eagerly often enough; None: serve
-        the step eagerly."""
+    def for_shape(self, batch: int, n_blocks: int, forward: DecodeForward) -> DecodeGraph | None:
+        """The graph of this shape, captured now (running ``forward``) if the shape has been served eagerly often
+        enough; None: serve the step eagerly. The forward is passed in, not kept: held here, the runner's bound
+        method would make a reference cycle, and an unloaded model's KV pool would wait for the cycle collector
+        to give its GPU memory back."""
         key = (batch, n_blocks)
         graph = self._graphs.get(key)
         if graph is None and self.enabled and batch <= self.max_batch and n_blocks <= self.max_blocks:
             self._uses[key] = self._uses.get(key, 0) + 1
             if self._uses[key] > CAPTURE_AFTER_USES:
-                graph = self._capture(batch, n_blocks)
+                graph = self._capture(batch, n_blocks, forward)
         return graph
 
-    def _capture(self, batch: int, n_blocks: int) -> DecodeGraph | None:
+    def _capture(self, batch: int, n_blocks: int, forward: DecodeForward) -> DecodeGraph | None:
         started = time.perf_counter()
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = DecodeGraph(self.forward, self.device, self.block_size, batch, n_blocks, self._pool)
+            graph = DecodeGraph(forward, self.device, self.block_size, batch, n_blocks, self._pool)
         except Exception as exc:  # any capture failure: serve this shape eagerly from now on
             log.warning("CUDA graph capture of decode batch %d x %d blocks failed, serving it eagerly: %s",
                         batch, n_blocks, exc)

@@ -138,8 +138,8 @@ class ModelRunner:
         # mask). Paged attention ignores it; the layout says what each request may see.
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._block_offsets = torch.arange(block_size, device=self.device)
-        self.graphs = DecodeGraphs(self._decode_forward, self.device, block_size, enabled=cuda_graphs,
-                                   max_batch=max_graph_batch, max_blocks=-(-max_graph_context // block_size))
+        self.graphs = DecodeGraphs(self.device, block_size, enabled=cuda_graphs, max_batch=max_graph_batch,
+                                   max_blocks=-(-max_graph_context // block_size))
 
     # ------------------------------------------------------------------ one step
 
@@ -204,7 +204,7 @@ class ModelRunner:
     def _decode(self, feeds: list[Feed]) -> torch.Tensor:
         n = len(feeds)
         n_blocks = self._blocks_bucket(feeds)
-        graph = self.graphs.for_shape(batch_bucket(n), n_blocks)
+        graph = self.graphs.for_shape(batch_bucket(n), n_blocks, self._decode_forward)
         if graph is not None:
             return graph.replay(decode_inputs(feeds, graph.batch, n_blocks, self.block_size))[:n]
         inputs = decode_inputs(feeds, len(feeds), n_blocks, self.block_size).to(self.device, non_blocking=True)
