@@ -255,14 +255,14 @@ def warm_up_beside_a_copy(args: Any, res: dict[str, Any], load: Callable[[], Any
     does behind a repository cold start."""
     import shutil
 
-    from sllm_actors.gpu import engine as engine_module
+    from sllm_actors.gpu.engine import forget_warm_ups
     from sllm_actors.storage import copy_checkpoint
     from sllm_eval.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer()
     dest = args.work / "copy-beside"
     for label in ("alone", "beside a copy"):
-        engine_module._WARMED.clear()
+        forget_warm_ups()
         model = load()
         copying = None
         if label == "beside a copy":

@@ -46,6 +46,11 @@ again (a DRAM hit after its unload) finds its kernels loaded and its code known 
 delay the request that is waiting for the load."""
 
 
+def forget_warm_ups() -> None:
+    """The next engine of every model warms up again, as in a fresh process (benchmarks that time the warm-up)."""
+    _WARMED.clear()
+
+
 @dataclass
 class TokenOut:
     seq: Sequence
@@ -419,4 +424,4 @@ class Engine:
         return time.perf_counter() - started
 
 
-__all__ = ["Engine", "StepResult", "TokenOut", "choose_token", "step_seed"]
+__all__ = ["Engine", "StepResult", "TokenOut", "choose_token", "forget_warm_ups", "step_seed"]
