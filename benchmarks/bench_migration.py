@@ -404,7 +404,7 @@ def kv_copy_over_zmq(engine: Any, seq: Any) -> dict[str, Any]:
     import torch
     import zmq
 
-    from sllm_actors.gpu.engine import Sequence
+    from sllm_actors.gpu.sequence import Sequence
 
     ctx = zmq.Context.instance()
     push = ctx.socket(zmq.PUSH)
@@ -443,8 +443,7 @@ def kv_copy_over_zmq(engine: Any, seq: Any) -> dict[str, Any]:
     push.send_multipart([header, *payload], copy=False)
     t_sent = time.perf_counter()
     received, t_recv, n = done.get(timeout=300)
-    rebuilt = Sequence("copied", list(seq.prompt_ids), list(seq.generated_ids), seq.max_tokens, seq.temperature,
-                       seq.top_p, seq.seed, [])
+    rebuilt = Sequence("copied", list(seq.prompt_ids), list(seq.generated_ids), seq.sampling)
     engine.import_cache(rebuilt, n, received)  # feeds the last token again, for its logits
     t_done = time.perf_counter()
     thread.join(5)
@@ -473,7 +472,8 @@ def sync() -> None:
 def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int) -> dict[str, Any]:
     import torch
 
-    from sllm_actors.gpu.engine import Sequence
+    from sllm_actors.gpu.sequence import Sequence
+    from sllm_actors.messages import SamplingParams
 
     res: dict[str, list[float]] = {k: [] for k in (
         "prefill_prompt_s", "restart_s", "recompute_s", "kv_serialize_s", "kv_send_s", "kv_rebuild_s",
@@ -486,7 +486,7 @@ def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int)
     step_at_ctx: list[float] = []
     for rep in range(reps):
         # (a) restart from scratch: prefill the prompt, decode the tokens already produced.
-        seq = Sequence("restart", list(prompt_ids), [], at + 1, 0.0, 1.0, 0, [])
+        seq = Sequence("restart", list(prompt_ids), [], SamplingParams(at + 1, seed=0))
         sync()
         t0 = time.perf_counter()
         engine.prefill(seq)
@@ -505,7 +505,7 @@ def measure_alternatives(engine: Any, prompt_ids: list[int], at: int, reps: int)
         del seq
         gc.collect()
         # Resume from the token log in one go (our round 0): the recompute a KV copy would replace.
-        seq2 = Sequence("resume", list(prompt_ids), generated, at + 64, 0.0, 1.0, 0, [])
+        seq2 = Sequence("resume", list(prompt_ids), generated, SamplingParams(at + 64, seed=0))
         s0 = time.perf_counter()
         engine.prefill(seq2)
         sync()
@@ -809,8 +809,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     prompts: dict[int, tuple[str, list[int]]] = {L: make_prompt(engine, L) for L in lengths}
     alternatives: dict[int, Any] = {}
     # Warm the engine (first calls allocate); not measured.
-    from sllm_actors.gpu.engine import Sequence
-    warm = Sequence("w", prompts[lengths[0]][1][:32], [], 4, 0.0, 1.0, 0, [])
+    from sllm_actors.gpu.sequence import Sequence
+    from sllm_actors.messages import SamplingParams
+    warm = Sequence("w", prompts[lengths[0]][1][:32], [], SamplingParams(4, seed=0))
     engine.prefill(warm)
     for _ in range(3):
         engine.step(warm)

@@ -134,13 +134,14 @@ class Direct:
 
         Adds this thread's CPU seconds of the decode loop after the first token to ``cpu_s``.
         """
-        from sllm_actors.gpu.engine import Sequence
+        from sllm_actors.gpu.sequence import Sequence
+        from sllm_actors.messages import SamplingParams
 
         engine = self.engine
         started = time.perf_counter()
         seq = Sequence(
             request_id="direct", prompt_ids=engine.tokenize(prompt, False), generated_ids=[],
-            max_tokens=tokens, temperature=0.0, top_p=1.0, seed=0, stop=[],
+            sampling=SamplingParams(max_tokens=tokens, seed=0),
         )
         engine.prefill(seq)
         ids: list[int] = []

@@ -173,7 +173,8 @@ def engine_probe(res: dict[str, Any], model: Any) -> None:
     import io
     import pstats
 
-    from sllm_actors.gpu.engine import Sequence
+    from sllm_actors.gpu.sequence import Sequence
+    from sllm_actors.messages import SamplingParams
     from sllm_eval.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer()
@@ -185,7 +186,7 @@ def engine_probe(res: dict[str, Any], model: Any) -> None:
     assert engine is not None
     ids = tokenizer(bench.PROMPT)["input_ids"]
     for which in ("first request", "second request", "third request"):
-        seq = Sequence(which, list(ids), [], 2, 0.0, 1.0, 0, [])
+        seq = Sequence(which, list(ids), [], SamplingParams(2, seed=0))
         profiler = cProfile.Profile() if which == "first request" else None
         started = time.perf_counter()
         if profiler is not None:
@@ -217,7 +218,9 @@ def first_step(res: dict[str, Any], device: str, small: bool) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sllm_actors.gpu.engine import Engine, Sequence
+    from sllm_actors.gpu.engine import Engine
+    from sllm_actors.gpu.sequence import Sequence
+    from sllm_actors.messages import SamplingParams
     from sllm_eval.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer()
@@ -234,7 +237,7 @@ def first_step(res: dict[str, Any], device: str, small: bool) -> None:
         engine = Engine(model, tokenizer, kv_cache_bytes=8 << 30)
         times = []
         for which in range(3):
-            seq = Sequence(f"r{which}", list(ids) * (1 + which), [], 2, 0.0, 1.0, 0, [])
+            seq = Sequence(f"r{which}", list(ids) * (1 + which), [], SamplingParams(2, seed=0))
             started = time.perf_counter()
             engine.add(seq)
             while not seq.generated_ids:
@@ -252,14 +255,14 @@ def warm_up_beside_a_copy(args: Any, res: dict[str, Any], load: Callable[[], Any
     does behind a repository cold start."""
     import shutil
 
-    from sllm_actors.gpu import engine as engine_module
+    from sllm_actors.gpu.engine import forget_warm_ups
     from sllm_actors.storage import copy_checkpoint
     from sllm_eval.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer()
     dest = args.work / "copy-beside"
     for label in ("alone", "beside a copy"):
-        engine_module._WARMED.clear()
+        forget_warm_ups()
         model = load()
         copying = None
         if label == "beside a copy":

@@ -106,12 +106,62 @@ class Ack(Message):
     detail: str = ""
 
 
+# ----------------------------------------------------------------------------- sampling parameters
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How a request's tokens are chosen and when it stops: the part of a request that travels with it from the
+    client through the router to an instance, and on to a migration's destination.
+
+    On the wire it is flattened: each message that carries it (a :class:`SamplingFields`) has these fields as
+    its own, so the codec checks each one like any other field and the protocol is the same as before the
+    record existed. In code, ``message.sampling`` gives the record and ``**params.fields()`` spreads one into
+    a message.
+    """
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    """0: greedy."""
+    top_p: float = 1.0
+    seed: int | None = None
+    """The random choice at step ``k`` is a function of ``(seed, k)`` alone, so a request resumed anywhere samples
+    what it would have. None only in a client's request: the router draws one before the request goes on, and
+    every message past the router carries an int (their ``seed`` fields say so)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the request when they appear in its text (the text stops before them)."""
+
+    def fields(self) -> dict[str, Any]:
+        """The record as a message's flattened fields (``stop`` a list, as msgpack carries it)."""
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "seed": self.seed, "stop": list(self.stop)}
+
+
+class SamplingFields:
+    """A message that carries a request's :class:`SamplingParams`, flattened into fields of its own (which each
+    such message declares, with the types it accepts on the wire)."""
+
+    __slots__ = ()
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_tokens, self.temperature, self.top_p, self.seed, tuple(self.stop))
+
+
 # ----------------------------------------------------------------------------- client <-> router
 
 
 @_register
 @dataclass(frozen=True, slots=True)
-class GenerateRequest(Message):
+class GenerateRequest(Message, SamplingFields):
+    """A client's request. Its sampling fields default to :class:`SamplingParams`'s; ``seed`` may be left out
+    (null), and the router draws one."""
+
     tag: ClassVar[str] = "generate"
     request_id: str
     model: str
@@ -331,7 +381,7 @@ class InstanceGone(Message):
 
 @_register
 @dataclass(frozen=True, slots=True)
-class StartInference(Message):
+class StartInference(Message, SamplingFields):
     """Run (or resume) a request on an instance.
 
     A fresh request carries ``prompt``; a resumed one carries the token log: ``prompt_ids`` and
@@ -422,7 +472,7 @@ class MigrateOut(Message):
 
 @_register
 @dataclass(frozen=True, slots=True)
-class ResumeRequest(Message):
+class ResumeRequest(Message, SamplingFields):
     """Source -> destination instance: recompute the KV cache for these tokens (round ``round``).
 
     Round 0 carries the whole token log; later rounds carry in ``generated_ids`` only the tokens
@@ -452,7 +502,7 @@ class ResumeRequest(Message):
 
 @_register
 @dataclass(frozen=True, slots=True)
-class KvCopyBegin(Message):
+class KvCopyBegin(Message, SamplingFields):
     """Source -> destination instance: round ``round`` sends the request's KV cache instead of its tokens.
 
     ``n_chunks`` ``KvCopyChunk`` messages follow, whose ``data`` concatenated is every layer's keys then

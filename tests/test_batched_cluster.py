@@ -30,15 +30,17 @@ MODEL = {"deterministic": True, "target_concurrency": N_STREAMS}
 
 def _alone(model_dir: Path) -> list[list[int]]:
     """Each request run by itself through the same engine."""
-    from sllm_actors.gpu.engine import Engine, Sequence
+    from sllm_actors.gpu.engine import Engine
+    from sllm_actors.gpu.sequence import Sequence
+    from sllm_actors.messages import SamplingParams
     from sllm_actors.models import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir, "cpu")
     engine = Engine(model, tokenizer, deterministic=True)
     out = []
     for prompt, kw in zip(PROMPTS, SAMPLING):
-        seq = Sequence("ref", engine.tokenize(prompt, chat=False), [], MAX_TOKENS, kw["temperature"],
-                       kw.get("top_p", 1.0), kw.get("seed", 0), [])
+        seq = Sequence("ref", engine.tokenize(prompt, chat=False), [],
+                       SamplingParams(MAX_TOKENS, kw["temperature"], kw.get("top_p", 1.0), kw.get("seed", 0)))
         engine.add(seq)
         while engine.has_work():
             engine.step_batch()

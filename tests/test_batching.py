@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from sllm_actors.gpu.engine import Engine, Sequence
+from sllm_actors.gpu.engine import Engine
 from sllm_actors.gpu.sampler import sample, step_seed
+from sllm_actors.gpu.sequence import Sequence
+from sllm_actors.messages import SamplingParams
 from sllm_eval.tiny_models import make_tokenizer
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.06}
@@ -81,7 +83,7 @@ def _teacher_forced(engine: Engine, forced: dict[str, list[int]], prompt_lens: d
         return chosen
 
     engine._sample = forced_sample  # type: ignore[method-assign]
-    seqs = [Sequence(rid, ids[: prompt_lens[rid]], [], len(ids) - prompt_lens[rid] - 1, 0.0, 1.0, 0, [])
+    seqs = [Sequence(rid, ids[: prompt_lens[rid]], [], SamplingParams(len(ids) - prompt_lens[rid] - 1, 0.0, 1.0, 0))
             for rid, ids in forced.items()]
     _serve(engine, seqs, together)
     assert all(s.generated_ids == forced[s.request_id][len(s.prompt_ids):-1] for s in seqs)
@@ -119,7 +121,7 @@ def test_logits_match_transformers_alone_and_in_a_mixed_batch(arch: str, dtype: 
 
 
 def _greedy(engine: Engine, prompts: dict[str, list[int]], max_tokens: int, together: bool) -> dict[str, list[int]]:
-    seqs = [Sequence(rid, ids, [], max_tokens, 0.0, 1.0, 0, []) for rid, ids in prompts.items()]
+    seqs = [Sequence(rid, ids, [], SamplingParams(max_tokens, 0.0, 1.0, 0)) for rid, ids in prompts.items()]
     _serve(engine, seqs, together)
     return {s.request_id: s.generated_ids for s in seqs}
 
@@ -152,10 +154,10 @@ def test_requests_that_can_never_fit_are_refused_with_the_limit() -> None:
     model, _, tokenizer = _models("llama")
     engine = Engine(model, tokenizer, kv_cache_bytes=5 * engine_block_bytes(model, tokenizer))
     with pytest.raises(ValueError, match="exceed the model's context of 256"):
-        engine.add(Sequence("long", list(range(5, 300)), [], 10, 0.0, 1.0, 0, []))
+        engine.add(Sequence("long", list(range(5, 300)), [], SamplingParams(10, 0.0, 1.0, 0)))
     with pytest.raises(ValueError, match="KV pool holds 64"):
-        engine.add(Sequence("big", list(range(5, 55)), [], 20, 0.0, 1.0, 0, []))
-    engine.add(Sequence("fits", list(range(5, 25)), [], 20, 0.0, 1.0, 0, []))
+        engine.add(Sequence("big", list(range(5, 55)), [], SamplingParams(20, 0.0, 1.0, 0)))
+    engine.add(Sequence("fits", list(range(5, 25)), [], SamplingParams(20, 0.0, 1.0, 0)))
     while engine.has_work():
         engine.step_batch()
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sllm_actors.gpu.engine import Engine, Sequence, choose_token
+from sllm_actors.gpu.engine import Engine, choose_token
+from sllm_actors.gpu.sequence import Sequence
+from sllm_actors.messages import SamplingParams
 
 PROMPT = "The capital of France is"
 
@@ -22,8 +24,8 @@ def engine(tiny_model: Path) -> Engine:
 
 def _seq(engine: Engine, *, generated: list[int] | None = None, temperature: float = 0.0, seed: int = 7,
          max_tokens: int = 24, stop: list[str] | None = None) -> Sequence:
-    return Sequence("r", engine.tokenize(PROMPT, chat=False), list(generated or []), max_tokens, temperature, 0.9,
-                    seed, stop or [])
+    return Sequence("r", engine.tokenize(PROMPT, chat=False), list(generated or []),
+                    SamplingParams(max_tokens, temperature, 0.9, seed, tuple(stop or ())))
 
 
 def _run(engine: Engine, seq: Sequence) -> list[int]:
@@ -95,7 +97,7 @@ def test_chat_template_is_applied(engine: Engine) -> None:
 def test_text_resumes_exactly_where_a_character_was_split(engine: Engine) -> None:
     """A resume (migration, restart) can fall between the tokens of one character: its bytes were never text, so
     the resumed detokenizer must still produce it, once."""
-    from sllm_actors.gpu.engine import IncrementalDetokenizer
+    from sllm_actors.gpu.detokenizer import IncrementalDetokenizer
 
     text = "naïve 日本語 — ünïcode ok"
     ids = engine.tokenizer(text)["input_ids"]

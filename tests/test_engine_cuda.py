@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sllm_actors.gpu.engine import Engine, Sequence
+from sllm_actors.gpu.engine import Engine
+from sllm_actors.gpu.sequence import Sequence
+from sllm_actors.messages import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -26,7 +28,8 @@ def engine(tiny_model: Path) -> Engine:
 
 
 def _seq(engine: Engine, generated: list[int] | None = None, temperature: float = 0.0) -> Sequence:
-    return Sequence("r", engine.tokenize(PROMPT, chat=False), list(generated or []), 24, temperature, 0.9, 7, [])
+    return Sequence("r", engine.tokenize(PROMPT, chat=False), list(generated or []),
+                    SamplingParams(24, temperature, 0.9, 7))
 
 
 def _run(engine: Engine, seq: Sequence) -> list[int]:
@@ -79,8 +82,8 @@ def test_cache_rebuilding_calls_return_with_the_device_idle(engine: Engine) -> N
 
 
 def _batch(engine: Engine, n: int, max_tokens: int) -> list[list[int]]:
-    seqs = [Sequence(f"r{i}", engine.tokenize(PROMPT + " word" * (3 * i), chat=False), [], max_tokens,
-                     0.0 if i % 2 == 0 else 0.8, 0.9, i, []) for i in range(n)]
+    seqs = [Sequence(f"r{i}", engine.tokenize(PROMPT + " word" * (3 * i), chat=False), [],
+                     SamplingParams(max_tokens, 0.0 if i % 2 == 0 else 0.8, 0.9, i)) for i in range(n)]
     for seq in seqs:
         engine.add(seq)
     while engine.has_work():

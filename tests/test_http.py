@@ -392,7 +392,7 @@ def _same_stream(got: str, tokens: int, want: Any) -> None:
     """No token lost or repeated: the token count, and the text wherever it is ASCII.
 
     Only ASCII because the engine's detokenizer starts afresh where a request resumes or is handed over
-    (sllm_actors/gpu/engine.py, IncrementalDetokenizer): when the interruption splits a multi-byte UTF-8
+    (sllm_actors/gpu/detokenizer.py, IncrementalDetokenizer): when the interruption splits a multi-byte UTF-8
     character across two tokens, the held-back byte's character may come out as U+FFFD or not at all, for
     the ZeroMQ client's text too. A random-weight model emits many such tokens; the ASCII around them still
     shows any gap or repeat."""

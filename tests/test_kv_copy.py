@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sllm_actors.policy import placement
-from sllm_actors.messages import KvCopyBegin, KvCopyChunk, decode, encode
+from sllm_actors.messages import KvCopyBegin, KvCopyChunk, SamplingParams, decode, encode
 from sllm_actors.runtime.topology import TopologyError, parse_topology
 
 from .conftest import RunningCluster
@@ -101,9 +101,9 @@ def engine(tiny_model: Path) -> Any:
 
 
 def _seq(engine: Any, temperature: float = 0.0) -> Any:
-    from sllm_actors.gpu.engine import Sequence
+    from sllm_actors.gpu.sequence import Sequence
 
-    return Sequence("r", engine.tokenize(PROMPT, chat=False), [], 40, temperature, 0.9, 3, [])
+    return Sequence("r", engine.tokenize(PROMPT, chat=False), [], SamplingParams(40, temperature, 0.9, 3))
 
 
 def _wire_copy(engine: Any, seq: Any, corrupt: str = "") -> tuple[KvCopyBegin, dict[int, bytes]]:
@@ -125,10 +125,12 @@ def _wire_copy(engine: Any, seq: Any, corrupt: str = "") -> tuple[KvCopyBegin, d
         chunks[1] = bytes([chunks[1][0] ^ 1]) + chunks[1][1:]
     elif corrupt == "short":
         del chunks[1]
-    begin = KvCopyBegin("m", 0, seq.request_id, "i", "n", "s", list(seq.prompt_ids), list(seq.generated_ids),
-                        seq.max_tokens, seq.temperature, seq.top_p, seq.seed, [], seq.text, n_cached,
-                        str(layers[0][0].dtype).removeprefix("torch."),
-                        [[list(k.shape), list(v.shape)] for k, v in layers], cut.total, crc, cut.count)
+    begin = KvCopyBegin(migration_id="m", round=0, request_id=seq.request_id, instance_id="i", source_node="n",
+                        source_instance="s", prompt_ids=list(seq.prompt_ids), generated_ids=list(seq.generated_ids),
+                        **seq.sampling.fields(), text_so_far=seq.text, n_cached=n_cached,
+                        dtype=str(layers[0][0].dtype).removeprefix("torch."),
+                        shapes=[[list(k.shape), list(v.shape)] for k, v in layers], total_bytes=cut.total, crc32=crc,
+                        n_chunks=cut.count)
     begin = decode(encode(begin))  # type: ignore[assignment]
     chunks = {i: decode(encode(KvCopyChunk("m", 0, seq.request_id, "i", i, c))).data  # type: ignore[attr-defined]
               for i, c in chunks.items()}
@@ -138,8 +140,8 @@ def _wire_copy(engine: Any, seq: Any, corrupt: str = "") -> tuple[KvCopyBegin, d
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("cut", [0, 1, 7])
 def test_a_copied_cache_continues_exactly(engine: Any, temperature: float, cut: int) -> None:
+    from sllm_actors.gpu.sequence import Sequence
     from sllm_actors.migration.protocol import decode_cache as _decode_cache
-    from sllm_actors.gpu.engine import Sequence
 
     ref = _seq(engine, temperature)
     engine.prefill(ref)
@@ -150,7 +152,7 @@ def test_a_copied_cache_continues_exactly(engine: Any, temperature: float, cut: 
     for _ in range(cut):
         engine.step(src)
     begin, chunks = _wire_copy(engine, src)
-    dest = Sequence("r", list(begin.prompt_ids), list(begin.generated_ids), 40, temperature, 0.9, 3, [])
+    dest = Sequence("r", list(begin.prompt_ids), list(begin.generated_ids), SamplingParams(40, temperature, 0.9, 3))
     engine.import_cache(dest, begin.n_cached, _decode_cache(begin, chunks))
     while not dest.finish_reason:
         engine.step(dest)

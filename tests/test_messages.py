@@ -16,6 +16,8 @@ from sllm_actors.messages import (
     GenerateRequest,
     Message,
     ProtocolError,
+    SamplingFields,
+    SamplingParams,
     TokenChunk,
     decode,
     encode,
@@ -57,6 +59,43 @@ def test_every_message_round_trips(tag: str) -> None:
     assert address == "node-7"
     assert back == msg
     assert type(back) is cls
+
+
+def _sampling_messages() -> list[type[Message]]:
+    return [cls for cls in message_types().values() if issubclass(cls, SamplingFields)]
+
+
+def test_the_sampling_record_travels_flattened() -> None:
+    """SamplingParams is not a field of its own on the wire: each message that carries it has its fields, checked
+    like any other, so the protocol is the one it was before the record existed."""
+    names = [f.name for f in dataclasses.fields(SamplingParams)]
+    carriers = _sampling_messages()
+    assert sorted(cls.tag for cls in carriers) == ["generate", "kv_copy_begin", "resume", "start_inference"]
+    params = SamplingParams(max_tokens=77, temperature=0.7, top_p=0.9, seed=2**62 + 5, stop=("\n\n", "END"))
+    for cls in carriers:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(names) <= fields, f"{cls.tag} lacks sampling fields {set(names) - fields}"
+        hints = typing.get_type_hints(cls)
+        values = {f.name: _sample(hints[f.name], f.name) for f in dataclasses.fields(cls) if f.name not in names}
+        msg = cls(**values, **params.fields())
+        back = decode(encode(msg))
+        assert back == msg
+        assert back.sampling == params  # type: ignore[attr-defined]
+        assert msgpack.unpackb(encode(msg))[1]["stop"] == ["\n\n", "END"]
+
+
+def test_a_client_request_defaults_to_the_records_defaults() -> None:
+    msg = decode(msgpack.packb(["generate", {"request_id": "r1", "model": "m", "prompt": "p"}]))
+    assert msg.sampling == SamplingParams()  # type: ignore[attr-defined]
+
+
+def test_past_the_router_the_seed_must_be_drawn() -> None:
+    fields = {"request_id": "r", "instance_id": "i", "prompt": "p", "chat": False, "prompt_ids": [],
+              "generated_ids": [], "text_so_far": "", **SamplingParams(seed=None).fields()}
+    with pytest.raises(ProtocolError, match="start_inference.seed: expected int, got NoneType"):
+        decode(msgpack.packb(["start_inference", fields]))
+    fields["seed"] = 3
+    assert decode(msgpack.packb(["start_inference", fields])).sampling.seed == 3  # type: ignore[attr-defined]
 
 
 def test_message_types_are_immutable() -> None:

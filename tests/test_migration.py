@@ -21,12 +21,14 @@ RECOMPUTE = {"migration_transfer": "recompute"}
 
 
 def _reference(model_dir: Path, n: int, *, temperature: float = 0.0, seed: int = 0) -> list[int]:
-    from sllm_actors.gpu.engine import Engine, Sequence
+    from sllm_actors.gpu.engine import Engine
+    from sllm_actors.gpu.sequence import Sequence
+    from sllm_actors.messages import SamplingParams
     from sllm_actors.models import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir, "cpu")
     engine = Engine(model, tokenizer)
-    seq = Sequence("ref", engine.tokenize(PROMPT, chat=False), [], n, temperature, 0.95, seed, [])
+    seq = Sequence("ref", engine.tokenize(PROMPT, chat=False), [], SamplingParams(n, temperature, 0.95, seed))
     engine.prefill(seq)
     while not seq.finish_reason:
         engine.step(seq)

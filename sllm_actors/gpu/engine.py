@@ -5,10 +5,12 @@ cache is derived (a prefill over the log rebuilds it), and the random choice at 
 ``(seed, k)`` alone. That is what lets a request be preempted and recomputed, or continue on another instance
 after a migration or a crash, exactly as it would have.
 
-Parts, as a reader can name them: :mod:`~sllm_actors.gpu.block_manager` (who holds which KV blocks),
-:mod:`~sllm_actors.gpu.scheduler` (what runs in a step), :mod:`~sllm_actors.gpu.runner` (the forward, the
-pool, CUDA graphs), :mod:`~sllm_actors.gpu.attention` (paged attention inside transformers' model code) and
-:mod:`~sllm_actors.gpu.sampler` (the batch's tokens on the device).
+Parts, as a reader can name them: :mod:`~sllm_actors.gpu.sequence` (a request's state),
+:mod:`~sllm_actors.gpu.block_manager` (who holds which KV blocks), :mod:`~sllm_actors.gpu.scheduler` (what runs
+in a step), :mod:`~sllm_actors.gpu.runner` (the forward and the pool), :mod:`~sllm_actors.gpu.cuda_graphs`
+(captured decode steps), :mod:`~sllm_actors.gpu.attention` (paged attention inside transformers' model code),
+:mod:`~sllm_actors.gpu.sampler` (the batch's tokens on the device) and :mod:`~sllm_actors.gpu.detokenizer`
+(the text, token by token).
 
 Two ways in: :meth:`Engine.add` + :meth:`Engine.step_batch` serve requests together, one forward per step;
 :meth:`Engine.prefill`, :meth:`Engine.extend`, :meth:`Engine.import_cache` and :meth:`Engine.step` work on one
@@ -25,9 +27,11 @@ from typing import Any
 import torch
 
 from sllm_actors.gpu.block_manager import SCRATCH_BLOCK, BlockManager
+from sllm_actors.gpu.detokenizer import IncrementalDetokenizer
 from sllm_actors.gpu.runner import Feed, ModelRunner, kv_bytes_per_token
 from sllm_actors.gpu.sampler import choose_token, sample, step_seed
 from sllm_actors.gpu.scheduler import BatchScheduler, StepPlan
+from sllm_actors.gpu.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -42,93 +46,9 @@ again (a DRAM hit after its unload) finds its kernels loaded and its code known 
 delay the request that is waiting for the load."""
 
 
-class IncrementalDetokenizer:
-    """Text deltas from a growing id list: tokenizers' own streaming decoder (``DecodeStream``), which holds
-    back bytes of a character split across tokens. Falls back to decoding a short window for tokenizers
-    without a fast backend.
-
-    A request resumed from its log (a migration, a restart) may have stopped mid-character: the ids of that
-    unfinished character were never turned into text, so they are fed again here, and their character comes out
-    with the token that completes it, as it would have without the resume.
-    """
-
-    def __init__(self, tokenizer: Any, ids: list[int]) -> None:
-        self.tokenizer = tokenizer
-        ids = list(ids)
-        unfinished = 0
-        while unfinished < min(4, len(ids)) and tokenizer.decode(
-                ids[max(0, len(ids) - unfinished - 8):len(ids) - unfinished], skip_special_tokens=True
-        ).endswith("\ufffd"):
-            unfinished += 1
-        done, again = ids[:len(ids) - unfinished], ids[len(ids) - unfinished:]
-        self._pending = ""
-        self._stream = None
-        backend = getattr(tokenizer, "_tokenizer", None)
-        if backend is not None:
-            try:
-                from tokenizers.decoders import DecodeStream
-
-                self._stream = DecodeStream(done[-8:], skip_special_tokens=True) if done else \
-                    DecodeStream(skip_special_tokens=True)
-                self._backend = backend
-            except (ImportError, TypeError):
-                self._stream = None
-        self.ids = done
-        self.prefix_offset = max(0, len(self.ids) - 6)
-        self.read_offset = len(self.ids)
-        self._pending = "".join(self.push(token) for token in again)
-
-    def push(self, token_id: int) -> str:
-        pending, self._pending = self._pending, ""
-        if self._stream is not None:
-            return pending + (self._stream.step(self._backend, token_id) or "")
-        self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix) :]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return pending + delta
-        return pending
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request's decoding state on one instance. Compared by identity: it is mutable state (a batch finds and
-    removes its own object, never a look-alike)."""
-
-    request_id: str
-    prompt_ids: list[int]
-    generated_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    stop: list[str]
-    text: str = ""
-    block_table: list[int] = field(default_factory=list)
-    num_cached: int = 0
-    """Tokens of the log whose keys and values are in the cache. A decoding request has all but its last."""
-    next_logits: torch.Tensor | None = None
-    """Logits for the next token when a forward outside the batch already made them (a migration's catch-up)."""
-    detok: IncrementalDetokenizer | None = None
-    finish_reason: str = ""
-    preemptions: int = 0
-    started_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.generated_ids
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.generated_ids)
-
-    def token_at(self, position: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[position] if position < n else self.generated_ids[position - n]
+def forget_warm_ups() -> None:
+    """The next engine of every model warms up again, as in a fresh process (benchmarks that time the warm-up)."""
+    _WARMED.clear()
 
 
 @dataclass
@@ -221,6 +141,10 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def waiting_count(self) -> int:
+        """Requests queued for their (re)prefill: new, resumed, or preempted for room in the KV pool."""
+        return len(self.scheduler.waiting)
+
     @property
     def requests(self) -> list[Sequence]:
         """Every request in the batch: running, then waiting."""
@@ -245,10 +169,11 @@ class Engine:
         n = len(seq.tokens)
         if n >= self.max_positions:
             raise ValueError(f"{n} tokens exceed the model's context of {self.max_positions}")
-        need = min(len(seq.prompt_ids) + max(seq.max_tokens, len(seq.generated_ids)), self.max_positions)
+        max_tokens = seq.sampling.max_tokens
+        need = min(len(seq.prompt_ids) + max(max_tokens, len(seq.generated_ids)), self.max_positions)
         if need > self.blocks.capacity_tokens:
             raise ValueError(f"the request needs up to {need} tokens of KV cache (prompt {len(seq.prompt_ids)} + "
-                             f"max_tokens {seq.max_tokens}); this instance's KV pool holds "
+                             f"max_tokens {max_tokens}); this instance's KV pool holds "
                              f"{self.blocks.capacity_tokens}")
 
     def add(self, seq: Sequence) -> None:
@@ -351,8 +276,12 @@ class Engine:
         return (logits if who else None), who
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        ids = sample(logits, [s.temperature for s in seqs], [s.top_p for s in seqs],
-                     [step_seed(s.seed, len(s.generated_ids)) for s in seqs])
+        params = [s.sampling for s in seqs]
+        step_seeds = []
+        for seq, p in zip(seqs, params):
+            assert p.seed is not None, "the router draws the seed of every request it sends on"
+            step_seeds.append(step_seed(p.seed, len(seq.generated_ids)))
+        ids = sample(logits, [p.temperature for p in params], [p.top_p for p in params], step_seeds)
         return ids.tolist()  # the step's one device-to-host copy
 
     def _accept(self, seq: Sequence, token: int) -> TokenOut:
@@ -364,9 +293,10 @@ class Engine:
         if token in self.eos_ids:
             seq.finish_reason = "eos"
             return TokenOut(seq, index, token, "")
-        if seq.stop and delta:
+        stop = seq.sampling.stop
+        if stop and delta:
             combined = seq.text + delta
-            cut = min((i for i in (combined.find(s, max(0, len(seq.text) - len(s))) for s in seq.stop) if i >= 0),
+            cut = min((i for i in (combined.find(s, max(0, len(seq.text) - len(s))) for s in stop) if i >= 0),
                       default=-1)
             if cut >= 0:
                 delta = combined[:cut][len(seq.text):]
@@ -374,7 +304,7 @@ class Engine:
                 seq.finish_reason = "stop"
                 return TokenOut(seq, index, token, delta)
         seq.text += delta
-        if len(seq.generated_ids) >= seq.max_tokens:
+        if len(seq.generated_ids) >= seq.sampling.max_tokens:
             seq.finish_reason = "length"
         elif seq.n_tokens >= self.max_positions:
             seq.finish_reason = "context"
@@ -453,7 +383,7 @@ class Engine:
         n = seq.num_cached
         if n <= 0 or not seq.block_table:
             raise ValueError(f"{seq.request_id} has no KV cache to export")
-        slots = self.runner._context_slots(seq.block_table, n)
+        slots = self.runner.context_slots(seq.block_table, n)
         k, v = self.runner.k_cache, self.runner.v_cache
         layers = [(k[i, slots].permute(1, 0, 2)[None].contiguous(), v[i, slots].permute(1, 0, 2)[None].contiguous())
                   for i in range(k.shape[0])]
@@ -485,7 +415,7 @@ class Engine:
         if not self.blocks.grow(seq.block_table, len(tokens)):
             raise ValueError(f"the KV pool has {self.blocks.free_blocks} free blocks, too few for {len(tokens)} "
                              f"tokens of {seq.request_id}")
-        slots = self.runner._context_slots(seq.block_table, keep)
+        slots = self.runner.context_slots(seq.block_table, keep)
         for index, (keys, values) in enumerate(layers):
             k_cache[index, slots] = keys[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
             v_cache[index, slots] = values[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
@@ -494,4 +424,4 @@ class Engine:
         return time.perf_counter() - started
 
 
-__all__ = ["Engine", "IncrementalDetokenizer", "Sequence", "StepResult", "TokenOut", "choose_token", "step_seed"]
+__all__ = ["Engine", "StepResult", "TokenOut", "choose_token", "forget_warm_ups", "step_seed"]

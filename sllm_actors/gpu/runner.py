@@ -1,11 +1,8 @@
-"""The model runner: the paged KV pool's tensors, one forward per engine step, CUDA graphs for decode.
+"""The model runner: the paged KV pool's tensors, one forward per engine step.
 
 A step's tokens go through the model packed in one row; :mod:`sllm_actors.gpu.attention` does the paging.
-On CUDA, decode-only steps replay a captured graph for the live batch padded to the next size of a ladder
-(batch sizes × context lengths in blocks). Capture happens between steps, one shape at a time, only for a
-shape the engine has already served eagerly: a cold start's first tokens never wait for a capture (vLLM
-captures every size before serving, tens of seconds on a cold start). Anything that cannot be captured is
-served eagerly, with a log line saying why.
+On CUDA, decode steps replay a graph of :mod:`sllm_actors.gpu.cuda_graphs` once their shape has been captured
+(lazily, off the cold start's path); everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -19,12 +16,9 @@ import torch
 
 from sllm_actors.gpu.attention import PrefillSegment, StepLayout, set_layout, use_paged_attention
 from sllm_actors.gpu.block_manager import SCRATCH_BLOCK
+from sllm_actors.gpu.cuda_graphs import DecodeGraphs, batch_bucket
 
 log = logging.getLogger(__name__)
-
-BATCH_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-CAPTURE_AFTER_USES = 2
-"""A decode shape is captured once it has run this many times eagerly."""
 
 
 FUSABLE_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm")
@@ -144,15 +138,8 @@ class ModelRunner:
         # mask). Paged attention ignores it; the layout says what each request may see.
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._block_offsets = torch.arange(block_size, device=self.device)
-        self.graphs_enabled = cuda_graphs and self.device.type == "cuda"
-        self.max_graph_batch = max_graph_batch
-        self.max_graph_blocks = -(-max_graph_context // block_size)
-        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
-        self._uses: dict[tuple[int, int], int] = {}
-        self._graph_pool: Any = None
-        self.graph_note = "" if self.graphs_enabled else ("no CUDA graphs on a CPU" if self.device.type != "cuda"
-                                                          else "CUDA graphs off by configuration")
-        self.capture_s = 0.0
+        self.graphs = DecodeGraphs(self.device, block_size, enabled=cuda_graphs, max_batch=max_graph_batch,
+                                   max_blocks=-(-max_graph_context // block_size))
 
     # ------------------------------------------------------------------ one step
 
@@ -161,7 +148,7 @@ class ModelRunner:
         ``[rows, vocab]`` of every feed with ``sample`` set, in order."""
         if decode_count == len(feeds) and decode_count > 0:
             return self._decode(feeds)
-        if decode_count and self.graphs_enabled:
+        if decode_count and self.graphs.enabled:
             # New prompts arrive all the time under load: a step that also prefills still decodes its batch with
             # a graph (one replay), and the prefill chunks run as a forward of their own.
             decoded = self._decode(feeds[:decode_count])
@@ -201,8 +188,8 @@ class ModelRunner:
         kernel per layer, not 30."""
         length = sum(len(f.ids) for f in feeds)
         if len(feeds) == 1 and feeds[0].start == 0:
-            return PrefillSegment(first, length, self._context_slots(feeds[0].table, length), None)
-        ctx_slots = torch.cat([self._context_slots(f.table, f.start + len(f.ids)) for f in feeds])
+            return PrefillSegment(first, length, self.context_slots(feeds[0].table, length), None)
+        ctx_slots = torch.cat([self.context_slots(f.table, f.start + len(f.ids)) for f in feeds])
         q_seg, q_pos, k_seg, k_pos = [], [], [], []
         for index, feed in enumerate(feeds):
             context = feed.start + len(feed.ids)
@@ -217,15 +204,9 @@ class ModelRunner:
     def _decode(self, feeds: list[Feed]) -> torch.Tensor:
         n = len(feeds)
         n_blocks = self._blocks_bucket(feeds)
-        key = (self._batch_bucket(n), n_blocks)
-        graph = self._graphs.get(key)
-        if graph is None and self.graphs_enabled and key[0] <= self.max_graph_batch \
-                and n_blocks <= self.max_graph_blocks:
-            self._uses[key] = self._uses.get(key, 0) + 1
-            if self._uses[key] > CAPTURE_AFTER_USES:
-                graph = self._capture(*key)
+        graph = self.graphs.for_shape(batch_bucket(n), n_blocks, self._decode_forward)
         if graph is not None:
-            return graph.replay(self, feeds)[:n]
+            return graph.replay(decode_inputs(feeds, graph.batch, n_blocks, self.block_size))[:n]
         inputs = decode_inputs(feeds, len(feeds), n_blocks, self.block_size).to(self.device, non_blocking=True)
         ids, positions, slots, lens = inputs[:4]
         tables = inputs[4:].T
@@ -275,7 +256,9 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
-    def _context_slots(self, table: list[int], context: int) -> torch.Tensor:
+    def context_slots(self, table: list[int], context: int) -> torch.Tensor:
+        """The cache slots of a request's first ``context`` tokens, in order, from its block table (on the
+        device): where a prefill reads its context, and where a KV copy gathers or scatters a request's cache."""
         blocks = self._tensor(table[: -(-context // self.block_size)])
         return (blocks[:, None] * self.block_size + self._block_offsets).reshape(-1)[:context]
 
@@ -288,70 +271,10 @@ class ModelRunner:
             bucket *= 2
         return bucket
 
-    @staticmethod
-    def _batch_bucket(n: int) -> int:
-        for size in BATCH_LADDER:
-            if size >= n:
-                return size
-        return n
-
-    # ------------------------------------------------------------------ CUDA graphs
-
-    def _capture(self, batch: int, n_blocks: int) -> _DecodeGraph | None:
-        started = time.perf_counter()
-        try:
-            graph = _DecodeGraph(self, batch, n_blocks)
-        except Exception as exc:  # any capture failure: serve this shape eagerly from now on
-            log.warning("CUDA graph capture of decode batch %d x %d blocks failed, serving it eagerly: %s",
-                        batch, n_blocks, exc)
-            self.graphs_enabled = False
-            self.graph_note = f"capture failed: {exc}"
-            return None
-        self._graphs[(batch, n_blocks)] = graph
-        self.capture_s += time.perf_counter() - started
-        log.info("captured decode graph batch %d x %d blocks in %.0f ms", batch, n_blocks,
-                 1000 * (time.perf_counter() - started))
-        return graph
-
     @property
     def graph_shapes(self) -> list[tuple[int, int]]:
-        return sorted(self._graphs)
+        """The decode shapes captured so far (padded batch, context blocks)."""
+        return self.graphs.shapes
 
 
-class _DecodeGraph:
-    """One captured decode step with its persistent inputs; a replay copies the live batch into them."""
-
-    def __init__(self, runner: ModelRunner, batch: int, n_blocks: int) -> None:
-        device = runner.device
-        self.batch = batch
-        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.slots = torch.full((batch,), SCRATCH_BLOCK * runner.block_size, dtype=torch.long, device=device)
-        self.tables = torch.full((batch, n_blocks), SCRATCH_BLOCK, dtype=torch.long, device=device)
-        self.lens = torch.ones(batch, dtype=torch.long, device=device)
-        if runner._graph_pool is None:
-            runner._graph_pool = torch.cuda.graph_pool_handle()
-        # Warm-up on a side stream (cuBLAS workspaces, lazy inits) writes only the scratch block: every slot
-        # and table entry points there.
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            runner._decode_forward(self.ids, self.positions, self.slots, self.tables, self.lens)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner._graph_pool):
-            self.logits = runner._decode_forward(self.ids, self.positions, self.slots, self.tables, self.lens)
-
-    def replay(self, runner: ModelRunner, feeds: list[Feed]) -> torch.Tensor:
-        host = decode_inputs(feeds, self.batch, self.tables.shape[1], runner.block_size)
-        dev = host.to(runner.device, non_blocking=True)
-        self.ids.copy_(dev[0])
-        self.positions.copy_(dev[1])
-        self.slots.copy_(dev[2])
-        self.lens.copy_(dev[3])
-        self.tables.copy_(dev[4:].T)
-        self.graph.replay()
-        return self.logits
-
-
-__all__ = ["BATCH_LADDER", "Feed", "ModelRunner", "kv_bytes_per_token", "model_dims"]
+__all__ = ["Feed", "ModelRunner", "kv_bytes_per_token", "model_dims"]

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from sllm_actors.gpu.block_manager import BlockManager
-
-if TYPE_CHECKING:
-    from sllm_actors.gpu.engine import Sequence
+from sllm_actors.gpu.sequence import Sequence
 
 
 @dataclass

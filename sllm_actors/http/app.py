@@ -238,11 +238,11 @@ class OpenAIServer:
 
     def _requests(self, job: Job) -> list[GenerateRequest]:
         # Choice i gets seed + i: n seeded choices differ from each other, and the same call repeats exactly.
+        seed = job.sampling.seed
         return [
             GenerateRequest(
-                request_id=f"{job.id}-{c.index}", model=job.model, prompt=c.prompt, max_tokens=job.max_tokens,
-                temperature=job.temperature, top_p=job.top_p, seed=None if job.seed is None else job.seed + c.index,
-                chat=c.chat, stop=list(job.stop),
+                request_id=f"{job.id}-{c.index}", model=job.model, prompt=c.prompt, chat=c.chat,
+                **replace(job.sampling, seed=None if seed is None else seed + c.index).fields(),
             )
             for c in job.choices
         ]

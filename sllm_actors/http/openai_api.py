@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sllm_actors.messages import SamplingParams
+
 MAX_N = 128
 MAX_STOP = 4
 MAX_SEED = (1 << 63) - 1 - MAX_N
@@ -77,11 +79,7 @@ class Job:
     kind: str  # "chat" or "completion"
     model: str
     choices: list[Choice]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str]
+    sampling: SamplingParams
     stream: bool
     include_usage: bool
     id: str = field(default_factory=lambda: "")
@@ -199,8 +197,8 @@ def _common(body: dict[str, Any], default_max_tokens: int, *, chat: bool) -> dic
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad("user", f"'user' must be a string, got {type(user).__name__}", "invalid_type")
-    return {"model": model, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-            "stop": stop, "n": n, "stream": stream, "include_usage": include_usage}
+    return {"model": model, "sampling": SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop)), "n": n,
+            "stream": stream, "include_usage": include_usage}
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -247,8 +245,7 @@ def parse_chat(body: Any) -> tuple[Job, list[dict[str, str]]]:
         raise bad(None, "the request body must be a JSON object")
     messages = parse_messages(body)
     c = _common(body, DEFAULT_MAX_TOKENS_CHAT, chat=True)
-    job = Job(kind="chat", model=c["model"], choices=[], max_tokens=c["max_tokens"],
-              temperature=c["temperature"], top_p=c["top_p"], seed=c["seed"], stop=c["stop"], stream=c["stream"],
+    job = Job(kind="chat", model=c["model"], choices=[], sampling=c["sampling"], stream=c["stream"],
               include_usage=c["include_usage"], id=f"chatcmpl-{uuid.uuid4().hex}")
     return _with_n(job, c["n"]), messages
 
@@ -280,8 +277,7 @@ def parse_completion(body: Any) -> Job:
         raise bad("n", f"{len(prompts)} prompts x n={n} is more than {MAX_N} choices")
     # OpenAI's order: the n choices of the first prompt, then the second prompt's, ...
     choices = [Choice(k * n + i, p, False, k) for k, p in enumerate(prompts) for i in range(n)]
-    return Job(kind="completion", model=c["model"], choices=choices, max_tokens=c["max_tokens"],
-               temperature=c["temperature"], top_p=c["top_p"], seed=c["seed"], stop=c["stop"], stream=c["stream"],
+    return Job(kind="completion", model=c["model"], choices=choices, sampling=c["sampling"], stream=c["stream"],
                include_usage=c["include_usage"], id=f"cmpl-{uuid.uuid4().hex}")
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sllm_actors.policy import placement
-from sllm_actors.gpu.engine import Sequence
+from sllm_actors.gpu.sequence import Sequence
 from sllm_actors.messages import (
     KV_CHUNK_BYTES,
     KvCopyBegin,
@@ -169,8 +169,7 @@ class Parked:
 def sequence_of(msg: ResumeRequest | KvCopyBegin | StartInference) -> Sequence:
     """A request's decoding state from any message that carries its whole log and sampling parameters."""
     return Sequence(request_id=msg.request_id, prompt_ids=list(msg.prompt_ids), generated_ids=list(msg.generated_ids),
-                    max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, seed=msg.seed,
-                    stop=list(msg.stop), text=msg.text_so_far)
+                    sampling=msg.sampling, text=msg.text_so_far)
 
 
 class MigrationSource:
@@ -260,8 +259,7 @@ class MigrationSource:
         host.send(KvCopyBegin(
             migration_id=out.migration_id, round=out.round, request_id=seq.request_id, instance_id=out.dest_instance,
             source_node=host.node.name, source_instance=host.instance_id, prompt_ids=list(seq.prompt_ids),
-            generated_ids=list(seq.generated_ids), max_tokens=seq.max_tokens, temperature=seq.temperature,
-            top_p=seq.top_p, seed=seq.seed, stop=list(seq.stop), text_so_far=seq.text, n_cached=n_cached,
+            generated_ids=list(seq.generated_ids), **seq.sampling.fields(), text_so_far=seq.text, n_cached=n_cached,
             dtype=str(dtype).removeprefix("torch."), shapes=shapes, total_bytes=chunks.total, crc32=chunks.crc32(),
             n_chunks=chunks.count,
         ), out.dest_node)
@@ -338,8 +336,7 @@ class MigrationSource:
         return ResumeRequest(
             migration_id=out.migration_id, round=out.round, request_id=seq.request_id,
             instance_id=out.dest_instance, source_node=self.host.node.name, source_instance=self.host.instance_id,
-            prompt_ids=prompt_ids, generated_ids=new_ids, max_tokens=seq.max_tokens,
-            temperature=seq.temperature, top_p=seq.top_p, seed=seq.seed, stop=seq.stop, text_so_far=seq.text,
+            prompt_ids=prompt_ids, generated_ids=new_ids, **seq.sampling.fields(), text_so_far=seq.text,
             final=final,
         )
 

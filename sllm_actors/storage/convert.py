@@ -199,10 +199,10 @@ def _read_hf_dir(root: Path) -> dict[str, torch.Tensor]:
 def _add_missing_tied_keys(state_dict: dict[str, torch.Tensor], config: Any) -> None:
     """Hugging Face files omit tied copies (``lm_head.weight`` of a tied model); record them as
     aliases, so our state dict matches ``model.state_dict()`` and a loader need not know the tie."""
-    from sllm_actors.storage.model import _model_class, parameters_on_meta
+    from sllm_actors.storage.model import causal_lm_class, parameters_on_meta
 
     try:
-        cls = _model_class(config, None)
+        cls = causal_lm_class(config)
         with parameters_on_meta():
             skeleton = cls._from_config(copy.deepcopy(config))
         tied = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})
@@ -220,10 +220,10 @@ def _add_missing_tied_keys(state_dict: dict[str, torch.Tensor], config: Any) -> 
 
 def _expected_keys(config: Any) -> set[str] | None:
     """The state-dict keys of the model the config builds (parameters and persistent buffers)."""
-    from sllm_actors.storage.model import _model_class, parameters_on_meta
+    from sllm_actors.storage.model import causal_lm_class, parameters_on_meta
 
     try:
-        cls = _model_class(config, None)
+        cls = causal_lm_class(config)
         with parameters_on_meta():
             skeleton = cls._from_config(copy.deepcopy(config))
     except (CheckpointError, ValueError, TypeError, AttributeError, RuntimeError, ImportError) as exc:
@@ -244,12 +244,12 @@ def _as_transformers_loads_it(root: Path, state_dict: dict[str, torch.Tensor], c
     expected = _expected_keys(config)
     if expected is None or expected <= state_dict.keys():
         return state_dict
-    from sllm_actors.storage.model import _model_class
+    from sllm_actors.storage.model import causal_lm_class
 
     missing = sorted(expected - state_dict.keys())
     log.info("%s: %d tensors stored under other names (%s, ...); loading them the way transformers does",
              root, len(missing), ", ".join(missing[:3]))
-    cls = _model_class(config, None)
+    cls = causal_lm_class(config)
     model, info = cls.from_pretrained(root, dtype="auto", output_loading_info=True)
     still_missing = sorted(info.get("missing_keys") or [])
     if still_missing:

@@ -77,11 +77,14 @@ def parameters_on_meta() -> Iterator[None]:
                 torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _model_class(config: Any, model_class: Any) -> Any:
+def causal_lm_class(config: Any, requested: Any = None) -> Any:
+    """The transformers class that builds a causal LM of ``config``: ``requested`` if given (a class, or its
+    name in transformers), else the first of the config's architectures transformers has, else
+    AutoModelForCausalLM's mapping for the config's type."""
     import transformers
 
-    if model_class is not None:
-        return getattr(transformers, model_class) if isinstance(model_class, str) else model_class
+    if requested is not None:
+        return getattr(transformers, requested) if isinstance(requested, str) else requested
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
@@ -127,7 +130,7 @@ def load_model(
     root = Path(path)
     read_index(root)  # a missing or unfinished checkpoint fails here, before anything starts
     config = AutoConfig.from_pretrained(root)
-    cls = _model_class(config, model_class)
+    cls = causal_lm_class(config, model_class)
     stored = _stored_dtype(root)
     build_dtype = dtype or stored or getattr(config, "dtype", None) or torch.float32
     if isinstance(build_dtype, str):
@@ -260,6 +263,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
 
 __all__ = [
-    "TOKENIZER_FILES", "has_tokenizer", "load_model", "load_tokenizer", "parameters_on_meta", "warm_devices",
-    "warm_imports",
+    "TOKENIZER_FILES", "causal_lm_class", "has_tokenizer", "load_model", "load_tokenizer", "parameters_on_meta",
+    "warm_devices", "warm_imports",
 ]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sllm_actors.messages import ClusterEvent, Message
+from sllm_actors.messages import ClusterEvent, Message, SamplingParams
 from sllm_actors.runtime.supervisor import Directory
 from sllm_actors.runtime.topology import Topology
 from sllm_actors.runtime.transport import Transport
@@ -49,11 +49,8 @@ class RequestRecord:
     model: str
     prompt: str
     chat: bool
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    stop: list[str]
+    sampling: SamplingParams
+    """With its seed drawn: a resume anywhere samples what the first instance would have."""
     prompt_ids: list[int] | None = None
     generated: list[int] = field(default_factory=list)
     text: str = ""

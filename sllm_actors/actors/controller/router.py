@@ -7,6 +7,7 @@ instance, so the client sees one stream with no token lost or repeated.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -155,10 +156,11 @@ class RouterActor(SupervisedActor):
         if problem:
             self.cluster.to_client(peer, ErrorReply(msg.request_id, "bad_request", problem))
             return
-        seed = msg.seed if msg.seed is not None else secrets.randbits(63)
+        sampling = msg.sampling
+        if sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         rec = RequestRecord(
-            request_id=msg.request_id, client=peer, model=msg.model, prompt=msg.prompt, chat=msg.chat,
-            max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, seed=seed, stop=list(msg.stop),
+            request_id=msg.request_id, client=peer, model=msg.model, prompt=msg.prompt, chat=msg.chat, sampling=sampling,
         )
         self.requests[msg.request_id] = rec
         self.cluster.directory.tell("scheduler", Place(rec.request_id, rec.model))
@@ -186,8 +188,7 @@ class RouterActor(SupervisedActor):
         generated, text = ([], "") if from_scratch else (list(rec.generated), rec.text)
         return StartInference(
             request_id=rec.request_id, instance_id=rec.instance_id, prompt=rec.prompt if rec.prompt_ids is None else "",
-            chat=rec.chat, prompt_ids=rec.prompt_ids or [], generated_ids=generated,
-            max_tokens=rec.max_tokens, temperature=rec.temperature, top_p=rec.top_p, seed=rec.seed, stop=rec.stop,
+            chat=rec.chat, prompt_ids=rec.prompt_ids or [], generated_ids=generated, **rec.sampling.fields(),
             text_so_far=text,
         )
 

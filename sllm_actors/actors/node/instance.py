@@ -17,7 +17,8 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.gpu.engine import Engine, Sequence, StepResult
+from sllm_actors.gpu.engine import Engine, StepResult
+from sllm_actors.gpu.sequence import Sequence
 from sllm_actors.messages import (
     AbortMigration,
     CancelInference,
@@ -220,7 +221,7 @@ class ModelInstanceActor(SupervisedActor):
                 self.send(PromptAccepted(msg.request_id, self.instance_id, prompt_ids))
             seq = sequence_of(msg)
             seq.prompt_ids = prompt_ids
-            if len(seq.generated_ids) >= seq.max_tokens:
+            if len(seq.generated_ids) >= seq.sampling.max_tokens:
                 self._finish(seq, "length")
                 return
             engine.add(seq)
@@ -236,7 +237,7 @@ class ModelInstanceActor(SupervisedActor):
         """A request whose cache is ready (a migration's destination) emits its next token at once (the
         catch-up's forward made its logits) and joins the batch."""
         assert self.engine is not None
-        if len(seq.generated_ids) >= seq.max_tokens:
+        if len(seq.generated_ids) >= seq.sampling.max_tokens:
             self.engine.release(seq)
             self._finish(seq, "length")
             return
@@ -310,7 +311,7 @@ class ModelInstanceActor(SupervisedActor):
         if state is None:
             state = "migrating" if self.source_side.busy() else "running" if running else "idle"
         used, total = engine.kv_usage() if engine is not None else (0, 0)
-        waiting = len(engine.scheduler.waiting) if engine is not None else 0
+        waiting = engine.waiting_count() if engine is not None else 0
         self.node.board.update_instance(
             self.instance_id,
             model=self.model_name,
