@@ -22,8 +22,8 @@ from typing import IO, Any
 import pykka
 
 import sllm_actors
+from sllm_actors.actors.controller import registry
 from sllm_actors.actors.controller.context import ClusterContext
-from sllm_actors.messages import NodeProcessExited
 from sllm_actors.runtime.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class NodeProcessActor(SupervisedActor):
         if self.stopping_now or self.proc is None or self.proc.pid != msg.pid:
             return
         log.warning("%s: node process pid %d exited with code %d", self.node, msg.pid, msg.returncode)
-        self.cluster.directory.tell("registry", NodeProcessExited(self.node, msg.returncode))
+        registry.node_process_exited(self.cluster.directory, self.node, msg.returncode)
         now = time.monotonic()
         self.restarts.append(now)
         while self.restarts and now - self.restarts[0] > self.period_s:
