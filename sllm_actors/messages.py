@@ -49,6 +49,7 @@ def _register(cls: type[Message]) -> type[Message]:
 
 
 def message_types() -> dict[str, type[Message]]:
+    """Every wire message type by its tag (a copy: callers cannot change what the decoder accepts)."""
     return dict(_REGISTRY)
 
 
