@@ -24,7 +24,7 @@ import pykka
 import sllm_actors
 from sllm_actors.actors.controller import registry
 from sllm_actors.actors.controller.context import ClusterContext
-from sllm_actors.runtime.supervisor import SupervisedActor
+from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,19 @@ class ProcessExited:
 @dataclass(frozen=True)
 class Kill:
     """In-process: SIGKILL the node process (operators' drills, tests)."""
+
+
+def node_process_actor_name(node: str) -> str:
+    return f"process/{node}"
+
+
+def kill(directory: Directory, node: str, timeout: float = 5.0) -> int:
+    """SIGKILL the local process of ``node``; its pid. KeyError when ``node`` is not a local node here."""
+    ref = directory.get(node_process_actor_name(node))
+    if ref is None:
+        raise KeyError(f"{node} is not a local node of this controller")
+    pid: int = ref.ask(Kill(), block=False).get(timeout=timeout)
+    return pid
 
 
 class NodeProcessActor(SupervisedActor):

@@ -14,8 +14,8 @@ from typing import IO, Any
 
 import pykka
 
-from sllm_actors.actors.controller.node_process import Kill, NodeProcessActor
-from sllm_actors.actors.controller import registry, router, scheduler
+from sllm_actors.actors.controller import node_process, registry, router, scheduler
+from sllm_actors.actors.controller.node_process import NodeProcessActor, node_process_actor_name
 from sllm_actors.actors.controller.registry import NodeRegistryActor
 from sllm_actors.actors.controller.router import RouterActor
 from sllm_actors.actors.controller.scheduler import SchedulerActor
@@ -43,7 +43,6 @@ from sllm_actors.messages import (
     NodeHello,
     NodeStatus,
     PromptAccepted,
-    Query,
     StatusRequest,
     TokenBatch,
     TokenChunk,
@@ -125,12 +124,7 @@ class Controller:
         if self.spawn_local_nodes:
             for node in self.topology.nodes:
                 if node.host == "local":
-                    children.append(ChildSpec(
-                        f"process/{node.name}",
-                        lambda sup, name, node=node.name: NodeProcessActor.start(
-                            sup, name, cluster=ctx, node=node, log_file=self.node_log
-                        ),
-                    ))
+                    children.append(self._node_process_child(ctx, node.name))
         self.transport.start()
         self.supervisor = Supervisor.start(
             None, "controller/supervisor", children, self.directory,
@@ -138,6 +132,12 @@ class Controller:
             on_event=lambda kind, text, data: self.events.emit(kind, text, data),
         )
         self.events.emit("start", f"controller up: clients at {ctx.client_endpoint}")
+
+    def _node_process_child(self, ctx: ClusterContext, node: str) -> ChildSpec:
+        return ChildSpec(
+            node_process_actor_name(node),
+            lambda sup, name: NodeProcessActor.start(sup, name, cluster=ctx, node=node, log_file=self.node_log),
+        )
 
     def wait_ready(self, timeout: float) -> bool:
         """True once every node of the topology has joined."""
@@ -149,23 +149,13 @@ class Controller:
         return False
 
     def alive_nodes(self) -> list[str]:
-        ref = self.directory.get("registry")
-        if ref is None:
-            return []
-        try:
-            return ref.ask(Query("alive"), timeout=2)
-        except (pykka.ActorDeadError, pykka.Timeout):
-            return []
+        return registry.alive_nodes(self.directory)
 
     def status(self) -> dict[str, Any]:
-        ref = self.directory.get("router")
-        return ref.ask(Query("status"), timeout=5) if ref else {}
+        return router.cluster_status(self.directory)
 
     def kill_node(self, node: str) -> int:
-        ref = self.directory.get(f"process/{node}")
-        if ref is None:
-            raise KeyError(f"{node} is not a local node of this controller")
-        return ref.ask(Kill(), timeout=5)
+        return node_process.kill(self.directory, node)
 
     def stop(self) -> None:
         if self.supervisor is not None:

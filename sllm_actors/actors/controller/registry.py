@@ -94,6 +94,18 @@ def tick(directory: Directory, now: float) -> bool:
     return directory.tell(REGISTRY, Tick(now))
 
 
+def alive_nodes(directory: Directory, timeout: float = 2.0) -> list[str]:
+    """The nodes alive and ready for work; none while the registry restarts or does not answer in time."""
+    ref = directory.get(REGISTRY)
+    if ref is None:
+        return []
+    try:
+        alive: list[str] = ref.ask(Query("alive"), block=False).get(timeout=timeout)
+    except (pykka.ActorDeadError, pykka.Timeout):
+        return []
+    return alive
+
+
 class NodeRegistryActor(SupervisedActor):
     def __init__(self, supervisor: pykka.ActorRef[Any], name: str, *, cluster: ClusterContext) -> None:
         super().__init__(supervisor, name)

@@ -111,6 +111,15 @@ def migration_started(directory: Directory, request_id: str, migration_id: str, 
     return directory.tell(ROUTER, MigrationStarted(request_id, migration_id, source, dest))
 
 
+def cluster_status(directory: Directory, timeout: float = 5.0) -> dict[str, Any]:
+    """What ``sllm status`` shows (nodes, instances, requests, queue); empty while the router restarts."""
+    ref = directory.get(ROUTER)
+    if ref is None:
+        return {}
+    status: dict[str, Any] = ref.ask(Query("status"), block=False).get(timeout=timeout)
+    return status
+
+
 def migration_ended(directory: Directory, migration_id: str, instance_id: str, outcome: str,
                     detail: str = "") -> bool:
     """A migration order ended without the switch (``aborted``): the request's record says it did not
