@@ -44,6 +44,16 @@ from sllm_actors.messages import (
     Welcome,
 )
 
+__all__ = [
+    "Client",
+    "ClusterUnavailable",
+    "Completion",
+    "RequestError",
+    "TokenEvent",
+    "resolve_endpoint",
+    "router_socket",
+]
+
 
 _Socket = TypeVar("_Socket", bound="zmq.Socket[Any]")
 """A plain socket from a plain context, an asyncio one from an asyncio context (the HTTP bridge's)."""

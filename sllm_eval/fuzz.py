@@ -19,6 +19,8 @@ from sllm_actors.runtime import wire
 from sllm_actors.messages import Message, encode, message_types
 from sllm_actors.runtime.security import Credentials
 
+__all__ = ["rss_bytes", "run_campaign"]
+
 # What a mutated frame starts from: every wire type but the three an operator key could use to change
 # the cluster for real (those are refused for the client key the fuzz uses, and tested by role elsewhere).
 _MESSAGE_TYPES = message_types()

@@ -66,6 +66,22 @@ from sllm_actors.policy import placement
 from sllm_actors.policy.placement import Estimator, GpuView, InstanceView, MigrationCost, RunningView
 from sllm_eval.workload import Arrival
 
+__all__ = [
+    "POLICIES",
+    "TIERS",
+    "ModelConfig",
+    "ServerConfig",
+    "SimConfig",
+    "apply_calibration",
+    "build_parser",
+    "config_from_args",
+    "format_table",
+    "load_calibration",
+    "main",
+    "simulate",
+    "workload_from_args",
+]
+
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
 TIERS = ("dram", "ssd", "repository")
 GB = 1000**3

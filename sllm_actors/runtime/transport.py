@@ -24,6 +24,8 @@ import zmq.utils.monitor
 from sllm_actors.runtime import wire
 from sllm_actors.messages import MAX_BODY_BYTES, ErrorReply, Message, ProtocolError
 
+__all__ = ["Transport"]
+
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[bytes, str, Message, str], None]

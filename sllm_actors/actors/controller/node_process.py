@@ -26,6 +26,8 @@ from sllm_actors.actors.controller import registry
 from sllm_actors.actors.controller.context import ClusterContext
 from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 
+__all__ = ["NodeProcessActor", "kill", "node_process_actor_name"]
+
 log = logging.getLogger(__name__)
 
 

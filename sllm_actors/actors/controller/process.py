@@ -54,6 +54,8 @@ from sllm_actors.runtime.supervisor import ChildSpec, Directory, Supervisor
 from sllm_actors.runtime.topology import Topology
 from sllm_actors.runtime.transport import Transport
 
+__all__ = ["Controller"]
+
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5

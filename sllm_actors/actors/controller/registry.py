@@ -27,6 +27,16 @@ from sllm_actors.messages import (
 )
 from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 
+__all__ = [
+    "NodeRegistryActor",
+    "alive_nodes",
+    "node_hello",
+    "node_process_exited",
+    "node_seen",
+    "node_status",
+    "tick",
+]
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0

@@ -47,6 +47,21 @@ from sllm_actors.messages import (
 from sllm_actors.runtime.security import redact_for_client
 from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 
+__all__ = [
+    "RouterActor",
+    "client_gone",
+    "cluster_status",
+    "deliver_from_client",
+    "deliver_from_node",
+    "instances_lost",
+    "migration_ended",
+    "migration_started",
+    "placement_failed",
+    "preempt_requests",
+    "publish_snapshot",
+    "request_placed",
+]
+
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 1_000_000

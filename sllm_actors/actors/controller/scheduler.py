@@ -49,6 +49,18 @@ from sllm_actors.models import default_model_dir, directory_bytes, is_model_dir
 from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE, ModelSpec
 
+__all__ = [
+    "SchedulerActor",
+    "deliver_from_client",
+    "deliver_from_node",
+    "node_lost",
+    "node_up",
+    "report_request_tokens",
+    "request_finished",
+    "request_placement",
+    "tick",
+]
+
 log = logging.getLogger(__name__)
 
 UNKNOWN_MODEL_BYTES = 1 << 30

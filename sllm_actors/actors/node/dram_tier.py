@@ -23,6 +23,8 @@ from sllm_actors.messages import TierLoaded, TierLookup, TierRelease, TierStore
 from sllm_actors.actors.node.context import NodeContext
 from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 
+__all__ = ["DramTierActor", "store_copy"]
+
 log = logging.getLogger(__name__)
 
 DRAM = "dram"

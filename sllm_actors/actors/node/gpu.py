@@ -18,6 +18,8 @@ from sllm_actors.actors.node.context import NodeContext
 from sllm_actors.runtime.supervisor import ChildExited, Directory, SupervisedActor
 from sllm_actors.runtime.topology import GpuSpec
 
+__all__ = ["GpuActor", "deliver_to_instance", "gpu_actor_name", "load_model", "unload_model"]
+
 log = logging.getLogger(__name__)
 
 

@@ -51,6 +51,8 @@ from sllm_actors.runtime.supervisor import ChildSpec, Directory, Supervisor
 from sllm_actors.runtime.topology import NodeSpec
 from sllm_actors.runtime.transport import Transport
 
+__all__ = ["Node", "main"]
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5

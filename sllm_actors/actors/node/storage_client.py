@@ -30,6 +30,8 @@ from sllm_actors.actors.node.context import Loaded, NodeContext
 from sllm_actors.runtime.supervisor import ChildSpec
 from sllm_actors.runtime.topology import NodeSpec
 
+__all__ = ["LOAD_PARTS", "SERIAL_PARTS", "StorageClient", "format_parts"]
+
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 900.0

@@ -10,6 +10,8 @@ from pathlib import Path
 from sllm_actors.messages import TierDrop, TierLoaded, TierRelease
 from sllm_actors.runtime.supervisor import Directory
 
+__all__ = ["Bandwidth", "drop_copy", "measure_disk_read", "measure_host_copy", "release_lease", "report_load"]
+
 PROBE_BYTES = 64 * 1024 * 1024
 
 
