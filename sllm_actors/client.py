@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -44,8 +44,22 @@ from sllm_actors.messages import (
     Welcome,
 )
 
+__all__ = [
+    "Client",
+    "ClusterUnavailable",
+    "Completion",
+    "RequestError",
+    "TokenEvent",
+    "resolve_endpoint",
+    "router_socket",
+]
 
-def router_socket(context: zmq.Context, endpoint: str, kind: str, credentials: Any) -> zmq.Socket:
+
+_Socket = TypeVar("_Socket", bound="zmq.Socket[Any]")
+"""A plain socket from a plain context, an asyncio one from an asyncio context (the HTTP bridge's)."""
+
+
+def router_socket(context: zmq.Context[_Socket], endpoint: str, kind: str, credentials: Any) -> _Socket:
     """A DEALER connected to the router, as each client holds one (this module's ``Client``, the HTTP front end's
     bridge, on an asyncio context or not): an identity of its own (``KIND-`` and random), no linger, and CURVE with
     ``credentials`` where the cluster has keys."""
@@ -126,14 +140,14 @@ class Client:
         self.insecure = insecure
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self._context = zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._socket: zmq.Socket[bytes] | None = None
         self.state_endpoint = ""
         self.http_endpoint = ""
 
     # ------------------------------------------------------------------ connection
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self) -> zmq.Socket[bytes]:
         if self._socket is not None:
             return self._socket
         credentials = None

@@ -24,6 +24,8 @@ import zmq
 from sllm_actors.runtime import wire
 from sllm_actors.messages import ClusterEvent, ClusterSnapshot, ProtocolError
 
+__all__ = ["ClusterFeed", "Event", "reachable_state_endpoint"]
+
 log = logging.getLogger(__name__)
 
 POLL_MS = 100

@@ -19,6 +19,78 @@ from typing import Any, ClassVar, Union
 
 import msgpack
 
+__all__ = [
+    "KV_CHUNK_BYTES",
+    "MAX_BODY_BYTES",
+    "PROTOCOL_VERSION",
+    "AbortMigration",
+    "Ack",
+    "CancelInference",
+    "CancelRequest",
+    "ClientGone",
+    "ClusterEvent",
+    "ClusterSnapshot",
+    "DeployModel",
+    "ErrorReply",
+    "Fetch",
+    "FromClient",
+    "FromNode",
+    "GenerateDone",
+    "GenerateRequest",
+    "Heartbeat",
+    "Hello",
+    "InferenceDone",
+    "InferenceFailed",
+    "InstanceGone",
+    "InstanceReady",
+    "InstancesLost",
+    "KillNode",
+    "KvCopyBegin",
+    "KvCopyChunk",
+    "LoadFailed",
+    "LoadModel",
+    "Message",
+    "MigrateCommand",
+    "MigrateOut",
+    "Migrated",
+    "MigrationEnded",
+    "MigrationStarted",
+    "NodeConfig",
+    "NodeHello",
+    "NodeLost",
+    "NodeProcessExited",
+    "NodeStatus",
+    "NodeUp",
+    "Place",
+    "Placed",
+    "PlacementFailed",
+    "Preempt",
+    "PromptAccepted",
+    "ProtocolError",
+    "Query",
+    "RequestFinished",
+    "RequestTokens",
+    "ResumeDone",
+    "ResumeFailed",
+    "ResumeRequest",
+    "StartInference",
+    "StatusReply",
+    "StatusRequest",
+    "Tick",
+    "TierDrop",
+    "TierLoaded",
+    "TierLookup",
+    "TierRelease",
+    "TierStore",
+    "TokenBatch",
+    "TokenChunk",
+    "UnloadModel",
+    "Welcome",
+    "decode",
+    "encode",
+    "message_types",
+]
+
 PROTOCOL_VERSION = 1
 MAX_BODY_BYTES = 16 * 1024 * 1024
 """Bodies above this are refused before unpacking; tokens and status fit in far less."""
@@ -49,6 +121,7 @@ def _register(cls: type[Message]) -> type[Message]:
 
 
 def message_types() -> dict[str, type[Message]]:
+    """Every wire message type by its tag (a copy: callers cannot change what the decoder accepts)."""
     return dict(_REGISTRY)
 
 

@@ -13,6 +13,17 @@ from typing import Any
 
 from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE
 
+__all__ = [
+    "ModelSourceError",
+    "default_model_dir",
+    "directory_bytes",
+    "is_model_dir",
+    "load_for_inference",
+    "prepare_default_model",
+    "resolve_source",
+    "sllm_home",
+]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m"

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+__all__ = ["Skip", "causal_lm_architectures", "sweep_one", "tiny_model"]
+
 log = logging.getLogger(__name__)
 
 TINY = {

@@ -16,12 +16,15 @@ from typing import Any
 import zmq
 
 from sllm_actors.runtime import wire
-from sllm_actors.messages import _REGISTRY, Message, encode
+from sllm_actors.messages import Message, encode, message_types
 from sllm_actors.runtime.security import Credentials
+
+__all__ = ["rss_bytes", "run_campaign"]
 
 # What a mutated frame starts from: every wire type but the three an operator key could use to change
 # the cluster for real (those are refused for the client key the fuzz uses, and tested by role elsewhere).
-_SEEDS = sorted(t for t in _REGISTRY if t not in ("kill_node", "deploy", "migrate_command"))
+_MESSAGE_TYPES = message_types()
+_SEEDS = sorted(t for t in _MESSAGE_TYPES if t not in ("kill_node", "deploy", "migrate_command"))
 
 
 @dataclass
@@ -61,7 +64,7 @@ def random_frames(rng: random.Random, nodes: list[str]) -> list[bytes]:
     kind = rng.randrange(6)
     if kind == 0:  # raw garbage, any number of frames
         return [rng.randbytes(rng.randint(0, 64)) for _ in range(rng.randint(1, 5))]
-    msg = _sample(rng, _REGISTRY[rng.choice(_SEEDS)])
+    msg = _sample(rng, _MESSAGE_TYPES[rng.choice(_SEEDS)])
     address = rng.choice(["", "", *nodes, "nobody", "\xff"])
     frames = [wire.HEADER, address.encode(errors="replace"), encode(msg)]
     if kind == 1:  # a well-formed message of a random type, perhaps addressed to a node

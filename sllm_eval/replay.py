@@ -49,6 +49,26 @@ from sllm_actors.runtime.security import keys_dir
 from sllm_actors.runtime.topology import POLICIES
 from sllm_eval.stats import REPLAY_POINTS, stats
 
+__all__ = [
+    "FamilyModel",
+    "PromptMaker",
+    "ReplayRecords",
+    "RequestRecord",
+    "family_shape",
+    "main",
+    "make_model_family",
+    "merge_reports",
+    "plot",
+    "print_table",
+    "replay",
+    "seed_ssd_tiers",
+    "start_cluster",
+    "stop_cluster",
+    "summarize",
+    "warm_up",
+    "write_bench_topology",
+]
+
 REPO = Path(__file__).resolve().parent.parent
 
 DEFAULT_SIZES_MB = (50, 150, 400, 1000)

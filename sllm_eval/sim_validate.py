@@ -43,6 +43,18 @@ from sllm_eval.simulator import TIERS, SimConfig, apply_calibration, simulate
 from sllm_eval.stats import stats
 from sllm_eval.workload import Arrival
 
+__all__ = [
+    "WARMUP_BYTES",
+    "ReplayError",
+    "derive_calibration",
+    "format_report",
+    "load_replay",
+    "replay_config",
+    "replay_workload",
+    "ssd_seed",
+    "validate",
+]
+
 WARMUP_MODEL = "warmup"
 WARMUP_BYTES = 13_000_000
 """The replay's warm-up model (``replay.make_warmup_model``: 256 wide, 4 layers, fp32) on disk: it sits

@@ -68,6 +68,22 @@ from sllm_actors.policy.placement import Estimator, GpuView, InstanceView, Migra
 from sllm_eval.stats import stats
 from sllm_eval.workload import Arrival
 
+__all__ = [
+    "POLICIES",
+    "TIERS",
+    "ModelConfig",
+    "ServerConfig",
+    "SimConfig",
+    "apply_calibration",
+    "build_parser",
+    "config_from_args",
+    "format_table",
+    "load_calibration",
+    "main",
+    "simulate",
+    "workload_from_args",
+]
+
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
 TIERS = ("dram", "ssd", "repository")
 GB = 1000**3

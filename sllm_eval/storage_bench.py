@@ -44,6 +44,8 @@ from sllm_actors.storage.loader import (
     state_dict_from_host,
 )
 
+__all__ = ["run_bench"]
+
 GB = 1e9
 LLAMA7B_LAYER = (
     ("self_attn.q_proj.weight", (4096, 4096)),

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import torch
 
+__all__ = ["MODEL_KINDS", "greedy", "tiny_config", "tiny_model"]
+
 ModelKind = Literal["llama", "gpt2", "opt"]
 MODEL_KINDS: tuple[ModelKind, ...] = ("llama", "gpt2", "opt")
 TINY_VOCAB = 320

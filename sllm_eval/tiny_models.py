@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+__all__ = ["make_tiny_model", "make_tokenizer"]
+
 _CORPUS = """
 The capital of France is Paris. The capital of Italy is Rome. Serverless inference starts models
 on demand and loads checkpoints from the fastest tier that holds them. A request streams tokens to

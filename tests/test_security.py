@@ -20,12 +20,12 @@ from zmq.utils import z85
 from sllm_actors.runtime import wire
 from sllm_actors.client import Client, ClusterUnavailable, RequestError, TokenEvent
 from sllm_actors.messages import (
-    _REGISTRY,
     ErrorReply,
     KillNode,
     Message,
     StatusRequest,
     TokenChunk,
+    message_types,
 )
 from sllm_actors.runtime.security import (
     CLIENT,
@@ -258,7 +258,7 @@ def test_roles_message_by_message(cluster: RunningCluster) -> None:
         (creds.apply_client(sock) if creds else with_key(sock))
         sock.connect(cluster.endpoint)
         try:
-            for tag, cls in sorted(_REGISTRY.items()):
+            for tag, cls in sorted(message_types().items()):
                 if tag in ("heartbeat", "generate"):
                     continue  # no answer by design / exercised below with a real request
                 msg = _sample(cls)

@@ -43,6 +43,8 @@ from sllm_actors.http.openai_api import (
 )
 from sllm_actors.messages import ErrorReply, GenerateDone, GenerateRequest, TokenChunk
 
+__all__ = ["OpenAIServer"]
+
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 900.0

@@ -15,6 +15,8 @@ from typing import Any
 from sllm_actors.http.openai_api import ApiError, bad
 from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE
 
+__all__ = ["ChatTemplates"]
+
 
 def tokenizer_dir(source: str) -> tuple[Path, dict[str, Any]] | None:
     if source == DEFAULT_MODEL_SOURCE:

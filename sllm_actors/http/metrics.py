@@ -20,6 +20,8 @@ from prometheus_client.registry import Collector
 from sllm_actors.messages import ClusterEvent
 from sllm_actors.actors.node.storage_client import LOAD_PARTS
 
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

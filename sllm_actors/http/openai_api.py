@@ -15,6 +15,21 @@ from typing import Any
 
 from sllm_actors.messages import SamplingParams
 
+__all__ = [
+    "ROUTER_CODES",
+    "ApiError",
+    "Choice",
+    "Job",
+    "bad",
+    "chunk",
+    "finish_reason",
+    "full_response",
+    "parse_chat",
+    "parse_completion",
+    "usage",
+    "usage_chunk",
+]
+
 MAX_N = 128
 MAX_STOP = 4
 MAX_SEED = (1 << 63) - 1 - MAX_N

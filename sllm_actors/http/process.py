@@ -13,6 +13,8 @@ import time
 from collections import deque
 from typing import IO
 
+__all__ = ["API_KEY_ENV", "HttpFrontEnd", "parse_api_keys"]
+
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "SLLM_API_KEY"

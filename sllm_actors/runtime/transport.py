@@ -24,6 +24,8 @@ import zmq.utils.monitor
 from sllm_actors.runtime import wire
 from sllm_actors.messages import MAX_BODY_BYTES, ErrorReply, Message, ProtocolError
 
+__all__ = ["Transport"]
+
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[bytes, str, Message, str], None]
@@ -57,7 +59,7 @@ class _Endpoint:
 class _Timer:
     due: float
     interval: float = field(compare=False)
-    fn: Callable[[], None] = field(compare=False)
+    fn: Callable[[], object] = field(compare=False)
 
 
 class Transport:
@@ -162,8 +164,9 @@ class Transport:
         self._endpoints[key] = _Endpoint(sock, zmq.PUB, None, monitor=monitor)
         return bound
 
-    def every(self, interval_s: float, fn: Callable[[], None]) -> None:
-        """Run fn in the IO thread every interval (heartbeats, snapshots); fn must be quick."""
+    def every(self, interval_s: float, fn: Callable[[], object]) -> None:
+        """Run fn in the IO thread every interval (heartbeats, snapshots); fn must be quick, and what it returns is
+        dropped."""
         self._timers.append(_Timer(time.monotonic() + interval_s, interval_s, fn))
 
     def start(self) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from sllm_actors.messages import MAX_BODY_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
 
+__all__ = ["HEADER", "pack", "unpack"]
+
 HEADER_PREFIX = b"SLLM/"
 HEADER = HEADER_PREFIX + str(PROTOCOL_VERSION).encode()
 

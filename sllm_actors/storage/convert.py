@@ -39,6 +39,8 @@ from sllm_actors.storage.format import (
     save_checkpoint,
 )
 
+__all__ = ["convert", "convert_cli", "detect_source", "read_sllm_store"]
+
 log = logging.getLogger(__name__)
 
 SourceKind = Literal["hf", "gguf", "sllm-store"]

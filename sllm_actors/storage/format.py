@@ -48,6 +48,30 @@ try:  # Same CRC-32 as zlib (identical values), PCLMUL-accelerated: ~5x faster, 
 except ImportError:  # pragma: no cover - depends on the environment
     _fast_crc32 = None
 
+__all__ = [
+    "CHECKSUM_CHUNK_BYTES",
+    "DEFAULT_PARTITION_BYTES",
+    "FORMAT_VERSION",
+    "PARTITION_ALIGNMENT",
+    "STORABLE_DTYPES",
+    "TENSOR_ALIGNMENT",
+    "TOKENIZER_FILES",
+    "CheckpointError",
+    "CheckpointIndex",
+    "CheckpointInfo",
+    "PartitionInfo",
+    "ProgressFn",
+    "TensorEntry",
+    "checkpoint_size",
+    "crc32",
+    "crc32_implementation",
+    "dtype_from_name",
+    "is_checkpoint",
+    "read_index",
+    "read_model_info",
+    "save_checkpoint",
+]
+
 FORMAT_NAME = "sllm-actors-checkpoint"
 FORMAT_VERSION = 1
 TENSOR_ALIGNMENT = 256

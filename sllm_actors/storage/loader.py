@@ -55,6 +55,22 @@ from sllm_actors.storage.format import (
     read_index,
 )
 
+__all__ = [
+    "HostCheckpoint",
+    "LoadStats",
+    "alloc_host_buffer",
+    "copy_checkpoint",
+    "copy_host_to_device",
+    "default_threads",
+    "load_buffer",
+    "load_into_host",
+    "load_state_dict",
+    "map_partitions",
+    "release_pinned_buffers",
+    "state_dict_from_host",
+    "verify_checkpoint",
+]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 16 << 20

@@ -59,6 +59,8 @@ from sllm_actors.tui.view import (
     where,
 )
 
+__all__ = ["ActorTree", "PromptScreen", "SllmTui", "Table"]
+
 REFRESH_S = 0.25
 STALE_S = 3.0
 """No snapshot for this long (they come every 0.5 s) and the header says the cluster is silent."""

@@ -15,6 +15,24 @@ from rich.text import Text
 
 from sllm_actors.feed import Event
 
+__all__ = [
+    "Cells",
+    "EventMemory",
+    "Item",
+    "TreeLine",
+    "bar",
+    "event_text",
+    "fmt_bytes",
+    "load_parts_line",
+    "migration_rows",
+    "node_state",
+    "pick_migration_target",
+    "request_rows",
+    "resource_rows",
+    "tree_lines",
+    "where",
+]
+
 STATE_STYLES: dict[str, str] = {
     "running": "bold green",
     "ready": "green",

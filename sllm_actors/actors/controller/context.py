@@ -15,6 +15,8 @@ from sllm_actors.runtime.supervisor import Directory
 from sllm_actors.runtime.topology import Topology
 from sllm_actors.runtime.transport import Transport
 
+__all__ = ["CLIENTS", "CLUSTER", "STATE", "ClusterContext", "EventLog", "RequestRecord", "RequestTable"]
+
 CLIENTS = "clients"
 CLUSTER = "cluster"
 STATE = "state"

@@ -22,9 +22,11 @@ from typing import IO, Any
 import pykka
 
 import sllm_actors
+from sllm_actors.actors.controller import registry
 from sllm_actors.actors.controller.context import ClusterContext
-from sllm_actors.messages import NodeProcessExited
-from sllm_actors.runtime.supervisor import SupervisedActor
+from sllm_actors.runtime.supervisor import Directory, SupervisedActor
+
+__all__ = ["NodeProcessActor", "kill", "node_process_actor_name"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,19 @@ class ProcessExited:
 @dataclass(frozen=True)
 class Kill:
     """In-process: SIGKILL the node process (operators' drills, tests)."""
+
+
+def node_process_actor_name(node: str) -> str:
+    return f"process/{node}"
+
+
+def kill(directory: Directory, node: str, timeout: float = 5.0) -> int:
+    """SIGKILL the local process of ``node``; its pid. KeyError when ``node`` is not a local node here."""
+    ref = directory.get(node_process_actor_name(node))
+    if ref is None:
+        raise KeyError(f"{node} is not a local node of this controller")
+    pid: int = ref.ask(Kill(), block=False).get(timeout=timeout)
+    return pid
 
 
 class NodeProcessActor(SupervisedActor):
@@ -125,7 +140,7 @@ class NodeProcessActor(SupervisedActor):
         if self.stopping_now or self.proc is None or self.proc.pid != msg.pid:
             return
         log.warning("%s: node process pid %d exited with code %d", self.node, msg.pid, msg.returncode)
-        self.cluster.directory.tell("registry", NodeProcessExited(self.node, msg.returncode))
+        registry.node_process_exited(self.cluster.directory, self.node, msg.returncode)
         now = time.monotonic()
         self.restarts.append(now)
         while self.restarts and now - self.restarts[0] > self.period_s:

@@ -14,8 +14,9 @@ from typing import IO, Any
 
 import pykka
 
-from sllm_actors.actors.controller.node_process import Kill, NodeProcessActor
-from sllm_actors.actors.controller.registry import NodeRegistryActor, Seen
+from sllm_actors.actors.controller import node_process, registry, router, scheduler
+from sllm_actors.actors.controller.node_process import NodeProcessActor, node_process_actor_name
+from sllm_actors.actors.controller.registry import NodeRegistryActor
 from sllm_actors.actors.controller.router import RouterActor
 from sllm_actors.actors.controller.scheduler import SchedulerActor
 from sllm_actors.actors.controller.context import CLIENTS, CLUSTER, STATE, ClusterContext, EventLog, RequestTable
@@ -23,12 +24,9 @@ from sllm_actors.messages import (
     PROTOCOL_VERSION,
     Ack,
     CancelRequest,
-    ClientGone,
     ClusterEvent,
     DeployModel,
     ErrorReply,
-    FromClient,
-    FromNode,
     GenerateRequest,
     Heartbeat,
     Hello,
@@ -45,9 +43,7 @@ from sllm_actors.messages import (
     NodeHello,
     NodeStatus,
     PromptAccepted,
-    Query,
     StatusRequest,
-    Tick,
     TokenBatch,
     TokenChunk,
     Welcome,
@@ -57,6 +53,8 @@ from sllm_actors.runtime.security import CLIENT, NODE, OPERATOR, KeyRing, Peer, 
 from sllm_actors.runtime.supervisor import ChildSpec, Directory, Supervisor
 from sllm_actors.runtime.topology import Topology
 from sllm_actors.runtime.transport import Transport
+
+__all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +126,7 @@ class Controller:
         if self.spawn_local_nodes:
             for node in self.topology.nodes:
                 if node.host == "local":
-                    children.append(ChildSpec(
-                        f"process/{node.name}",
-                        lambda sup, name, node=node.name: NodeProcessActor.start(
-                            sup, name, cluster=ctx, node=node, log_file=self.node_log
-                        ),
-                    ))
+                    children.append(self._node_process_child(ctx, node.name))
         self.transport.start()
         self.supervisor = Supervisor.start(
             None, "controller/supervisor", children, self.directory,
@@ -141,6 +134,12 @@ class Controller:
             on_event=lambda kind, text, data: self.events.emit(kind, text, data),
         )
         self.events.emit("start", f"controller up: clients at {ctx.client_endpoint}")
+
+    def _node_process_child(self, ctx: ClusterContext, node: str) -> ChildSpec:
+        return ChildSpec(
+            node_process_actor_name(node),
+            lambda sup, name: NodeProcessActor.start(sup, name, cluster=ctx, node=node, log_file=self.node_log),
+        )
 
     def wait_ready(self, timeout: float) -> bool:
         """True once every node of the topology has joined."""
@@ -152,23 +151,13 @@ class Controller:
         return False
 
     def alive_nodes(self) -> list[str]:
-        ref = self.directory.get("registry")
-        if ref is None:
-            return []
-        try:
-            return ref.ask(Query("alive"), timeout=2)
-        except (pykka.ActorDeadError, pykka.Timeout):
-            return []
+        return registry.alive_nodes(self.directory)
 
     def status(self) -> dict[str, Any]:
-        ref = self.directory.get("router")
-        return ref.ask(Query("status"), timeout=5) if ref else {}
+        return router.cluster_status(self.directory)
 
     def kill_node(self, node: str) -> int:
-        ref = self.directory.get(f"process/{node}")
-        if ref is None:
-            raise KeyError(f"{node} is not a local node of this controller")
-        return ref.ask(Kill(), timeout=5)
+        return node_process.kill(self.directory, node)
 
     def stop(self) -> None:
         if self.supervisor is not None:
@@ -218,9 +207,11 @@ class Controller:
                 self.context.to_client(peer, Welcome(PROTOCOL_VERSION, self.cluster_name, self.context.state_endpoint,
                                                         self.context.http_endpoint))
         elif isinstance(msg, (GenerateRequest, CancelRequest, StatusRequest)):
-            self._tell("router", FromClient(peer, msg, sender.role), peer, msg)
+            delivered = router.deliver_from_client(self.directory, peer, msg, sender.role)
+            self._unless_restarting("router", delivered, peer, msg)
         elif isinstance(msg, (DeployModel, MigrateCommand)):
-            self._tell("scheduler", FromClient(peer, msg, sender.role), peer, msg)
+            delivered = scheduler.deliver_from_client(self.directory, peer, msg, sender.role)
+            self._unless_restarting("scheduler", delivered, peer, msg)
         elif isinstance(msg, KillNode):
             try:
                 pid = self.kill_node(msg.node)
@@ -250,8 +241,9 @@ class Controller:
         return (f"deploy source {source} is outside the allowed model roots: "
                 f"{', '.join(str(r) for r in roots)} (add its directory to models_roots: in {self.topology.path})")
 
-    def _tell(self, actor: str, wrapped: Any, peer: bytes, msg: Message) -> None:
-        if not self.directory.tell(actor, wrapped):
+    def _unless_restarting(self, actor: str, delivered: bool, peer: bytes, msg: Message) -> None:
+        """Answer ``peer`` that ``actor`` is restarting when its message could not be ``delivered``."""
+        if not delivered:
             self.context.to_client(peer, ErrorReply(getattr(msg, "request_id", ""), "unavailable",
                                                     f"the {actor} is restarting; try again"))
 
@@ -299,23 +291,25 @@ class Controller:
         if now - self._last_seen.get(node, 0.0) > SEEN_EVERY_S:
             # Rate-limited: a beat per token would wake the registry's thread for nothing.
             self._last_seen[node] = now
-            self.directory.tell("registry", Seen(node))
+            registry.node_seen(self.directory, node)
         if isinstance(msg, NodeHello):
             if msg.protocol_version != PROTOCOL_VERSION:
                 self.transport.send(CLUSTER, ErrorReply("", "version_mismatch",
                                                         f"node speaks protocol {msg.protocol_version}, the "
                                                         f"controller {PROTOCOL_VERSION}"), peer=peer)
                 return
-            self.directory.tell("registry", msg)
+            registry.node_hello(self.directory, msg)
         elif isinstance(msg, NodeStatus):
-            self.directory.tell("registry", msg)
-            self.directory.tell("scheduler", msg)  # tier contents and bandwidths feed its estimates
+            registry.node_status(self.directory, msg)
+            # Tier contents and bandwidths feed the scheduler's estimates.
+            scheduler.deliver_from_node(self.directory, msg)
         elif isinstance(msg, _TO_ROUTER):
-            self.directory.tell("router", FromNode(node, msg))
+            router.deliver_from_node(self.directory, node, msg)
             if isinstance(msg, Migrated):
-                self.directory.tell("scheduler", msg)  # it moves the request's slot to the destination
+                # The scheduler moves the request's slot to the destination.
+                scheduler.deliver_from_node(self.directory, msg)
         elif isinstance(msg, _TO_SCHEDULER):
-            self.directory.tell("scheduler", msg)
+            scheduler.deliver_from_node(self.directory, msg)
         elif isinstance(msg, ClusterEvent):
             self.events.add(msg)
         elif isinstance(msg, (Heartbeat, ErrorReply)):
@@ -325,13 +319,13 @@ class Controller:
             log.warning("controller: unexpected %s from %s", msg.tag, node)
 
     def _client_gone(self, peer: bytes) -> None:
-        self.directory.tell("router", ClientGone(peer))
+        router.client_gone(self.directory, peer)
 
     def _tick(self) -> None:
         now = time.monotonic()
-        self.directory.tell("registry", Tick(now))
-        self.directory.tell("scheduler", Tick(now))
+        registry.tick(self.directory, now)
+        scheduler.tick(self.directory, now)
 
     def _snapshot(self) -> None:
         # Built in the router's thread: the IO thread must not wait on actors.
-        self.directory.tell("router", Query("publish"))
+        router.publish_snapshot(self.directory)

@@ -14,19 +14,28 @@ from typing import Any
 
 import pykka
 
+from sllm_actors.actors.controller import scheduler
 from sllm_actors.actors.controller.context import ClusterContext
 from sllm_actors.messages import (
     Heartbeat,
     NodeConfig,
     NodeHello,
-    NodeLost,
     NodeProcessExited,
     NodeStatus,
-    NodeUp,
     Query,
     Tick,
 )
-from sllm_actors.runtime.supervisor import SupervisedActor
+from sllm_actors.runtime.supervisor import Directory, SupervisedActor
+
+__all__ = [
+    "NodeRegistryActor",
+    "alive_nodes",
+    "node_hello",
+    "node_process_exited",
+    "node_seen",
+    "node_status",
+    "tick",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,51 @@ class Seen:
     node: str
 
 
+# ------------------------------------------------------------------ client functions
+# What the controller's IO thread and the node process actors tell the registry; each returns False when the
+# registry is not there (restarting), as ``Directory.tell`` does.
+
+REGISTRY = "registry"
+"""The registry's name in the controller's directory."""
+
+
+def node_seen(directory: Directory, node: str) -> bool:
+    """A message came from ``node``: a sign of life (rate-limited by the caller)."""
+    return directory.tell(REGISTRY, Seen(node))
+
+
+def node_hello(directory: Directory, hello: NodeHello) -> bool:
+    """A node process joined (or rejoined as a new incarnation): the registry sends it its configuration."""
+    return directory.tell(REGISTRY, hello)
+
+
+def node_status(directory: Directory, status: NodeStatus) -> bool:
+    """A node's periodic status; its first one marks the node ready for work."""
+    return directory.tell(REGISTRY, status)
+
+
+def node_process_exited(directory: Directory, node: str, returncode: int) -> bool:
+    """The local process of ``node`` ended: evidence of death that outruns missed heartbeats."""
+    return directory.tell(REGISTRY, NodeProcessExited(node, returncode))
+
+
+def tick(directory: Directory, now: float) -> bool:
+    """The periodic wake-up: check heartbeats and beat to the nodes."""
+    return directory.tell(REGISTRY, Tick(now))
+
+
+def alive_nodes(directory: Directory, timeout: float = 2.0) -> list[str]:
+    """The nodes alive and ready for work; none while the registry restarts or does not answer in time."""
+    ref = directory.get(REGISTRY)
+    if ref is None:
+        return []
+    try:
+        alive: list[str] = ref.ask(Query("alive"), block=False).get(timeout=timeout)
+    except (pykka.ActorDeadError, pykka.Timeout):
+        return []
+    return alive
+
+
 class NodeRegistryActor(SupervisedActor):
     def __init__(self, supervisor: pykka.ActorRef[Any], name: str, *, cluster: ClusterContext) -> None:
         super().__init__(supervisor, name)
@@ -89,7 +143,7 @@ class NodeRegistryActor(SupervisedActor):
                 if not rec.ready:
                     rec.ready = True
                     self.cluster.events.emit("node", f"{rec.name} ready", {"node": rec.name})
-                    self.cluster.directory.tell("scheduler", NodeUp(rec.name, rec.incarnation))
+                    scheduler.node_up(self.cluster.directory, rec.name, rec.incarnation)
         elif isinstance(message, Tick):
             self._check(message.now)
         elif isinstance(message, NodeProcessExited):
@@ -133,7 +187,7 @@ class NodeRegistryActor(SupervisedActor):
         rec.last_seen = time.monotonic()
         log.warning("registry: node %s is back after being declared dead (it was only silent)", rec.name)
         self.cluster.events.emit("node", f"{rec.name} back (it was only silent)", {"node": rec.name})
-        self.cluster.directory.tell("scheduler", NodeUp(rec.name, rec.incarnation))
+        scheduler.node_up(self.cluster.directory, rec.name, rec.incarnation)
 
     def _check(self, now: float) -> None:
         self.seq += 1
@@ -150,7 +204,7 @@ class NodeRegistryActor(SupervisedActor):
         rec.status = {}
         log.warning("registry: node %s is dead: %s", rec.name, reason)
         self.cluster.events.emit("crash", f"{rec.name} lost: {reason}", {"node": rec.name})
-        self.cluster.directory.tell("scheduler", NodeLost(rec.name, reason))
+        scheduler.node_lost(self.cluster.directory, rec.name, reason)
 
     def _query(self, what: str) -> Any:
         if what == "alive":

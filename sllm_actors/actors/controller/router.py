@@ -15,6 +15,7 @@ from typing import Any
 
 import pykka
 
+from sllm_actors.actors.controller import scheduler
 from sllm_actors.actors.controller.context import ClusterContext, RequestRecord
 from sllm_actors.messages import (
     CancelInference,
@@ -29,17 +30,15 @@ from sllm_actors.messages import (
     InferenceDone,
     InferenceFailed,
     InstancesLost,
+    Message,
     Migrated,
     MigrationEnded,
     MigrationStarted,
-    Place,
     Placed,
     PlacementFailed,
     Preempt,
     PromptAccepted,
     Query,
-    RequestFinished,
-    RequestTokens,
     StartInference,
     StatusReply,
     StatusRequest,
@@ -47,12 +46,101 @@ from sllm_actors.messages import (
     TokenChunk,
 )
 from sllm_actors.runtime.security import redact_for_client
-from sllm_actors.runtime.supervisor import SupervisedActor
+from sllm_actors.runtime.supervisor import Directory, SupervisedActor
+
+__all__ = [
+    "RouterActor",
+    "client_gone",
+    "cluster_status",
+    "deliver_from_client",
+    "deliver_from_node",
+    "instances_lost",
+    "migration_ended",
+    "migration_started",
+    "placement_failed",
+    "preempt_requests",
+    "publish_snapshot",
+    "request_placed",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENS_LIMIT = 1 << 20
+
+
+# ------------------------------------------------------------------ client functions
+# What the controller's other actors and its IO thread tell the router; each returns False when the router is
+# not there (restarting), as ``Directory.tell`` does.
+
+ROUTER = "router"
+"""The router's name in the controller's directory."""
+
+
+def deliver_from_client(directory: Directory, peer: bytes, message: Message, role: str) -> bool:
+    """A client's ``GenerateRequest``, ``CancelRequest`` or ``StatusRequest``, answered to ``peer``."""
+    return directory.tell(ROUTER, FromClient(peer, message, role))
+
+
+def deliver_from_node(directory: Directory, node: str, message: Message) -> bool:
+    """A node's word about a request it hosts (tokens, done, failed, migrated), with the node its key
+    names."""
+    return directory.tell(ROUTER, FromNode(node, message))
+
+
+def client_gone(directory: Directory, peer: bytes) -> bool:
+    """``peer`` cannot be reached any more: cancel its requests."""
+    return directory.tell(ROUTER, ClientGone(peer))
+
+
+def publish_snapshot(directory: Directory) -> bool:
+    """Build and publish the cluster's state snapshot on the router's thread (the IO thread must not wait)."""
+    return directory.tell(ROUTER, Query("publish"))
+
+
+def request_placed(directory: Directory, request_id: str, node: str, instance_id: str,
+                   cold_start: dict[str, Any] | None = None) -> bool:
+    """The scheduler found ``instance_id`` on ``node`` for the request (``cold_start``: what starting it
+    took)."""
+    return directory.tell(ROUTER, Placed(request_id, node, instance_id, cold_start))
+
+
+def placement_failed(directory: Directory, request_id: str, code: str, message: str) -> bool:
+    """The scheduler gave up on placing the request; the client gets ``code`` and ``message``."""
+    return directory.tell(ROUTER, PlacementFailed(request_id, code, message))
+
+
+def preempt_requests(directory: Directory, request_ids: list[str], reason: str) -> bool:
+    """These requests lost their instance to another model: restart them from scratch elsewhere."""
+    return directory.tell(ROUTER, Preempt(request_ids, reason))
+
+
+def instances_lost(directory: Directory, instance_ids: list[str], reason: str) -> bool:
+    """These instances are gone: resume their requests from their token logs elsewhere."""
+    return directory.tell(ROUTER, InstancesLost(instance_ids, reason))
+
+
+def migration_started(directory: Directory, request_id: str, migration_id: str, source: str,
+                      dest: str) -> bool:
+    """``request_id`` is being migrated from ``source`` to ``dest`` (``node/instance``); the router times
+    it."""
+    return directory.tell(ROUTER, MigrationStarted(request_id, migration_id, source, dest))
+
+
+def cluster_status(directory: Directory, timeout: float = 5.0) -> dict[str, Any]:
+    """What ``sllm status`` shows (nodes, instances, requests, queue); empty while the router restarts."""
+    ref = directory.get(ROUTER)
+    if ref is None:
+        return {}
+    status: dict[str, Any] = ref.ask(Query("status"), block=False).get(timeout=timeout)
+    return status
+
+
+def migration_ended(directory: Directory, migration_id: str, instance_id: str, outcome: str,
+                    detail: str = "") -> bool:
+    """A migration order ended without the switch (``aborted``): the request's record says it did not
+    happen."""
+    return directory.tell(ROUTER, MigrationEnded(migration_id, instance_id, outcome, detail))
 
 
 class RouterActor(SupervisedActor):
@@ -163,13 +251,13 @@ class RouterActor(SupervisedActor):
             request_id=msg.request_id, client=peer, model=msg.model, prompt=msg.prompt, chat=msg.chat, sampling=sampling,
         )
         self.requests[msg.request_id] = rec
-        self.cluster.directory.tell("scheduler", Place(rec.request_id, rec.model))
+        scheduler.request_placement(self.cluster.directory, rec.request_id, rec.model)
 
     def _placed(self, msg: Placed) -> None:
         rec = self.requests.get(msg.request_id)
         if rec is None:
             # Finished or cancelled while placement was under way: give the slot back.
-            self.cluster.directory.tell("scheduler", RequestFinished(msg.request_id, msg.instance_id))
+            scheduler.request_finished(self.cluster.directory, msg.request_id, msg.instance_id)
             return
         rec.node, rec.instance_id = msg.node, msg.instance_id
         if msg.cold_start and not rec.cold_start:
@@ -294,7 +382,7 @@ class RouterActor(SupervisedActor):
             log.error("router: %s done at %d tokens but the log has %d", rec.request_id, msg.n_generated,
                       len(rec.generated))
         self.requests.pop(rec.request_id, None)
-        self.cluster.directory.tell("scheduler", RequestFinished(rec.request_id, rec.instance_id))
+        scheduler.request_finished(self.cluster.directory, rec.request_id, rec.instance_id)
         now = time.monotonic()
         if rec.active_migration is not None:
             self._close_migration(rec, outcome="done" if rec.active_migration.get("switched") else "finished first")
@@ -317,14 +405,14 @@ class RouterActor(SupervisedActor):
     def _finish_with_error(self, rec: RequestRecord, code: str, message: str) -> None:
         self.requests.pop(rec.request_id, None)
         if rec.instance_id:
-            self.cluster.directory.tell("scheduler", RequestFinished(rec.request_id, rec.instance_id))
+            scheduler.request_finished(self.cluster.directory, rec.request_id, rec.instance_id)
         self.cluster.to_client(rec.client, ErrorReply(rec.request_id, code, message))
 
     def _cancel(self, rec: RequestRecord) -> None:
         self.requests.pop(rec.request_id, None)
         if rec.instance_id:
             self.cluster.to_node(rec.node, CancelInference(rec.request_id, rec.instance_id))
-            self.cluster.directory.tell("scheduler", RequestFinished(rec.request_id, rec.instance_id))
+            scheduler.request_finished(self.cluster.directory, rec.request_id, rec.instance_id)
 
     def _resume(self, rec: RequestRecord, reason: str, from_scratch: bool = False) -> None:
         """Continue a request from its token log on whatever instance the scheduler finds."""
@@ -347,16 +435,16 @@ class RouterActor(SupervisedActor):
             }
         old_instance = rec.instance_id
         rec.state, rec.node, rec.instance_id = "resuming", "", ""
-        self.cluster.directory.tell("scheduler", Place(rec.request_id, rec.model, resume=True,
-                                                       exclude_instance=old_instance))
+        scheduler.request_placement(self.cluster.directory, rec.request_id, rec.model, resume=True,
+                                      exclude_instance=old_instance)
 
     # ------------------------------------------------------------------ status
 
     def _query(self, what: str) -> Any:
         if what == "publish":
             self.cluster.publish(ClusterSnapshot(time.time(), self.status()))
-            self.cluster.directory.tell("scheduler", RequestTokens(
-                {r.request_id: len(r.prompt_ids or []) + len(r.generated) for r in self.requests.values()}))
+            scheduler.report_request_tokens(self.cluster.directory, {
+                r.request_id: len(r.prompt_ids or []) + len(r.generated) for r in self.requests.values()})
             return None
         if what == "requests":
             return self._requests_view()

@@ -20,6 +20,7 @@ from typing import Any
 
 import pykka
 
+from sllm_actors.actors.controller import router
 from sllm_actors.actors.controller.context import ClusterContext
 from sllm_actors.messages import (
     AbortMigration,
@@ -29,21 +30,17 @@ from sllm_actors.messages import (
     FromClient,
     InstanceGone,
     InstanceReady,
-    InstancesLost,
     LoadFailed,
     LoadModel,
+    Message,
     MigrateCommand,
     Migrated,
     MigrateOut,
     MigrationEnded,
-    MigrationStarted,
     NodeLost,
     NodeStatus,
     NodeUp,
     Place,
-    Placed,
-    PlacementFailed,
-    Preempt,
     Query,
     RequestFinished,
     RequestTokens,
@@ -52,14 +49,77 @@ from sllm_actors.messages import (
 )
 from sllm_actors.models import default_model_dir, directory_bytes, is_model_dir
 from sllm_actors.policy import placement, steps
-from sllm_actors.runtime.supervisor import SupervisedActor
+from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE, ModelSpec
+
+__all__ = [
+    "SchedulerActor",
+    "deliver_from_client",
+    "deliver_from_node",
+    "node_lost",
+    "node_up",
+    "report_request_tokens",
+    "request_finished",
+    "request_placement",
+    "tick",
+]
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_MODEL_BYTES = 1 << 30
 LOAD_OVERHEAD = 1.15
 """Room for activations and KV caches beside the weights."""
+
+
+# ------------------------------------------------------------------ client functions
+# What the router, the registry and the controller's IO thread tell the scheduler; each returns False when the
+# scheduler is not there (restarting), as ``Directory.tell`` does.
+
+SCHEDULER = "scheduler"
+"""The scheduler's name in the controller's directory."""
+
+
+def deliver_from_client(directory: Directory, peer: bytes, message: Message, role: str) -> bool:
+    """An operator's ``DeployModel`` or ``MigrateCommand``, answered to ``peer``."""
+    return directory.tell(SCHEDULER, FromClient(peer, message, role))
+
+
+def deliver_from_node(directory: Directory, message: Message) -> bool:
+    """A node's report that moves the scheduler's books: an instance ready, failed to load or gone, a request
+    migrated, a migration ended, or the node's status (tier contents and bandwidths feed the estimates)."""
+    return directory.tell(SCHEDULER, message)
+
+
+def request_placement(directory: Directory, request_id: str, model: str, *, resume: bool = False,
+                      exclude_instance: str = "") -> bool:
+    """Find (or start) an instance of ``model`` for the request; ``resume``: it continues from its token log,
+    not on ``exclude_instance``. The answer comes back to the router as ``Placed`` or ``PlacementFailed``."""
+    return directory.tell(SCHEDULER, Place(request_id, model, resume, exclude_instance))
+
+
+def request_finished(directory: Directory, request_id: str, instance_id: str) -> bool:
+    """The request no longer occupies ``instance_id``: its slot is free."""
+    return directory.tell(SCHEDULER, RequestFinished(request_id, instance_id))
+
+
+def report_request_tokens(directory: Directory, tokens: dict[str, int]) -> bool:
+    """Tokens so far (prompt + generated) of each running request, for the migration policy's estimates."""
+    return directory.tell(SCHEDULER, RequestTokens(tokens))
+
+
+def node_up(directory: Directory, node: str, incarnation: str) -> bool:
+    """``node`` (this ``incarnation`` of its process) joined: its GPUs take instances."""
+    return directory.tell(SCHEDULER, NodeUp(node, incarnation))
+
+
+def node_lost(directory: Directory, node: str, reason: str) -> bool:
+    """``node`` is gone: its instances are lost."""
+    return directory.tell(SCHEDULER, NodeLost(node, reason))
+
+
+def tick(directory: Directory, now: float) -> bool:
+    """The periodic wake-up: queue timeouts and idle instances' keep-alive."""
+    return directory.tell(SCHEDULER, Tick(now))
 
 
 class Instance(steps.Instance):
@@ -181,8 +241,8 @@ class SchedulerActor(SupervisedActor):
     def _carry_out(self, action: steps.Action, cold_start: dict[str, Any] | None) -> None:
         if isinstance(action, steps.Serve):
             inst = action.instance
-            self.cluster.directory.tell("router", Placed(
-                str(action.request), inst.node, inst.instance_id, cold_start if action.after_load else None))
+            router.request_placed(self.cluster.directory, str(action.request), inst.node, inst.instance_id,
+                                  cold_start if action.after_load else None)
         elif isinstance(action, steps.Enqueued):
             log.info("scheduler: %s waits for capacity for %s", action.waiting.request, action.waiting.model)
         elif isinstance(action, steps.Fail):
@@ -203,7 +263,7 @@ class SchedulerActor(SupervisedActor):
         elif isinstance(action, steps.Migrate):
             self._start_migration(action)
         elif isinstance(action, steps.Preempt):
-            self.cluster.directory.tell("router", Preempt([str(r) for r in action.requests], action.why))
+            router.preempt_requests(self.cluster.directory, [str(r) for r in action.requests], action.why)
         # JoinLoad, JoinReserved: the request waits where the steps put it; nothing to send.
 
     def need_bytes(self, model: str) -> int:
@@ -305,7 +365,7 @@ class SchedulerActor(SupervisedActor):
         return int(known * LOAD_OVERHEAD)
 
     def _fail(self, request_id: str, code: str, message: str) -> None:
-        self.cluster.directory.tell("router", PlacementFailed(request_id, code, message))
+        router.placement_failed(self.cluster.directory, request_id, code, message)
 
     # ------------------------------------------------------------------ instance lifecycle
 
@@ -378,7 +438,7 @@ class SchedulerActor(SupervisedActor):
                 lost_with_requests.append(instance_id)
             orphans += [(str(r), inst.model) for r in inst.waiters]
         if lost_with_requests:
-            self.cluster.directory.tell("router", InstancesLost(lost_with_requests, reason))
+            router.instances_lost(self.cluster.directory, lost_with_requests, reason)
         for request_id, model in orphans:
             self._run(self.steps.place(request_id, model, now))
         self._run(self.steps.drain_queue(now))
@@ -467,8 +527,8 @@ class SchedulerActor(SupervisedActor):
                                reason=action.reason)
         self.migrations[action.migration_id] = order
         for request_id in request_ids:
-            self.cluster.directory.tell("router", MigrationStarted(
-                request_id, action.migration_id, f"{src.node}/{src.instance_id}", f"{dest.node}/{dest.instance_id}"))
+            router.migration_started(self.cluster.directory, request_id, action.migration_id,
+                                     f"{src.node}/{src.instance_id}", f"{dest.node}/{dest.instance_id}")
         self.cluster.events.emit(
             "migrate", f"migrate {', '.join(request_ids)} {src.node}/gpu-{src.gpu} -> {dest.node}/gpu-{dest.gpu} "
                        f"({action.reason})", {"migration_id": action.migration_id})
@@ -516,7 +576,7 @@ class SchedulerActor(SupervisedActor):
         took = now - order.started
         if outcome != "done":
             # The router is told so the request's stream record says the migration did not happen.
-            self.cluster.directory.tell("router", MigrationEnded(order.migration_id, order.source, outcome, detail))
+            router.migration_ended(self.cluster.directory, order.migration_id, order.source, outcome, detail)
         self.cluster.events.emit("migrate", f"migration {order.migration_id} {outcome} in {took:.2f}s"
                                  + (f": {detail}" if detail else ""), {"migration_id": order.migration_id})
         if order.peer:

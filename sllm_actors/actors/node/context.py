@@ -19,6 +19,8 @@ from sllm_actors.runtime import wire
 from sllm_actors.messages import ClusterEvent, Message
 from sllm_actors.runtime.supervisor import Directory
 
+__all__ = ["LINK_SEPARATOR", "Link", "Loaded", "NodeContext"]
+
 
 LINK_SEPARATOR = "~"
 """An actor's socket identity is ``node~actor``; the controller reads the node from it."""

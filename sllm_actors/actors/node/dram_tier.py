@@ -18,12 +18,24 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.actors.node.tier_common import Bandwidth, measure_host_copy
+from sllm_actors.actors.node.tier_common import Bandwidth, measure_host_copy, release_lease
 from sllm_actors.messages import TierLoaded, TierLookup, TierRelease, TierStore
 from sllm_actors.actors.node.context import NodeContext
-from sllm_actors.runtime.supervisor import SupervisedActor
+from sllm_actors.runtime.supervisor import Directory, SupervisedActor
+
+__all__ = ["DramTierActor", "store_copy"]
 
 log = logging.getLogger(__name__)
+
+DRAM = "dram"
+"""The DRAM tier's name in the node's directory."""
+
+
+def store_copy(directory: Directory, model: str, path: str, release: str) -> bool:
+    """Copy the checkpoint at ``path`` into pinned host memory as ``model``, then hand the ``release``
+    tier's lease on ``path`` back (also when the copy fails). False when the DRAM tier is restarting: no
+    copy, and the lease is the caller's to release."""
+    return directory.tell(DRAM, TierStore(model, path, release))
 
 
 @dataclass
@@ -79,7 +91,7 @@ class DramTierActor(SupervisedActor):
                 self._store(message.model, message.path)
             finally:
                 if message.release:
-                    self.node.directory.tell(message.release, TierRelease(message.model))
+                    release_lease(self.node.directory, message.release, message.model)
             return None
         if isinstance(message, TierLoaded):
             self.bandwidth.observe(message.nbytes, message.seconds)

@@ -13,16 +13,44 @@ from typing import Any
 import pykka
 
 from sllm_actors.actors.node.instance import ModelInstanceActor
-from sllm_actors.messages import InstanceGone, LoadFailed, LoadModel, UnloadModel
+from sllm_actors.messages import InstanceGone, LoadFailed, LoadModel, Message, UnloadModel
 from sllm_actors.actors.node.context import NodeContext
-from sllm_actors.runtime.supervisor import ChildExited, SupervisedActor
+from sllm_actors.runtime.supervisor import ChildExited, Directory, SupervisedActor
 from sllm_actors.runtime.topology import GpuSpec
+
+__all__ = ["GpuActor", "deliver_to_instance", "gpu_actor_name", "load_model", "unload_model"]
 
 log = logging.getLogger(__name__)
 
 
+def gpu_actor_name(gpu: int) -> str:
+    return f"gpu-{gpu}"
+
+
 def instance_actor_name(instance_id: str) -> str:
     return f"instance/{instance_id}"
+
+
+# ------------------------------------------------------------------ client functions
+# What the node process's IO thread tells its GPU actors and their instances; each returns False when the
+# actor is not there (restarting, or never was), as ``Directory.tell`` does, so the caller can answer for it.
+
+
+def load_model(directory: Directory, order: LoadModel) -> bool:
+    """Start an instance of ``order.model`` on GPU ``order.gpu``; it reports ``InstanceReady`` or
+    ``LoadFailed``."""
+    return directory.tell(gpu_actor_name(order.gpu), order)
+
+
+def unload_model(directory: Directory, gpu: int, order: UnloadModel) -> bool:
+    """Stop the instance ``order.instance_id`` on GPU ``gpu``; it reports ``InstanceGone``."""
+    return directory.tell(gpu_actor_name(gpu), order)
+
+
+def deliver_to_instance(directory: Directory, instance_id: str, message: Message) -> bool:
+    """A request or migration message for the instance actor ``instance_id`` (a child of a GPU actor, which
+    names it, so its address lives here beside the GPU actor rather than in instance.py)."""
+    return directory.tell(instance_actor_name(instance_id), message)
 
 
 class GpuActor(SupervisedActor):

@@ -49,6 +49,8 @@ from sllm_actors.actors.node.context import Link, NodeContext
 from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
 from sllm_actors.runtime.supervisor import SupervisedActor
 
+__all__ = ["ModelInstanceActor"]
+
 log = logging.getLogger(__name__)
 
 

@@ -20,7 +20,8 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from sllm_actors.actors.node.gpu import GpuActor, instance_actor_name
+from sllm_actors.actors.node import gpu as gpu_actors
+from sllm_actors.actors.node.gpu import GpuActor, gpu_actor_name
 from sllm_actors.messages import (
     PROTOCOL_VERSION,
     CancelInference,
@@ -49,6 +50,8 @@ from sllm_actors.actors.node.storage_client import StorageClient
 from sllm_actors.runtime.supervisor import ChildSpec, Directory, Supervisor
 from sllm_actors.runtime.topology import NodeSpec
 from sllm_actors.runtime.transport import Transport
+
+__all__ = ["Node", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +141,15 @@ class Node:
                 self.exit_code = 2
                 self.done.set()
         elif isinstance(msg, LoadModel):
-            if not self.directory.tell(f"gpu-{msg.gpu}", msg):
+            if not gpu_actors.load_model(self.directory, msg):
                 self._send(LoadFailed(msg.instance_id, self.name, msg.model, f"{self.name} has no gpu-{msg.gpu}"))
         elif isinstance(msg, UnloadModel):
             gpu = self._gpu_of(msg.instance_id)
-            if gpu is None or not self.directory.tell(f"gpu-{gpu}", msg):
+            if gpu is None or not gpu_actors.unload_model(self.directory, gpu, msg):
                 self._send(InstanceGone(msg.instance_id, self.name, "unloaded"))
         elif hasattr(msg, "instance_id"):
             target = msg.instance_id  # type: ignore[attr-defined]
-            if not self.directory.tell(instance_actor_name(target), msg):
+            if not gpu_actors.deliver_to_instance(self.directory, target, msg):
                 self._no_instance(msg, target)
         else:
             log.warning("%s: ignoring unexpected %s", self.name, msg.tag)
@@ -228,7 +231,7 @@ class Node:
         for index, gpu in enumerate(self.spec.gpus):
             children.append(
                 ChildSpec(
-                    f"gpu-{index}",
+                    gpu_actor_name(index),
                     lambda sup, name, index=index, gpu=gpu: GpuActor.start(
                         sup, name, node=self.context, index=index, spec=gpu
                     ),

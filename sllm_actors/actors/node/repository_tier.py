@@ -20,6 +20,8 @@ from sllm_actors.models import directory_bytes, resolve_source
 from sllm_actors.actors.node.context import NodeContext
 from sllm_actors.runtime.supervisor import SupervisedActor
 
+__all__ = ["RepositoryTierActor"]
+
 log = logging.getLogger(__name__)
 
 

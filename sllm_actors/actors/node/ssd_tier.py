@@ -24,6 +24,8 @@ from sllm_actors.messages import Query, TierDrop, TierLoaded, TierLookup, TierRe
 from sllm_actors.actors.node.context import NodeContext
 from sllm_actors.runtime.supervisor import SupervisedActor
 
+__all__ = ["SsdTierActor", "store"]
+
 log = logging.getLogger(__name__)
 
 

@@ -19,14 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from sllm_actors.actors.node import dram_tier
 from sllm_actors.actors.node.dram_tier import DramTierActor
 from sllm_actors.actors.node.repository_tier import RepositoryTierActor
 from sllm_actors.actors.node import ssd_tier
 from sllm_actors.actors.node.ssd_tier import SsdTierActor
-from sllm_actors.messages import Fetch, TierDrop, TierLoaded, TierLookup, TierRelease, TierStore
+from sllm_actors.actors.node.tier_common import drop_copy, release_lease, report_load
+from sllm_actors.messages import Fetch, TierLookup
 from sllm_actors.actors.node.context import Loaded, NodeContext
 from sllm_actors.runtime.supervisor import ChildSpec
 from sllm_actors.runtime.topology import NodeSpec
+
+__all__ = ["LOAD_PARTS", "SERIAL_PARTS", "StorageClient", "format_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +76,6 @@ class StorageClient:
             raise RuntimeError(f"{self.node.name}: the {tier} tier is restarting; try again")
         return ref.ask(message, timeout=timeout)
 
-    def _tell(self, tier: str, message: Any) -> None:
-        self.node.directory.tell(tier, message)
-
     def load(self, model: str, source: str, device: str, dtype: str = "") -> Loaded:
         """The model on ``device``, from the fastest tier holding it, in ``dtype`` (a torch dtype name; empty
         keeps the stored one); ``Loaded.parts`` says where the time went (``LOAD_PARTS``)."""
@@ -89,7 +90,7 @@ class StorageClient:
             try:
                 return self._build(model, device, "dram", path=host_path, host=host, parts=parts, dtype=dtype)
             finally:
-                self._tell("dram", TierRelease(model))
+                release_lease(self.node.directory, "dram", model)
         # The SSD copy (looked up or fetched) is leased until the DRAM tier has copied it, so a store of
         # another model cannot evict it mid-read.
         path = self._ask("ssd", TierLookup(model))
@@ -104,11 +105,11 @@ class StorageClient:
                 log.warning("%s: %s on SSD failed verification: %s; fetching again", self.node.name, model, exc)
                 self.node.event("corrupt", f"{model} on {self.node.name} ssd failed its checksums: {exc}",
                                 {"model": model})
-                self._tell("ssd", TierRelease(model))
-                self._tell("ssd", TierDrop(model, str(exc)))
+                release_lease(self.node.directory, "ssd", model)
+                drop_copy(self.node.directory, "ssd", model, str(exc))
                 loaded, path = self._from_repository(model, source, device, parts, dtype)
             except BaseException:
-                self._tell("ssd", TierRelease(model))
+                release_lease(self.node.directory, "ssd", model)
                 raise
         if path is not None:
             loaded.after_ready = lambda: self._store_in_dram(model, path)
@@ -116,8 +117,8 @@ class StorageClient:
 
     def _store_in_dram(self, model: str, path: str) -> None:
         """Hand a leased SSD copy to the DRAM tier, which releases the lease once it has copied it."""
-        if not self.node.directory.tell("dram", TierStore(model, path, release="ssd")):
-            self._tell("ssd", TierRelease(model))  # the DRAM tier is restarting: no copy this time
+        if not dram_tier.store_copy(self.node.directory, model, path, release="ssd"):
+            release_lease(self.node.directory, "ssd", model)  # the DRAM tier is restarting: no copy this time
 
     def _from_repository(self, model: str, source: str, device: str, parts: dict[str, float],
                          dtype: str = "") -> tuple[Loaded, str | None]:
@@ -140,11 +141,12 @@ class StorageClient:
             stored = time.perf_counter()
             path = str(ssd_tier.store(ssd, model, local, ASK_TIMEOUT_S).get(timeout=FETCH_TIMEOUT_S))
             parts["store"] = time.perf_counter() - stored
-            self._tell("repository", TierLoaded(model, checkpoint_size(path), time.perf_counter() - started))
+            report_load(self.node.directory, "repository", model, checkpoint_size(path),
+                        time.perf_counter() - started)
             try:
                 return self._build(model, device, "repository", path=path, parts=parts, dtype=dtype), path
             except BaseException:
-                self._tell("ssd", TierRelease(model))
+                release_lease(self.node.directory, "ssd", model)
                 raise
         copying = ssd_tier.store(ssd, model, local, ASK_TIMEOUT_S)
         try:
@@ -159,8 +161,8 @@ class StorageClient:
             except Exception as exc:  # the copy's own failure: the load's error is the one to report
                 log.debug("%s: copying %s to ssd failed too: %s", self.node.name, model, exc)
             else:
-                self._tell("ssd", TierRelease(model))
-                self._tell("ssd", TierDrop(model, "its load from the repository failed"))
+                release_lease(self.node.directory, "ssd", model)
+                drop_copy(self.node.directory, "ssd", model, "its load from the repository failed")
             raise
         # The model is verified and on the device: it serves now, and the SSD copy finishes behind it. Waiting
         # for the copy would hold the first token for a disk write that serving does not need (on the GPU
@@ -183,7 +185,7 @@ class StorageClient:
             self.node.event("error", f"{model} on {self.node.name}: SSD copy failed: {exc}", {"model": model})
             return
         seconds = time.perf_counter() - started
-        self._tell("repository", TierLoaded(model, checkpoint_size(path), seconds))
+        report_load(self.node.directory, "repository", model, checkpoint_size(path), seconds)
         self.node.event("store", f"{model} stored on {self.node.name}'s SSD in {seconds:.1f}s, behind its load",
                         {"model": model, "seconds": seconds})
         self._store_in_dram(model, path)
@@ -253,7 +255,7 @@ class StorageClient:
                 seconds += pause
                 parts["throttle"] = pause
         if tier in ("ssd", "dram"):
-            self._tell(tier, TierLoaded(model, nbytes, seconds))
+            report_load(self.node.directory, tier, model, nbytes, seconds)
         if tokenizer is None:
             raise ValueError(f"{Path(path).name}: the checkpoint has no tokenizer files")
         memory = sum(p.numel() * p.element_size() for p in hf_model.parameters())

@@ -1,4 +1,5 @@
-"""What the storage tier actors share: bandwidth bookkeeping and the start-up measurements."""
+"""What the storage tier actors share: the messages every tier takes (as client functions), bandwidth
+bookkeeping and the start-up measurements."""
 
 from __future__ import annotations
 
@@ -6,7 +7,33 @@ import os
 import time
 from pathlib import Path
 
+from sllm_actors.messages import TierDrop, TierLoaded, TierRelease
+from sllm_actors.runtime.supervisor import Directory
+
+__all__ = ["Bandwidth", "drop_copy", "measure_disk_read", "measure_host_copy", "release_lease", "report_load"]
+
 PROBE_BYTES = 64 * 1024 * 1024
+
+
+# ------------------------------------------------------------------ client functions
+# Every tier (``repository``, ``ssd``, ``dram``: its name in the node's directory) takes these; each returns
+# False when the tier is not there (restarting), as ``Directory.tell`` does.
+
+
+def release_lease(directory: Directory, tier: str, model: str) -> bool:
+    """End one lease on ``tier``'s copy of ``model`` (taken by a lookup or a store): it may be evicted
+    again."""
+    return directory.tell(tier, TierRelease(model))
+
+
+def drop_copy(directory: Directory, tier: str, model: str, reason: str) -> bool:
+    """``tier``'s copy of ``model`` is bad (it failed its checksums, or its load failed): delete it."""
+    return directory.tell(tier, TierDrop(model, reason))
+
+
+def report_load(directory: Directory, tier: str, model: str, nbytes: int, seconds: float) -> bool:
+    """A real load read ``nbytes`` from ``tier`` in ``seconds``: it refines the tier's measured bandwidth."""
+    return directory.tell(tier, TierLoaded(model, nbytes, seconds))
 
 
 class Bandwidth:
