@@ -8,6 +8,7 @@ takes over must go on with exactly the tokens it would have produced at the sour
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +305,16 @@ def test_a_parked_cache_nobody_continues_expires(loaded: tuple[Any, Any]) -> Non
     now[0] += PARKED_TTL_S
     pair.dest.expire(pair.dst_engine)
     assert not pair.dest.parked and pair.dst_engine.kv_usage()[0] < used_before
+
+
+def test_the_sides_know_nothing_of_the_instance_actor() -> None:
+    """The sides return what to do instead of calling back into their host: no import of any actor, not even
+    one for type checking (that was the circle instance <-> migration)."""
+    import sllm_actors.migration
+
+    package = Path(sllm_actors.migration.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.startswith("sllm_actors.actors")], f"{path.name} imports an actor"
