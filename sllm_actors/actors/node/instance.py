@@ -20,8 +20,6 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.actors.node.context import Link, NodeContext
-from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
 from sllm_actors.gpu.engine import Engine, Sequence, StepResult
 from sllm_actors.messages import (
     AbortMigration,
@@ -56,6 +54,8 @@ from sllm_actors.migration import (
     Send,
     sequence_of,
 )
+from sllm_actors.actors.node.context import Link, NodeContext
+from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
 from sllm_actors.runtime.supervisor import SupervisedActor
 
 log = logging.getLogger(__name__)
