@@ -2,10 +2,11 @@
 
 Each side (:mod:`.source`, :mod:`.destination`) takes a protocol message and the engine and returns an
 :class:`Outbox` (:mod:`.outbox`) of what to send, publish, arm and run; the instance actor
-(:mod:`sllm_actors.actors.node.instance`) feeds the messages in and carries the outbox out.
+(:mod:`sllm_actors.actors.node.instance`) feeds the messages in and carries the outbox out. The timeouts
+(``source.ROUND_TIMEOUT_S``, ``destination.PARKED_TTL_S``) stay in their side's module, where they are read.
 """
 
-from sllm_actors.migration.destination import PARKED_TTL_S, MigrationDestination, decode_cache, sequence_of
+from sllm_actors.migration.destination import MigrationDestination, decode_cache, sequence_of
 from sllm_actors.migration.outbox import (
     Action,
     ArmTimer,
@@ -22,7 +23,6 @@ from sllm_actors.migration.source import (
     COPY_SEND_MIN_S,
     COPY_SEND_SHARE,
     FAULT_ENV,
-    ROUND_TIMEOUT_S,
     CacheChunks,
     MigrationSource,
 )
@@ -31,8 +31,6 @@ __all__ = [
     "COPY_SEND_MIN_S",
     "COPY_SEND_SHARE",
     "FAULT_ENV",
-    "PARKED_TTL_S",
-    "ROUND_TIMEOUT_S",
     "Action",
     "ArmTimer",
     "CacheChunks",
