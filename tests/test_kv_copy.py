@@ -108,7 +108,7 @@ def _seq(engine: Any, temperature: float = 0.0) -> Any:
 
 def _wire_copy(engine: Any, seq: Any, corrupt: str = "") -> tuple[KvCopyBegin, dict[int, bytes]]:
     """What the source sends, through msgpack, in small chunks (cut across tensor boundaries)."""
-    from sllm_actors.migration.protocol import CacheChunks
+    from sllm_actors.migration import CacheChunks
 
     n_cached, layers = engine.export_cache(seq)
     whole = b"".join(t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes() for pair in layers for t in pair)
@@ -141,7 +141,7 @@ def _wire_copy(engine: Any, seq: Any, corrupt: str = "") -> tuple[KvCopyBegin, d
 @pytest.mark.parametrize("cut", [0, 1, 7])
 def test_a_copied_cache_continues_exactly(engine: Any, temperature: float, cut: int) -> None:
     from sllm_actors.gpu.sequence import Sequence
-    from sllm_actors.migration.protocol import decode_cache as _decode_cache
+    from sllm_actors.migration import decode_cache as _decode_cache
 
     ref = _seq(engine, temperature)
     engine.prefill(ref)
@@ -161,7 +161,7 @@ def test_a_copied_cache_continues_exactly(engine: Any, temperature: float, cut: 
 
 @pytest.mark.parametrize(("corrupt", "problem"), [("flip", "checksum mismatch"), ("short", "short KV copy")])
 def test_a_damaged_copy_is_refused(engine: Any, corrupt: str, problem: str) -> None:
-    from sllm_actors.migration.protocol import decode_cache as _decode_cache
+    from sllm_actors.migration import decode_cache as _decode_cache
 
     seq = _seq(engine)
     engine.prefill(seq)

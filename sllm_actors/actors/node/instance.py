@@ -4,13 +4,16 @@ The actor handles messages and drives the engine (:mod:`sllm_actors.gpu.engine`)
 sends itself runs one engine step (one forward over every running request, new prompts prefilled in chunks),
 and the step's tokens leave in one ``TokenBatch``. Between two steps the inbox is served, so a cancel, a new
 request or a migration order never waits for a generation to end. Requests beyond the batch's size wait in
-the engine's queue, never dropped. The live-migration protocol's two sides are in :mod:`sllm_actors.migration.protocol`.
+the engine's queue, never dropped. The live-migration protocol's two sides are state machines in
+:mod:`sllm_actors.migration`: this actor feeds them the protocol's messages and its engine, and carries out the
+outbox each call returns (sends, events, timers, requests to run now).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +40,19 @@ from sllm_actors.messages import (
     StartInference,
     TokenBatch,
 )
-from sllm_actors.migration.protocol import (
+from sllm_actors.migration import (
     COPY_SEND_MIN_S,
     COPY_SEND_SHARE,
+    ArmTimer,
+    Event,
     MigrationDestination,
     MigrationSource,
     MigrationTimeout,
+    Outbox,
+    PrefillTimed,
+    Publish,
+    RunNow,
+    Send,
     sequence_of,
 )
 from sllm_actors.actors.node.context import Link, NodeContext
@@ -102,8 +112,8 @@ class ModelInstanceActor(SupervisedActor):
         self.engine: Engine | None = None
         self.link: Link | None = None
         self.step_scheduled = False
-        self.source_side = MigrationSource(self)
-        self.dest_side = MigrationDestination(self)
+        self.source_side = MigrationSource(instance_id, node.name, name=name)
+        self.dest_side = MigrationDestination(name=name)
         self.finished: dict[str, float] = {}
         """request id -> when it finished here (a duplicate StartInference for it is ignored)."""
         self.memory_bytes = 0
@@ -187,32 +197,61 @@ class ModelInstanceActor(SupervisedActor):
             self._admit(message)
         elif isinstance(message, CancelInference):
             self._cancel(message.request_id)
+        elif isinstance(message, (ResumeDone, ResumeFailed, MigrationTimeout, KvCopyBegin, KvCopyChunk)) \
+                and self.engine is None:
+            pass  # its load failed and it is stopping: no migration of its own to answer, no cache to take in
         elif isinstance(message, MigrateOut):
-            self.source_side.migrate_out(message)
+            self._carry_out(self.source_side.migrate_out(message, self._running_engine()))
         elif isinstance(message, ResumeRequest):
-            self.dest_side.resume_in(message)
+            self._carry_out(self.dest_side.resume_in(message, self._running_engine(), self.finished))
         elif isinstance(message, KvCopyBegin):
-            self.dest_side.copy_begin(message)
+            self._carry_out(self.dest_side.copy_begin(message, self._running_engine()))
         elif isinstance(message, KvCopyChunk):
-            self.dest_side.copy_chunk(message)
+            self._carry_out(self.dest_side.copy_chunk(message, self._running_engine()))
         elif isinstance(message, ResumeDone):
-            self.source_side.round_done(message)
+            self._carry_out(self.source_side.round_done(message, self._running_engine()))
         elif isinstance(message, ResumeFailed):
-            self.source_side.resume_failed(message)
+            self._carry_out(self.source_side.resume_failed(message, self._running_engine()))
         elif isinstance(message, AbortMigration):
-            self.source_side.abort(message.migration_id, message.reason)
+            self._carry_out(self.source_side.abort(message.migration_id, message.reason))
         elif isinstance(message, MigrationTimeout):
-            self.source_side.timed_out(message)
+            self._carry_out(self.source_side.timed_out(message, self._running_engine()))
         else:
             raise TypeError(f"{self.name}: unexpected message {message!r}")
         return None
+
+    def _running_engine(self) -> Engine:
+        assert self.engine is not None, f"{self.name}: no engine (its load failed)"
+        return self.engine
+
+    def _carry_out(self, outbox: Outbox) -> None:
+        """Do what a migration side asked, in its order: the protocol's wire order is the outbox's."""
+        for action in outbox.actions:
+            if isinstance(action, Send):
+                self.send(action.message, action.address)
+            elif isinstance(action, Event):
+                self.node.event(action.kind, action.text, action.data)
+            elif isinstance(action, Publish):
+                self.publish()
+            elif isinstance(action, ArmTimer):
+                timer = threading.Timer(action.seconds, self.tell_quietly, args=(action.timeout,))
+                timer.daemon = True
+                timer.start()
+            elif isinstance(action, RunNow):
+                self.run_now(action.seq)
+            elif isinstance(action, PrefillTimed):
+                self.source_side.observe_prefill(action.tokens, action.seconds)
+            else:
+                raise TypeError(f"{self.name}: unexpected migration action {action!r}")
 
     def _admit(self, msg: StartInference) -> None:
         engine = self.engine
         assert engine is not None
         if engine.get(msg.request_id) is not None or msg.request_id in self.finished:
             return  # a duplicate (the router's after a hand-over), or handed over and finished here already
-        if self.dest_side.continue_parked(msg):
+        caught_up = self.dest_side.continue_parked(msg, engine)
+        if caught_up is not None:
+            self.run_now(caught_up)
             return
         try:
             prompt_ids = list(msg.prompt_ids)
@@ -254,14 +293,14 @@ class ModelInstanceActor(SupervisedActor):
         self.publish()
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        self.source_side.flush(seq.request_id)
+        self._carry_out(self.source_side.flush(seq.request_id))
         self.finished[seq.request_id] = time.monotonic()
         self.send(InferenceDone(seq.request_id, self.instance_id, reason, len(seq.generated_ids)))
 
     def _cancel(self, request_id: str) -> None:
         assert self.engine is not None
         if self.engine.remove(request_id) is not None:
-            self.source_side.flush(request_id)
+            self._carry_out(self.source_side.flush(request_id))
         self.publish()
 
     # ------------------------------------------------------------------ decoding
@@ -283,7 +322,7 @@ class ModelInstanceActor(SupervisedActor):
             self.ready_at = None
         if self.source_side.copies_pending():
             # A share of a step for KV copies: the streams slow a little instead of stopping.
-            self.source_side.pump(budget_s=max(COPY_SEND_MIN_S, COPY_SEND_SHARE * result.seconds))
+            self._carry_out(self.source_side.pump(budget_s=max(COPY_SEND_MIN_S, COPY_SEND_SHARE * result.seconds)))
         now = time.monotonic()
         if result.finished or result.failed or result.preempted or now - self.published_at > PUBLISH_EVERY_S:
             self._expire()
@@ -298,7 +337,7 @@ class ModelInstanceActor(SupervisedActor):
         for seq in result.finished:
             self._finish(seq, seq.finish_reason)
         for seq, problem in result.failed:
-            self.source_side.flush(seq.request_id)
+            self._carry_out(self.source_side.flush(seq.request_id))
             self.send(InferenceFailed(seq.request_id, self.instance_id, "kv_pool", problem))
 
     def _expire(self) -> None:
