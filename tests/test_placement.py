@@ -7,15 +7,15 @@ import random
 import pytest
 
 from sllm_actors.policy.placement import (
+    CPU_CONTENTION,
+    DEFAULT_REMAINING_TOKENS,
     Estimator,
     GpuView,
     InstanceView,
     LoadFit,
+    LoadUnderWay,
     MigrationCost,
     RunningView,
-    LoadUnderWay,
-    CPU_CONTENTION,
-    DEFAULT_REMAINING_TOKENS,
     choose,
     load_parts,
     pipeline_wait_s,

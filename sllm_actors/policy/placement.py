@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
-    "DEFAULT_BANDWIDTH",
     "CPU_CONTENTION",
+    "DEFAULT_BANDWIDTH",
     "DEFAULT_LINK_BYTES_PER_S",
     "DEFAULT_REMAINING_TOKENS",
     "DEFAULT_STEP_S",
@@ -469,7 +469,9 @@ def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Esti
     kind: Literal["migrate", "preempt"] = "migrate" if policy == "serverlessllm" else "preempt"
     for g in gpus:
         busy = [i for i in g.instances if i.state == "ready" and i.requests]
-        if not busy:
+        if not busy or (kind == "preempt" and g.best_tier(model) == "repository"):
+            # Shepherd preempts only for locality: a preemption's cost (the work its requests lose) is not in
+            # the estimate, so a GPU with nothing local to gain is never worth it.
             continue
         if g.free + sum(i.memory_bytes for i in g.instances if i.state == "ready") < need:
             continue
@@ -558,8 +560,9 @@ def _plan_moves(busy: list[InstanceView], source: GpuView, gpus: list[GpuView], 
     cost = 0.0
     for inst in sorted(busy, key=lambda i: sum(r.tokens for r in i.requests)):
         recompute = 0.0 if preempt else max(est.migration_s(inst.model, r.tokens) for r in inst.requests)
-        whole = _destination_for(inst, source, gpus, est, decoding, reserved_bytes, reserved_slots)
-        parts = _split_for(inst, source, gpus, reserved_slots)
+        whole = _destination_for(inst, source, gpus, est, decoding, reserved_bytes, reserved_slots, widen=not preempt)
+        # Preempted requests restart wherever they are placed next: only migration needs a split.
+        parts = None if preempt else _split_for(inst, source, gpus, reserved_slots)
         if whole is None and parts is None:
             return None
         if parts is not None and (whole is None or whole[1] > 0.0):
@@ -584,13 +587,23 @@ def _plan_moves(busy: list[InstanceView], source: GpuView, gpus: list[GpuView], 
 
 def _destination_for(inst: InstanceView, source: GpuView, gpus: list[GpuView], est: Estimator,
                      decoding: dict[str, int], reserved: dict[tuple[str, int], int],
-                     reserved_slots: dict[str, int]) -> tuple[GpuView, float, str] | None:
+                     reserved_slots: dict[str, int], widen: bool = True) -> tuple[GpuView, float, str] | None:
     """The GPU where all of ``inst``'s requests can run soonest, other than ``source``: (GPU, start-up seconds,
-    the instance of its model already there that takes them, or '' for a new one)."""
+    the instance of its model already there that takes them, or '' for a new one). ``widen`` False: only an
+    idle instance of its model or free room count (Shepherd's feasibility check, as it was: preemption's lost
+    work is not priced, so more places to preempt for would only mean more preemptions)."""
     best: tuple[GpuView, float, str] | None = None
     n = len(inst.requests)
     for g in gpus:
         if g.key == source.key:
+            continue
+        if not widen:
+            idle_same = any(i.model == inst.model and i.state == "ready" and not i.requests for i in g.instances)
+            if not idle_same and g.free - reserved.get(g.key, 0) < inst.memory_bytes:
+                continue
+            startup = 0.0 if idle_same else _load_estimate(inst.model, g, est, decoding)
+            if best is None or startup < best[1]:
+                best = (g, startup, "")
             continue
         same = next((i for i in g.instances if i.model == inst.model
                      and i.spare - reserved_slots.get(i.instance_id, 0) >= n), None)

@@ -398,7 +398,7 @@ class PlacementSteps:
             busy.draining = True
             if decision.kind == "migrate":
                 todo = self._ordered(busy.requests) if requests is None else requests
-                moved = yield from self.migrate(todo, busy, dest, f"make room for {model}", now) if todo else ""
+                moved = (yield from self.migrate(todo, busy, dest, f"make room for {model}", now)) if todo else ""
                 if moved is None:
                     # The GPU will not be freed: give the reservation up, its waiters queue instead.
                     busy.draining = False
