@@ -9,6 +9,7 @@ import pytest
 from sllm_actors.policy.placement import (
     CPU_CONTENTION,
     DEFAULT_REMAINING_TOKENS,
+    DEFAULT_STEP_S,
     Estimator,
     GpuView,
     InstanceView,
@@ -287,3 +288,17 @@ def test_on_cpu_devices_a_load_goes_where_no_decode_shares_the_host(est: Estimat
     assert d.gpu == ("n2", 0) and d.estimate_s == pytest.approx(2.0)
     n1 = next(c for c in d.considered if c["gpu"] == ("n1", 0))
     assert n1["estimate_s"] == pytest.approx(2.0 * (1 + CPU_CONTENTION))
+
+
+def test_the_step_time_is_measured_from_the_token_counts_the_router_reports(est: Estimator) -> None:
+    clock = FakeClock()
+    where = {"r1": ("a-1", "a", "n1"), "r2": ("a-1", "a", "n1")}
+    est.observe_tokens({"r1": 100, "r2": 50}, where, clock.now)
+    assert est.step_time("a", "n1") == pytest.approx(DEFAULT_STEP_S)  # one report: no rate yet
+    est.observe_tokens({"r1": 120, "r2": 50}, where, clock.advance(1.0))  # r2 still in its prefill
+    assert est.step_time("a", "n1") == pytest.approx(1.0 / 20)
+    # A request that moved between two reports says nothing of either instance; the figure is kept.
+    est.observe_tokens({"r1": 121}, {"r1": ("a-2", "a", "n2")}, clock.advance(1.0))
+    assert ("a", "n2") not in est.step_s and est.step_time("a", "n1") == pytest.approx(1.0 / 20)
+    est.observe_tokens({"r1": 141}, {"r1": ("a-2", "a", "n2")}, clock.advance(2.0))
+    assert est.step_time("a", "n2") == pytest.approx(2.0 / 20)

@@ -330,6 +330,8 @@ class Estimator:
     step_s: dict[tuple[str, str], float] = field(default_factory=dict)
     """(model, node) -> seconds a decode step takes one of its requests there, measured from the token rates
     the requests reached (a node with none borrows another node's figure for the model, else the prior)."""
+    token_samples: dict[str, tuple[str, int, float]] = field(default_factory=dict)
+    """request -> (instance, tokens so far, when) at the last report (see :meth:`observe_tokens`)."""
 
     def step_time(self, model: str, node: str) -> float:
         """Seconds per generated token of a request of ``model`` on ``node``: measured, or the prior."""
@@ -344,6 +346,22 @@ class Estimator:
             return
         old = self.step_s.get((model, node))
         self.step_s[(model, node)] = seconds_per_token if old is None else 0.7 * old + 0.3 * seconds_per_token
+
+    def observe_tokens(self, tokens: dict[str, int], running: dict[str, tuple[str, str, str]], now: float) -> None:
+        """A periodic report of tokens so far per request (``tokens``), with where each runs (``running``:
+        request -> (instance, model, node)). A request that stayed on one instance since the last report and
+        generated tokens meanwhile gives its model's step time on that node: seconds over tokens, as this
+        cluster runs them (batching and shared cores included)."""
+        samples: dict[str, tuple[str, int, float]] = {}
+        for request_id, (instance_id, model, node) in running.items():
+            count = tokens.get(request_id)
+            if count is None:
+                continue
+            samples[request_id] = (instance_id, count, now)
+            before = self.token_samples.get(request_id)
+            if before is not None and before[0] == instance_id and count > before[1] and now > before[2]:
+                self.observe_step(model, node, (now - before[2]) / (count - before[1]))
+        self.token_samples = samples
 
     def busy_s(self, inst: InstanceView, node: str) -> float:
         """How long ``inst`` stays busy: its longest request's remaining tokens times the step time."""

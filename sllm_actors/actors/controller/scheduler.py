@@ -170,8 +170,6 @@ class SchedulerActor(SupervisedActor):
         """Tokens so far per running request (prompt + generated), for migration estimates."""
         self.request_remaining: dict[str, int] = {}
         """Tokens each running request may still generate, for how long its instance stays busy."""
-        self.token_samples: dict[str, tuple[str, int, float]] = {}
-        """request -> (instance, tokens, when) at the last report: its token rate there is the step time."""
         self.steps = steps.PlacementSteps(
             self, self.policy, migration=self.topology.scheduler.migration, estimator=self.estimator,
             rng=random.Random(0), make_instance=Instance,
@@ -280,22 +278,12 @@ class SchedulerActor(SupervisedActor):
         return self._views(now)
 
     def _request_tokens(self, msg: RequestTokens, now: float) -> None:
-        """The router's periodic report: tokens so far and left per request. Between two reports a request
-        that stayed on one instance and generated tokens gives that model's step time on that node (what the
-        ``wait`` estimate multiplies the remaining tokens by): measured on this cluster, with its batching."""
+        """The router's periodic report: tokens so far and left per request; their rates on each instance give
+        its model's step time on its node (what the ``wait`` estimate multiplies the remaining tokens by)."""
         self.request_tokens = dict(msg.tokens)
         self.request_remaining = dict(msg.remaining)
-        samples: dict[str, tuple[str, int, float]] = {}
-        for inst in self.instances.values():
-            for request_id in inst.requests:
-                tokens = msg.tokens.get(str(request_id))
-                if tokens is None:
-                    continue
-                samples[str(request_id)] = (inst.instance_id, tokens, now)
-                before = self.token_samples.get(str(request_id))
-                if before is not None and before[0] == inst.instance_id and tokens > before[1] and now > before[2]:
-                    self.estimator.observe_step(inst.model, inst.node, (now - before[2]) / (tokens - before[1]))
-        self.token_samples = samples
+        self.estimator.observe_tokens(msg.tokens, {
+            str(r): (i.instance_id, i.model, i.node) for i in self.instances.values() for r in i.requests}, now)
 
     def _add_model(self, spec: ModelSpec) -> None:
         self.steps.add_model(spec.name, steps.ModelLimits(spec.target_concurrency, spec.max_instances))
