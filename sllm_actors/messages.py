@@ -916,6 +916,8 @@ class RequestTokens:
     """Router -> scheduler, periodically: tokens so far (prompt + generated) of each running request."""
 
     tokens: dict[str, int]
+    remaining: dict[str, int] = field(default_factory=dict)
+    """Tokens each may still generate (max_tokens - generated): how long its instance stays busy."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -573,6 +573,10 @@ class _Req:
         self.server = ""
         self.restart()
 
+    def __str__(self) -> str:
+        """Its id in the views ``choose`` reads (``RunningView.request_id``): how a split move names it."""
+        return self.rv.request_id
+
     def restart(self) -> None:
         """From scratch: prefill the prompt, then decode the rest."""
         self.prefill_left = self.prompt * self.spec.prefill_s_per_token
@@ -608,7 +612,7 @@ class _Inst(steps.Instance):
     def __init__(self, iid: str, spec: ModelConfig, device: _Gpu, mem: int, now: float) -> None:
         self._state = "loading"
         self._draining = False
-        self.view = InstanceView(iid, spec.name, "loading", [], mem)
+        self.view = InstanceView(iid, spec.name, "loading", [], mem, spec.max_concurrency)
         super().__init__(iid, spec.name, device.view.node, device.view.gpu, mem, now)
         self.spec = spec
         self.device = device
@@ -1008,14 +1012,17 @@ class _Sim:
                 g.view.loading_s = 0.0
                 self.loading_gpus.discard(gi)
         if self.policy in ("serverlessllm", "shepherd"):
-            # Only busy instances on servers holding the model can be asked to move: refresh their tokens.
-            for si in self.model_servers[model]:
-                for g in self.servers[si].gpus:
-                    for inst in g.insts:
-                        if inst.requests:
-                            self._advance(inst)
-                            for r in inst.requests:
-                                r.rv.tokens = r.tokens()
+            # Any busy instance may be asked to move, or waited for: refresh its requests' tokens so far and
+            # left, and its step time as the scheduler measures it from token rates (the decode step slowed
+            # by the requests sharing the instance and, with shared cores, by the other instances).
+            for inst in (i for g in self.gpus for i in g.insts if i.requests):
+                self._advance(inst)
+                n = len(inst.requests)
+                self.est.step_s[(inst.model, inst.node)] = (
+                    inst.spec.decode_s_per_token * (1.0 + self.cfg.batch_sharing * (n - 1)) * self.pool)
+                for r in inst.requests:
+                    r.rv.tokens = r.tokens()
+                    r.rv.remaining = r.output - (r.rv.tokens - r.prompt)
 
     def _preempt(self, busy: _Inst) -> None:
         """Shepherd: ``busy``'s requests stop at once and are placed again from scratch."""

@@ -7,13 +7,16 @@ import random
 import pytest
 
 from sllm_actors.policy.placement import (
+    CPU_CONTENTION,
+    DEFAULT_REMAINING_TOKENS,
+    DEFAULT_STEP_S,
     Estimator,
     GpuView,
     InstanceView,
     LoadFit,
+    LoadUnderWay,
     MigrationCost,
     RunningView,
-    LoadUnderWay,
     choose,
     load_parts,
     pipeline_wait_s,
@@ -196,3 +199,106 @@ def test_the_estimator_uses_the_tier_fit_and_lends_it_to_other_nodes(est: Estima
     # A tier with no fit yet: the shared overhead and the tier's measured bandwidth.
     est.load_overhead_s = 0.3
     assert est.load_s("m", _gpu("n1", holds={"ssd": {"m"}})) == pytest.approx(0.3 + 4 * GB / (2 * GB))
+
+
+# ------------------------------------------------------------------ the decisions issue 19's traces exposed
+
+
+def _running(model: str, node: str, *remaining: int, memory: int = 6 * GB, slots: int = 4) -> InstanceView:
+    """A ready instance of ``model`` running one request per entry of ``remaining`` (tokens left)."""
+    return InstanceView(f"{model}-{node}", model, "ready",
+                        [RunningView(f"{node}-r{k}", 100, left) for k, left in enumerate(remaining)], memory, slots)
+
+
+def test_a_busy_gpu_is_waited_for_only_when_it_frees_sooner_than_a_load_elsewhere(est: Estimator) -> None:
+    # "near" holds m in DRAM (0.2 s) but runs a; "far" has room, m only in the repository (20 s); moving a to
+    # "far" means loading a from the repository too (30 s). Waiting costs a's remaining tokens x step time.
+    def gpus(left: int) -> list[GpuView]:
+        return [_gpu("near", holds={"dram": {"m"}}, instances=[_running("a", "near", left)]), _gpu("far")]
+
+    soon = choose("serverlessllm", "m", 6 * GB, gpus(10), est)  # 10 tokens x 0.05 s (the prior) = 0.5 s
+    assert (soon.kind, soon.gpu, soon.tier) == ("wait", ("near", 0), "dram")
+    assert soon.estimate_s == pytest.approx(10 * 0.05 + 0.2)
+    late = choose("serverlessllm", "m", 6 * GB, gpus(1000), est)  # 50 s: the load elsewhere is cheaper
+    assert (late.kind, late.gpu) == ("load", ("far", 0))
+    assert any(c["kind"] == "wait" and c["estimate_s"] > late.estimate_s for c in late.considered)
+    # The step time measured on the node replaces the prior: at 10 ms a token, 1000 tokens are 10 s.
+    est.observe_step("a", "near", 0.01)
+    assert est.step_time("a", "near") == pytest.approx(0.01) and est.step_time("a", "elsewhere") == pytest.approx(0.01)
+    measured = choose("serverlessllm", "m", 6 * GB, gpus(1000), est)
+    assert (measured.kind, measured.gpu) == ("wait", ("near", 0))
+    assert measured.estimate_s == pytest.approx(1000 * 0.01 + 0.2)
+    # A request whose budget is unknown counts DEFAULT_REMAINING_TOKENS.
+    assert est.busy_s(_running("a", "near", -1), "near") == pytest.approx(DEFAULT_REMAINING_TOKENS * 0.01)
+
+
+def test_a_wait_never_beats_unloading_idle_instances_of_other_models(est: Estimator) -> None:
+    # "busy" holds m in DRAM behind a long decode; "spare" holds m on SSD behind an idle instance of another
+    # model: unloading it and loading from SSD (2 s) beats waiting 50 s, as random found in the trace.
+    busy = _gpu("busy", holds={"dram": {"m"}}, instances=[_running("a", "busy", 1000)])
+    spare = _gpu("spare", holds={"ssd": {"m"}}, instances=[InstanceView("old-1", "old", "ready", [], 8 * GB)])
+    d = choose("serverlessllm", "m", 6 * GB, [busy, spare], est)
+    assert (d.kind, d.gpu, d.evict) == ("load", ("spare", 0), ["old-1"])
+    assert d.estimate_s == pytest.approx(2.0)
+    # Repeated, the decision is the same: it does not come back to ``wait`` while that load is cheaper.
+    assert choose("serverlessllm", "m", 6 * GB, [busy, spare], est).kind == "load"
+    # Nearly done, the busy GPU is worth its wait (0.1 s + 0.2 s from DRAM).
+    busy.instances = [_running("a", "busy", 2)]
+    assert choose("serverlessllm", "m", 6 * GB, [busy, spare], est).kind == "wait"
+
+
+def test_requests_with_no_single_destination_split_over_instances_with_free_slots(est: Estimator) -> None:
+    # "near" holds m in DRAM and runs three requests of a; no GPU has room for another instance of a, and
+    # the two ready instances of a elsewhere have two free slots each: the requests move in parts, no load.
+    near = _gpu("near", holds={"dram": {"m"}}, instances=[_running("a", "near", 500, 500, 500)])
+    x = _gpu("x", instances=[_running("a", "x", 500, 500)])
+    y = _gpu("y", instances=[_running("a", "y", 500, 500)])
+    d = choose("serverlessllm", "m", 6 * GB, [near, x, y], est)
+    assert (d.kind, d.gpu, d.move) == ("migrate", ("near", 0), [])
+    assert d.split == [("a-near", ("x", 0), ("near-r0", "near-r1")), ("a-near", ("y", 0), ("near-r2",))]
+    assert d.estimate_s == pytest.approx(est.migration_s("a", 100) + 0.2)
+    # Without those slots (a full instance, or one whose slots are unknown) nothing can move: wait.
+    x.instances = [_running("a", "x", 500, 500, 500, 500)]
+    assert choose("serverlessllm", "m", 6 * GB, [near, x, y], est).kind == "wait"
+
+
+def test_requests_move_to_a_ready_instance_of_their_model_rather_than_a_new_load(est: Estimator) -> None:
+    # "x" runs a with three free slots (no load); "z" has room for a new instance of a, from SSD (3 s).
+    near = _gpu("near", holds={"dram": {"m"}}, instances=[_running("a", "near", 500, 500, 500)])
+    x = _gpu("x", instances=[_running("a", "x", 500)])
+    z = _gpu("z", holds={"ssd": {"a"}})
+    d = choose("serverlessllm", "m", 6 * GB, [near, x, z], est)
+    assert (d.kind, d.gpu, d.move, d.split) == ("migrate", ("near", 0), [("a-near", ("x", 0))], [])
+    assert d.estimate_s == pytest.approx(est.migration_s("a", 100) + 0.2)
+
+
+def test_on_cpu_devices_a_load_goes_where_no_decode_shares_the_host(est: Estimator) -> None:
+    # Node n1 has two devices: gpu 1 decodes, gpu 0 is free; node n2's device is free. Both hold m on SSD.
+    def gpus(kind: str) -> list[GpuView]:
+        free1, busy1, free2 = _gpu("n1"), _gpu("n1", instances=[_running("a", "n1", 100, memory=10 * GB)]), _gpu("n2")
+        busy1.gpu = 1
+        for g in (free1, busy1, free2):
+            g.holds, g.kind = {"ssd": {"m"}}, kind
+        return [free1, busy1, free2]
+
+    # Independent GPUs: a tie, the first wins.
+    assert choose("serverlessllm", "m", 4 * GB, gpus("gpu"), est).gpu == ("n1", 0)
+    # CPU "GPUs": the load beside n1's decode would share its cores (twice as long); n2 is quiet.
+    d = choose("serverlessllm", "m", 4 * GB, gpus("cpu"), est)
+    assert d.gpu == ("n2", 0) and d.estimate_s == pytest.approx(2.0)
+    n1 = next(c for c in d.considered if c["gpu"] == ("n1", 0))
+    assert n1["estimate_s"] == pytest.approx(2.0 * (1 + CPU_CONTENTION))
+
+
+def test_the_step_time_is_measured_from_the_token_counts_the_router_reports(est: Estimator) -> None:
+    clock = FakeClock()
+    where = {"r1": ("a-1", "a", "n1"), "r2": ("a-1", "a", "n1")}
+    est.observe_tokens({"r1": 100, "r2": 50}, where, clock.now)
+    assert est.step_time("a", "n1") == pytest.approx(DEFAULT_STEP_S)  # one report: no rate yet
+    est.observe_tokens({"r1": 120, "r2": 50}, where, clock.advance(1.0))  # r2 still in its prefill
+    assert est.step_time("a", "n1") == pytest.approx(1.0 / 20)
+    # A request that moved between two reports says nothing of either instance; the figure is kept.
+    est.observe_tokens({"r1": 121}, {"r1": ("a-2", "a", "n2")}, clock.advance(1.0))
+    assert ("a", "n2") not in est.step_s and est.step_time("a", "n1") == pytest.approx(1.0 / 20)
+    est.observe_tokens({"r1": 141}, {"r1": ("a-2", "a", "n2")}, clock.advance(2.0))
+    assert est.step_time("a", "n2") == pytest.approx(2.0 / 20)

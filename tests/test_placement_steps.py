@@ -16,6 +16,8 @@ class Cluster:
     def __init__(self, holds: dict[str, dict[str, set[str]]]) -> None:
         self.holds = holds
         self.steps: steps.PlacementSteps | None = None
+        self.remaining: dict[str, int] = {}
+        """request -> tokens it has left (unknown where absent)."""
 
     def need_bytes(self, model: str) -> int:
         return 6 * GB
@@ -27,8 +29,9 @@ class Cluster:
             if node not in self.steps.alive:
                 continue
             instances = [placement.InstanceView(i.instance_id, i.model, "migrating" if i.draining else i.state,
-                                                [placement.RunningView(str(r), 10) for r in i.requests],
-                                                i.memory_bytes)
+                                                [placement.RunningView(str(r), 10, self.remaining.get(str(r), -1))
+                                                 for r in i.requests],
+                                                i.memory_bytes, self.steps.models[i.model].concurrency)
                          for i in self.steps.on_gpu[(node, gpu)]]
             views.append(placement.GpuView(node, gpu, memory, instances, holds=self.holds.get(node, {}), now=now))
         return views
@@ -116,7 +119,8 @@ def test_idle_instances_of_other_models_are_unloaded_to_make_room() -> None:
 
 def test_no_room_queues_then_room_drains_the_queue_and_the_timeout_expires_the_rest() -> None:
     core = make()
-    busy = [ready_instance(core, "b", "n1", "x1"), ready_instance(core, "b", "n2", "x2")]
+    # Both instances full: their requests have nowhere to move.
+    busy = [ready_instance(core, "b", "n1", "x1", "x3"), ready_instance(core, "b", "n2", "x2", "x4")]
     actions = run(core.place("r1", "a", 1.0))
     assert kinds(actions) == ["Decided", "Enqueued"]
     assert [w.request for w in core.queue] == ["r1"]
@@ -124,6 +128,7 @@ def test_no_room_queues_then_room_drains_the_queue_and_the_timeout_expires_the_r
     # A request leaves: the idle instance makes room, the queue's first request starts a load, the second
     # waits on that load; their original queue times are kept for the timeout.
     core.request_done(busy[0], "x1", 3.0)
+    core.request_done(busy[0], "x3", 3.0)
     actions = run(core.freed(busy[0], 3.0))
     assert kinds(actions) == ["Decided", "Unload", "StartInstance", "JoinLoad"]
     assert core.queue == []
@@ -206,3 +211,46 @@ def test_idle_is_ready_with_nothing_running_waiting_or_on_its_way() -> None:
     assert core.is_idle(inst)
     inst.incoming = 1
     assert not core.is_idle(inst)
+
+
+def test_requests_with_no_single_destination_move_in_parts_then_the_freed_gpu_loads() -> None:
+    # n1 holds b in DRAM and runs a with x1, x2 (full); n2 and n3 run a with one free slot each and have no
+    # room for another instance: x1 and x2 move, one to each, with no load, then b loads on n1.
+    core = make(holds={"n1": {"dram": {"b"}}})
+    core.add_gpu("n3", 0, 10 * GB)
+    core.alive.add("n3")
+    busy = ready_instance(core, "a", "n1", "x1", "x2")
+    on_n2, on_n3 = ready_instance(core, "a", "n2", "y1"), ready_instance(core, "a", "n3", "z1")
+    actions = run(core.place("r1", "b", 0.0))
+    assert kinds(actions) == ["Decided", "JoinReserved", "Migrate", "Migrate"]
+    assert actions[0].decision.split  # type: ignore[union-attr]
+    moves = [(m.dest, m.requests) for m in actions[2:] if isinstance(m, steps.Migrate) and m.source is busy]
+    assert moves == [(on_n2, ["x1"]), (on_n3, ["x2"])] and busy.draining
+    for request in ("x1", "x2"):
+        core.request_done(busy, request, 1.0)
+    actions = run(core.freed(busy, 1.0))
+    assert kinds(actions) == ["Unload", "StartInstance"]
+    assert actions[1].instance.key == ("n1", 0) and actions[1].instance.waiters == ["r1"]  # type: ignore[union-attr]
+
+
+def test_a_wait_for_a_gpu_about_to_free_queues_the_request_and_loads_there_once_it_is_free() -> None:
+    # n1 holds b in DRAM and runs a's x1, 2 tokens from its end; n2 has room but b only in the repository.
+    core = make(holds={"n1": {"dram": {"b"}}})
+    busy = ready_instance(core, "a", "n1", "x1")
+    core.cluster.remaining["x1"] = 2  # type: ignore[attr-defined]
+    actions = run(core.place("r1", "b", 0.0))
+    assert kinds(actions) == ["Decided", "Enqueued"]
+    decision = actions[0].decision  # type: ignore[union-attr]
+    assert (decision.kind, decision.gpu) == ("wait", ("n1", 0))
+    core.request_done(busy, "x1", 0.1)
+    actions = run(core.freed(busy, 0.1))
+    assert kinds(actions) == ["Decided", "Unload", "StartInstance"]
+    assert actions[2].instance.key == ("n1", 0)  # type: ignore[union-attr]
+    # With x1 far from done (its budget unknown: 128 tokens, at a measured 10 s a step), the repository load
+    # on n2 (60 s) is cheaper than that wait: it starts at once.
+    core = make(holds={"n1": {"dram": {"b"}}})
+    ready_instance(core, "a", "n1", "x1")
+    core.estimator.observe_step("a", "n1", 10.0)
+    actions = run(core.place("r1", "b", 0.0))
+    assert kinds(actions) == ["Decided", "StartInstance"]
+    assert (actions[0].decision.kind, actions[0].decision.gpu) == ("load", ("n2", 0))  # type: ignore[union-attr]

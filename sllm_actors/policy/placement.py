@@ -6,7 +6,12 @@ Start-up estimate of model m on GPU g:  queue(g) + size(m) / bandwidth(fastest t
 holding m), 0 when an idle instance of m is already loaded there; with no local copy the repository
 tier's bandwidth applies. queue(g) is the wait for the loads g's node runs already, of which a node runs
 one fetch and one build at a time (:func:`pipeline_wait_s`). Migration estimate of a running inference r
-to GPU h: a_m * (tokens of r) + b_m, fitted from real resumes, plus h's start-up estimate for r's model.
+to GPU h: a_m * (tokens of r) + b_m, fitted from real resumes, plus h's start-up estimate for r's model
+(0 where a ready instance of r's model has a free slot: no load). Wait estimate on a busy GPU: the time its
+busy instances need to finish (each request's remaining tokens x the model's measured step time on that
+node) until the model fits, plus its start-up estimate there; ServerlessLLM waits only where that beats
+every load and migration. On ``cpu`` devices a load beside decodes on the same node is slowed by them
+(:data:`CPU_CONTENTION`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
+    "CPU_CONTENTION",
     "DEFAULT_BANDWIDTH",
     "DEFAULT_LINK_BYTES_PER_S",
+    "DEFAULT_REMAINING_TOKENS",
+    "DEFAULT_STEP_S",
     "Estimator",
     "GpuView",
     "InstanceView",
@@ -42,12 +50,29 @@ DEFAULT_BANDWIDTH = {"dram": 5e9, "ssd": 1e9, "repository": 1e8}
 Policy = Literal["serverlessllm", "shepherd", "locality-wait", "availability", "random"]
 
 
+DEFAULT_STEP_S = 0.05
+"""Seconds a decode step takes a request, per model and node, until the node's token rate has been measured:
+a 135M model on a shared CPU core runs about 20-30 tokens/s, a 7-30B model on a GPU 20-60 (15-50 ms)."""
+DEFAULT_REMAINING_TOKENS = 128
+"""Tokens a running request is assumed to have left when its budget is not known (the API's default
+``max_tokens``)."""
+CPU_CONTENTION = 1.0
+"""On a node whose devices are ``cpu`` ones, every instance decoding there and a load share the host's cores
+(the "GPUs" are threads of one process on one CPU): with ``n`` decoding, a load gets about 1 / (1 + n) of
+the cores, and it slows those decodes as much. The replay on a 2-core VM showed it (issue 19: two 1 GB SSD
+loads ran 35 s behind their estimates while decodes on the "other GPU" stalled). A load's estimate on such
+a node is multiplied by ``1 + CPU_CONTENTION * n``, so a load goes, other things equal, beside no decode."""
+
+
 @dataclass
 class RunningView:
-    """A request running on an instance: what moving it would cost."""
+    """A request running on an instance: what moving it would cost, and how long it will stay."""
 
     request_id: str
     tokens: int
+    """Tokens so far (prompt + generated): what a migration recomputes."""
+    remaining: int = -1
+    """Tokens it may still generate (max_tokens - generated); -1: not known (see DEFAULT_REMAINING_TOKENS)."""
 
 
 @dataclass
@@ -57,6 +82,13 @@ class InstanceView:
     state: str  # loading, ready, unloading, migrating
     requests: list[RunningView] = field(default_factory=list)
     memory_bytes: int = 0
+    slots: int = 0
+    """Requests it may run at once (the model's concurrency); 0: not known, it takes no moved request."""
+
+    @property
+    def spare(self) -> int:
+        """Free slots: requests that may move here without a load."""
+        return max(0, self.slots - len(self.requests)) if self.state == "ready" else 0
 
 
 @dataclass
@@ -75,6 +107,8 @@ class GpuView:
     """The loads under way on this GPU's node, for the queue term (see :func:`pipeline_wait_s`)."""
     now: float = 0.0
     """The clock ``loads`` were started on, read when the view was made."""
+    kind: str = "gpu"
+    """``cpu``: a device that shares its host's cores with the node's other devices (see CPU_CONTENTION)."""
 
     def queue_wait_s(self, fetch_s: float = 0.0) -> float:
         """How long a load with a fetch of ``fetch_s`` (0: none) ordered now waits for the node's others."""
@@ -293,6 +327,47 @@ class Estimator:
     load_fits: dict[tuple[str, str], LoadFit] = field(default_factory=dict)
     """(node, tier) -> fixed + bytes / bandwidth, from that tier's real loads (a node with none borrows
     another node's fit of the same tier: the same kind of hardware, likely)."""
+    step_s: dict[tuple[str, str], float] = field(default_factory=dict)
+    """(model, node) -> seconds a decode step takes one of its requests there, measured from the token rates
+    the requests reached (a node with none borrows another node's figure for the model, else the prior)."""
+    token_samples: dict[str, tuple[str, int, float]] = field(default_factory=dict)
+    """request -> (instance, tokens so far, when) at the last report (see :meth:`observe_tokens`)."""
+
+    def step_time(self, model: str, node: str) -> float:
+        """Seconds per generated token of a request of ``model`` on ``node``: measured, or the prior."""
+        known = self.step_s.get((model, node))
+        if known is None:
+            known = next((v for (m, _), v in self.step_s.items() if m == model), DEFAULT_STEP_S)
+        return known
+
+    def observe_step(self, model: str, node: str, seconds_per_token: float) -> None:
+        """A request of ``model`` on ``node`` generated at ``1 / seconds_per_token`` tokens/s lately."""
+        if seconds_per_token <= 0 or not math.isfinite(seconds_per_token):
+            return
+        old = self.step_s.get((model, node))
+        self.step_s[(model, node)] = seconds_per_token if old is None else 0.7 * old + 0.3 * seconds_per_token
+
+    def observe_tokens(self, tokens: dict[str, int], running: dict[str, tuple[str, str, str]], now: float) -> None:
+        """A periodic report of tokens so far per request (``tokens``), with where each runs (``running``:
+        request -> (instance, model, node)). A request that stayed on one instance since the last report and
+        generated tokens meanwhile gives its model's step time on that node: seconds over tokens, as this
+        cluster runs them (batching and shared cores included)."""
+        samples: dict[str, tuple[str, int, float]] = {}
+        for request_id, (instance_id, model, node) in running.items():
+            count = tokens.get(request_id)
+            if count is None:
+                continue
+            samples[request_id] = (instance_id, count, now)
+            before = self.token_samples.get(request_id)
+            if before is not None and before[0] == instance_id and count > before[1] and now > before[2]:
+                self.observe_step(model, node, (now - before[2]) / (count - before[1]))
+        self.token_samples = samples
+
+    def busy_s(self, inst: InstanceView, node: str) -> float:
+        """How long ``inst`` stays busy: its longest request's remaining tokens times the step time."""
+        step = self.step_time(inst.model, node)
+        return max((step * (r.remaining if r.remaining >= 0 else DEFAULT_REMAINING_TOKENS) for r in inst.requests),
+                   default=0.0)
 
     def load_s(self, model: str, gpu: GpuView) -> float:
         """Start-up estimate of ``model`` on ``gpu``: the wait for what its node runs already, plus its own load
@@ -350,7 +425,11 @@ class Decision:
     evict: list[str] = field(default_factory=list)
     """Idle instances on ``gpu`` to unload first."""
     move: list[tuple[str, tuple[str, int]]] = field(default_factory=list)
-    """(busy instance on ``gpu``, destination GPU) for each instance whose requests must leave."""
+    """(busy instance on ``gpu``, destination GPU) for each instance whose requests must leave, all to one
+    place."""
+    split: list[tuple[str, tuple[str, int], tuple[str, ...]]] = field(default_factory=list)
+    """(busy instance on ``gpu``, destination GPU, request ids) for an instance whose requests leave in parts,
+    each to a ready instance of its model with free slots (no single destination had room for them all)."""
     considered: list[dict[str, object]] = field(default_factory=list)
     """Every option weighed, with its estimate: logged so estimator error can be checked."""
 
@@ -363,8 +442,15 @@ def placement_policy(policy: str, migration: bool) -> str:
 
 def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Estimator,
            rng: random.Random | None = None) -> Decision:
-    """Pick where ``model`` (``need`` bytes on the device) starts, by ``policy``."""
+    """Pick where ``model`` (``need`` bytes on the device) starts, by ``policy``.
+
+    Every policy weighs the loads possible now (on a GPU with room, after unloading idle instances there).
+    ``serverlessllm`` also weighs freeing a GPU by migrating its busy instances' requests (each instance to one
+    destination, or split over ready instances of its model with free slots) and waiting for a busy GPU to
+    free itself, and takes the option with the lowest estimate; ``shepherd`` weighs preempting them.
+    """
     rng = rng or random.Random(0)
+    decoding = _decoding_per_node(gpus)
     options: list[Decision] = []
     for g in gpus:
         idle = [i for i in g.instances if i.state == "ready" and not i.requests]
@@ -379,7 +465,7 @@ def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Esti
             evict.append(inst.instance_id)
             free += inst.memory_bytes
         tier = g.best_tier(model)
-        options.append(Decision("load", g.key, est.load_s(model, g), tier, evict=evict))
+        options.append(Decision("load", g.key, _load_estimate(model, g, est, decoding), tier, evict=evict))
     considered = [{"kind": o.kind, "gpu": o.gpu, "tier": o.tier, "estimate_s": round(o.estimate_s, 4)} for o in options]
 
     if policy == "random":
@@ -396,60 +482,174 @@ def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Esti
         best.considered = considered
         return best
 
-    # Locality with migration (ServerlessLLM) or preemption (Shepherd): a busy GPU whose node holds
-    # the model in a faster tier may win, if its inferences can move to a GPU with room for them.
+    # Locality with migration (ServerlessLLM) or preemption (Shepherd): a busy GPU may win, if its inferences
+    # can move (or restart) elsewhere; its node's tier decides its load, the estimates decide.
+    kind: Literal["migrate", "preempt"] = "migrate" if policy == "serverlessllm" else "preempt"
     for g in gpus:
-        tier = g.best_tier(model)
         busy = [i for i in g.instances if i.state == "ready" and i.requests]
-        if not busy or tier == "repository":
+        if not busy or (kind == "preempt" and g.best_tier(model) == "repository"):
+            # Shepherd preempts only for locality: a preemption's cost (the work its requests lose) is not in
+            # the estimate, so a GPU with nothing local to gain is never worth it.
             continue
-        if g.free + sum(i.memory_bytes for i in g.instances if i.state == "ready" and not i.requests) \
-                + sum(i.memory_bytes for i in busy) < need:
+        if g.free + sum(i.memory_bytes for i in g.instances if i.state == "ready") < need:
             continue
-        moves: list[tuple[str, tuple[str, int]]] = []
-        cost = 0.0
-        reserved: dict[tuple[str, int], int] = {}
-        ok = True
-        for inst in sorted(busy, key=lambda i: sum(r.tokens for r in i.requests)):
-            dest = _destination_for(inst, g, gpus, est, reserved)
-            if dest is None:
-                ok = False
-                break
-            dest_gpu, dest_s = dest
-            reserved[dest_gpu.key] = reserved.get(dest_gpu.key, 0) + inst.memory_bytes
-            moves.append((inst.instance_id, dest_gpu.key))
-            if policy == "serverlessllm":
-                # Token-based migration: the destination loads, then recomputes the KV cache while
-                # the source keeps generating; the new model waits for the slowest move.
-                move_s = dest_s + max(est.migration_s(inst.model, r.tokens) for r in inst.requests)
-            else:
-                # Shepherd preempts: the source stops at once, its requests restart from scratch.
-                move_s = 0.0
-            cost = max(cost, move_s)
-        if not ok:
+        plan = _plan_moves(busy, g, gpus, est, decoding, preempt=kind == "preempt")
+        if plan is None:
             continue
-        estimate = cost + est.load_s(model, g)
-        considered.append({"kind": "migrate" if policy == "serverlessllm" else "preempt", "gpu": g.key,
-                           "tier": tier, "estimate_s": round(estimate, 4)})
+        cost, moves, split = plan
+        tier = g.best_tier(model)
+        # The freed GPU's load runs beside none of the decodes that left it.
+        estimate = cost + _load_estimate(model, g, est, decoding, leaving=len(busy))
+        considered.append({"kind": kind, "gpu": g.key, "tier": tier, "estimate_s": round(estimate, 4)})
         if estimate < best.estimate_s:
-            best = Decision("migrate" if policy == "serverlessllm" else "preempt", g.key, estimate, tier,
+            best = Decision(kind, g.key, estimate, tier,
                             evict=[i.instance_id for i in g.instances if i.state == "ready" and not i.requests],
-                            move=moves)
+                            move=moves, split=split)
+
+    if policy == "serverlessllm":
+        # Waiting is an option like the others, priced from the busy instances' remaining tokens: taken only
+        # where it beats every load and migration (a GPU holding the model in DRAM that frees in a second),
+        # never while a cheaper option is there.
+        wait = _best_wait(model, need, gpus, est, decoding)
+        if wait is not None:
+            considered.append({"kind": "wait", "gpu": wait.gpu, "tier": wait.tier,
+                               "estimate_s": round(wait.estimate_s, 4)})
+            if wait.estimate_s < best.estimate_s:
+                best = wait
     best.considered = considered
     return best
 
 
+def _decoding_per_node(gpus: list[GpuView]) -> dict[str, int]:
+    """node -> instances with requests running on its devices (what a load on a ``cpu`` node contends with)."""
+    out: dict[str, int] = {}
+    for g in gpus:
+        out[g.node] = out.get(g.node, 0) + sum(1 for i in g.instances if i.requests)
+    return out
+
+
+def _load_estimate(model: str, gpu: GpuView, est: Estimator, decoding: dict[str, int], leaving: int = 0) -> float:
+    """The start-up estimate of ``model`` on ``gpu``, slowed on a ``cpu`` node by the decodes that share its
+    host's cores (see CPU_CONTENTION); ``leaving``: decodes on that node that will have moved away."""
+    seconds = est.load_s(model, gpu)
+    if gpu.kind == "cpu":
+        seconds *= 1.0 + CPU_CONTENTION * max(0, decoding.get(gpu.node, 0) - leaving)
+    return seconds
+
+
+def _best_wait(model: str, need: int, gpus: list[GpuView], est: Estimator,
+               decoding: dict[str, int]) -> Decision | None:
+    """The GPU where ``model`` can start soonest by waiting for busy instances there to finish (the soonest
+    done first, until it fits), with that wait plus the load as its estimate; None: no GPU ever fits it."""
+    best: Decision | None = None
+    for g in gpus:
+        free = g.free + sum(i.memory_bytes for i in g.instances if i.state == "ready" and not i.requests)
+        busy = sorted(((est.busy_s(i, g.node), i) for i in g.instances if i.state == "ready" and i.requests),
+                      key=lambda item: item[0])
+        waited, leaving = 0.0, 0
+        for seconds, inst in busy:
+            if free >= need:
+                break
+            free += inst.memory_bytes
+            waited, leaving = seconds, leaving + 1
+        if free < need or not busy or leaving == 0:
+            continue  # never fits, or fits now (a load option, not a wait)
+        estimate = waited + _load_estimate(model, g, est, decoding, leaving=leaving)
+        if best is None or estimate < best.estimate_s:
+            best = Decision("wait", g.key, estimate, g.best_tier(model))
+    return best
+
+
+def _plan_moves(busy: list[InstanceView], source: GpuView, gpus: list[GpuView], est: Estimator,
+                decoding: dict[str, int], preempt: bool = False
+                ) -> tuple[float, list[tuple[str, tuple[str, int]]], list[tuple[str, tuple[str, int], tuple[str, ...]]]] | None:
+    """Where each of ``source``'s busy instances' requests go: the seconds until the last has moved, the
+    whole-instance moves and the split ones; None: some instance's requests have nowhere to go.
+
+    An instance's requests go to one destination (a ready instance of its model with enough free slots, an
+    idle one, or a GPU with room for a new instance, counting idle instances there that may be unloaded),
+    whichever starts soonest; or, when none can take them all or when that is sooner, spread over ready
+    instances of the model with free slots (no load at all). Destinations chosen for one instance are
+    reserved against the next."""
+    reserved_bytes: dict[tuple[str, int], int] = {}
+    reserved_slots: dict[str, int] = {}
+    moves: list[tuple[str, tuple[str, int]]] = []
+    split: list[tuple[str, tuple[str, int], tuple[str, ...]]] = []
+    cost = 0.0
+    for inst in sorted(busy, key=lambda i: sum(r.tokens for r in i.requests)):
+        recompute = 0.0 if preempt else max(est.migration_s(inst.model, r.tokens) for r in inst.requests)
+        whole = _destination_for(inst, source, gpus, est, decoding, reserved_bytes, reserved_slots, widen=not preempt)
+        # Preempted requests restart wherever they are placed next: only migration needs a split.
+        parts = None if preempt else _split_for(inst, source, gpus, reserved_slots)
+        if whole is None and parts is None:
+            return None
+        if parts is not None and (whole is None or whole[1] > 0.0):
+            for dest_inst, dest_key, ids in parts:
+                reserved_slots[dest_inst] = reserved_slots.get(dest_inst, 0) + len(ids)
+                split.append((inst.instance_id, dest_key, ids))
+            move_s = recompute
+        else:
+            assert whole is not None
+            dest_gpu, startup, dest_inst_id = whole
+            if dest_inst_id:
+                reserved_slots[dest_inst_id] = reserved_slots.get(dest_inst_id, 0) + len(inst.requests)
+            else:
+                reserved_bytes[dest_gpu.key] = reserved_bytes.get(dest_gpu.key, 0) + inst.memory_bytes
+            moves.append((inst.instance_id, dest_gpu.key))
+            # Token-based migration: the destination loads, then recomputes the KV cache while the source keeps
+            # generating; the new model waits for the slowest move. Shepherd's preemption stops it at once.
+            move_s = 0.0 if preempt else startup + recompute
+        cost = max(cost, move_s)
+    return cost, moves, split
+
+
 def _destination_for(inst: InstanceView, source: GpuView, gpus: list[GpuView], est: Estimator,
-                     reserved: dict[tuple[str, int], int]) -> tuple[GpuView, float] | None:
-    """The GPU where ``inst``'s model starts soonest, with room for it, other than ``source``."""
-    best: tuple[GpuView, float] | None = None
+                     decoding: dict[str, int], reserved: dict[tuple[str, int], int],
+                     reserved_slots: dict[str, int], widen: bool = True) -> tuple[GpuView, float, str] | None:
+    """The GPU where all of ``inst``'s requests can run soonest, other than ``source``: (GPU, start-up seconds,
+    the instance of its model already there that takes them, or '' for a new one). ``widen`` False: only an
+    idle instance of its model or free room count (Shepherd's feasibility check, as it was: preemption's lost
+    work is not priced, so more places to preempt for would only mean more preemptions)."""
+    best: tuple[GpuView, float, str] | None = None
+    n = len(inst.requests)
     for g in gpus:
         if g.key == source.key:
             continue
-        idle_same = any(i.model == inst.model and i.state == "ready" and not i.requests for i in g.instances)
-        if not idle_same and g.free - reserved.get(g.key, 0) < inst.memory_bytes:
+        if not widen:
+            idle_same = any(i.model == inst.model and i.state == "ready" and not i.requests for i in g.instances)
+            if not idle_same and g.free - reserved.get(g.key, 0) < inst.memory_bytes:
+                continue
+            startup = 0.0 if idle_same else _load_estimate(inst.model, g, est, decoding)
+            if best is None or startup < best[1]:
+                best = (g, startup, "")
             continue
-        startup = 0.0 if idle_same else est.load_s(inst.model, g)
+        same = next((i for i in g.instances if i.model == inst.model
+                     and i.spare - reserved_slots.get(i.instance_id, 0) >= n), None)
+        if same is not None:
+            return g, 0.0, same.instance_id  # a ready instance with free slots: nothing can start sooner
+        idle = sum(i.memory_bytes for i in g.instances if i.state == "ready" and not i.requests)
+        if g.free + idle - reserved.get(g.key, 0) < inst.memory_bytes:
+            continue
+        startup = _load_estimate(inst.model, g, est, decoding)
         if best is None or startup < best[1]:
-            best = (g, startup)
+            best = (g, startup, "")
     return best
+
+
+def _split_for(inst: InstanceView, source: GpuView, gpus: list[GpuView], reserved_slots: dict[str, int]
+               ) -> list[tuple[str, tuple[str, int], tuple[str, ...]]] | None:
+    """``inst``'s requests spread over ready instances of its model elsewhere with free slots, most slots
+    first: [(instance, its GPU, request ids)], or None if their slots cannot take them all."""
+    targets = sorted(((i.spare - reserved_slots.get(i.instance_id, 0), i.instance_id, g.key)
+                      for g in gpus if g.key != source.key for i in g.instances if i.model == inst.model),
+                     key=lambda t: -t[0])
+    pending = [r.request_id for r in inst.requests]
+    parts = []
+    for spare, instance_id, key in targets:
+        if not pending:
+            break
+        if spare <= 0:
+            continue
+        take, pending = pending[:spare], pending[spare:]
+        parts.append((instance_id, key, tuple(take)))
+    return parts if not pending else None

@@ -381,19 +381,29 @@ class PlacementSteps:
         # migrate (ServerlessLLM) or preempt (Shepherd): free the GPU, then load there.
         self.reserved[key] = Reservation(model, [first_waiter], decision.estimate_s)
         yield JoinReserved(key, first_waiter)
-        for instance_id, dest in decision.move:
+        # Whole instances move to one destination each; a split one (no destination had room for all its
+        # requests) moves in parts, each to a ready instance of its model with free slots. Requests are
+        # matched to the ids ``choose`` saw by ``str``.
+        parts: list[tuple[str, tuple[str, int], list[Request] | None]] = [
+            (instance_id, dest, None) for instance_id, dest in decision.move]
+        for instance_id, dest, ids in decision.split:
             busy = self.instances.get(instance_id)
-            if busy is None:
+            if busy is not None:
+                wanted = set(ids)
+                parts.append((instance_id, dest, [r for r in self._ordered(busy.requests) if str(r) in wanted]))
+        for instance_id, dest, requests in parts:
+            busy = self.instances.get(instance_id)
+            if busy is None or key not in self.reserved:
                 continue
             busy.draining = True
             if decision.kind == "migrate":
-                moved = yield from self.migrate(self._ordered(busy.requests), busy, dest, f"make room for {model}",
-                                                now)
+                todo = self._ordered(busy.requests) if requests is None else requests
+                moved = (yield from self.migrate(todo, busy, dest, f"make room for {model}", now)) if todo else ""
                 if moved is None:
                     # The GPU will not be freed: give the reservation up, its waiters queue instead.
                     busy.draining = False
                     yield from self.release(key, now)
-            else:
+            elif busy.state != "unloading":
                 requests = self._ordered(busy.requests)
                 yield Preempt(busy, requests, f"preempted for {model}")
                 busy.requests.clear()

@@ -443,8 +443,10 @@ class RouterActor(SupervisedActor):
     def _query(self, what: str) -> Any:
         if what == "publish":
             self.cluster.publish(ClusterSnapshot(time.time(), self.status()))
-            scheduler.report_request_tokens(self.cluster.directory, {
-                r.request_id: len(r.prompt_ids or []) + len(r.generated) for r in self.requests.values()})
+            scheduler.report_request_tokens(
+                self.cluster.directory,
+                {r.request_id: len(r.prompt_ids or []) + len(r.generated) for r in self.requests.values()},
+                {r.request_id: max(0, r.sampling.max_tokens - len(r.generated)) for r in self.requests.values()})
             return None
         if what == "requests":
             return self._requests_view()

@@ -102,9 +102,10 @@ def request_finished(directory: Directory, request_id: str, instance_id: str) ->
     return directory.tell(SCHEDULER, RequestFinished(request_id, instance_id))
 
 
-def report_request_tokens(directory: Directory, tokens: dict[str, int]) -> bool:
-    """Tokens so far (prompt + generated) of each running request, for the migration policy's estimates."""
-    return directory.tell(SCHEDULER, RequestTokens(tokens))
+def report_request_tokens(directory: Directory, tokens: dict[str, int], remaining: dict[str, int] | None = None) -> bool:
+    """Tokens so far (prompt + generated) of each running request, for the migration policy's estimates, and
+    the tokens each may still generate (max_tokens - generated), for how long its instance stays busy."""
+    return directory.tell(SCHEDULER, RequestTokens(tokens, dict(remaining or {})))
 
 
 def node_up(directory: Directory, node: str, incarnation: str) -> bool:
@@ -167,6 +168,8 @@ class SchedulerActor(SupervisedActor):
         """node -> {"bandwidth": {tier: B/s}, "holds": {tier: set(models)}} from NodeStatus."""
         self.request_tokens: dict[str, int] = {}
         """Tokens so far per running request (prompt + generated), for migration estimates."""
+        self.request_remaining: dict[str, int] = {}
+        """Tokens each running request may still generate, for how long its instance stays busy."""
         self.steps = steps.PlacementSteps(
             self, self.policy, migration=self.topology.scheduler.migration, estimator=self.estimator,
             rng=random.Random(0), make_instance=Instance,
@@ -207,7 +210,7 @@ class SchedulerActor(SupervisedActor):
             lost = [i.instance_id for i in self.instances.values() if i.node == message.node]
             self._gone(lost, f"node {message.node} lost: {message.reason}", now)
         elif isinstance(message, RequestTokens):
-            self.request_tokens = dict(message.tokens)
+            self._request_tokens(message, now)
         elif isinstance(message, NodeStatus):
             self._reconcile(message)
             tiers = message.status.get("tiers", [])
@@ -274,6 +277,14 @@ class SchedulerActor(SupervisedActor):
         """(for the placement steps) every GPU of an alive node, for ``choose``."""
         return self._views(now)
 
+    def _request_tokens(self, msg: RequestTokens, now: float) -> None:
+        """The router's periodic report: tokens so far and left per request; their rates on each instance give
+        its model's step time on its node (what the ``wait`` estimate multiplies the remaining tokens by)."""
+        self.request_tokens = dict(msg.tokens)
+        self.request_remaining = dict(msg.remaining)
+        self.estimator.observe_tokens(msg.tokens, {
+            str(r): (i.instance_id, i.model, i.node) for i in self.instances.values() for r in i.requests}, now)
+
     def _add_model(self, spec: ModelSpec) -> None:
         self.steps.add_model(spec.name, steps.ModelLimits(spec.target_concurrency, spec.max_instances))
 
@@ -318,8 +329,10 @@ class SchedulerActor(SupervisedActor):
                         # A destination waiting for its requests looks idle but must not be evicted.
                         i.instance_id, i.model,
                         "migrating" if i.draining or i.instance_id in in_migration else i.state,
-                        [placement.RunningView(r, self.request_tokens.get(r, 0)) for r in sorted(i.requests)],
+                        [placement.RunningView(r, self.request_tokens.get(r, 0), self.request_remaining.get(r, -1))
+                         for r in sorted(i.requests)],
                         i.memory_bytes,
+                        self.catalog[i.model].target_concurrency if i.model in self.catalog else 0,
                     )
                     for i in self.steps.on_gpu[(node.name, index)]
                 ]
@@ -327,6 +340,8 @@ class SchedulerActor(SupervisedActor):
                     node.name, index, gpu.memory_bytes, instances,
                     tiers=dict(tiers.get("bandwidth", {})), holds=tiers.get("holds", {}),
                     loads=tuple(loads.get(node.name, ())), now=now,
+                    # CPU "GPUs" share the host's cores: a load there contends with the node's decodes.
+                    kind="cpu" if gpu.device.split(":")[0] == "cpu" else "gpu",
                 ))
         return views
 
