@@ -58,6 +58,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: a fetch makes one per range (hundreds for a large model). Its failures reach
+# our own log lines (a resume, a give-up); the rest is noise in a node's log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 CONNECTIONS = 4
 """Connections per fetch: one stream rarely fills a long fat link (TCP's window), a few do."""
