@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["Faults", "RepositoryServer", "serve"]
 
@@ -52,10 +52,10 @@ class _RangeHandler(BaseHTTPRequestHandler):
     faults: Faults
     requests: list[tuple[str, str]]
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: a test's output is the test's
 
-    def do_GET(self) -> None:  # noqa: N802 - the base class's name
+    def do_GET(self) -> None:
         self.requests.append((self.path, self.headers.get("Range", "")))
         want = self.faults.require_header
         if want is not None and self.headers.get(want[0]) != want[1]:
@@ -121,7 +121,7 @@ class _RangeHandler(BaseHTTPRequestHandler):
 
 
 class _QuietStatic(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -143,10 +143,10 @@ class RepositoryServer:
         self.server.server_close()
         self.thread.join(10)
 
-    def __enter__(self) -> RepositoryServer:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

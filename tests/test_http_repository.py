@@ -48,8 +48,8 @@ def repo(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
 
 
 def test_parallel_ranges_load_as_they_arrive(repo: Path, tmp_path: Path) -> None:
@@ -183,7 +183,7 @@ def _generate(cluster: RunningCluster, model: str) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, str(REPO / "cli.py"), "generate", model, PROMPT, "--max-tokens", "6", "--json",
          "--cluster", cluster.endpoint],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr + "".join(cluster.lines[-40:])
     return json.loads(out.stdout.strip().splitlines()[-1])

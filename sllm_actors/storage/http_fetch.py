@@ -168,6 +168,7 @@ class HttpCheckpointFetch:
             (self.path / INDEX_FILE).write_bytes(raw)
         except BaseException:
             self._close()
+            self.client.close()
             shutil.rmtree(self.path, ignore_errors=True)
             raise
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"sllm-http-fetch-{self.path.name}")
