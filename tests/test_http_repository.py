@@ -225,3 +225,29 @@ def test_a_cold_start_from_an_http_repository(cluster_factory: Any, repo: Path, 
                 c.deploy("elsewhere", "http://127.0.0.1:9/tiny/")
             assert {"name": "deployed", "source": server.url + "tiny/"} in c.status()["models"]
         assert _generate(cluster, "deployed")["token_ids"] == local["token_ids"]
+
+
+def test_a_corrupt_or_refused_fetch_through_a_cluster_fails_clearly_and_leaves_nothing(
+    cluster_factory: Any, repo: Path, tmp_path: Path
+) -> None:
+    from sllm_actors.client import RequestError
+
+    faults = Faults(corrupt={"tiny/data_0.bin": 3 * CHUNK + 5})
+    with serve(repo, faults=faults) as server, serve(repo, faults=Faults(require_header=("X-Key", "k"))) as locked:
+        cluster = cluster_factory({"bad": server.url + "tiny/", "locked": locked.url + "tiny/", "good": repo / "tiny"},
+                                  nodes=1, memory="2GiB", extra={"repositories": [server.url, locked.url]})
+        with cluster.client() as c:
+            with pytest.raises(RequestError) as info:
+                c.complete("bad", PROMPT, max_tokens=4)
+            assert info.value.code == "load_failed"
+            assert "tiny/data_0.bin: checksum mismatch" in info.value.message, info.value.message
+            with pytest.raises(RequestError) as info:
+                c.complete("locked", PROMPT, max_tokens=4)
+            assert "refused the request (HTTP 401" in info.value.message, info.value.message
+            assert len(c.complete("good", PROMPT, max_tokens=4).token_ids) == 4
+        # The good model's copies arriving in SSD and DRAM tells that the tiers have settled after the bad ones.
+        cluster.wait_for(lambda st: {"ssd", "dram"} <= _tiers_holding(st, "good"), 60, "good in SSD and DRAM")
+    root = cluster.topology.parent
+    assert sorted(p.name for p in (root / "ssd-1").iterdir() if not p.name.startswith(".bandwidth")) == ["good"]
+    assert sorted(p.name for p in (root / "ssd-1.dram").iterdir()) == ["good"]
+    assert not list((root / "ssd-1.http").iterdir()), "no staging copy is left"
