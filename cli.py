@@ -307,16 +307,17 @@ def _print_status(st: dict[str, Any]) -> None:
 @app.command()
 def deploy(
     name: str,
-    source: Path = typer.Option(..., "--source", help="a Hugging Face model directory or a .gguf file"),
+    source: str = typer.Option(..., "--source", help="a Hugging Face model directory, a .gguf file, or the "
+                               "http(s):// URL of a checkpoint under one of the topology's repositories"),
     cluster: Optional[str] = ClusterOpt,
     key: Optional[Path] = KeyOpt,
 ) -> None:
-    """Register model NAME from SOURCE (under the topology's models_roots) with the running cluster."""
+    """Register model NAME from SOURCE (under the topology's models_roots or repositories) with the running cluster."""
     from sllm_actors.client import ClusterUnavailable, RequestError
 
     client = _client(cluster, key)
     try:
-        out.print(client.deploy(name, str(source)))
+        out.print(client.deploy(name, source))
     except (RequestError, ClusterUnavailable) as exc:
         _fail(str(exc), 1)
     finally:

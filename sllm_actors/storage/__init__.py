@@ -20,7 +20,9 @@ from sllm_actors.storage.format import (
     read_index,
     save_checkpoint,
 )
+from sllm_actors.storage.http_fetch import FetchError, HttpCheckpointFetch, is_url
 from sllm_actors.storage.loader import (
+    Arrival,
     HostCheckpoint,
     LoadStats,
     alloc_host_buffer,
@@ -37,12 +39,15 @@ from sllm_actors.storage.loader import (
 from sllm_actors.storage.model import load_model, load_tokenizer
 
 __all__ = [
+    "Arrival",
     "DEFAULT_PARTITION_BYTES",
     "FORMAT_VERSION",
     "CheckpointError",
     "CheckpointIndex",
     "CheckpointInfo",
+    "FetchError",
     "HostCheckpoint",
+    "HttpCheckpointFetch",
     "LoadStats",
     "PartitionInfo",
     "TensorEntry",
@@ -54,6 +59,7 @@ __all__ = [
     "copy_host_to_device",
     "detect_source",
     "is_checkpoint",
+    "is_url",
     "load_buffer",
     "load_into_host",
     "load_model",

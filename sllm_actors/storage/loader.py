@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from sllm_actors.storage.format import (
 )
 
 __all__ = [
+    "Arrival",
     "HostCheckpoint",
     "LoadStats",
     "alloc_host_buffer",
@@ -80,6 +81,14 @@ HOST_TO_DEVICE_CHUNK_BYTES = 64 << 20
 MAX_CACHED_RINGS = 2
 
 DirectIO = bool | Literal["auto"]
+
+
+class Arrival(Protocol):
+    """Bytes of a checkpoint still arriving while it loads (a fetch from an HTTP repository): ``wait`` returns
+    once bytes ``[start, end)`` of partition ``partition`` are in its file and checked, and raises the fetch's
+    error if it failed first. The files have their full size from the start (the loader checks sizes)."""
+
+    def wait(self, partition: int, start: int, end: int) -> None: ...
 
 
 def default_threads() -> int:
@@ -314,8 +323,10 @@ class _Reader:
         verify: bool,
         direct_io: DirectIO,
         stats: LoadStats | None,
+        arrival: Arrival | None = None,
     ) -> None:
         self.root = root
+        self.arrival = arrival
         self.index = index
         self.verify = verify
         self.mode = direct_io
@@ -391,6 +402,8 @@ class _Reader:
 
     def read(self, c: _Chunk, mv: memoryview, address: int) -> None:
         """Fill ``mv`` (which lives at ``address``) with chunk ``c``, then verify it."""
+        if self.arrival is not None:
+            self.arrival.wait(c.partition, c.file_offset, c.file_offset + c.length)
         f = self.files[c.partition]
         n = c.length
         done = 0
@@ -630,11 +643,12 @@ def _open(
     verify: bool,
     direct_io: DirectIO,
     stats: LoadStats | None,
+    arrival: Arrival | None = None,
 ) -> tuple[CheckpointIndex, _Reader]:
     root = Path(path)
     index = read_index(root)
     return index, _Reader(
-        root, index, chunk_bytes=chunk_bytes, verify=verify, direct_io=direct_io, stats=stats
+        root, index, chunk_bytes=chunk_bytes, verify=verify, direct_io=direct_io, stats=stats, arrival=arrival
     )
 
 
@@ -647,12 +661,14 @@ def load_buffer(
     verify: bool = True,
     direct_io: DirectIO = "auto",
     stats: LoadStats | None = None,
+    arrival: Arrival | None = None,
 ) -> tuple[torch.Tensor, CheckpointIndex]:
-    """Read a whole checkpoint into one uint8 allocation on ``device``; returns it with the index."""
+    """Read a whole checkpoint into one uint8 allocation on ``device``; returns it with the index. With
+    ``arrival`` each chunk is read once it has arrived (a checkpoint still being fetched)."""
     dev = _resolve_device(device)
     threads = threads or default_threads()
     t0 = time.perf_counter()
-    index, reader = _open(path, chunk_bytes, verify, direct_io, stats)
+    index, reader = _open(path, chunk_bytes, verify, direct_io, stats, arrival)
     try:
         dest = _alloc_device(index.total_bytes, dev)
         if dev.type == "cuda":
@@ -674,6 +690,7 @@ def map_partitions(
     threads: int | None = None,
     verify: bool = True,
     stats: LoadStats | None = None,
+    arrival: Arrival | None = None,
 ) -> tuple[list[torch.Tensor], CheckpointIndex]:
     """Memory-map every partition (private, copy-on-write) as a uint8 CPU tensor, zero-copy.
 
@@ -686,7 +703,7 @@ def map_partitions(
     """
     threads = threads or default_threads()
     t0 = time.perf_counter()
-    index, reader = _open(path, None, verify, False, stats)
+    index, reader = _open(path, None, verify, False, stats, arrival)
     maps: list[torch.Tensor] = []
     try:
         for f, part in zip(reader.files, index.partitions):
@@ -694,11 +711,14 @@ def map_partitions(
             if hasattr(mmap, "MADV_WILLNEED"):
                 mm.madvise(mmap.MADV_WILLNEED)  # start reading ahead the whole file now
             maps.append(torch.from_numpy(np.frombuffer(mm, dtype=np.uint8)))
-        if verify:
+        if verify or arrival is not None:  # a checkpoint still arriving is waited for, checked or not
             views = [memoryview(m.numpy()) for m in maps]
 
             def work(c: _Chunk) -> None:
-                reader.check(c, views[c.partition][c.file_offset : c.file_offset + c.length])
+                if arrival is not None:
+                    arrival.wait(c.partition, c.file_offset, c.file_offset + c.length)
+                if verify:
+                    reader.check(c, views[c.partition][c.file_offset : c.file_offset + c.length])
                 if stats is not None:
                     stats.add(0, c.length)
 
@@ -722,6 +742,7 @@ def load_state_dict(
     direct_io: DirectIO = "auto",
     mmap: bool = False,
     stats: LoadStats | None = None,
+    arrival: Arrival | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load a checkpoint's tensors onto ``device`` ("cpu", "cuda", "cuda:N").
 
@@ -735,7 +756,7 @@ def load_state_dict(
     if mmap:
         if torch.device(device).type != "cpu":
             raise ValueError(f"mmap=True loads to the CPU only, not {device}")
-        maps, index = map_partitions(path, threads=threads, verify=verify, stats=stats)
+        maps, index = map_partitions(path, threads=threads, verify=verify, stats=stats, arrival=arrival)
         return _views(maps, index)
     buffer, index = load_buffer(
         path,
@@ -745,6 +766,7 @@ def load_state_dict(
         verify=verify,
         direct_io=direct_io,
         stats=stats,
+        arrival=arrival,
     )
     return _views(buffer, index)
 

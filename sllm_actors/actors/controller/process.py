@@ -231,6 +231,14 @@ class Controller:
 
         if source == DEFAULT_MODEL_SOURCE:
             return ""
+        if source.startswith(("http://", "https://")):
+            from sllm_actors.runtime.topology import repository_for
+
+            if repository_for(source, self.topology.repositories) is not None:
+                return ""
+            allowed = ", ".join(r.url for r in self.topology.repositories) or "none"
+            return (f"deploy source {source} is outside the allowed repositories: {allowed} "
+                    f"(add it to repositories: in {self.topology.path})")
         roots = [*self.topology.models_roots, default_model_dir()]
         try:
             path = Path(source).expanduser().resolve()

@@ -478,6 +478,12 @@ class SchedulerActor(SupervisedActor):
     # ------------------------------------------------------------------ operators
 
     def _deploy(self, peer: bytes, msg: DeployModel) -> None:
+        if msg.source.startswith(("http://", "https://")):
+            # A URL stays a URL: the nodes fetch it (the controller checked it against the topology's
+            # repositories); the controller's host need not reach the repository.
+            url = msg.source if msg.source.endswith("/") else msg.source + "/"
+            self._register(peer, msg, ModelSpec(name=msg.name, source=url), url)
+            return
         source = Path(msg.source).expanduser()
         if not (is_model_dir(source) or (source.is_file() and source.suffix == ".gguf")):
             self.cluster.to_client(peer, ErrorReply(
@@ -485,7 +491,10 @@ class SchedulerActor(SupervisedActor):
                 f"{msg.source}: not a model directory (no config.json) nor a .gguf file on the controller's host",
             ))
             return
-        self.catalog[msg.name] = ModelSpec(name=msg.name, source=str(source.resolve()))
+        self._register(peer, msg, ModelSpec(name=msg.name, source=str(source.resolve())), str(source))
+
+    def _register(self, peer: bytes, msg: DeployModel, spec: ModelSpec, source: str) -> None:
+        self.catalog[msg.name] = spec
         self._add_model(self.catalog[msg.name])
         self.model_bytes.pop(msg.name, None)
         self.cluster.events.emit("deploy", f"deployed {msg.name} from {source}", {"model": msg.name})

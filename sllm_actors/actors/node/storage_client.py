@@ -1,7 +1,8 @@
 """How a model instance obtains its weights: through the node's storage tier actors.
 
 Fastest first: the DRAM tier (a host copy), then the SSD tier (our checkpoint format on local
-disk), then the repository (download or convert, then stored on SSD). A load from SSD or the
+disk), then the repository (download or convert, then stored on SSD; or fetched over HTTP, loaded as it
+arrives). A load from SSD or the
 repository leaves a copy in DRAM, so the next cold start of that model on this node is a DRAM hit.
 A copy that fails its checksums is dropped and fetched again from the tier above; with no good
 copy anywhere the load fails with the error naming file and tensor.
@@ -17,7 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sllm_actors.actors.node import dram_tier
 from sllm_actors.actors.node.dram_tier import DramTierActor
@@ -30,7 +31,10 @@ from sllm_actors.actors.node.context import Loaded, NodeContext
 from sllm_actors.runtime.supervisor import ChildSpec
 from sllm_actors.runtime.topology import NodeSpec
 
-__all__ = ["LOAD_PARTS", "SERIAL_PARTS", "StorageClient", "format_parts"]
+if TYPE_CHECKING:  # the storage package imports torch: nodes import it when they load, not before
+    from sllm_actors.storage import HttpCheckpointFetch
+
+__all__ = ["LOAD_PARTS", "SERIAL_PARTS", "StorageClient", "format_parts", "http_staging_root"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,13 @@ def dram_meta_root(spec: NodeSpec) -> Path:
     return ssd.with_name(f"{ssd.name}.dram")
 
 
+def http_staging_root(spec: NodeSpec) -> Path:
+    """Where a node's fetches over HTTP land before the SSD tier copies them: beside the SSD tier's directory,
+    as the DRAM tier's files are (the SSD tier owns everything inside its own)."""
+    ssd = Path(spec.ssd_path)
+    return ssd.with_name(f"{ssd.name}.http")
+
+
 class StorageClient:
     def __init__(self, node: NodeContext, spec: NodeSpec) -> None:
         self.node = node
@@ -62,7 +73,8 @@ class StorageClient:
         spec, node = self.spec, self.node
         return [
             ChildSpec("repository", lambda sup, name: RepositoryTierActor.start(
-                sup, name, node=node, limit=spec.repository_bandwidth)),
+                sup, name, node=node, limit=spec.repository_bandwidth, repositories=spec.repositories,
+                staging=http_staging_root(spec))),
             ChildSpec("ssd", lambda sup, name: SsdTierActor.start(
                 sup, name, node=node, root=spec.ssd_path, capacity=spec.ssd_bytes, limit=spec.ssd_bandwidth)),
             ChildSpec("dram", lambda sup, name: DramTierActor.start(
@@ -129,11 +141,14 @@ class StorageClient:
         it (both read the same pages), so the start costs about the slower of the two, not their sum.
         Anything else is converted into the SSD tier first and loaded from there.
         """
-        from sllm_actors.storage import checkpoint_size, is_checkpoint
+        from sllm_actors.storage import HttpCheckpointFetch, checkpoint_size, is_checkpoint
 
         started = time.perf_counter()
-        local = str(self._ask("repository", Fetch(model, source), timeout=FETCH_TIMEOUT_S))
+        fetched = self._ask("repository", Fetch(model, source), timeout=FETCH_TIMEOUT_S)
         parts["fetch"] = time.perf_counter() - started
+        if isinstance(fetched, HttpCheckpointFetch):
+            return self._from_http(model, fetched, device, parts, dtype)
+        local = str(fetched)
         ssd = self.node.directory.get("ssd")
         if ssd is None:
             raise RuntimeError(f"{self.node.name}: the ssd tier is restarting; try again")
@@ -170,6 +185,61 @@ class StorageClient:
         threading.Thread(target=self._finish_store, args=(model, copying, started), daemon=True,
                          name=f"sllm-store-{model}").start()
         return loaded, None
+
+    def _from_http(self, model: str, fetch: HttpCheckpointFetch, device: str, parts: dict[str, float],
+                   dtype: str = "") -> tuple[Loaded, str | None]:
+        """A fetch over HTTP under way (index, config and tokenizer in; partitions arriving): the load reads each
+        chunk once it has arrived and been checked (``fetch.wait``), so it starts on the first bytes, not after the
+        last. Once the fetch is whole the SSD tier copies it (behind the serving model) and the staging copy
+        goes. A fetch that fails (a bad checksum, a repository that gave up) fails the load and leaves nothing in
+        any tier. ``SLLM_PIPELINED_FETCH=0`` waits for the whole fetch and its SSD copy before the load."""
+        try:
+            if not PIPELINED_FETCH:
+                stored = time.perf_counter()
+                fetch.result(timeout=FETCH_TIMEOUT_S)
+                parts["fetch"] += time.perf_counter() - stored
+                ssd = self.node.directory.get("ssd")
+                if ssd is None:
+                    raise RuntimeError(f"{self.node.name}: the ssd tier is restarting; try again")
+                stored = time.perf_counter()
+                path = str(ssd_tier.store(ssd, model, str(fetch.path), ASK_TIMEOUT_S).get(timeout=FETCH_TIMEOUT_S))
+                parts["store"] = time.perf_counter() - stored
+                fetch.discard()
+                try:
+                    return self._build(model, device, "repository", path=path, parts=parts, dtype=dtype), path
+                except BaseException:
+                    release_lease(self.node.directory, "ssd", model)
+                    raise
+            loaded = self._build(model, device, "repository", path=str(fetch.path), parts=parts, dtype=dtype,
+                                 direct_io=False, arrival=fetch)
+        except BaseException:
+            fetch.cancel()  # removes the staging copy; the SSD tier was never asked for one
+            raise
+        threading.Thread(target=self._store_fetched, args=(model, fetch), daemon=True,
+                         name=f"sllm-store-{model}").start()
+        return loaded, None
+
+    def _store_fetched(self, model: str, fetch: HttpCheckpointFetch) -> None:
+        """Behind a model loaded from a fetch over HTTP: the fetch whole into the SSD tier (which checks every chunk
+        again as it copies), then on into DRAM; the staging copy goes either way. The repository tier's bandwidth
+        came from the fetch itself, so this copy is not counted for it."""
+        try:
+            fetch.result(timeout=FETCH_TIMEOUT_S)
+            ssd = self.node.directory.get("ssd")
+            if ssd is None:
+                raise RuntimeError(f"{self.node.name}: the ssd tier is restarting")
+            stored = time.perf_counter()
+            path = str(ssd_tier.store(ssd, model, str(fetch.path), ASK_TIMEOUT_S).get(timeout=FETCH_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 - the model serves; only its cached copy failed
+            log.warning("%s: %s is loaded, but its SSD copy failed: %s", self.node.name, model, exc)
+            self.node.event("error", f"{model} on {self.node.name}: SSD copy failed: {exc}", {"model": model})
+            return
+        finally:
+            fetch.discard()
+        seconds = time.perf_counter() - stored
+        self.node.event("store", f"{model} stored on {self.node.name}'s SSD in {seconds:.1f}s, behind its load",
+                        {"model": model, "seconds": seconds})
+        self._store_in_dram(model, path)
 
     def _finish_store(self, model: str, copying: Any, started: float) -> None:
         """Settle a repository copy that a pipelined load left running: count it for the repository tier's
