@@ -38,6 +38,7 @@ from sllm_actors.runtime.topology import NodeSpec
 
 __all__ = [
     "BASELINE_MODES",
+    "COMPLETE",
     "BaselineLoader",
     "CopyCache",
     "baseline_dir",
