@@ -148,3 +148,38 @@ def test_topology_validates_the_load_mode(tmp_path: Path) -> None:
     with pytest.raises(TopologyError, match=r"scheduler\.load_mode: unknown load mode 'ray' \(choose from "
                                             r"serverlessllm, rayserve, rayserve-cache, kserve\)"):
         parse_topology({**base, "scheduler": {"load_mode": "ray"}}, tmp_path / "t.yaml")
+
+
+def test_runs_split_over_files_merge_into_a_paired_comparison(tmp_path: Path) -> None:
+    """A comparison split over calls (one file per seed and policy set) merges into one paired report."""
+    import json
+    from dataclasses import asdict
+
+    from sllm_eval.replay import ReplayRecords, RequestRecord, merge_reports, summarize
+
+    def run_file(name: str, seed: int, latencies: dict[str, list[float]]) -> Path:
+        runs = {}
+        for policy, values in latencies.items():
+            recs = ReplayRecords(RequestRecord(i, "m", float(i), 16, 8, ttft_s=v / 2, latency_s=v, tokens=8)
+                                 for i, v in enumerate(values))
+            recs.duration_s = 10.0
+            runs[policy] = recs
+        path = tmp_path / name
+        path.write_text(json.dumps({
+            "args": {"seed": seed}, "summaries": {p: summarize(r) for p, r in runs.items()},
+            "records": {p: [asdict(x) for x in r] for p, r in runs.items()}, "events": {p: [] for p in runs}}))
+        return path
+
+    files = [run_file("s0.json", 0, {"serverlessllm": [1.0, 2.0], "rayserve": [3.0, 8.0]}),
+             run_file("s1.json", 1, {"serverlessllm": [2.0, 2.0]}),
+             run_file("s1-ray.json", 1, {"rayserve": [4.0, 6.0]})]
+    merged = merge_reports(files, json_out=str(tmp_path / "all.json"), png_out=str(tmp_path / "all.png"),
+                           resamples=20)
+    assert merged["seeds"] == [0, 1] and set(merged["runs"]) == {"0", "1"}
+    p99 = merged["paired"]["ratios"]["rayserve"]["latency"]["p99"]
+    assert p99["per_seed"][0] == pytest.approx(7.95 / 1.99) and p99["per_seed"][1] == pytest.approx(5.98 / 2.0)
+    assert p99["base_wins"] and p99["seeds"] == 2
+    assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "all.json").read_text())["paired"]["seeds"] == [0, 1]
+    with pytest.raises(ValueError, match="another workload than the first file's for seed 1"):
+        merge_reports([files[1], run_file("bad.json", 1, {"random": [1.0, 2.0, 3.0]})])
