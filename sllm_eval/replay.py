@@ -1,7 +1,13 @@
 """Replay a workload against a running cluster and compare placement policies on it.
 
     sllm bench replay --policy all                       # every policy, its own cluster each, same workload
+    sllm bench replay --policy serverlessllm,random,rayserve,rayserve-cache,kserve --seeds 0,1,2   # paired
     sllm bench replay --policy serverlessllm --cluster tcp://127.0.0.1:7700   # against a running cluster
+
+Besides the placement policies, ``--policy`` takes the paper's baselines (``BASELINES``: Ray Serve, Ray Serve with
+a local cache, KServe), each a placement policy plus a node load mode (``scheduler.load_mode``); they read the
+family as safetensors (:func:`export_safetensors`). ``--seeds`` replays each seed's workload under every policy,
+and the report pairs them by seed (``sllm_eval.stats.paired_comparison``).
 
 Four parts:
 
@@ -18,8 +24,8 @@ Four parts:
   latency CDF with one line per policy.
 * :func:`main`: ``sllm bench replay``: for each policy it writes a topology (the family on 2 nodes x 1
   ``cpu`` device sized so that about two models fit, DRAM and SSD tiers smaller than the family and
-  throttled repository and SSD reads, so that where a model starts matters), starts a cluster, replays
-  the same workload, stops the cluster, and prints the comparison.
+  repository and SSD reads held to stated bandwidths, so that where a model starts matters), starts a cluster,
+  replays the same workload, stops the cluster, and prints the comparison.
 """
 
 from __future__ import annotations
