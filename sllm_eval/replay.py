@@ -1074,7 +1074,9 @@ def _load_run_files(paths: Sequence[str | os.PathLike[str]]) -> tuple[dict[Any, 
             if "runs" in data:
                 runs = {_seed_key(k): v for k, v in data["runs"].items()}
             else:
-                runs = {_seed_key((data.get("args") or {}).get("seed")): data}
+                # One seed: the workload's (``seeds``); older files name only ``args.seed``.
+                seeds = data.get("seeds") or [(data.get("args") or {}).get("seed")]
+                runs = {_seed_key(seeds[0]): data}
             parts = {seed: (run["records"], run["summaries"], run.get("events", {})) for seed, run in runs.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path}: not a replay JSON ({type(exc).__name__}: {exc})") from None

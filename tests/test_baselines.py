@@ -166,7 +166,7 @@ def test_runs_split_over_files_merge_into_a_paired_comparison(tmp_path: Path) ->
             runs[policy] = recs
         path = tmp_path / name
         path.write_text(json.dumps({
-            "args": {"seed": seed}, "summaries": {p: summarize(r) for p, r in runs.items()},
+            "args": {"seed": 0}, "seeds": [seed], "summaries": {p: summarize(r) for p, r in runs.items()},
             "records": {p: [asdict(x) for x in r] for p, r in runs.items()}, "events": {p: [] for p in runs}}))
         return path
 
