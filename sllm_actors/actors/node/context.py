@@ -79,6 +79,11 @@ class Loaded:
     """What the storage does once the instance serves, or has failed (the DRAM tier's copy of what was read: its
     page-locking, in the CUDA driver's lock, would otherwise stall the engine's set-up). Called once by the
     instance."""
+    mode: str = "serverlessllm"
+    """The node's load mode (``topology.LOAD_MODES``) this load went by: a baseline's loads say so in their event."""
+    on_unload: Callable[[], None] | None = None
+    """What the storage does when the instance stops (a baseline's per-instance checkpoint copy is deleted then,
+    as a Ray Serve replica's or a KServe pod's disk goes with it). Called once by the instance."""
 
 
 class Link:

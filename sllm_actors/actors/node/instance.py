@@ -121,6 +121,8 @@ class ModelInstanceActor(SupervisedActor):
         self.ready_at: float | None = None
         """Until the first token leaves: when the instance said it was ready (the first token's timing is logged)."""
         self.first_admitted_s = 0.0
+        self.on_unload: Any = None
+        """The storage's clean-up for this instance's load (``Loaded.on_unload``), run when it stops."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -145,6 +147,7 @@ class ModelInstanceActor(SupervisedActor):
         loaded = None
         try:
             loaded = self.node.storage.load(self.model_name, self.source, self.device, dtype)
+            self.on_unload = loaded.on_unload
             self.engine = self._engine(loaded.model, loaded.tokenizer, loaded.memory_bytes)
         except Exception as exc:  # any load problem is this request's failure, reported as data
             log.warning("%s: loading %s failed: %s", self.name, self.model_name, exc)
@@ -164,9 +167,10 @@ class ModelInstanceActor(SupervisedActor):
                                 self.memory_bytes, parts))
         _, total = self.engine.kv_usage()
         self.node.event("load", f"{self.model_name} loaded on {self.node.name}/gpu-{self.gpu_index} from "
-                        f"{loaded.tier} in {load_s:.2f}s ({format_parts(loaded_parts)}; {self.engine.dtype}, KV pool "
+                        f"{loaded.tier}{'' if loaded.mode == 'serverlessllm' else f' ({loaded.mode})'} in {load_s:.2f}s ({format_parts(loaded_parts)}; {self.engine.dtype}, KV pool "
                         f"{total} blocks of {self.engine.blocks.block_size} tokens)",
-                        {"model": self.model_name, "tier": loaded.tier, "seconds": load_s, "parts": loaded_parts})
+                        {"model": self.model_name, "tier": loaded.tier, "seconds": load_s, "parts": loaded_parts,
+                         "load_mode": loaded.mode})
         self.ready_at = time.perf_counter()
         if loaded.after_ready is not None:
             loaded.after_ready()
@@ -186,6 +190,9 @@ class ModelInstanceActor(SupervisedActor):
             self.link = None
         self.node.board.remove_instance(self.instance_id)
         self.engine = None
+        on_unload, self.on_unload = self.on_unload, None
+        if on_unload is not None:
+            on_unload()
 
     # ------------------------------------------------------------------ messages
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sllm_actors.actors.node import dram_tier
+from sllm_actors.actors.node.baseline_loader import BaselineLoader
 from sllm_actors.actors.node.dram_tier import DramTierActor
 from sllm_actors.actors.node.repository_tier import RepositoryTierActor
 from sllm_actors.actors.node import ssd_tier
@@ -68,6 +69,9 @@ class StorageClient:
         # init flags): two instances building at once corrupt each other. Loads on a node take turns.
         self.build_lock = threading.Lock()
         self.tokenizers: dict[tuple[Any, ...], Any] = {}
+        self.load_mode = spec.load_mode
+        """``serverlessllm``: the tiers below; a baseline's mode: its own path (``baseline_loader``)."""
+        self.baseline = BaselineLoader(node, spec, self.build_lock) if spec.load_mode != "serverlessllm" else None
 
     def child_specs(self) -> list[ChildSpec]:
         spec, node = self.spec, self.node
@@ -92,6 +96,9 @@ class StorageClient:
         """The model on ``device``, from the fastest tier holding it, in ``dtype`` (a torch dtype name; empty
         keeps the stored one); ``Loaded.parts`` says where the time went (``LOAD_PARTS``)."""
         from sllm_actors.storage import CheckpointError
+
+        if self.baseline is not None:
+            return self.baseline.load(model, source, device, dtype)
 
         parts: dict[str, float] = {}
         started = time.perf_counter()
@@ -333,7 +340,8 @@ class StorageClient:
 
 
 LOAD_PARTS = ("lookup", "fetch", "store", "queue", "config", "read", "build", "read_wait", "assign",
-              "tokenizer", "tokenizer_wait", "kv_pool", "norms", "warmup", "throttle")
+              "tokenizer", "tokenizer_wait", "kv_pool", "norms", "warmup", "throttle",
+              "download_queue", "download", "process_start", "from_pretrained", "to_device")
 """The parts of a load, in seconds. ``lookup``: asking the tiers; ``fetch``: the repository's answer;
 ``store``: converting into the SSD tier before the load (a source not in our format; a source in our format is
 copied behind the load, and the copy is not part of it); ``queue``: waiting for another load on the node;
@@ -343,11 +351,15 @@ weights into the skeleton; ``tokenizer`` (alongside) and ``tokenizer_wait`` (bey
 set-up, timed by the instance: ``kv_pool`` (allocating the paged KV cache), ``norms`` (checking the model's RMS
 norms against the fused kernel before switching them), ``warmup`` (a short prefill and decode step through the
 path the engine serves by, so the first request finds kernels loaded; 0 where this node already ran the same
-model that way); ``throttle``: a topology's bandwidth cap. Overlapping parts (``read``/``build``,
+model that way); ``throttle``: a topology's bandwidth cap. A baseline's load (``baseline_loader``):
+``download_queue`` (another download on the node), ``download`` (the checkpoint copied from the repository),
+``process_start`` (``kserve``'s fresh server process), ``from_pretrained`` (transformers' own load of the copy),
+``to_device``, ``tokenizer_wait`` (parsed after the weights). Overlapping parts (``read``/``build``,
 ``tokenizer``) do not add up; the others do."""
 
 SERIAL_PARTS = ("lookup", "fetch", "store", "queue", "config", "build", "read_wait", "assign", "tokenizer_wait",
-                "kv_pool", "norms", "warmup", "throttle")
+                "kv_pool", "norms", "warmup", "throttle", "download_queue", "download", "process_start",
+                "from_pretrained", "to_device")
 
 
 def format_parts(parts: dict[str, float], minimum: float = 0.005) -> str:
