@@ -28,6 +28,7 @@ import torch
 
 from sllm_actors.gpu.block_manager import SCRATCH_BLOCK, BlockManager
 from sllm_actors.gpu.detokenizer import IncrementalDetokenizer
+from sllm_actors.gpu.device_gate import device_gate
 from sllm_actors.gpu.runner import Feed, ModelRunner, kv_bytes_per_token
 from sllm_actors.gpu.sampler import choose_token, sample, step_seed
 from sllm_actors.gpu.scheduler import BatchScheduler, StepPlan
@@ -97,9 +98,13 @@ class Engine:
         self.max_batched_tokens = max_batched_tokens
         self.scheduler = BatchScheduler(self.blocks, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                                         chunk_align=max_batched_tokens if deterministic else 0)
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
+        self.gate = device_gate(self.device)
+        """Shared by every engine on this device in the process: device work holds it shared, a CUDA graph
+        capture exclusive (:mod:`~sllm_actors.gpu.device_gate`)."""
         self.warmup_s = 0.0
-        self._warm_up()
+        with self.gate.shared():
+            self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
+            self._warm_up()
         self.preemptions = 0
 
     def _warm_up(self) -> None:
@@ -216,6 +221,10 @@ class Engine:
 
     def step_batch(self) -> StepResult:
         """One engine step: one forward over every running request (decode) and the prefill chunks that fit."""
+        with self.gate.shared():
+            return self._step_batch()
+
+    def _step_batch(self) -> StepResult:
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         result = StepResult(failed=list(plan.failed), preempted=len(plan.preempted))
@@ -319,7 +328,8 @@ class Engine:
         self.check_fits(seq)
         self.release(seq)
         self._prepare(seq)
-        self._feed(seq, len(seq.tokens))
+        with self.gate.shared():
+            self._feed(seq, len(seq.tokens))
         return time.perf_counter() - started
 
     def extend(self, seq: Sequence, new_ids: list[int]) -> float:
@@ -332,18 +342,21 @@ class Engine:
         assert seq.detok is not None
         for token in new_ids:
             seq.text += seq.detok.push(token)
-        self._feed(seq, len(seq.tokens))
+        with self.gate.shared():
+            self._feed(seq, len(seq.tokens))
         return time.perf_counter() - started
 
     def step(self, seq: Sequence) -> tuple[int, str]:
         """One token of one request alone; returns (token id, text delta). Sets finish_reason when done."""
         if seq.detok is None:
             self._prepare(seq)
-        if seq.next_logits is None:
-            self._feed(seq, len(seq.tokens))
-        logits, seq.next_logits = seq.next_logits, None
-        assert logits is not None
-        out = self._accept(seq, self._sample(logits[None, :], [seq])[0])
+        with self.gate.shared():
+            if seq.next_logits is None:
+                self._feed(seq, len(seq.tokens))
+            logits, seq.next_logits = seq.next_logits, None
+            assert logits is not None
+            token = self._sample(logits[None, :], [seq])[0]
+        out = self._accept(seq, token)
         if seq.finish_reason and seq not in self.scheduler.running:
             self.release(seq)
         return out.token, out.text
@@ -383,10 +396,11 @@ class Engine:
         n = seq.num_cached
         if n <= 0 or not seq.block_table:
             raise ValueError(f"{seq.request_id} has no KV cache to export")
-        slots = self.runner.context_slots(seq.block_table, n)
         k, v = self.runner.k_cache, self.runner.v_cache
-        layers = [(k[i, slots].permute(1, 0, 2)[None].contiguous(), v[i, slots].permute(1, 0, 2)[None].contiguous())
-                  for i in range(k.shape[0])]
+        with self.gate.shared():
+            slots = self.runner.context_slots(seq.block_table, n)
+            layers = [(k[i, slots].permute(1, 0, 2)[None].contiguous(),
+                       v[i, slots].permute(1, 0, 2)[None].contiguous()) for i in range(k.shape[0])]
         return n, layers
 
     def import_cache(self, seq: Sequence, n_cached: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -415,12 +429,13 @@ class Engine:
         if not self.blocks.grow(seq.block_table, len(tokens)):
             raise ValueError(f"the KV pool has {self.blocks.free_blocks} free blocks, too few for {len(tokens)} "
                              f"tokens of {seq.request_id}")
-        slots = self.runner.context_slots(seq.block_table, keep)
-        for index, (keys, values) in enumerate(layers):
-            k_cache[index, slots] = keys[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
-            v_cache[index, slots] = values[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
-        seq.num_cached = keep
-        self._feed(seq, len(tokens))
+        with self.gate.shared():
+            slots = self.runner.context_slots(seq.block_table, keep)
+            for index, (keys, values) in enumerate(layers):
+                k_cache[index, slots] = keys[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
+                v_cache[index, slots] = values[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
+            seq.num_cached = keep
+            self._feed(seq, len(tokens))
         return time.perf_counter() - started
 
 

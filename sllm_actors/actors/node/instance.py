@@ -20,6 +20,9 @@ from typing import Any
 
 import pykka
 
+from sllm_actors.actors.node.context import Link, NodeContext
+from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
+from sllm_actors.gpu.device_gate import device_gate
 from sllm_actors.gpu.engine import Engine, StepResult
 from sllm_actors.gpu.sequence import Sequence
 from sllm_actors.messages import (
@@ -55,8 +58,6 @@ from sllm_actors.migration import (
     Send,
     sequence_of,
 )
-from sllm_actors.actors.node.context import Link, NodeContext
-from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
 from sllm_actors.runtime.supervisor import SupervisedActor
 
 __all__ = ["ModelInstanceActor"]
@@ -144,8 +145,11 @@ class ModelInstanceActor(SupervisedActor):
         dtype = (opts.dtype if opts is not None else "") or ("bfloat16" if self.device.startswith("cuda") else "")
         loaded = None
         try:
-            loaded = self.node.storage.load(self.model_name, self.source, self.device, dtype)
-            self.engine = self._engine(loaded.model, loaded.tokenizer, loaded.memory_bytes)
+            # Shared with the other engines on this GPU, never beside one's CUDA graph capture: the loader
+            # synchronises the device, which would break a capture (gpu/device_gate.py).
+            with device_gate(self.device).shared(long=True):
+                loaded = self.node.storage.load(self.model_name, self.source, self.device, dtype)
+                self.engine = self._engine(loaded.model, loaded.tokenizer, loaded.memory_bytes)
         except Exception as exc:  # any load problem is this request's failure, reported as data
             log.warning("%s: loading %s failed: %s", self.name, self.model_name, exc)
             self.send(LoadFailed(self.instance_id, self.node.name, self.model_name, f"{exc}"))
