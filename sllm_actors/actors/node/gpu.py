@@ -12,9 +12,9 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.actors.node.context import NodeContext
 from sllm_actors.actors.node.instance import ModelInstanceActor
 from sllm_actors.messages import InstanceGone, LoadFailed, LoadModel, Message, UnloadModel
+from sllm_actors.actors.node.context import NodeContext
 from sllm_actors.runtime.supervisor import ChildExited, Directory, SupervisedActor
 from sllm_actors.runtime.topology import GpuSpec
 

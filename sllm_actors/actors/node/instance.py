@@ -20,8 +20,6 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.actors.node.context import Link, NodeContext
-from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
 from sllm_actors.gpu.device_gate import device_gate
 from sllm_actors.gpu.engine import Engine, StepResult
 from sllm_actors.gpu.sequence import Sequence
@@ -58,6 +56,8 @@ from sllm_actors.migration import (
     Send,
     sequence_of,
 )
+from sllm_actors.actors.node.context import Link, NodeContext
+from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
 from sllm_actors.runtime.supervisor import SupervisedActor
 
 __all__ = ["ModelInstanceActor"]
