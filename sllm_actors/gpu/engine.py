@@ -75,7 +75,7 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, *, kv_cache_bytes: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, max_num_seqs: int = 256, max_batched_tokens: int | None = None,
-                 deterministic: bool = False, cuda_graphs: bool = True) -> None:
+                 deterministic: bool = False, cuda_graphs: bool = True, prefix_caching: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         param = next(model.parameters())
@@ -92,7 +92,11 @@ class Engine:
         per_token = kv_bytes_per_token(model.config, self.dtype)
         self.kv_bytes_per_token = per_token
         num_blocks = max(2, int(kv_cache_bytes or DEFAULT_KV_BYTES) // (per_token * block_size))
-        self.blocks = BlockManager(num_blocks, block_size)
+        # Deterministic mode keeps prefix caching off: a prompt whose prefix came from the cache would be cut into
+        # chunks at other positions than the same prompt computed whole, and its result would depend on what ran
+        # before it on the instance.
+        self.prefix_caching = prefix_caching and not deterministic
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching=self.prefix_caching)
         if max_batched_tokens is None:
             max_batched_tokens = 2048 if self.device.type == "cuda" else 512
         self.max_batched_tokens = max_batched_tokens
@@ -142,6 +146,11 @@ class Engine:
     def kv_usage(self) -> tuple[int, int]:
         """(blocks in use, blocks in the pool)."""
         return self.blocks.used_blocks, self.blocks.capacity_blocks
+
+    def prefix_cache_usage(self) -> tuple[int, int]:
+        """(prompt tokens served from the prefix cache, tokens looked up), since the engine started: every
+        (re)prefill looks its whole log up; what is not served is computed."""
+        return self.blocks.hit_tokens, self.blocks.query_tokens
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -207,7 +216,7 @@ class Engine:
 
     def release(self, seq: Sequence) -> None:
         """Free the blocks of a request held outside the batch (a migration's parked cache)."""
-        self.blocks.release(seq.block_table)
+        self.blocks.free(seq)
         seq.num_cached = 0
         seq.next_logits = None
 
@@ -280,8 +289,10 @@ class Engine:
         logits = self.runner.execute(feeds, len(plan.decodes))
         for seq in plan.decodes:
             seq.num_cached += 1
+            self.blocks.commit(seq)
         for chunk in plan.prefills:
             chunk.seq.num_cached = chunk.start + chunk.length
+            self.blocks.commit(chunk.seq)
         return (logits if who else None), who
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -328,6 +339,7 @@ class Engine:
         self.check_fits(seq)
         self.release(seq)
         self._prepare(seq)
+        self.blocks.record(seq, self.blocks.match(seq))
         with self.gate.shared():
             self._feed(seq, len(seq.tokens))
         return time.perf_counter() - started
@@ -378,6 +390,7 @@ class Engine:
             decode = 1 if end - start == 1 and start > 0 else 0
             logits = self.runner.execute([Feed(tokens[start:end], start, seq.block_table, end == upto)], decode)
             seq.num_cached = end
+        self.blocks.commit(seq)
         seq.next_logits = logits[0] if logits is not None else None
         self._settle()
 

@@ -182,6 +182,7 @@ class ModelInstanceActor(SupervisedActor):
         max_batch = (opts.max_batch if opts is not None and opts.max_batch else 0) or max(self.max_concurrency, 256)
         return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, max_num_seqs=max_batch,
                       deterministic=bool(opts is not None and opts.deterministic),
+                      prefix_caching=opts.prefix_caching if opts is not None else True,
                       cuda_graphs=os.environ.get(GRAPHS_ENV, "1") != "0")
 
     def stopping(self) -> None:
@@ -356,6 +357,7 @@ class ModelInstanceActor(SupervisedActor):
         if state is None:
             state = "migrating" if self.source_side.busy() else "running" if running else "idle"
         used, total = engine.kv_usage() if engine is not None else (0, 0)
+        hits, queries = engine.prefix_cache_usage() if engine is not None else (0, 0)
         waiting = engine.waiting_count() if engine is not None else 0
         self.node.board.update_instance(
             self.instance_id,
@@ -367,6 +369,8 @@ class ModelInstanceActor(SupervisedActor):
             memory_bytes=self.memory_bytes,
             kv_blocks_used=used,
             kv_blocks_total=total,
+            prefix_hit_tokens=hits,
+            prefix_query_tokens=queries,
             preemptions=engine.preemptions if engine is not None else 0,
             cuda_graphs=len(engine.runner.graph_shapes) if engine is not None else 0,
         )
