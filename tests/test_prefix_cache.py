@@ -175,3 +175,16 @@ def test_deterministic_mode_keeps_prefix_caching_off(loaded: tuple[Any, Any]) ->
     _serve(engine, [_seq(loaded, "a", 1, max_tokens=2)])
     _serve(engine, [_seq(loaded, "b", 2, max_tokens=2)])
     assert engine.prefix_cache_usage() == (0, 0)
+
+
+def test_the_hit_ratio_reaches_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    from sllm_actors.http.metrics import Metrics
+
+    instance = {"model": "tiny", "state": "running", "instance_id": "i1", "kv_blocks_used": 3, "kv_blocks_total": 9,
+                "prefix_hit_tokens": 80, "prefix_query_tokens": 160}
+    text = generate_latest(Metrics(lambda: {"instances": [instance]}).registry).decode()
+    assert 'sllm_prefix_cache_hit_ratio{instance="i1",model="tiny"} 0.5' in text
+    assert 'sllm_prefix_cache_hit_tokens_total{instance="i1",model="tiny"} 80.0' in text
+    assert 'sllm_prefix_cache_query_tokens_total{instance="i1",model="tiny"} 160.0' in text
