@@ -71,6 +71,8 @@ def test_a_capture_gives_up_at_once_while_a_load_is_in_flight() -> None:
     load = _hold_shared(gate, True, threading.Event(), release)
     with gate.exclusive(timeout=WAIT_S) as alone:
         assert alone is False
+    with gate.exclusive_or_why(timeout=WAIT_S) as refused:
+        assert refused == "load"
     with gate.shared():  # and nothing was left held
         pass
     release.set()

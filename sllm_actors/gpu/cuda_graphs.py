@@ -13,7 +13,8 @@ capture. Padded rows write to and read only the scratch block (:data:`~sllm_acto
 Engines sharing a device: a capture runs in CUDA's thread-local capture mode, on a stream of its own device, and
 only with the device's gate held exclusive (:mod:`~sllm_actors.gpu.device_gate`), so another engine's step or a
 load on the same GPU neither breaks it nor is broken by it. When the gate cannot be had (a load in flight), the
-step runs eagerly and the capture is tried again after :data:`CAPTURE_RETRY_S`.
+step runs eagerly and the capture is tried again after :data:`CAPTURE_RETRY_S` (at its next use when another
+capture held the gate).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ BATCH_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320
 CAPTURE_AFTER_USES = 2
 """A decode shape is captured once it has run this many times eagerly."""
 CAPTURE_RETRY_S = 2.0
-"""After a capture found its device busy (another engine's load in flight), no capture is tried for this long:
-each try holds back the other engines' new steps for a moment."""
+"""After a capture found its device busy (another engine's load in flight, or a step that would not end), no
+capture is tried for this long: each try holds back the other engines' new steps for a moment."""
 
 DecodeForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """The runner's decode forward: (token ids, positions, slots, block tables, context lengths) to logits."""
@@ -129,11 +130,12 @@ class DecodeGraphs:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
                 self._stream = torch.cuda.Stream(self.device)
-            with capturing(self.device) as alone:
-                if not alone:
-                    self._retry_at = time.monotonic() + CAPTURE_RETRY_S
-                    log.debug("decode graph batch %d x %d blocks: %s busy, captured later", batch, n_blocks,
-                              self.device)
+            with capturing(self.device) as refused:
+                if refused:
+                    if refused != "capture":  # another capture is over in milliseconds: try at the next use
+                        self._retry_at = time.monotonic() + CAPTURE_RETRY_S
+                    log.debug("decode graph batch %d x %d blocks: %s busy (%s), captured later", batch, n_blocks,
+                              self.device, refused)
                     return None
                 graph = DecodeGraph(forward, self.device, self.block_size, batch, n_blocks, self._pool,
                                     self._stream)

@@ -86,32 +86,39 @@ class DeviceGate:
     def exclusive(self, timeout: float = CAPTURE_WAIT_S) -> Iterator[bool]:
         """The device alone (a capture): yields True once no other thread holds the gate, or False at once
         (nothing held) when a load is in flight, another thread waits for it exclusive, or ``timeout`` passed."""
+        with self.exclusive_or_why(timeout) as refused:
+            yield not refused
+
+    @contextmanager
+    def exclusive_or_why(self, timeout: float = CAPTURE_WAIT_S) -> Iterator[str]:
+        """As :meth:`exclusive`, yielding why not: ``""`` (held), ``"capture"`` (another capture on this device),
+        ``"load"`` (a load in flight) or ``"timeout"``."""
         me = threading.get_ident()
-        got = self._acquire(me, timeout)
+        refused = self._acquire(me, timeout)
         try:
-            yield got
+            yield refused
         finally:
-            if got:
+            if not refused:
                 with self._cond:
                     self._writer = None
                     self._cond.notify_all()
 
-    def _acquire(self, me: int, timeout: float) -> bool:
+    def _acquire(self, me: int, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._writer is not None or self._pending is not None:
-                return False  # another capture on this device: this one is tried later
+                return "capture"
             self._pending = me
             try:
                 while True:
                     if self._long:
-                        return False
+                        return "load"
                     if all(thread == me for thread in self._readers):
                         self._writer = me
-                        return True
+                        return ""
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        return False
+                        return "timeout"
                     self._cond.wait(left)
             finally:
                 self._pending = None
@@ -128,6 +135,10 @@ class _NoGate:
     @contextmanager
     def exclusive(self, timeout: float = CAPTURE_WAIT_S) -> Iterator[bool]:
         yield True
+
+    @contextmanager
+    def exclusive_or_why(self, timeout: float = CAPTURE_WAIT_S) -> Iterator[str]:
+        yield ""
 
 
 _NO_GATE = _NoGate()
@@ -152,19 +163,20 @@ def device_gate(device: Any) -> DeviceGate | _NoGate:
 
 
 @contextmanager
-def capturing(device: Any, timeout: float = CAPTURE_WAIT_S) -> Iterator[bool]:
-    """Hold what a capture on ``device`` needs: its gate exclusive, then the process's capture lock. Yields
-    False (hold nothing) when either is not to be had within ``timeout``: capture later. The gate comes first:
-    a thread that holds the capture lock is capturing and waits for nothing, so no cycle can form."""
-    with device_gate(device).exclusive(timeout) as alone:
-        if not alone:
-            yield False
+def capturing(device: Any, timeout: float = CAPTURE_WAIT_S) -> Iterator[str]:
+    """Hold what a capture on ``device`` needs: its gate exclusive, then the process's capture lock. Yields ``""``
+    when held, else why not (``"capture"``: another capture, on this device or another; ``"load"``; ``"timeout"``),
+    holding nothing: capture later. The gate comes first: a thread that holds the capture lock is capturing and
+    waits for nothing, so no cycle can form."""
+    with device_gate(device).exclusive_or_why(timeout) as refused:
+        if refused:
+            yield refused
             return
         if not _CAPTURE_LOCK.acquire(timeout=timeout):
-            yield False
+            yield "capture"
             return
         try:
-            yield True
+            yield ""
         finally:
             _CAPTURE_LOCK.release()
 
