@@ -6,6 +6,7 @@ tiny random-weight model."""
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,41 @@ def test_the_hit_ratio_reaches_metrics() -> None:
     assert 'sllm_prefix_cache_hit_ratio{instance="i1",model="tiny"} 0.5' in text
     assert 'sllm_prefix_cache_hit_tokens_total{instance="i1",model="tiny"} 80.0' in text
     assert 'sllm_prefix_cache_query_tokens_total{instance="i1",model="tiny"} 160.0' in text
+
+
+def test_a_shared_prompt_prefix_through_the_cluster_shows_in_status(cluster: Any) -> None:
+    # The instance's hit counts travel with its KV blocks: node status -> scheduler -> `sllm status`. The same long
+    # system prompt twice (then under another tenant's salt, which shares nothing).
+    from sllm_actors.client import Completion
+
+    system = "You are a helpful assistant who answers briefly. " * 6
+
+    def run(question: str, salt: str = "") -> Completion:
+        with cluster.client() as client:
+            events = list(client.generate("tiny", system + question, max_tokens=4, cache_salt=salt))
+        done = events[-1]
+        assert isinstance(done, Completion)
+        return done
+
+    def counts() -> tuple[int, int]:
+        with cluster.client() as client:
+            instances = client.status()["instances"]
+        return (sum(int(i.get("prefix_hit_tokens", 0)) for i in instances),
+                sum(int(i.get("prefix_query_tokens", 0)) for i in instances))
+
+    def wait_for(check: Any) -> tuple[int, int]:
+        deadline, tick = 30.0, threading.Event()
+        for _ in range(int(deadline / 0.1)):
+            seen = counts()
+            if check(seen):
+                return seen
+            tick.wait(0.1)
+        raise AssertionError(f"the status never showed it: {counts()}")
+
+    run("What is the capital of France?")
+    _, queried = wait_for(lambda c: c[1] > 0)
+    run("And of Spain?")
+    hits, queried = wait_for(lambda c: c[1] > queried and c[0] > 0)
+    assert hits >= BLOCK
+    run("And of Italy?", salt="another tenant")
+    assert wait_for(lambda c: c[1] > queried)[0] == hits

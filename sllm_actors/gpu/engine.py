@@ -340,8 +340,12 @@ class Engine:
         self.release(seq)
         self._prepare(seq)
         self.blocks.record(seq, self.blocks.match(seq))
-        with self.gate.shared():
-            self._feed(seq, len(seq.tokens))
+        try:
+            with self.gate.shared():
+                self._feed(seq, len(seq.tokens))
+        except ValueError:
+            self.release(seq)  # the prefix blocks it took from the cache are not kept by a request that failed
+            raise
         return time.perf_counter() - started
 
     def extend(self, seq: Sequence, new_ids: list[int]) -> float:
