@@ -279,12 +279,15 @@ def _print_status(st: dict[str, Any]) -> None:
                   f"{_gib(g['memory_used'])} / {_gib(g['memory_total'])}", ", ".join(g["models"]))
     out.print(t)
     t = Table(title="instances")
-    for col in ("instance", "model", "where", "state", "requests", "KV blocks used / total", "loaded from"):
+    for col in ("instance", "model", "where", "state", "requests", "KV blocks used / total", "prefix cache hits",
+                "loaded from"):
         t.add_column(col)
     for i in st["instances"]:
         kv = f"{i.get('kv_blocks_used', 0)} / {i.get('kv_blocks_total', 0)}" if i.get("kv_blocks_total") else "-"
+        queried = int(i.get("prefix_query_tokens", 0))
+        hits = f"{int(i.get('prefix_hit_tokens', 0)) / queried:.0%} of {queried} tok" if queried else "-"
         t.add_row(i["instance_id"], i["model"], f"{i['node']}/gpu-{i['gpu']}", i["state"], str(len(i["requests"])),
-                  kv, f"{i['tier']} {i['load_s']:.2f}s" if i["tier"] else "")
+                  kv, hits, f"{i['tier']} {i['load_s']:.2f}s" if i["tier"] else "")
     out.print(t)
     t = Table(title="requests in flight")
     for col in ("request", "model", "tokens", "where", "state"):

@@ -233,12 +233,14 @@ class Client:
         chat: bool = False,
         stop: list[str] | None = None,
         request_id: str | None = None,
+        cache_salt: str = "",
     ) -> Iterator[TokenEvent | Completion]:
-        """Token events as they arrive, then one Completion. Raises RequestError on refusal."""
+        """Token events as they arrive, then one Completion. Raises RequestError on refusal. Requests share cached
+        prompt prefixes only under equal ``cache_salt`` (a tenant's own)."""
         request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
         self._send(GenerateRequest(
             request_id=request_id, model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, chat=chat, stop=list(stop or []),
+            top_p=top_p, seed=seed, chat=chat, stop=list(stop or []), cache_salt=cache_salt,
         ))
         finished = False
         try:

@@ -245,6 +245,9 @@ class GenerateRequest(Message, SamplingFields):
     seed: int | None = None
     chat: bool = False
     stop: list[str] = field(default_factory=list)
+    cache_salt: str = ""
+    """Requests share cached KV prefix blocks only under equal salts (vLLM's ``cache_salt``): a tenant's own, so
+    one tenant cannot learn from timing what another's prompts held. Empty: the shared namespace."""
 
 
 @_register
@@ -407,6 +410,8 @@ class LoadModel(Message):
     deterministic: bool = False
     max_batch: int = 0
     """Most requests decoded together (0: the engine's default)."""
+    prefix_caching: bool = True
+    """Share KV blocks of equal prompt prefixes between requests (off with ``deterministic``)."""
 
 
 @_register
@@ -475,6 +480,8 @@ class StartInference(Message, SamplingFields):
     seed: int
     stop: list[str]
     text_so_far: str = ""
+    cache_salt: str = ""
+    """The request's prefix-cache salt (``GenerateRequest.cache_salt``)."""
 
 
 @_register
@@ -571,6 +578,8 @@ class ResumeRequest(Message, SamplingFields):
     """The hand-over: the source has stopped after these tokens; the destination feeds them and starts
     decoding at once, without waiting for the router's StartInference (which follows as a safety net and
     is then a duplicate)."""
+    cache_salt: str = ""
+    """The request's prefix-cache salt, so its cache on the destination stays in its tenant's namespace."""
 
 
 @_register
@@ -606,6 +615,8 @@ class KvCopyBegin(Message, SamplingFields):
     total_bytes: int
     crc32: int
     n_chunks: int
+    cache_salt: str = ""
+    """The request's prefix-cache salt, so its cache on the destination stays in its tenant's namespace."""
 
 
 @_register

@@ -1,8 +1,10 @@
 """The engine on a CUDA device: resumes continue exactly, and the calls that rebuild a cache return only once
-the device has run them. Skipped without a GPU."""
+the device has run them; engines sharing one device capture, decode and load side by side. Skipped without a
+GPU."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,116 @@ def test_sampling_uniforms_are_the_same_on_every_device() -> None:
 
     seeds = torch.tensor([step_seed(s, k) for s in range(4) for k in range(8)], dtype=torch.int64)
     assert torch.equal(uniforms(seeds, 1000), uniforms(seeds.cuda(), 1000).cpu())
+
+
+# ---------------------------------------------------------------- engines sharing one device (issue 21, item 1)
+
+
+def _capture_hook(model: object, on_capture: object) -> object:
+    """A forward hook that calls ``on_capture()`` once, from inside the first CUDA graph capture of ``model``."""
+    fired = threading.Event()
+
+    def hook(*_: object) -> None:
+        if torch.cuda.is_current_stream_capturing() and not fired.is_set():
+            fired.set()
+            on_capture()  # type: ignore[operator]
+
+    return model.register_forward_hook(hook)  # type: ignore[attr-defined]
+
+
+def _run_thread(target: object, errors: list[BaseException]) -> threading.Thread:
+    def body() -> None:
+        try:
+            target()  # type: ignore[operator]
+        except BaseException as exc:  # noqa: BLE001 - every failure of the thread is the test's failure
+            errors.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_engines_on_one_device_decode_capture_and_load_side_by_side(tiny_model: Path) -> None:
+    # Two instances in one node process on one GPU (what a resume or a scale-out on a node makes): one decodes
+    # without pause while the other captures decode graphs (its shapes run twice eagerly first), and a load on the
+    # same device is asked for in the middle of a capture. Before the device gate, the decoding engine crashed
+    # ("operation not permitted when stream is capturing") and every later load failed on the generator.
+    from sllm_actors.gpu.device_gate import device_gate
+    from sllm_actors.models import load_for_inference
+
+    model_a, tokenizer = load_for_inference(tiny_model, "cuda:0")
+    model_b, _ = load_for_inference(tiny_model, "cuda:0")
+    decoding, capturing = Engine(model_a, tokenizer), Engine(model_b, tokenizer)
+    expected_a = _batch(Engine(model_a, tokenizer, cuda_graphs=False), 4, 24)
+    expected_b = _batch(Engine(model_b, tokenizer, cuda_graphs=False), 8, 40)
+    errors: list[BaseException] = []
+    capture_started, capture_done, loaded = threading.Event(), threading.Event(), threading.Event()
+    rounds_a: list[list[list[int]]] = []
+    results_b: list[list[list[int]]] = []
+
+    def decode() -> None:
+        while not capture_done.is_set() or not rounds_a:
+            rounds_a.append(_batch(decoding, 4, 24))
+
+    def capture() -> None:
+        try:
+            results_b.append(_batch(capturing, 8, 40))
+            results_b.append(_batch(capturing, 8, 40))
+        finally:
+            capture_done.set()
+
+    def load() -> None:
+        assert capture_started.wait(120), "the second engine never captured a graph"
+        with device_gate("cuda:0").shared(long=True):  # as the node's instance holds it around a load
+            model_c, tokenizer_c = load_for_inference(tiny_model, "cuda:0")
+            Engine(model_c, tokenizer_c)
+        loaded.set()
+
+    handle = _capture_hook(model_b, capture_started.set)
+    try:
+        threads = [_run_thread(f, errors) for f in (decode, capture, load)]
+        for thread in threads:
+            thread.join(300)
+    finally:
+        handle.remove()
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    assert loaded.is_set()
+    assert capturing.runner.graph_shapes and not capturing.runner.graphs.note
+    assert results_b == [expected_b, expected_b]
+    assert rounds_a and all(r == expected_a for r in rounds_a)
+    # A third engine loads afterwards, and the device's default generator is sound.
+    model_d, tokenizer_d = load_for_inference(tiny_model, "cuda:0")
+    assert _batch(Engine(model_d, tokenizer_d), 8, 40) == expected_b
+    torch.randn(4, device="cuda:0").sum().item()
+
+
+def test_a_load_probe_during_another_engines_capture(tiny_model: Path) -> None:
+    # The load's RMSNorm probe runs on another thread *while* a capture is open (no gate here: the probe itself
+    # must not touch the device's shared generator, which the capture marks as capturing), and neither breaks.
+    from sllm_actors.gpu.runner import fuse_rms_norms
+    from sllm_actors.models import load_for_inference
+
+    model_b, tokenizer = load_for_inference(tiny_model, "cuda:0")
+    model_c, _ = load_for_inference(tiny_model, "cuda:0")
+    expected = _batch(Engine(model_b, tokenizer, cuda_graphs=False), 8, 40)
+    capturing = Engine(model_b, tokenizer)
+    errors: list[BaseException] = []
+    switched: list[int] = []
+
+    def probe_meanwhile() -> None:
+        thread = _run_thread(lambda: switched.append(fuse_rms_norms(model_c)), errors)
+        thread.join(120)
+
+    handle = _capture_hook(model_b, probe_meanwhile)
+    try:
+        assert _batch(capturing, 8, 40) == expected
+    finally:
+        handle.remove()
+    assert not errors, errors
+    assert switched and switched[0] > 0, "the probe ran and switched the norms"
+    assert capturing.runner.graph_shapes and not capturing.runner.graphs.note, capturing.runner.graphs.note
+    assert _batch(capturing, 8, 40) == expected
+    model_d, tokenizer_d = load_for_inference(tiny_model, "cuda:0")
+    assert _batch(Engine(model_d, tokenizer_d), 8, 40) == expected
+    torch.randn(4, device="cuda:0").sum().item()

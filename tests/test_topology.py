@@ -37,6 +37,11 @@ def test_the_shipped_topology_loads() -> None:
         ("nodes: [{name: a, gpus: [{device: cpu}]}]\nmodels: [{name: m}]", "models[0].source: is required"),
         ("nodes: [{name: a, gpus: [{device: cpu}]}]\nmodels: [{name: m, source: x, keep_alive: soon}]",
          "models[0].keep_alive: expected a duration"),
+        ("nodes: [{name: a, gpus: [{device: cpu}]}]\nmodels: [{name: m, source: x, prefix_caching: 'yes'}]",
+         "models[0].prefix_caching: expected bool"),
+        ("nodes: [{name: a, gpus: [{device: cpu}]}]\n"
+         "models: [{name: m, source: x, deterministic: true, prefix_caching: true}]",
+         "models[0].prefix_caching: cannot be on with deterministic: true"),
     ],
 )
 def test_malformed_topologies_name_file_field_and_problem(tmp_path: Path, text: str, fragment: str) -> None:
@@ -60,3 +65,15 @@ def test_units() -> None:
     assert parse_duration("5m") == 300 and parse_duration("250ms") == 0.25 and parse_duration(3) == 3
     with pytest.raises(ValueError):
         parse_size("-1")
+
+
+def test_prefix_caching_is_on_by_default_and_off_with_deterministic(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("nodes: [{name: a, gpus: [{device: cpu}]}]\nmodels:\n"
+                    "  - {name: chat, source: x}\n"
+                    "  - {name: exact, source: x, deterministic: true}\n"
+                    "  - {name: plain, source: x, prefix_caching: false}\n")
+    models = {m.name: m for m in load_topology(path).models}
+    assert models["chat"].prefix_caching
+    assert not models["exact"].prefix_caching and models["exact"].deterministic
+    assert not models["plain"].prefix_caching

@@ -9,6 +9,12 @@ served eagerly, with a log line saying why.
 
 The runner owns the forward; this module owns the graphs, their persistent inputs and the decision when to
 capture. Padded rows write to and read only the scratch block (:data:`~sllm_actors.gpu.block_manager.SCRATCH_BLOCK`).
+
+Engines sharing a device: a capture runs in CUDA's thread-local capture mode, on a stream of its own device, and
+only with the device's gate held exclusive (:mod:`~sllm_actors.gpu.device_gate`), so another engine's step or a
+load on the same GPU neither breaks it nor is broken by it. When the gate cannot be had (a load in flight), the
+step runs eagerly and the capture is tried again after :data:`CAPTURE_RETRY_S` (at its next use when another
+capture held the gate).
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ from typing import Any
 import torch
 
 from sllm_actors.gpu.block_manager import SCRATCH_BLOCK
+from sllm_actors.gpu.device_gate import capturing
 
 log = logging.getLogger(__name__)
 
 BATCH_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 CAPTURE_AFTER_USES = 2
 """A decode shape is captured once it has run this many times eagerly."""
+CAPTURE_RETRY_S = 2.0
+"""After a capture found its device busy (another engine's load in flight, or a step that would not end), no
+capture is tried for this long: each try holds back the other engines' new steps for a moment."""
 
 DecodeForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """The runner's decode forward: (token ids, positions, slots, block tables, context lengths) to logits."""
@@ -44,7 +54,7 @@ class DecodeGraph:
     """One captured decode step with its persistent inputs; a replay copies the live batch into them."""
 
     def __init__(self, forward: DecodeForward, device: torch.device, block_size: int, batch: int, n_blocks: int,
-                 pool: Any) -> None:
+                 pool: Any, capture_stream: Any) -> None:
         self.batch = batch
         self.n_blocks = n_blocks
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
@@ -60,7 +70,12 @@ class DecodeGraph:
             forward(self.ids, self.positions, self.slots, self.tables, self.lens)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # Thread-local mode: what other threads do on the device meanwhile (an allocation, a copy) does not
+        # invalidate this capture; the device gate keeps our own engines and loads off the device meanwhile. The
+        # stream is this device's own (torch's shared default capture stream lives on whichever device was
+        # current when it was first made), and torch.cuda.graph synchronises the *current* device on entry.
+        with torch.cuda.device(device), \
+                torch.cuda.graph(self.graph, pool=pool, stream=capture_stream, capture_error_mode="thread_local"):
             self.logits = forward(self.ids, self.positions, self.slots, self.tables, self.lens)
 
     def replay(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -93,6 +108,8 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
         self._uses: dict[tuple[int, int], int] = {}
         self._pool: Any = None
+        self._stream: Any = None
+        self._retry_at = 0.0
 
     def for_shape(self, batch: int, n_blocks: int, forward: DecodeForward) -> DecodeGraph | None:
         """The graph of this shape, captured now (running ``forward``) if the shape has been served eagerly often
@@ -103,7 +120,7 @@ class DecodeGraphs:
         graph = self._graphs.get(key)
         if graph is None and self.enabled and batch <= self.max_batch and n_blocks <= self.max_blocks:
             self._uses[key] = self._uses.get(key, 0) + 1
-            if self._uses[key] > CAPTURE_AFTER_USES:
+            if self._uses[key] > CAPTURE_AFTER_USES and time.monotonic() >= self._retry_at:
                 graph = self._capture(batch, n_blocks, forward)
         return graph
 
@@ -112,7 +129,16 @@ class DecodeGraphs:
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = DecodeGraph(forward, self.device, self.block_size, batch, n_blocks, self._pool)
+                self._stream = torch.cuda.Stream(self.device)
+            with capturing(self.device) as refused:
+                if refused:
+                    if refused != "capture":  # another capture is over in milliseconds: try at the next use
+                        self._retry_at = time.monotonic() + CAPTURE_RETRY_S
+                    log.debug("decode graph batch %d x %d blocks: %s busy (%s), captured later", batch, n_blocks,
+                              self.device, refused)
+                    return None
+                graph = DecodeGraph(forward, self.device, self.block_size, batch, n_blocks, self._pool,
+                                    self._stream)
         except Exception as exc:  # any capture failure: serve this shape eagerly from now on
             log.warning("CUDA graph capture of decode batch %d x %d blocks failed, serving it eagerly: %s",
                         batch, n_blocks, exc)
@@ -130,4 +156,5 @@ class DecodeGraphs:
         return sorted(self._graphs)
 
 
-__all__ = ["BATCH_LADDER", "CAPTURE_AFTER_USES", "DecodeForward", "DecodeGraph", "DecodeGraphs", "batch_bucket"]
+__all__ = ["BATCH_LADDER", "CAPTURE_AFTER_USES", "CAPTURE_RETRY_S", "DecodeForward", "DecodeGraph", "DecodeGraphs",
+           "batch_bucket"]

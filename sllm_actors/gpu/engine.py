@@ -28,6 +28,7 @@ import torch
 
 from sllm_actors.gpu.block_manager import SCRATCH_BLOCK, BlockManager
 from sllm_actors.gpu.detokenizer import IncrementalDetokenizer
+from sllm_actors.gpu.device_gate import device_gate
 from sllm_actors.gpu.runner import Feed, ModelRunner, kv_bytes_per_token
 from sllm_actors.gpu.sampler import choose_token, sample, step_seed
 from sllm_actors.gpu.scheduler import BatchScheduler, StepPlan
@@ -74,7 +75,7 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, *, kv_cache_bytes: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, max_num_seqs: int = 256, max_batched_tokens: int | None = None,
-                 deterministic: bool = False, cuda_graphs: bool = True) -> None:
+                 deterministic: bool = False, cuda_graphs: bool = True, prefix_caching: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         param = next(model.parameters())
@@ -91,15 +92,23 @@ class Engine:
         per_token = kv_bytes_per_token(model.config, self.dtype)
         self.kv_bytes_per_token = per_token
         num_blocks = max(2, int(kv_cache_bytes or DEFAULT_KV_BYTES) // (per_token * block_size))
-        self.blocks = BlockManager(num_blocks, block_size)
+        # Deterministic mode keeps prefix caching off: a prompt whose prefix came from the cache would be cut into
+        # chunks at other positions than the same prompt computed whole, and its result would depend on what ran
+        # before it on the instance.
+        self.prefix_caching = prefix_caching and not deterministic
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching=self.prefix_caching)
         if max_batched_tokens is None:
             max_batched_tokens = 2048 if self.device.type == "cuda" else 512
         self.max_batched_tokens = max_batched_tokens
         self.scheduler = BatchScheduler(self.blocks, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                                         chunk_align=max_batched_tokens if deterministic else 0)
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
+        self.gate = device_gate(self.device)
+        """Shared by every engine on this device in the process: device work holds it shared, a CUDA graph
+        capture exclusive (:mod:`~sllm_actors.gpu.device_gate`)."""
         self.warmup_s = 0.0
-        self._warm_up()
+        with self.gate.shared():
+            self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
+            self._warm_up()
         self.preemptions = 0
 
     def _warm_up(self) -> None:
@@ -137,6 +146,11 @@ class Engine:
     def kv_usage(self) -> tuple[int, int]:
         """(blocks in use, blocks in the pool)."""
         return self.blocks.used_blocks, self.blocks.capacity_blocks
+
+    def prefix_cache_usage(self) -> tuple[int, int]:
+        """(prompt tokens served from the prefix cache, tokens looked up), since the engine started: every
+        (re)prefill looks its whole log up; what is not served is computed."""
+        return self.blocks.hit_tokens, self.blocks.query_tokens
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -202,7 +216,7 @@ class Engine:
 
     def release(self, seq: Sequence) -> None:
         """Free the blocks of a request held outside the batch (a migration's parked cache)."""
-        self.blocks.release(seq.block_table)
+        self.blocks.free(seq)
         seq.num_cached = 0
         seq.next_logits = None
 
@@ -216,6 +230,10 @@ class Engine:
 
     def step_batch(self) -> StepResult:
         """One engine step: one forward over every running request (decode) and the prefill chunks that fit."""
+        with self.gate.shared():
+            return self._step_batch()
+
+    def _step_batch(self) -> StepResult:
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         result = StepResult(failed=list(plan.failed), preempted=len(plan.preempted))
@@ -271,8 +289,10 @@ class Engine:
         logits = self.runner.execute(feeds, len(plan.decodes))
         for seq in plan.decodes:
             seq.num_cached += 1
+            self.blocks.commit(seq)
         for chunk in plan.prefills:
             chunk.seq.num_cached = chunk.start + chunk.length
+            self.blocks.commit(chunk.seq)
         return (logits if who else None), who
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -319,7 +339,13 @@ class Engine:
         self.check_fits(seq)
         self.release(seq)
         self._prepare(seq)
-        self._feed(seq, len(seq.tokens))
+        self.blocks.record(seq, self.blocks.match(seq))
+        try:
+            with self.gate.shared():
+                self._feed(seq, len(seq.tokens))
+        except ValueError:
+            self.release(seq)  # the prefix blocks it took from the cache are not kept by a request that failed
+            raise
         return time.perf_counter() - started
 
     def extend(self, seq: Sequence, new_ids: list[int]) -> float:
@@ -332,18 +358,21 @@ class Engine:
         assert seq.detok is not None
         for token in new_ids:
             seq.text += seq.detok.push(token)
-        self._feed(seq, len(seq.tokens))
+        with self.gate.shared():
+            self._feed(seq, len(seq.tokens))
         return time.perf_counter() - started
 
     def step(self, seq: Sequence) -> tuple[int, str]:
         """One token of one request alone; returns (token id, text delta). Sets finish_reason when done."""
         if seq.detok is None:
             self._prepare(seq)
-        if seq.next_logits is None:
-            self._feed(seq, len(seq.tokens))
-        logits, seq.next_logits = seq.next_logits, None
-        assert logits is not None
-        out = self._accept(seq, self._sample(logits[None, :], [seq])[0])
+        with self.gate.shared():
+            if seq.next_logits is None:
+                self._feed(seq, len(seq.tokens))
+            logits, seq.next_logits = seq.next_logits, None
+            assert logits is not None
+            token = self._sample(logits[None, :], [seq])[0]
+        out = self._accept(seq, token)
         if seq.finish_reason and seq not in self.scheduler.running:
             self.release(seq)
         return out.token, out.text
@@ -365,6 +394,7 @@ class Engine:
             decode = 1 if end - start == 1 and start > 0 else 0
             logits = self.runner.execute([Feed(tokens[start:end], start, seq.block_table, end == upto)], decode)
             seq.num_cached = end
+        self.blocks.commit(seq)
         seq.next_logits = logits[0] if logits is not None else None
         self._settle()
 
@@ -383,10 +413,11 @@ class Engine:
         n = seq.num_cached
         if n <= 0 or not seq.block_table:
             raise ValueError(f"{seq.request_id} has no KV cache to export")
-        slots = self.runner.context_slots(seq.block_table, n)
         k, v = self.runner.k_cache, self.runner.v_cache
-        layers = [(k[i, slots].permute(1, 0, 2)[None].contiguous(), v[i, slots].permute(1, 0, 2)[None].contiguous())
-                  for i in range(k.shape[0])]
+        with self.gate.shared():
+            slots = self.runner.context_slots(seq.block_table, n)
+            layers = [(k[i, slots].permute(1, 0, 2)[None].contiguous(),
+                       v[i, slots].permute(1, 0, 2)[None].contiguous()) for i in range(k.shape[0])]
         return n, layers
 
     def import_cache(self, seq: Sequence, n_cached: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -415,12 +446,13 @@ class Engine:
         if not self.blocks.grow(seq.block_table, len(tokens)):
             raise ValueError(f"the KV pool has {self.blocks.free_blocks} free blocks, too few for {len(tokens)} "
                              f"tokens of {seq.request_id}")
-        slots = self.runner.context_slots(seq.block_table, keep)
-        for index, (keys, values) in enumerate(layers):
-            k_cache[index, slots] = keys[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
-            v_cache[index, slots] = values[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
-        seq.num_cached = keep
-        self._feed(seq, len(tokens))
+        with self.gate.shared():
+            slots = self.runner.context_slots(seq.block_table, keep)
+            for index, (keys, values) in enumerate(layers):
+                k_cache[index, slots] = keys[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
+                v_cache[index, slots] = values[0, :, :keep].permute(1, 0, 2).to(self.device, self.dtype)
+            seq.num_cached = keep
+            self._feed(seq, len(tokens))
         return time.perf_counter() - started
 
 

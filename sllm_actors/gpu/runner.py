@@ -45,7 +45,11 @@ def fuse_rms_norms(model: Any) -> int:
             return weight * F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=eps).to(hidden.dtype)
 
         if cls not in checked:
-            probe = torch.randn(4, weight.shape[0], device=weight.device, dtype=weight.dtype)
+            # Drawn on the host from a generator of its own, then copied: the device's default generator is
+            # shared by every engine in the process, and a draw on it while another engine captures a CUDA graph
+            # fails (and after a failed capture, fails for ever).
+            host = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0))
+            probe = host.to(weight.device, weight.dtype)
             with torch.inference_mode():
                 expected, got = module.forward(probe).float(), fused(probe).float()
             checked[cls] = bool(torch.allclose(expected, got, rtol=1e-2, atol=1e-2))

@@ -6,7 +6,9 @@ stalls the streams. Requests join and leave between steps.
 
 When the KV pool cannot hold the next token of every running request, the newest running request is
 preempted: its blocks are freed and it waits again, first in line, to be recomputed from its token log
-(which makes the recompute exact). Nothing is dropped.
+(which makes the recompute exact). Nothing is dropped. With prefix caching a request starting its (re)prefill
+first takes the blocks the cache holds of its log (shared, reference-counted: freeing a preempted request's
+blocks never frees one another request holds), and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -69,12 +71,12 @@ class BatchScheduler:
         for seq in self.running:
             if seq.request_id == request_id:
                 self.running.remove(seq)
-                self.blocks.release(seq.block_table)
+                self.blocks.free(seq)
                 return seq
         for seq in self.waiting:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
-                self.blocks.release(seq.block_table)
+                self.blocks.free(seq)
                 return seq
         return None
 
@@ -104,7 +106,7 @@ class BatchScheduler:
             # Alone and still short: it can never fit; everything else was preempted for it.
             self.running.remove(seq)
             index -= 1
-            self.blocks.release(seq.block_table)
+            self.blocks.free(seq)
             plan.failed.append((seq, f"the KV pool ({self.blocks.capacity_tokens} tokens) cannot hold "
                                      f"{seq.num_cached + 1} tokens of one request"))
         for seq in mid_prefill:
@@ -124,19 +126,28 @@ class BatchScheduler:
                 self._preempt(seq, plan)
             else:
                 self.running.remove(seq)
-                self.blocks.release(seq.block_table)
+                self.blocks.free(seq)
                 plan.failed.append((seq, f"the KV pool ({self.blocks.capacity_tokens} tokens) cannot hold the "
                                          f"{seq.n_tokens} tokens of this request"))
         return plan
 
     def _chunk(self, seq: Sequence, budget: int, plan: StepPlan) -> int:
+        # A request starting its (re)prefill first takes what the prefix cache holds of its log.
+        hit = self.blocks.match(seq) if not seq.block_table else -1
         remaining = seq.n_tokens - seq.num_cached
         length = min(remaining, budget)
         if self.chunk_align and length < remaining:
             end = (seq.num_cached + length) // self.chunk_align * self.chunk_align
             length = end - seq.num_cached
         if length <= 0 or not self.blocks.grow(seq.block_table, seq.num_cached + length):
+            if hit >= 0:
+                # It waits for room: it holds nothing meanwhile (shared blocks it took could otherwise not be
+                # evicted for the running requests), and looks the cache up again when it goes.
+                self.blocks.free(seq)
+                seq.num_cached = 0
             return budget
+        if hit >= 0:
+            self.blocks.record(seq, hit)
         plan.prefills.append(Chunk(seq, seq.num_cached, length))
         return budget - length
 
@@ -146,7 +157,7 @@ class BatchScheduler:
 
     def _preempt(self, victim: Sequence, plan: StepPlan) -> None:
         self.running.remove(victim)
-        self.blocks.release(victim.block_table)
+        self.blocks.free(victim)
         victim.num_cached = 0
         victim.next_logits = None
         victim.preemptions += 1

@@ -30,6 +30,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
     """Tokens of the log whose keys and values are in the cache. A decoding request has all but its last."""
+    cache_salt: str = ""
+    """Requests share cached prefix blocks only under the same salt (a tenant's): see the block manager."""
+    block_hashes: list[int] = field(default_factory=list)
+    """The prefix-cache hash of each leading full, computed block of ``block_table`` (prefix caching only)."""
     next_logits: torch.Tensor | None = None
     """Logits for the next token when a forward outside the batch already made them (a migration's catch-up)."""
     detok: IncrementalDetokenizer | None = None

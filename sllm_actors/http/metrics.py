@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sllm_actors.messages import ClusterEvent
@@ -115,6 +115,12 @@ class _SnapshotCollector(Collector):
                                     labels=["model", "instance"])
         kv_total = GaugeMetricFamily("sllm_kv_blocks_total", "KV cache blocks per instance",
                                      labels=["model", "instance"])
+        prefix_hits = CounterMetricFamily("sllm_prefix_cache_hit_tokens", "prompt tokens served from the prefix "
+                                          "cache per instance", labels=["model", "instance"])
+        prefix_queries = CounterMetricFamily("sllm_prefix_cache_query_tokens", "prompt tokens looked up in the "
+                                             "prefix cache per instance", labels=["model", "instance"])
+        prefix_ratio = GaugeMetricFamily("sllm_prefix_cache_hit_ratio", "share of looked-up prompt tokens served "
+                                         "from the prefix cache, per instance", labels=["model", "instance"])
         has_kv = False
         for inst in st.get("instances", []):
             key = (str(inst.get("model", "")), str(inst.get("state", "")))
@@ -124,12 +130,19 @@ class _SnapshotCollector(Collector):
                 has_kv = True
                 kv_used.add_metric([key[0], str(inst.get("instance_id", ""))], float(inst["kv_blocks_used"]))
                 kv_total.add_metric([key[0], str(inst.get("instance_id", ""))], float(inst.get("kv_blocks_total", 0)))
+                hits, queried = float(inst.get("prefix_hit_tokens", 0)), float(inst.get("prefix_query_tokens", 0))
+                prefix_hits.add_metric([key[0], str(inst.get("instance_id", ""))], hits)
+                prefix_queries.add_metric([key[0], str(inst.get("instance_id", ""))], queried)
+                prefix_ratio.add_metric([key[0], str(inst.get("instance_id", ""))], hits / queried if queried else 0.0)
         for (model, state), count in counts.items():
             instances.add_metric([model, state], count)
         yield instances
         if has_kv:
             yield kv_used
             yield kv_total
+            yield prefix_hits
+            yield prefix_queries
+            yield prefix_ratio
         used = GaugeMetricFamily("sllm_gpu_memory_used_bytes", "GPU memory held by instances",
                                  labels=["node", "gpu", "device"])
         total = GaugeMetricFamily("sllm_gpu_memory_total_bytes", "GPU memory budget from the topology",

@@ -58,7 +58,7 @@ class Parked:
 def sequence_of(msg: ResumeRequest | KvCopyBegin | StartInference) -> Sequence:
     """A request's decoding state from any message that carries its whole log and sampling parameters."""
     return Sequence(request_id=msg.request_id, prompt_ids=list(msg.prompt_ids), generated_ids=list(msg.generated_ids),
-                    sampling=msg.sampling, text=msg.text_so_far)
+                    sampling=msg.sampling, text=msg.text_so_far, cache_salt=msg.cache_salt)
 
 
 class MigrationDestination:

@@ -231,7 +231,7 @@ class MigrationSource:
             source_node=self.node_name, source_instance=self.instance_id, prompt_ids=list(seq.prompt_ids),
             generated_ids=list(seq.generated_ids), **seq.sampling.fields(), text_so_far=seq.text, n_cached=n_cached,
             dtype=str(dtype).removeprefix("torch."), shapes=shapes, total_bytes=chunks.total, crc32=chunks.crc32(),
-            n_chunks=chunks.count,
+            n_chunks=chunks.count, cache_salt=seq.cache_salt,
         ), out.dest_node)
         self._pump(COPY_SEND_MIN_S, "", outbox)
 
@@ -314,7 +314,7 @@ class MigrationSource:
             migration_id=out.migration_id, round=out.round, request_id=seq.request_id,
             instance_id=out.dest_instance, source_node=self.node_name, source_instance=self.instance_id,
             prompt_ids=prompt_ids, generated_ids=new_ids, **seq.sampling.fields(), text_so_far=seq.text,
-            final=final,
+            final=final, cache_salt=seq.cache_salt,
         )
 
     @staticmethod

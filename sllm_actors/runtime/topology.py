@@ -133,6 +133,11 @@ class ModelSpec:
     """Keep batch composition out of the results (each request its own forward); costs throughput."""
     max_batch: int = 0
     """Most requests one instance decodes together (0: 256)."""
+    prefix_caching: bool = True
+    """Share the KV blocks of equal prompt prefixes between requests, so a chat's system prompt is prefilled once.
+    On by default: a shared prefix's keys and values are the same tokens at the same positions, so only the
+    batch-level rounding that batching already brings can differ. Off (and not allowed on) with ``deterministic``,
+    where a prefix from the cache would cut the rest of the prompt into chunks at other positions."""
 
 
 @dataclass(frozen=True)
@@ -314,7 +319,7 @@ def parse_topology(data: Any, path: Path) -> Topology:
     for i, raw in enumerate(r.get(top, "models", "", list, [])):
         where = f"models[{i}]"
         m = r.mapping(raw, where, {"name", "source", "keep_alive", "min_instances", "max_instances", "target_concurrency",
-                                   "dtype", "kv_cache", "deterministic", "max_batch"})
+                                   "dtype", "kv_cache", "deterministic", "max_batch", "prefix_caching"})
         name = r.get(m, "name", where, str)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise r.fail(f"{where}.name", f"use letters, digits, '.', '_' and '-', got {name!r}")
@@ -343,6 +348,11 @@ def parse_topology(data: Any, path: Path) -> Topology:
         max_batch = r.get(m, "max_batch", where, int, 0)
         if max_batch < 0:
             raise r.fail(f"{where}.max_batch", f"must be at least 1, got {max_batch}")
+        deterministic = r.get(m, "deterministic", where, bool, False)
+        prefix_caching = r.get(m, "prefix_caching", where, bool, None)
+        if deterministic and prefix_caching:
+            raise r.fail(f"{where}.prefix_caching", "cannot be on with deterministic: true (a prefix from the cache "
+                                                    "moves where the rest of a prompt is cut into chunks)")
         models.append(
             ModelSpec(
                 name=name,
@@ -353,8 +363,9 @@ def parse_topology(data: Any, path: Path) -> Topology:
                 target_concurrency=target,
                 dtype=dtype,
                 kv_cache_bytes=r.convert(m, "kv_cache", where, parse_size, 0),
-                deterministic=r.get(m, "deterministic", where, bool, False),
+                deterministic=deterministic,
                 max_batch=max_batch,
+                prefix_caching=not deterministic if prefix_caching is None else prefix_caching,
             )
         )
     model_names = [m.name for m in models]

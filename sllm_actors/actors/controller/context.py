@@ -67,6 +67,8 @@ class RequestRecord:
     """The load this request waited for, if any (what ``GenerateDone.cold_start`` reports)."""
     active_migration: dict[str, Any] | None = None
     from_scratch: bool = False
+    cache_salt: str = ""
+    """Its prefix-cache salt, sent on with it to every instance (``GenerateRequest.cache_salt``)."""
 
 
 class RequestTable:

@@ -249,6 +249,7 @@ class RouterActor(SupervisedActor):
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         rec = RequestRecord(
             request_id=msg.request_id, client=peer, model=msg.model, prompt=msg.prompt, chat=msg.chat, sampling=sampling,
+            cache_salt=msg.cache_salt,
         )
         self.requests[msg.request_id] = rec
         scheduler.request_placement(self.cluster.directory, rec.request_id, rec.model)
@@ -277,7 +278,7 @@ class RouterActor(SupervisedActor):
         return StartInference(
             request_id=rec.request_id, instance_id=rec.instance_id, prompt=rec.prompt if rec.prompt_ids is None else "",
             chat=rec.chat, prompt_ids=rec.prompt_ids or [], generated_ids=generated, **rec.sampling.fields(),
-            text_so_far=text,
+            text_so_far=text, cache_salt=rec.cache_salt,
         )
 
     def _token_batch(self, batch: TokenBatch, node: str) -> None:

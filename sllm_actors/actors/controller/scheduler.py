@@ -126,7 +126,7 @@ def tick(directory: Directory, now: float) -> bool:
 class Instance(steps.Instance):
     """An instance as the placement steps see it, with what the scheduler measured of its load."""
 
-    __slots__ = ("kv_blocks", "load_s", "overlapped", "parts", "started", "tier")
+    __slots__ = ("kv_blocks", "load_s", "overlapped", "parts", "prefix_cache", "started", "tier")
 
     def __init__(self, instance_id: str, model: str, node: str, gpu: int, memory_bytes: int, now: float) -> None:
         super().__init__(instance_id, model, node, gpu, memory_bytes, now)
@@ -139,6 +139,8 @@ class Instance(steps.Instance):
         """Another load ran on the same node meanwhile: its time holds a wait, not only its own work."""
         self.kv_blocks: tuple[int, int] = (0, 0)
         """(used, total) blocks of its KV pool, as its node last reported."""
+        self.prefix_cache: tuple[int, int] = (0, 0)
+        """(prompt tokens served from its prefix cache, tokens looked up), as its node last reported."""
 
 
 @dataclass
@@ -302,6 +304,8 @@ class SchedulerActor(SupervisedActor):
             known = self.instances.get(instance_id)
             if known is not None:
                 known.kv_blocks = (int(reported.get("kv_blocks_used", 0)), int(reported.get("kv_blocks_total", 0)))
+                known.prefix_cache = (int(reported.get("prefix_hit_tokens", 0)),
+                                      int(reported.get("prefix_query_tokens", 0)))
             if instance_id and instance_id not in self.instances and reported.get("state") != "loading":
                 log.info("scheduler: %s holds %s, which nothing uses; unloading it", msg.node, instance_id)
                 self.cluster.to_node(msg.node, UnloadModel(instance_id))
@@ -358,7 +362,7 @@ class SchedulerActor(SupervisedActor):
                 other.overlapped = inst.overlapped = True
         self.cluster.to_node(node, LoadModel(
             inst.instance_id, spec.name, spec.source, gpu, spec.target_concurrency, spec.dtype, spec.kv_cache_bytes,
-            spec.deterministic, spec.max_batch,
+            spec.deterministic, spec.max_batch, spec.prefix_caching,
         ))
         self.cluster.events.emit(
             "schedule", f"start {spec.name} on {node}/gpu-{gpu} {why}", {"model": spec.name, "node": node, "gpu": gpu},
@@ -627,6 +631,7 @@ class SchedulerActor(SupervisedActor):
                     "requests": sorted(i.requests), "waiting": len(i.waiters), "memory_bytes": i.memory_bytes,
                     "load_s": round(i.load_s, 3), "tier": i.tier,
                     "kv_blocks_used": i.kv_blocks[0], "kv_blocks_total": i.kv_blocks[1],
+                    "prefix_hit_tokens": i.prefix_cache[0], "prefix_query_tokens": i.prefix_cache[1],
                 }
                 for i in self.instances.values()
             ]

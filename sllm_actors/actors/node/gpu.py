@@ -155,8 +155,11 @@ class GpuActor(SupervisedActor):
 
             import torch
 
+            from sllm_actors.gpu.device_gate import quiet_for_captures
+
             gc.collect()
-            torch.cuda.empty_cache()
+            with quiet_for_captures():  # freeing device memory would break another instance's graph capture
+                torch.cuda.empty_cache()
 
     def _publish(self) -> None:
         used = sum(i.get("memory_bytes", 0) for i in self.node.board.instances_on(self.index))

@@ -20,6 +20,7 @@ from typing import Any
 
 import pykka
 
+from sllm_actors.gpu.device_gate import device_gate
 from sllm_actors.gpu.engine import Engine, StepResult
 from sllm_actors.gpu.sequence import Sequence
 from sllm_actors.messages import (
@@ -146,9 +147,12 @@ class ModelInstanceActor(SupervisedActor):
         dtype = (opts.dtype if opts is not None else "") or ("bfloat16" if self.device.startswith("cuda") else "")
         loaded = None
         try:
-            loaded = self.node.storage.load(self.model_name, self.source, self.device, dtype)
-            self.on_unload = loaded.on_unload
-            self.engine = self._engine(loaded.model, loaded.tokenizer, loaded.memory_bytes)
+            # Shared with the other engines on this GPU, never beside one's CUDA graph capture: the loader
+            # synchronises the device, which would break a capture (gpu/device_gate.py).
+            with device_gate(self.device).shared(long=True):
+                loaded = self.node.storage.load(self.model_name, self.source, self.device, dtype)
+                self.on_unload = loaded.on_unload
+                self.engine = self._engine(loaded.model, loaded.tokenizer, loaded.memory_bytes)
         except Exception as exc:  # any load problem is this request's failure, reported as data
             log.warning("%s: loading %s failed: %s", self.name, self.model_name, exc)
             self.send(LoadFailed(self.instance_id, self.node.name, self.model_name, f"{exc}"))
@@ -182,6 +186,7 @@ class ModelInstanceActor(SupervisedActor):
         max_batch = (opts.max_batch if opts is not None and opts.max_batch else 0) or max(self.max_concurrency, 256)
         return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, max_num_seqs=max_batch,
                       deterministic=bool(opts is not None and opts.deterministic),
+                      prefix_caching=opts.prefix_caching if opts is not None else True,
                       cuda_graphs=os.environ.get(GRAPHS_ENV, "1") != "0")
 
     def stopping(self) -> None:
@@ -359,6 +364,7 @@ class ModelInstanceActor(SupervisedActor):
         if state is None:
             state = "migrating" if self.source_side.busy() else "running" if running else "idle"
         used, total = engine.kv_usage() if engine is not None else (0, 0)
+        hits, queries = engine.prefix_cache_usage() if engine is not None else (0, 0)
         waiting = engine.waiting_count() if engine is not None else 0
         self.node.board.update_instance(
             self.instance_id,
@@ -370,6 +376,8 @@ class ModelInstanceActor(SupervisedActor):
             memory_bytes=self.memory_bytes,
             kv_blocks_used=used,
             kv_blocks_total=total,
+            prefix_hit_tokens=hits,
+            prefix_query_tokens=queries,
             preemptions=engine.preemptions if engine is not None else 0,
             cuda_graphs=len(engine.runner.graph_shapes) if engine is not None else 0,
         )
