@@ -307,7 +307,8 @@ def _print_status(st: dict[str, Any]) -> None:
 @app.command()
 def deploy(
     name: str,
-    source: Path = typer.Option(..., "--source", help="a Hugging Face model directory or a .gguf file"),
+    # str, not Path: a URL source would lose a slash of its scheme to Path.
+    source: str = typer.Option(..., "--source", help="a Hugging Face model directory, a .gguf file or a URL"),
     cluster: Optional[str] = ClusterOpt,
     key: Optional[Path] = KeyOpt,
 ) -> None:
@@ -316,7 +317,7 @@ def deploy(
 
     client = _client(cluster, key)
     try:
-        out.print(client.deploy(name, str(source)))
+        out.print(client.deploy(name, source))
     except (RequestError, ClusterUnavailable) as exc:
         _fail(str(exc), 1)
     finally:
