@@ -389,7 +389,8 @@ class HostCluster:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; last status: {last}")
 
     def node_alive(self, name: str, status: dict[str, Any]) -> bool:
-        return any(n["name"] == name and n["alive"] for n in status["nodes"])
+        """Joined, configured and reporting: what the scheduler needs to place or migrate onto the node."""
+        return any(n["name"] == name and n["alive"] and n["ready"] for n in status["nodes"])
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(f"--- {what}\n" + "".join(lines[-n:]) for what, lines in self.logs.items())
