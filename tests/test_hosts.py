@@ -216,3 +216,50 @@ def test_a_host_killed_mid_stream_loses_no_token_and_rejoins_when_restarted(heal
     # The host comes back: the same command, the same key, and the node rejoins.
     cluster.start_node(killed[0])
     cluster.wait_for(lambda st: cluster.node_alive(killed[0], st), 90, f"{killed[0]} to rejoin")
+
+
+def _ours() -> tuple[set[str], set[str]]:
+    """Namespaces and links of this machine that carry the hosts' naming."""
+    netns = {line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                                        check=True).stdout.splitlines() if line.strip()}
+    links = set()
+    for line in subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                               check=True).stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith(("sb", "sv")):
+            links.add(name)
+    return {n for n in netns if n.startswith("sllm-")}, links
+
+
+def test_hosts_remove_everything_they_made_when_the_code_inside_fails(tmp_path: Path) -> None:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no network namespaces here: {reason}")
+    before = _ours()
+    with pytest.raises(RuntimeError, match="a test failed"):
+        with Hosts(tmp_path, ["one", "two"]) as hosts:
+            sleeper = hosts["one"].popen(["sleep", "600"])
+            deadline = time.monotonic() + 10
+            while hosts["one"].pids() != [sleeper.pid] and time.monotonic() < deadline:
+                time.sleep(0.02)  # `ip netns exec` enters the namespace a moment after the fork
+            assert hosts["one"].pids() == [sleeper.pid]
+            assert _ours() != before
+            raise RuntimeError("a test failed")
+    assert sleeper.wait(10) == -9, "the host's process was SIGKILLed"
+    assert _ours() == before
+
+
+def test_a_dead_runs_leftovers_are_swept(tmp_path: Path) -> None:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no network namespaces here: {reason}")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    name = f"sllm-{gone.pid}-left"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "link", "add", f"sb{gone.pid}", "type", "bridge"], check=True)
+    from sllm_eval.hosts import sweep_stale
+
+    assert {name, f"sb{gone.pid}"} <= set(sweep_stale())
+    netns, links = _ours()
+    assert name not in netns and f"sb{gone.pid}" not in links
