@@ -22,6 +22,7 @@ why not when not.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import queue
 import re
@@ -53,9 +54,10 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parent.parent
 NETNS_PREFIX = "sllm-"
-"""Namespaces are ``sllm-<pid>-<host>``; links ``sb<pid>`` (the bridge) and ``sv<pid>h<i>`` (a host's link,
-its bridge end): the pid says whose they are, so a sweep can tell a dead run's leftovers from a live run's."""
+"""Namespaces are ``sllm-<pid><letter>-<host>``; links ``sb<pid><letter>`` (the bridge) and ``sv<pid><letter>h<i>``
+(a host's link, its bridge end): the pid says whose they are, so a sweep can tell a dead run's leftovers from a live run's."""
 _LOCK = Path("/run/lock/sllm-hosts.lock")
+_instances = itertools.count()
 CONTROLLER_PORTS = {"client_port": 7700, "cluster_port": 7701, "state_port": 7702}
 """The README's ports: each host has its own port space, so the defaults never collide."""
 
@@ -132,7 +134,7 @@ def sweep_stale() -> list[str]:
     removed = []
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
-        m = re.fullmatch(rf"{re.escape(NETNS_PREFIX)}(\d+)-.+", name)
+        m = re.fullmatch(rf"{re.escape(NETNS_PREFIX)}(\d+)[a-z]?-.+", name)
         if m and not _alive(int(m.group(1))):
             _kill_netns(name)
             _ip("netns", "del", name, check=False)
@@ -232,7 +234,8 @@ class Hosts:
 
     def __init__(self, root: Path, names: Sequence[str], shared: Sequence[Path] = ()) -> None:
         self.root = Path(root)
-        self.tag = str(os.getpid())
+        # The pid says whose they are; the letter tells apart several Hosts of one process.
+        self.tag = f"{os.getpid()}{chr(ord('a') + next(_instances) % 26)}"
         self.bridge = f"sb{self.tag}"
         self.hosts: dict[str, Host] = {}
         self._made_netns: list[str] = []
