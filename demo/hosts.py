@@ -24,9 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sllm_actors.client import Completion, TokenEvent  # noqa: E402 (after the path above)
-from sllm_eval.hosts import HostCluster, Hosts, start_cluster, sweep_stale, unavailable_reason  # noqa: E402
-from sllm_eval.tiny_models import make_tiny_model  # noqa: E402
+from sllm_actors.client import Completion, TokenEvent
+from sllm_eval.hosts import HostCluster, Hosts, start_cluster, sweep_stale, unavailable_reason
+from sllm_eval.tiny_models import make_tiny_model
 
 NODES = ("node-a", "node-b")
 

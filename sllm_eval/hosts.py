@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -67,14 +67,14 @@ class HostsError(RuntimeError):
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    run = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    run = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
     if check and run.returncode != 0:
         raise HostsError(f"ip {' '.join(args)}: {run.stderr.strip() or run.returncode}")
     return run
 
 
 def _sh(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    run = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    run = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
     if check and run.returncode != 0:
         raise HostsError(f"{' '.join(argv)}: {run.stderr.strip() or run.returncode}")
     return run
@@ -200,7 +200,8 @@ class Host:
 
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
             timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(argv), env=env, text=True, capture_output=True, timeout=timeout)
+        return subprocess.run(self.command(argv), env=env, text=True, capture_output=True, timeout=timeout,
+                              check=False)
 
     def pids(self) -> list[int]:
         return _netns_pids(self.netns)
@@ -281,7 +282,7 @@ class Hosts:
     def __getitem__(self, name: str) -> Host:
         return self.hosts[name]
 
-    def __enter__(self) -> Hosts:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -382,7 +383,7 @@ class HostCluster:
         while time.monotonic() < deadline:
             try:
                 last = self.status()
-            except Exception as exc:  # the controller may be unreachable for a while (a cut link): try again
+            except ConnectionError as exc:  # unreachable for a while (a cut link, a restart): ask again
                 last = exc
             else:
                 result = predicate(last)

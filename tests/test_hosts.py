@@ -75,7 +75,7 @@ def _stream(cluster: HostCluster, at_tokens: int, action: Callable[[str, str], A
         try:
             node = next(r["node"] for r in cluster.status()["requests"] if r["request_id"] == request_id)
             action(request_id, node)
-        except BaseException as exc:  # surfaced by the assertion below
+        except BaseException as exc:  # noqa: BLE001 (handed to the test thread, surfaced by the assertion below)
             errors.append(exc)
 
     with cluster.client() as client:
@@ -120,17 +120,18 @@ def test_each_host_has_its_own_files_and_talks_only_to_the_controller(healthy: H
     for name, host in cluster.nodes.items():
         # In the node's mount namespace the controller's and the other node's homes are empty, the repository
         # read-only: the node cannot have opened the controller's keys or topology.
-        look = host.run(["sh", "-c", f"ls -A {cluster.controller.home} {cluster.nodes[_other(name)].home}; "
-                                     f"touch {host.shared_ro[0]}/x 2>/dev/null || echo read-only"])
+        script = (f"ls -A {cluster.controller.home} {cluster.nodes[_other(name)].home}; "
+                  f"touch {host.shared_ro[0]}/x 2>/dev/null || echo read-only")
+        look = host.run(["sh", "-c", script])
         assert look.stdout.split() == [f"{cluster.controller.home}:", f"{cluster.nodes[_other(name)].home}:",
                                        "read-only"], look.stdout
         # CURVE on the one link a node has: to the controller's address, nothing else.
         assert _tcp_peers(cluster, name) <= {cluster.controller.address}, _tcp_peers(cluster, name)
         assert _tcp_peers(cluster, name), f"{name} has no connection to the controller"
     # And the controller's sockets take no peer without a key (CURVE is on, not merely available).
-    with pytest.raises(ClusterUnavailable):
-        with Client(cluster.client_endpoint, insecure=True, connect_timeout=2.0) as stranger:
-            stranger.status()
+    with pytest.raises(ClusterUnavailable), Client(cluster.client_endpoint, insecure=True,
+                                                   connect_timeout=2.0) as stranger:
+        stranger.status()
 
 
 def test_a_migration_between_hosts_keeps_the_stream_exact(healthy: HostCluster, expected: list[int]) -> None:
@@ -236,15 +237,14 @@ def test_hosts_remove_everything_they_made_when_the_code_inside_fails(tmp_path: 
     if reason:
         pytest.skip(f"no network namespaces here: {reason}")
     before = _ours()
-    with pytest.raises(RuntimeError, match="a test failed"):
-        with Hosts(tmp_path, ["one", "two"]) as hosts:
-            sleeper = hosts["one"].popen(["sleep", "600"])
-            deadline = time.monotonic() + 10
-            while hosts["one"].pids() != [sleeper.pid] and time.monotonic() < deadline:
-                time.sleep(0.02)  # `ip netns exec` enters the namespace a moment after the fork
-            assert hosts["one"].pids() == [sleeper.pid]
-            assert _ours() != before
-            raise RuntimeError("a test failed")
+    with pytest.raises(RuntimeError, match="a test failed"), Hosts(tmp_path, ["one", "two"]) as hosts:
+        sleeper = hosts["one"].popen(["sleep", "600"])
+        deadline = time.monotonic() + 10
+        while hosts["one"].pids() != [sleeper.pid] and time.monotonic() < deadline:
+            time.sleep(0.02)  # `ip netns exec` enters the namespace a moment after the fork
+        assert hosts["one"].pids() == [sleeper.pid]
+        assert _ours() != before
+        raise RuntimeError("a test failed")
     assert sleeper.wait(10) == -9, "the host's process was SIGKILLed"
     assert _ours() == before
 
