@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from sllm_actors.client import Client, ClusterUnavailable, Completion, TokenEvent
-from sllm_eval.hosts import HostCluster, Hosts, start_cluster, unavailable_reason
+from sllm_eval.hosts import HostCluster, Hosts, start_cluster, sweep_stale, unavailable_reason
 
 PROMPT = "Once upon a time there was a small model"
 N = 300
@@ -31,6 +31,7 @@ def hosts_cluster(slow_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"no network namespaces here: {reason}")
+    sweep_stale()  # what a killed earlier run left behind
     root = tmp_path_factory.mktemp("hosts")
     # The repository: a directory prepared before the hosts start, read-only on every host.
     with Hosts(root, ["controller", *NODES], shared=[slow_model.parent]) as hosts:
@@ -205,6 +206,7 @@ def test_a_host_killed_mid_stream_loses_no_token_and_rejoins_when_restarted(heal
     """Last in the file: the restarted node's start (imports, warm-up) is the slowest part of these tests."""
     cluster = healthy
     killed: list[str] = []
+    killed_at = time.time()
 
     def kill_host(request_id: str, node: str) -> None:
         cluster.nodes[node].kill_all()  # the whole host stops: every process in its namespace
@@ -216,7 +218,10 @@ def test_a_host_killed_mid_stream_loses_no_token_and_rejoins_when_restarted(heal
     assert not cluster.nodes[killed[0]].pids()
     # The host comes back: the same command, the same key, and the node rejoins.
     cluster.start_node(killed[0])
-    cluster.wait_for(lambda st: cluster.node_alive(killed[0], st), 90, f"{killed[0]} to rejoin")
+    st = cluster.wait_for(lambda st: st if cluster.node_alive(killed[0], st) else None, 90, f"{killed[0]} to rejoin")
+    # A new process joined; the killed one was never taken for a merely silent one coming back.
+    assert not [e for e in st["events"] if e["time"] >= killed_at and e["text"].startswith(f"{killed[0]} back")], \
+        st["events"]
 
 
 def _ours() -> tuple[set[str], set[str]]:
@@ -258,8 +263,6 @@ def test_a_dead_runs_leftovers_are_swept(tmp_path: Path) -> None:
     name = f"sllm-{gone.pid}-left"
     subprocess.run(["ip", "netns", "add", name], check=True)
     subprocess.run(["ip", "link", "add", f"sb{gone.pid}", "type", "bridge"], check=True)
-    from sllm_eval.hosts import sweep_stale
-
     assert {name, f"sb{gone.pid}"} <= set(sweep_stale())
     netns, links = _ours()
     assert name not in netns and f"sb{gone.pid}" not in links
