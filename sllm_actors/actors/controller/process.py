@@ -296,7 +296,9 @@ class Controller:
             log.warning("controller: refused a %s from %s for %r: not relayed", msg.tag, node, address)
             return
         now = time.monotonic()
-        if now - self._last_seen.get(node, 0.0) > SEEN_EVERY_S:
+        # A hello comes only from a process not yet configured: a new one, never a sign that the incarnation the
+        # registry knows is alive (a restarted host's first frame would "revive" the dead process it replaces).
+        if not isinstance(msg, NodeHello) and now - self._last_seen.get(node, 0.0) > SEEN_EVERY_S:
             # Rate-limited: a beat per token would wake the registry's thread for nothing.
             self._last_seen[node] = now
             registry.node_seen(self.directory, node)

@@ -131,7 +131,7 @@ class Node:
             self._remember(msg.migration_id, msg.dest_node)
         if isinstance(msg, NodeConfig):
             if not self.configured.is_set():
-                self.spec = NodeSpec.from_dict(msg.spec)
+                self.spec = NodeSpec.from_dict(msg.spec).on_this_host()  # its paths are this host's own
                 self.configured.set()
         elif isinstance(msg, (Welcome, Heartbeat)):
             pass
