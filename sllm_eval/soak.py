@@ -64,6 +64,7 @@ PROMPTS = [
 """Distinct prompts, used in turn: requests of one prompt must all give its reference tokens."""
 
 RECOVERY_FRACTION = 0.9
+BACKOFF_MAX_S = 5.0
 WINDOW_S = 10
 
 
@@ -187,6 +188,7 @@ class _Client:
                 connector=aiohttp.TCPConnector(limit=0, force_close=True),
                 timeout=aiohttp.ClientTimeout(total=timeout_s, sock_read=timeout_s))
             self.kind = "aiohttp"
+            self.refused: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,)
             self.lost: tuple[type[BaseException], ...] = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
                                                           ConnectionError)
         except ImportError:
@@ -195,6 +197,7 @@ class _Client:
             self.session = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(
                 max_connections=streams * 2, max_keepalive_connections=0))
             self.kind = "httpx"
+            self.refused = (httpx.ConnectError,)
             self.lost = (httpx.TransportError, ConnectionError)
 
     async def close(self) -> None:
@@ -253,6 +256,9 @@ async def _request(client: _Client, cfg: SoakConfig, body: dict[str, Any], out: 
                 out.token_ids.extend(ids)
                 on_tokens(len(ids))
                 out.finish_reason = choice.get("finish_reason") or out.finish_reason
+    except client.refused as exc:
+        # Nothing listens (the front end and its socket are gone): the service is down, no stream was cut.
+        out.status, out.why = "failed", f"cannot connect: {type(exc).__name__}"
     except client.lost as exc:
         out.status = "cut"
         out.why = f"{'stream' if out.headers else 'connection'} lost: {type(exc).__name__}: {exc}"[:300]
@@ -284,7 +290,11 @@ def _router_requests(endpoint: str) -> dict[str, Any]:
 
 
 def _left_running(endpoint: str) -> list[str]:
-    status = _router_requests(endpoint)
+    """The requests the router or an instance still holds; ["(the cluster does not answer)"] when it is down."""
+    try:
+        status = _router_requests(endpoint)
+    except (ConnectionError, RuntimeError) as exc:
+        return [f"(the cluster does not answer: {exc})"]
     ids = {r["request_id"] for r in status.get("requests", [])}
     for inst in status.get("instances", []):
         ids.update(inst.get("requests", []))
@@ -333,6 +343,7 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
 
     async def worker(w: int) -> None:
         k = 0
+        backoff = 0.0
         while time.monotonic() < end:
             prompt = (w + k * cfg.streams) % len(cfg.prompts)
             out = Outcome(w, prompt, time.monotonic() - t0)
@@ -340,8 +351,11 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
             await _request(client, cfg, _body(cfg, prompt), out, on_tokens)
             out.ended_s = time.monotonic() - t0
             k += 1
-            if out.status != "finished" and time.monotonic() < end:
-                await asyncio.sleep(0.2)  # a front end down refuses at once: no busy loop of refusals
+            backoff = 0.0 if out.status == "finished" else min(BACKOFF_MAX_S, max(0.2, backoff * 2))
+            if backoff and time.monotonic() < end:
+                # A cluster that is down refuses at once: a client backs off (0.2 s doubling to 5 s) rather
+                # than record a refusal every millisecond.
+                await asyncio.sleep(backoff)
 
     async def sampler() -> None:
         while not stop_sampling.is_set():
@@ -379,7 +393,7 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
         deadline = time.monotonic() + 30
         while True:
             left = await asyncio.to_thread(_left_running, cfg.client_endpoint)
-            if not left or time.monotonic() > deadline:
+            if not left or left[0].startswith("(") or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)  # polling a condition with a deadline
     return {"config": {**asdict(cfg), "kills": [asdict(k) for k in cfg.kills]}, "client": client.kind,
