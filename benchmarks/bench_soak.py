@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +84,18 @@ def start_cluster(topology: Path, env: dict[str, str], http_port: int | None) ->
             if "http" not in words:
                 proc.terminate()
                 raise SystemExit("the cluster has no HTTP front end (http_port 0)")
-            log = open(topology.parent / "cluster.log", "a")  # noqa: SIM115 - closed with the process
-            log.writelines(lines)
             # The rest of its output goes to a file, read by nobody unless something is to be explained.
-            threading.Thread(target=lambda: [log.write(ln) for ln in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+            threading.Thread(target=_copy_log, args=(proc, lines, topology.parent / "cluster.log"),
+                             daemon=True).start()
             return proc, words[words.index("client") + 2], words[words.index("http") + 2]
     raise SystemExit("sllm up exited before it was ready:\n" + "".join(lines[-40:]))
+
+
+def _copy_log(proc: subprocess.Popen[str], head: list[str], path: Path) -> None:
+    assert proc.stdout is not None
+    with open(path, "a", buffering=1) as log:  # line by line: a daemon thread gets no flush at exit
+        log.writelines(head)
+        log.writelines(proc.stdout)
 
 
 def stop_cluster(proc: subprocess.Popen[str]) -> None:

@@ -370,7 +370,10 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
     async def chaos() -> None:
         for kill in cfg.kills:
             await asyncio.sleep(max(0.0, t0 + kill.at_s - time.monotonic()))
-            kills.append(await _kill(cfg, kill, t0, say, outcomes))
+            # Listed before it is carried out: a kill whose restart the run's end cut short is still recorded.
+            record: dict[str, Any] = {"target": kill.target, "at_s": kill.at_s}
+            kills.append(record)
+            await _kill(cfg, kill, t0, say, outcomes, record)
 
     workers = [asyncio.create_task(worker(w)) for w in range(cfg.streams)]
     side = [asyncio.create_task(sampler()), asyncio.create_task(chaos())]
@@ -402,9 +405,10 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
             "rss": rss, "kills": kills, "left_running": left}
 
 
-async def _kill(cfg: SoakConfig, kill: Kill, t0: float, say: Callable[[str], None],
-                outcomes: list[Outcome]) -> dict[str, Any]:
-    record: dict[str, Any] = {"target": kill.target, "at_s": kill.at_s, "t_s": round(time.monotonic() - t0, 2)}
+async def _kill(cfg: SoakConfig, kill: Kill, t0: float, say: Callable[[str], None], outcomes: list[Outcome],
+                record: dict[str, Any]) -> None:
+    """SIGKILL the target's process, then fill ``record``: which pid, and how soon its role had a new one."""
+    record["t_s"] = round(time.monotonic() - t0, 2)
     try:
         role = kill.target
         if role == "node":
@@ -416,7 +420,7 @@ async def _kill(cfg: SoakConfig, kill: Kill, t0: float, say: Callable[[str], Non
     except (RuntimeError, OSError) as exc:
         record["error"] = str(exc)
         say(f"soak: kill {kill.target} at {record['t_s']}s failed: {exc}")
-        return record
+        return
     record.update(role=role, pid=pid)
     say(f"soak: SIGKILL {role} (pid {pid}) at {record['t_s']}s")
     # Its supervisor starts a new one: how soon (not waited for by the load; the run goes on meanwhile).
@@ -430,7 +434,6 @@ async def _kill(cfg: SoakConfig, kill: Kill, t0: float, say: Callable[[str], Non
         await asyncio.sleep(0.2)  # polling a condition with a deadline
     if role == "http" and cfg.client_endpoint:
         await _cut_cleared(cfg, record, t0, outcomes, say)
-    return record
 
 
 async def _cut_cleared(cfg: SoakConfig, record: dict[str, Any], t0: float, outcomes: list[Outcome],
@@ -487,7 +490,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         rate = _mean(before)
         k["tok_s_before"] = round(rate, 1)
         k["back_to_90pct_after_s"] = None
-        for s in range(0, max(0, len(per_s) - at - WINDOW_S + 1)):
+        for s in range(max(0, len(per_s) - at - WINDOW_S + 1)):
             if rate and _mean(per_s[at + s:at + s + WINDOW_S]) >= RECOVERY_FRACTION * rate:
                 k["back_to_90pct_after_s"] = s  # the first whole 10 s window from here is at 90 % or more
                 break
