@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from sllm_eval.soak import Kill, SoakConfig, run_soak, summarize
+from sllm_eval.soak import Kill, SoakConfig, parse_kills, run_soak, summarize
 
 from .conftest import RunningCluster
 
@@ -61,6 +62,35 @@ def check_counts(raw: dict[str, Any], s: dict[str, Any]) -> None:
     assert s["exactness"]["checked"] == s["finished"], "every finished stream was checked"
     assert s["exactness"]["mismatched"] == 0, s["exactness"]
     assert raw["left_running"] == [], "the cluster still runs requests no stream waits for"
+
+
+def test_kills_parse_and_the_summary_adds_up() -> None:
+    assert parse_kills("http@120, node-1@60,controller@200.5") == [
+        Kill("node-1", 60), Kill("http", 120), Kill("controller", 200.5)]
+    for bad in ("node-1", "@60", "http@soon"):
+        with pytest.raises(ValueError, match="--kill"):
+            parse_kills(bad)
+
+    def outcome(status: str, prompt: int, ids: list[int], why: str = "", headers: bool = True) -> dict[str, Any]:
+        return {"worker": 0, "prompt": prompt, "started_s": 1.0, "ended_s": 2.0, "status": status, "why": why,
+                "request_id": f"r{prompt}", "headers": headers, "finish_reason": "length", "token_ids": ids}
+
+    # 100 tok/s for 30 s, nothing for 5 s after a kill, then 95 tok/s: back to 90 % from 5 s on.
+    raw = {"reference": {"0": [1, 2], "1": [3, 4]}, "wall_s": 50.0, "left_running": [],
+           "tokens_by_s": [100] * 30 + [0] * 5 + [95] * 15,
+           "outcomes": [outcome("finished", 0, [1, 2]), outcome("finished", 1, [3, 5]),
+                        outcome("cut", 0, [1], "stream lost"), outcome("cut", 1, [], "connection lost", False),
+                        outcome("failed", 0, [], "HTTP 503: x")],
+           "kills": [{"target": "node", "at_s": 30, "t_s": 30.0, "role": "node-1", "pid": 1}],
+           "rss": [(0.0, "node-1", 1, 100 << 20), (25.0, "node-1", 1, 110 << 20), (32.0, "node-1", 2, 50 << 20)]}
+    s = summarize(raw)
+    assert (s["requests"], s["finished"], s["failed"], s["cut"], s["cut_mid_stream"]) == (5, 2, 1, 2, 1)
+    assert s["why"] == {"cut: stream lost": 1, "cut: connection lost": 1, "failed: HTTP 503: x": 1}
+    assert s["exactness"]["checked"] == 2 and s["exactness"]["mismatched"] == 1
+    assert s["exactness"]["examples"][0]["first_difference"] == 1
+    assert s["tokens_per_10s"] == [1000, 1000, 1000, 475, 950]
+    assert s["kills"][0]["tok_s_before"] == 100 and s["kills"][0]["back_to_90pct_after_s"] == 5
+    assert s["memory"]["node-1 (pid 1)"]["settled_max_mib"] == 110 and "node-1 (pid 2)" in s["memory"]
 
 
 def test_a_node_killed_under_load_loses_no_request(cluster_factory: Any, tiny_model: Path) -> None:
