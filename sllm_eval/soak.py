@@ -412,6 +412,8 @@ async def _kill(cfg: SoakConfig, kill: Kill, t0: float, say: Callable[[str], Non
     try:
         role = kill.target
         if role == "node":
+            if not cfg.client_endpoint:
+                raise RuntimeError("'node' (the busiest) needs the router's client endpoint (--cluster)")
             role = await asyncio.to_thread(_busiest_node, cfg.client_endpoint)
         pid = cluster_processes(cfg.up_pid).get(role, 0)
         if not pid:
