@@ -123,7 +123,9 @@ class Outcome:
     headers: bool = False
     """The response's headers had come when it ended (a cut after them is a stream cut mid-way)."""
     finish_reason: str = ""
+    tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    """Kept only for the token check (at hundreds of streams for minutes, millions of ids otherwise)."""
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -253,7 +255,9 @@ async def _request(client: _Client, cfg: SoakConfig, body: dict[str, Any], out: 
             out.request_id = out.request_id or f"{payload.get('id', '')}-0"
             for choice in payload.get("choices", []):
                 ids = choice.get("token_ids") or []
-                out.token_ids.extend(ids)
+                out.tokens += len(ids)
+                if cfg.check_tokens:
+                    out.token_ids.extend(ids)
                 on_tokens(len(ids))
                 out.finish_reason = choice.get("finish_reason") or out.finish_reason
     except client.refused as exc:
@@ -399,7 +403,8 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
             if not left or left[0].startswith("(") or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)  # polling a condition with a deadline
-    return {"config": {**asdict(cfg), "kills": [asdict(k) for k in cfg.kills]}, "client": client.kind,
+    config = {**asdict(cfg), "kills": [asdict(k) for k in cfg.kills], "api_key": "***" if cfg.api_key else ""}
+    return {"config": config, "client": client.kind,
             "wall_s": wall, "reference": {str(k): v for k, v in reference.items()},
             "outcomes": [asdict(o) for o in outcomes], "tokens_by_s": tokens_by_s,
             "rss": rss, "kills": kills, "left_running": left}
@@ -407,8 +412,9 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
 
 async def _kill(cfg: SoakConfig, kill: Kill, t0: float, say: Callable[[str], None], outcomes: list[Outcome],
                 record: dict[str, Any]) -> None:
-    """SIGKILL the target's process, then fill ``record``: which pid, and how soon its role had a new one."""
-    record["t_s"] = round(time.monotonic() - t0, 2)
+    """SIGKILL the target's process, then fill ``record``: which pid, when it was killed (``t_s``: a request
+    started after it cannot have reached the killed process), and how soon its role had a new one."""
+    record["t_s"] = round(time.monotonic() - t0, 2)  # replaced by the moment of the kill once it is done
     try:
         role = kill.target
         if role == "node":
@@ -419,6 +425,7 @@ async def _kill(cfg: SoakConfig, kill: Kill, t0: float, say: Callable[[str], Non
         if not pid:
             raise RuntimeError(f"no process for {role!r} under sllm up (pid {cfg.up_pid})")
         os.kill(pid, signal.SIGKILL)
+        record["t_s"] = round(time.monotonic() - t0, 2)
     except (RuntimeError, OSError) as exc:
         record["error"] = str(exc)
         say(f"soak: kill {kill.target} at {record['t_s']}s failed: {exc}")
