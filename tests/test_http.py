@@ -112,6 +112,27 @@ def test_streaming_gives_the_same_text_as_one_response(oai: openai.OpenAI) -> No
     assert streamed[-1].choices[0].finish_reason == done.choices[0].finish_reason
 
 
+def test_return_token_ids_gives_each_choices_tokens(cluster: RunningCluster, base: str) -> None:
+    """vLLM's ``return_token_ids``: the ids streamed delta by delta, and in a whole response, are the ZeroMQ
+    client's for the same greedy request (what bench_soak.py checks streams against); without it, no ids."""
+    want = zmq_text(cluster, "tiny", PROMPT, max_tokens=24, temperature=0.0)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
+    whole = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60).json()
+    assert whole["choices"][0]["token_ids"] == want.token_ids
+    ids: list[int] = []
+    with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, headers=headers,
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[len("data: "):])["choices"]
+                ids += choices[0].get("token_ids", []) if choices else []
+    assert ids == want.token_ids
+    plain = httpx.post(f"{base}/v1/completions", json={**body, "return_token_ids": False}, headers=headers,
+                       timeout=60).json()
+    assert "token_ids" not in plain["choices"][0]
+
+
 def test_n2_and_a_list_of_prompts_are_separate_choices(oai: openai.OpenAI) -> None:
     greedy = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, n=2)
     assert [c.index for c in greedy.choices] == [0, 1]

@@ -290,6 +290,7 @@ class OpenAIServer:
     async def _collect(self, group: Group, job: Job, tracker: _Tracker, first: tuple[int, Any]) -> Response:
         texts = [""] * len(job.choices)
         reasons = [""] * len(job.choices)
+        ids: list[list[int]] = [[] for _ in job.choices]
         item: tuple[int, Any] | None = first
         while item is not None:
             index, msg = item
@@ -297,13 +298,15 @@ class OpenAIServer:
                 tracker.tokens(index, msg)
             elif isinstance(msg, GenerateDone):
                 texts[index] = msg.text
+                ids[index] = list(msg.token_ids)
                 reasons[index] = finish_reason(msg.finish_reason)
                 tracker.done(index, msg)
             elif isinstance(msg, ErrorReply):
                 group.cancel()
                 raise self._error(job, msg)
             item = None if group.finished else await group.next(IDLE_TIMEOUT_S)
-        return JSONResponse(full_response(job, texts, reasons, tracker.prompt_tokens(), tracker.completion_tokens))
+        return JSONResponse(full_response(job, texts, reasons, tracker.prompt_tokens(), tracker.completion_tokens,
+                                          ids))
 
     async def _events(self, group: Group, job: Job, tracker: _Tracker,
                       first: tuple[int, Any]) -> AsyncIterator[bytes]:
@@ -319,11 +322,13 @@ class OpenAIServer:
             while True:
                 out: list[bytes] = []
                 texts: dict[int, list[str]] = {}
+                ids: dict[int, list[int]] = {}
 
                 def flush(index: int) -> None:
                     parts = texts.pop(index, None)
-                    if parts:
-                        out.append(content.frame(index, "".join(parts)))
+                    token_ids = ids.pop(index, None)
+                    if parts or token_ids:
+                        out.append(content.frame(index, "".join(parts or ()), token_ids))
 
                 failed = False
                 for index, msg in batch:
@@ -334,19 +339,21 @@ class OpenAIServer:
                         tracker.tokens(index, msg)
                         if msg.text:
                             texts.setdefault(index, []).append(msg.text)
+                        if job.return_token_ids:
+                            ids.setdefault(index, []).extend(msg.token_ids)
                     elif isinstance(msg, GenerateDone):
                         flush(index)
                         tracker.done(index, msg)
                         out.append(_frame(chunk(job, index, finish=finish_reason(msg.finish_reason))))
                     elif isinstance(msg, ErrorReply):
-                        for i in list(texts):
+                        for i in {*texts, *ids}:
                             flush(i)
                         # Headers went out with the first token; the error can only travel in the stream now.
                         group.cancel()
                         out.append(_frame(self._error(job, msg).body()))
                         failed = True
                         break
-                for i in list(texts):
+                for i in sorted({*texts, *ids}):
                     flush(i)
                 if group.finished or failed:
                     if job.include_usage and not failed:
@@ -382,11 +389,13 @@ class _ContentChunks:
         self.chat = job.kind == "chat"
         self.tail = '],"usage":null}\n\n' if job.include_usage else ']}\n\n'
 
-    def frame(self, index: int, text: str) -> bytes:
+    def frame(self, index: int, text: str, token_ids: list[int] | None = None) -> bytes:
+        # token_ids only when the client asked (return_token_ids), as vLLM puts them: in the choice.
+        ids = f',"token_ids":[{",".join(map(str, token_ids))}]' if token_ids is not None else ""
         if self.chat:
-            body = f'{index},"delta":{{"content":{_encode_str(text)}}},"logprobs":null,"finish_reason":null}}'
+            body = f'{index},"delta":{{"content":{_encode_str(text)}}},"logprobs":null,"finish_reason":null{ids}}}'
         else:
-            body = f'{index},"text":{_encode_str(text)},"logprobs":null,"finish_reason":null}}'
+            body = f'{index},"text":{_encode_str(text)},"logprobs":null,"finish_reason":null{ids}}}'
         return (self.head + body + self.tail).encode()
 
 

@@ -98,6 +98,10 @@ class Job:
     stream: bool
     include_usage: bool
     id: str = field(default_factory=lambda: "")
+    return_token_ids: bool = False
+    """vLLM's extension (``return_token_ids``): each choice (each streamed delta) also carries its tokens' ids,
+    so a client can check a stream token for token (text alone cannot: a resumed request's detokenizer may
+    render a multi-byte character split across the resume differently)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -213,7 +217,7 @@ def _common(body: dict[str, Any], default_max_tokens: int, *, chat: bool) -> dic
     if user is not None and not isinstance(user, str):
         raise bad("user", f"'user' must be a string, got {type(user).__name__}", "invalid_type")
     return {"model": model, "sampling": SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop)), "n": n,
-            "stream": stream, "include_usage": include_usage}
+            "stream": stream, "include_usage": include_usage, "return_token_ids": _flag(body, "return_token_ids")}
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -261,7 +265,8 @@ def parse_chat(body: Any) -> tuple[Job, list[dict[str, str]]]:
     messages = parse_messages(body)
     c = _common(body, DEFAULT_MAX_TOKENS_CHAT, chat=True)
     job = Job(kind="chat", model=c["model"], choices=[], sampling=c["sampling"], stream=c["stream"],
-              include_usage=c["include_usage"], id=f"chatcmpl-{uuid.uuid4().hex}")
+              include_usage=c["include_usage"], id=f"chatcmpl-{uuid.uuid4().hex}",
+               return_token_ids=c["return_token_ids"])
     return _with_n(job, c["n"]), messages
 
 
@@ -293,7 +298,8 @@ def parse_completion(body: Any) -> Job:
     # OpenAI's order: the n choices of the first prompt, then the second prompt's, ...
     choices = [Choice(k * n + i, p, False, k) for k, p in enumerate(prompts) for i in range(n)]
     return Job(kind="completion", model=c["model"], choices=choices, sampling=c["sampling"], stream=c["stream"],
-               include_usage=c["include_usage"], id=f"cmpl-{uuid.uuid4().hex}")
+               include_usage=c["include_usage"], id=f"cmpl-{uuid.uuid4().hex}",
+               return_token_ids=c["return_token_ids"])
 
 
 def finish_reason(reason: str) -> str:
@@ -308,7 +314,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def full_response(job: Job, texts: list[str], reasons: list[str], prompt_tokens: int,
-                  completion_tokens: int) -> dict[str, Any]:
+                  completion_tokens: int, token_ids: list[list[int]] | None = None) -> dict[str, Any]:
     if job.kind == "chat":
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                     "finish_reason": reasons[i]} for i in range(len(texts))]
@@ -317,6 +323,9 @@ def full_response(job: Job, texts: list[str], reasons: list[str], prompt_tokens:
         choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
                    for i in range(len(texts))]
         obj = "text_completion"
+    if job.return_token_ids and token_ids is not None:
+        for choice, ids in zip(choices, token_ids):
+            choice["token_ids"] = ids
     return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "system_fingerprint": None,
             "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 

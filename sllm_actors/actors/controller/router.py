@@ -208,9 +208,16 @@ class RouterActor(SupervisedActor):
                 if rec.instance_id in message.instance_ids:
                     self._resume(rec, message.reason)
         elif isinstance(message, ClientGone):
-            for rec in [r for r in self.requests.values() if r.client == message.peer]:
+            gone = [r for r in self.requests.values() if r.client == message.peer]
+            for rec in gone:
                 log.info("router: client of %s is gone; cancelling it", rec.request_id)
                 self._cancel(rec)
+            if gone:
+                # Once per client (its later failed sends find nothing left): a killed HTTP front end's
+                # streams show in `sllm status` and the TUI as one event, apart from failures.
+                who = message.peer.decode(errors="replace")
+                self.cluster.events.emit("client_gone", f"client {who} is gone: cancelled its {len(gone)} "
+                                         "request(s)", {"client": who, "requests": len(gone)})
         elif isinstance(message, Query):
             return self._query(message.what)
         else:
