@@ -674,12 +674,7 @@ def plot(results_by_policy: dict[str, Sequence[RequestRecord]], png_path: str | 
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(png_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, png_path)
 
 
 def plot_paired(results_by_seed: dict[Any, dict[str, Sequence[RequestRecord]]], paired: dict[str, Any] | None,
@@ -719,13 +714,20 @@ def plot_paired(results_by_seed: dict[Any, dict[str, Sequence[RequestRecord]]], 
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    return _save_figure(fig, png_path)
+
+
+
+def _save_figure(fig: Any, png_path: str | os.PathLike[str]) -> Path:
+    """Lay the figure out, write it as a PNG (its folder made if missing) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(png_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
 
 # ---------------------------------------------------------------------------------------------- clusters
 

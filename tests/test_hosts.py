@@ -135,15 +135,18 @@ def test_each_host_has_its_own_files_and_talks_only_to_the_controller(healthy: H
         stranger.status()
 
 
-def test_a_migration_between_hosts_keeps_the_stream_exact(healthy: HostCluster, expected: list[int]) -> None:
-    cluster = healthy
-    acks: list[str] = []
-
+def _migrate_to_the_other_host(cluster: HostCluster, acks: list[str]) -> Any:
+    """An action for ``_stream``: migrate the request to the node it is not on, its answer kept in ``acks``."""
     def migrate(request_id: str, node: str) -> None:
         with cluster.client() as c:
             acks.append(c.migrate(request_id, _other(node)))
+    return migrate
 
-    seen, done = _stream(cluster, 10, migrate)
+
+def test_a_migration_between_hosts_keeps_the_stream_exact(healthy: HostCluster, expected: list[int]) -> None:
+    cluster = healthy
+    acks: list[str] = []
+    seen, done = _stream(cluster, 10, _migrate_to_the_other_host(cluster, acks))
     assert acks and acks[0].startswith("migrated"), acks
     assert seen == expected and done.token_ids == expected
     assert [m["kind"] for m in done.migrations] == ["migration"], done.migrations
@@ -155,12 +158,7 @@ def test_streams_stay_exact_under_a_bandwidth_limit_and_a_short_cut(healthy: Hos
     for host in cluster.nodes.values():
         host.limit("100mbit")
     acks: list[str] = []
-
-    def migrate(request_id: str, node: str) -> None:
-        with cluster.client() as c:
-            acks.append(c.migrate(request_id, _other(node)))
-
-    seen, done = _stream(cluster, 10, migrate)
+    seen, done = _stream(cluster, 10, _migrate_to_the_other_host(cluster, acks))
     assert acks and acks[0].startswith("migrated"), acks
     assert seen == expected and done.token_ids == expected
 
