@@ -128,8 +128,5 @@ def test_a_killed_http_front_end_cuts_its_streams_and_cancels_their_requests(clu
     log = "".join(cluster.lines)
     for request_id in kill["cut_requests"]:
         assert f"client of {request_id} is gone; cancelling it" in log, request_id
-    with cluster.client() as c:
-        events = [e for e in c.status()["events"] if e["kind"] == "client_gone"]
-    assert events and events[0]["data"]["requests"] >= len(kill["cut_requests"]), events
     after = [o for o in raw["outcomes"] if o["started_s"] > kill["t_s"]]
     assert after and all(o["status"] == "finished" for o in after), "requests after the restart succeed"
