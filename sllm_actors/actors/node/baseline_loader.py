@@ -33,7 +33,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from sllm_actors.actors.node.context import Loaded, NodeContext
-from sllm_actors.actors.node.tier_common import report_load
+from sllm_actors.actors.node.tier_common import hold_to_rate, report_load
 from sllm_actors.runtime.topology import NodeSpec
 
 __all__ = [
@@ -298,9 +298,8 @@ class BaselineLoader:
         weights = sum(p.stat().st_size for p in copy.glob("*.safetensors"))
         if self.spec.ssd_bandwidth:
             # The topology caps the local disk's reads (our SSD tier's loads are held to the same figure).
-            pause = weights / self.spec.ssd_bandwidth - read_s
-            if pause > 0:
-                time.sleep(pause)
+            pause = hold_to_rate(weights, self.spec.ssd_bandwidth, read_s)
+            if pause:
                 parts["throttle"] = pause
         if tokenizer is None:
             raise ValueError(f"{copy.name}: the checkpoint has no tokenizer files")

@@ -24,7 +24,7 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.actors.node.tier_common import Bandwidth
+from sllm_actors.actors.node.tier_common import Bandwidth, hold_to_rate
 from sllm_actors.messages import Fetch, TierLoaded
 from sllm_actors.models import directory_bytes, resolve_source, sllm_home
 from sllm_actors.actors.node.context import NodeContext
@@ -68,7 +68,7 @@ class RepositoryTierActor(SupervisedActor):
             path = resolve_source(message.source)
             size = directory_bytes(Path(path))
             if self.limit:
-                time.sleep(max(0.0, size / self.limit - (time.perf_counter() - started)))
+                hold_to_rate(size, self.limit, time.perf_counter() - started)
             self.known[message.model] = size
             self._publish()
             return path

@@ -26,7 +26,7 @@ from sllm_actors.actors.node.dram_tier import DramTierActor
 from sllm_actors.actors.node.repository_tier import RepositoryTierActor
 from sllm_actors.actors.node import ssd_tier
 from sllm_actors.actors.node.ssd_tier import SsdTierActor
-from sllm_actors.actors.node.tier_common import drop_copy, release_lease, report_load
+from sllm_actors.actors.node.tier_common import drop_copy, hold_to_rate, release_lease, report_load
 from sllm_actors.messages import Fetch, TierLookup
 from sllm_actors.actors.node.context import Loaded, NodeContext
 from sllm_actors.runtime.supervisor import ChildSpec
@@ -326,9 +326,8 @@ class StorageClient:
         nbytes = checkpoint_size(path)
         if tier == "ssd" and self.spec.ssd_bandwidth:
             # The topology caps this tier's bandwidth (an experiment on one machine): honour it.
-            pause = nbytes / self.spec.ssd_bandwidth - seconds
-            if pause > 0:
-                time.sleep(pause)
+            pause = hold_to_rate(nbytes, self.spec.ssd_bandwidth, seconds)
+            if pause:
                 seconds += pause
                 parts["throttle"] = pause
         if tier in ("ssd", "dram"):

@@ -10,7 +10,15 @@ from pathlib import Path
 from sllm_actors.messages import TierDrop, TierLoaded, TierRelease
 from sllm_actors.runtime.supervisor import Directory
 
-__all__ = ["Bandwidth", "drop_copy", "measure_disk_read", "measure_host_copy", "release_lease", "report_load"]
+__all__ = [
+    "Bandwidth",
+    "drop_copy",
+    "hold_to_rate",
+    "measure_disk_read",
+    "measure_host_copy",
+    "release_lease",
+    "report_load",
+]
 
 PROBE_BYTES = 64 * 1024 * 1024
 
@@ -34,6 +42,17 @@ def drop_copy(directory: Directory, tier: str, model: str, reason: str) -> bool:
 def report_load(directory: Directory, tier: str, model: str, nbytes: int, seconds: float) -> bool:
     """A real load read ``nbytes`` from ``tier`` in ``seconds``: it refines the tier's measured bandwidth."""
     return directory.tell(tier, TierLoaded(model, nbytes, seconds))
+
+
+def hold_to_rate(nbytes: int, rate: float, elapsed: float) -> float:
+    """Sleep until moving ``nbytes`` has taken at least what ``rate`` bytes/s allows (the topology's stated
+    bandwidth of a link or disk, so an experiment on one machine sees it), ``elapsed`` seconds having passed.
+    Returns the pause (0 when the work was slower than the rate already)."""
+    pause = nbytes / rate - elapsed
+    if pause <= 0:
+        return 0.0
+    time.sleep(pause)
+    return pause
 
 
 class Bandwidth:
