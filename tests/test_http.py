@@ -211,6 +211,8 @@ def test_a_conversation_is_rendered_with_the_models_template(cluster: RunningClu
     ({"extra_body": {"max_tokens": 1.5}}, "max_tokens"),
     ({"logprobs": 2}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"extra_body": {"cache_salt": ""}}, "cache_salt"),
+    ({"extra_body": {"cache_salt": 7}}, "cache_salt"),
 ])
 def test_bad_parameters_are_a_400_naming_the_parameter(oai: openai.OpenAI, kwargs: dict[str, Any], param: str) -> None:
     args: dict[str, Any] = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, **kwargs}
@@ -487,6 +489,19 @@ def test_http_port_in_the_topology_is_checked(tmp_path: Path) -> None:
         parse_topology({**base, "controller": {"http_port": 70000}}, tmp_path / "t.yaml")
     with pytest.raises(TopologyError, match=r"controller: ports must differ"):
         parse_topology({**base, "controller": {"http_port": 7700}}, tmp_path / "t.yaml")
+
+
+def test_each_api_key_salts_its_own_prefix_cache() -> None:
+    from sllm_actors.http.openai_api import parse_completion, tenant_salt
+
+    a, b = tenant_salt("sk-tenant-a"), tenant_salt("sk-tenant-b")
+    assert a and b and a != b, "two tenants never share prefix blocks"
+    assert "sk-tenant-a" not in a, "the salt travels to every node: never the key itself"
+    assert tenant_salt("sk-tenant-a") == a, "one tenant's requests share with each other"
+    assert tenant_salt("sk-tenant-a", "chat-7") not in (a, tenant_salt("sk-tenant-b", "chat-7"))
+    assert tenant_salt("", "chat-7") == "chat-7" and tenant_salt("") == "", "an open front end: the request's own"
+    job = parse_completion({"model": "tiny", "prompt": "hi", "cache_salt": "chat-7"})
+    assert job.cache_salt == "chat-7"
 
 
 def test_api_keys_from_flags_and_the_environment() -> None:

@@ -39,6 +39,7 @@ from sllm_actors.http.openai_api import (
     full_response,
     parse_chat,
     parse_completion,
+    tenant_salt,
     usage_chunk,
 )
 from sllm_actors.messages import ErrorReply, GenerateDone, GenerateRequest, TokenChunk
@@ -114,14 +115,15 @@ class OpenAIServer:
         self.metrics.http_errors.labels("500").inc()
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: Request) -> str:
+        """The caller's API key ("" where HTTP is open), or a 401."""
         from sllm_actors.runtime.security import CLIENT, OPERATOR, api_key_role, keys_dir
 
         # Keys given to this front end (--api-key, SLLM_API_KEY), and the cluster's own API keys
         # (keys/api_keys, one role each, revoked by deleting their line): with neither, HTTP is open.
         ring = keys_dir() / "api_keys"
         if not self.api_keys and not ring.is_file():
-            return
+            return ""
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
@@ -130,10 +132,11 @@ class OpenAIServer:
         given = key.strip().encode()
         # Every key compared, each in constant time: the answer's timing says nothing about which is close.
         if any([hmac.compare_digest(given, k) for k in self.api_keys]):
-            return
+            return key.strip()
         peer = api_key_role(key.strip(), ring.parent)
         if peer is None or peer.role not in (CLIENT, OPERATOR):
             raise ApiError(401, "incorrect API key", type="invalid_request_error", code="invalid_api_key")
+        return key.strip()
 
     async def _body(self, request: Request) -> Any:
         raw = await request.body()
@@ -220,8 +223,9 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request) -> Response:
         t0 = time.monotonic()
-        self._authorize(request)
+        api_key = self._authorize(request)
         job, messages = parse_chat(await self._body(request))
+        job = replace(job, cache_salt=tenant_salt(api_key, job.cache_salt))
         source = await self._model_source(job.model)
         if len(messages) == 1 and messages[0]["role"] == "user":
             # Exactly what `sllm generate --chat` sends: the instance applies the model's template.
@@ -233,8 +237,9 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         t0 = time.monotonic()
-        self._authorize(request)
+        api_key = self._authorize(request)
         job = parse_completion(await self._body(request))
+        job = replace(job, cache_salt=tenant_salt(api_key, job.cache_salt))
         await self._model_source(job.model)
         return await self._serve(request, job, t0)
 
@@ -244,6 +249,7 @@ class OpenAIServer:
         return [
             GenerateRequest(
                 request_id=f"{job.id}-{c.index}", model=job.model, prompt=c.prompt, chat=c.chat,
+                cache_salt=job.cache_salt,
                 **replace(job.sampling, seed=None if seed is None else seed + c.index).fields(),
             )
             for c in job.choices

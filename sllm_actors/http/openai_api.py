@@ -8,6 +8,7 @@ that silently differs from what was asked.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ __all__ = [
     "full_response",
     "parse_chat",
     "parse_completion",
+    "tenant_salt",
     "usage",
     "usage_chunk",
 ]
@@ -103,6 +105,18 @@ class Job:
     so a client can check a stream token for token (text alone cannot: a resumed request's detokenizer may
     render a multi-byte character split across the resume differently)."""
     created: int = field(default_factory=lambda: int(time.time()))
+    cache_salt: str = ""
+    """vLLM's ``cache_salt``: requests share cached prompt prefixes only under equal salts. The front end adds
+    the caller's API key to it (``tenant_salt``), so tenants never share prefix blocks with each other."""
+
+
+def tenant_salt(api_key: str, requested: str = "") -> str:
+    """The prefix-cache salt of a request: its API key's digest (never the key: the salt travels to every node)
+    and the salt the request asked for, so a tenant can also keep its own requests apart."""
+    if not api_key:
+        return requested
+    digest = hashlib.sha256(api_key.encode()).hexdigest()[:32]
+    return f"{digest}:{requested}" if requested else digest
 
 
 def _number(body: dict[str, Any], key: str, default: float) -> float:
@@ -216,8 +230,12 @@ def _common(body: dict[str, Any], default_max_tokens: int, *, chat: bool) -> dic
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad("user", f"'user' must be a string, got {type(user).__name__}", "invalid_type")
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise bad("cache_salt", f"'cache_salt' must be a non-empty string, got {salt!r}", "invalid_type")
     return {"model": model, "sampling": SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop)), "n": n,
-            "stream": stream, "include_usage": include_usage, "return_token_ids": _flag(body, "return_token_ids")}
+            "stream": stream, "include_usage": include_usage, "return_token_ids": _flag(body, "return_token_ids"),
+            "cache_salt": salt or ""}
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -266,7 +284,7 @@ def parse_chat(body: Any) -> tuple[Job, list[dict[str, str]]]:
     c = _common(body, DEFAULT_MAX_TOKENS_CHAT, chat=True)
     job = Job(kind="chat", model=c["model"], choices=[], sampling=c["sampling"], stream=c["stream"],
               include_usage=c["include_usage"], id=f"chatcmpl-{uuid.uuid4().hex}",
-               return_token_ids=c["return_token_ids"])
+              return_token_ids=c["return_token_ids"], cache_salt=c["cache_salt"])
     return _with_n(job, c["n"]), messages
 
 
@@ -299,7 +317,7 @@ def parse_completion(body: Any) -> Job:
     choices = [Choice(k * n + i, p, False, k) for k, p in enumerate(prompts) for i in range(n)]
     return Job(kind="completion", model=c["model"], choices=choices, sampling=c["sampling"], stream=c["stream"],
                include_usage=c["include_usage"], id=f"cmpl-{uuid.uuid4().hex}",
-               return_token_ids=c["return_token_ids"])
+               return_token_ids=c["return_token_ids"], cache_salt=c["cache_salt"])
 
 
 def finish_reason(reason: str) -> str:
