@@ -74,9 +74,12 @@ def start_cluster(workdir: Path, model_dir: Path, threads: int) -> tuple[subproc
     }
     path = workdir / "topology.yaml"
     path.write_text(yaml.safe_dump(topo))
+    # This process's ZeroMQ side is an operator of the cluster it starts: it finds the keys `sllm up` makes
+    # under the same $SLLM_HOME (without them CURVE refuses its handshake and it retries forever).
+    os.environ["SLLM_HOME"] = str(workdir / "home")
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "up", str(path), "--headless"], cwd=workdir,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "SLLM_HOME": str(workdir / "home"), "SLLM_LOG_LEVEL": "WARNING"})
+                            env={**os.environ, "SLLM_LOG_LEVEL": "WARNING"})
     assert proc.stdout is not None
     deadline = time.monotonic() + 180
     for line in proc.stdout:
