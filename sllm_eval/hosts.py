@@ -51,8 +51,10 @@ __all__ = [
     "HostCluster",
     "Hosts",
     "HostsError",
+    "RepositoryHost",
     "faults_unavailable_reason",
     "start_cluster",
+    "start_repository",
     "sweep_stale",
     "unavailable_reason",
 ]
@@ -544,18 +546,49 @@ class HostCluster:
             proc.wait(timeout=10)
 
 
-def start_cluster(hosts: Hosts, models: dict[str, Path], *, controller: str = "controller",
+@dataclass
+class RepositoryHost:
+    """A model repository served over HTTP from a host of its own (``sllm_eval.repository_server``)."""
+
+    host: Host
+    root: Path
+    url: str
+    """``http://ADDRESS:PORT/``: a model in ``root/NAME`` is ``url + NAME + "/"``."""
+    proc: subprocess.Popen[str]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def start_repository(host: Host, root: Path, port: int = 8080, python: str = sys.executable) -> RepositoryHost:
+    """Serve ``root`` (a directory in ``host``'s home, which no other host can open) on ``host``'s address."""
+    proc = host.popen([python, "-m", "sllm_eval.repository_server", str(root), "--host", host.address,
+                       "--port", str(port)], env=_host_env(host), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("ready: "):
+        proc.kill()
+        raise HostsError(f"the repository server on {host.name} did not start: {line}{proc.stdout.read()}")
+    return RepositoryHost(host, root, line.removeprefix("ready: "), proc)
+
+
+def start_cluster(hosts: Hosts, models: dict[str, Path | str], *, controller: str = "controller",
                   nodes: Sequence[str] = ("node-a", "node-b"), http_port: int = 0, memory: str = "1GiB",
                   scheduler: dict[str, Any] | None = None, model_options: dict[str, Any] | None = None,
                   python: str = sys.executable, ready_timeout: float = 120.0) -> HostCluster:
     """Keys, topology, ``sllm up`` and the nodes, the README's way; returns once ``sllm up`` says ready.
 
     ``models``: name -> a checkpoint directory in one of the hosts' shared directories (prepared before the
-    hosts start: no host downloads anything). The topology names no SSD path, so each node's tiers are under
-    its own ``$SLLM_HOME``."""
+    hosts start: no host downloads anything), or the ``http://`` URL of one on a repository host
+    (:func:`start_repository`; its root URL goes into the topology's ``repositories``). The topology names no SSD
+    path, so each node's tiers are under its own ``$SLLM_HOME``."""
     ctl = hosts[controller]
     topology = ctl.home / "topology.yaml"
-    roots = sorted({str(p.parent) for p in models.values()})
+    urls = {name: str(s) for name, s in models.items() if str(s).startswith(("http://", "https://"))}
+    roots = sorted({str(Path(p).parent) for name, p in models.items() if name not in urls})
+    repositories = sorted({u.rstrip("/").rsplit("/", 1)[0] + "/" for u in urls.values()})
     topology.write_text(yaml.safe_dump({
         "controller": {"host": ctl.address, **CONTROLLER_PORTS, "http_port": http_port},
         "nodes": [{"name": name, "host": name, "gpus": [{"device": "cpu", "memory": memory}], "threads": 1,
@@ -563,6 +596,7 @@ def start_cluster(hosts: Hosts, models: dict[str, Path], *, controller: str = "c
         "models": [{"name": name, "source": str(path), "keep_alive": "5m", **(model_options or {})}
                    for name, path in models.items()],
         "models_roots": roots,
+        **({"repositories": repositories} if repositories else {}),
         **({"scheduler": scheduler} if scheduler else {}),
     }, sort_keys=False))
     env = _host_env(ctl)
