@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_migration as bm  # noqa: E402 (after the path it needs)
+import bench_migration as bm
 
 NODES = ("node-1", "node-2")
 

@@ -274,10 +274,8 @@ class Host:
             raise ValueError(f"loss {percent}% is not a percentage")
         rules = [f"flush chain ip {_FAULTS_TABLE} loss_in", f"flush chain ip {_FAULTS_TABLE} loss_out"]
         if n:
-            rules += [f'add rule ip {_FAULTS_TABLE} loss_in iifname "eth0" numgen random mod 10000 < {n} '
-                      f'counter name "lost" drop',
-                      f'add rule ip {_FAULTS_TABLE} loss_out oifname "eth0" numgen random mod 10000 < {n} '
-                      f'counter name "lost" drop']
+            rules += [f'add rule ip {_FAULTS_TABLE} loss_{way} {way[0]}ifname "eth0" numgen random mod 10000 < {n} '
+                      'counter name "lost" drop' for way in ("in", "out")]
         _nft(self.netns, "\n".join(rules))
 
     def lost(self) -> int:
