@@ -266,3 +266,20 @@ def test_delay_and_loss_are_on_the_link_and_outlive_a_host_kill(tmp_path: Path) 
         echo()
         assert len(round_trips(3)) == 3
     assert all(r is not None and r.wait(10) is not None for r in relays), "the relays stop with the hosts"
+
+
+def test_the_relays_and_rules_go_with_the_hosts_when_the_code_inside_fails(tmp_path: Path) -> None:
+    import subprocess
+
+    reason = faults_unavailable_reason()
+    if reason:
+        pytest.skip(f"no faults on links here: {reason}")
+    with pytest.raises(RuntimeError, match="a test failed"), Hosts(tmp_path, ["one"], faults=True) as hosts:
+        one = hosts["one"]
+        relay = one.relay
+        one.delay(DELAY_MS)
+        one.loss(LOSS_PERCENT)
+        raise RuntimeError("a test failed")
+    assert relay is not None and relay.wait(10) is not None, "the relay stopped"
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert one.netns not in netns, "the namespace (and the rules in it) removed"
