@@ -6,6 +6,7 @@ link it made.
 
     sudo .venv/bin/python demo/hosts.py            # needs root (network namespaces) and iproute2
     sudo .venv/bin/python demo/hosts.py --smoke    # bring it up, stream one answer, tear it down
+    sudo .venv/bin/python demo/hosts.py --delay-ms 20 --loss 1    # every link delayed and lossy (needs nftables)
 
 The models are tiny random-weight ones made before the hosts start (``sllm_eval.tiny_models``), in a
 repository directory every host reads (read-only). Faults to try while it runs are printed with the rest.
@@ -25,7 +26,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sllm_actors.client import Completion, TokenEvent
-from sllm_eval.hosts import HostCluster, Hosts, start_cluster, sweep_stale, unavailable_reason
+from sllm_eval.hosts import (
+    HostCluster,
+    Hosts,
+    faults_unavailable_reason,
+    start_cluster,
+    sweep_stale,
+    unavailable_reason,
+)
 from sllm_eval.tiny_models import make_tiny_model
 
 NODES = ("node-a", "node-b")
@@ -52,6 +60,9 @@ def _explain(cluster: HostCluster) -> None:
     print(f"  ip link set {a.veth} down; sleep 8; ip link set {a.veth} up    # cut {a.name} off, then heal")
     print(f"  tc qdisc replace dev {a.veth} root tbf rate 100mbit burst 32kbit latency 400ms    # a slow link")
     print(f"  kill -9 $(ip netns pids {a.netns})    # the whole host stops")
+    if a.relay is not None:
+        print(f"  ip netns exec {a.netns} nft list table ip sllm_faults    # {a.name}'s loss rule and its count "
+              f"(demo/hosts.py --delay-ms/--loss set them)")
     print(f"  ip netns exec {a.netns} ss -tn    # {a.name}'s connections: only to {cluster.controller.address}")
     print(f"\nlogs: {cluster.controller.home}/controller.log, "
           + ", ".join(f"{h.home}/{h.name}.log" for h in cluster.nodes.values()))
@@ -75,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                         "new temporary directory)")
     parser.add_argument("--http-port", type=int, default=8000, help="the controller host's HTTP API (0: off)")
     parser.add_argument("--smoke", action="store_true", help="stream one answer, then tear down")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="delay on every link, each way (a TCP relay)")
+    parser.add_argument("--loss", type=float, default=0.0, help="percent of packets dropped on every link, each way")
     args = parser.parse_args(argv)
-    reason = unavailable_reason()
+    faults = bool(args.delay_ms or args.loss)
+    reason = faults_unavailable_reason() if faults else unavailable_reason()
     if reason:
         print(f"cannot make hosts here: {reason}", file=sys.stderr)
         return 2
@@ -90,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Hosts(root, ["controller", *NODES], shared=[repository]) as hosts:
+    with Hosts(root, ["controller", *NODES], shared=[repository], faults=faults) as hosts:
         print(f"hosts on {hosts.subnet}.0/24 (bridge {hosts.bridge}); starting the cluster ...")
+        if faults:
+            for host in hosts.hosts.values():
+                host.delay(args.delay_ms)
+                host.loss(args.loss)
+            print(f"every link: {args.delay_ms:g} ms each way, {args.loss:g} % of packets dropped each way")
         cluster = start_cluster(hosts, {"slow": repository / "slow"}, nodes=NODES, http_port=args.http_port)
         code = 0
         try:

@@ -11,7 +11,11 @@ goes only to addresses assigned here (one private /24, checked unused).
 :class:`Hosts` removes every process, namespace, link and bridge it made on :meth:`Hosts.close` (also from a
 ``finally`` after a failure), and :func:`sweep_stale` removes what a killed run left behind (names carry the
 owning pid). Faults on a host's link: :meth:`Host.cut` / :meth:`Host.heal` (``ip link set down/up``),
-:meth:`Host.limit` (a ``tbf`` bandwidth limit both ways), :meth:`Host.kill_all` (every process SIGKILLed).
+:meth:`Host.limit` (a ``tbf`` bandwidth limit both ways), :meth:`Host.kill_all` (every process SIGKILLed), and
+with ``Hosts(..., faults=True)`` :meth:`Host.delay` (every TCP byte across the link held that long each way, by a
+user-space relay: ``sllm_eval.link_relay`` says why and what it does not model) and :meth:`Host.loss` (a share of
+the link's packets dropped each way, an nftables ``numgen`` rule in the host's namespace; :meth:`Host.lost` counts
+them). The kernel here has no netem, so these stand in for ``tc qdisc ... netem delay 20ms loss 1%``.
 
 :func:`start_cluster` brings up ``sllm up`` on one host and ``sllm node --join`` on others, with keys made by
 ``sllm keys init`` on the controller's host and each node's key file copied to its host, as the README says.
@@ -47,7 +51,10 @@ __all__ = [
     "HostCluster",
     "Hosts",
     "HostsError",
+    "RepositoryHost",
+    "faults_unavailable_reason",
     "start_cluster",
+    "start_repository",
     "sweep_stale",
     "unavailable_reason",
 ]
@@ -94,6 +101,16 @@ def unavailable_reason() -> str:
     if made.returncode != 0:
         return f"ip netns add failed: {made.stderr.strip()}"
     _ip("netns", "del", probe, check=False)
+    return ""
+
+
+def faults_unavailable_reason() -> str:
+    """Why delay and loss cannot be put on links here ('' when they can), on top of :func:`unavailable_reason`."""
+    reason = unavailable_reason()
+    if reason:
+        return reason
+    if shutil.which("nft") is None:
+        return "nft is not installed (Debian: apt-get install nftables); delay and loss need it"
     return ""
 
 
@@ -185,6 +202,8 @@ class Host:
     """Directories this host must not see (the other hosts' homes): empty tmpfs mounts in its processes."""
     shared_ro: tuple[Path, ...]
     """Directories every host reads (the model repository): read-only in its processes."""
+    relay: subprocess.Popen[str] | None = None
+    """The link's delay relay (``Hosts(faults=True)``), in the caller's namespace: it outlives :meth:`kill_all`."""
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run on this host: in its network namespace and a mount namespace of its own."""
@@ -228,12 +247,117 @@ class Host:
         _sh(["tc", "qdisc", "del", "dev", self.veth, "root"], check=False)
         _sh(["ip", "netns", "exec", self.netns, "tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
 
+    def _need_faults(self) -> subprocess.Popen[str]:
+        if self.relay is None:
+            raise HostsError(f"{self.name}: delay and loss need Hosts(..., faults=True)")
+        return self.relay
+
+    def delay(self, ms: float) -> None:
+        """Every TCP byte crossing the link waits ``ms`` each way from now on (0: none), also on connections
+        already open; returns once the relay applies it."""
+        relay = self._need_faults()
+        assert relay.stdin is not None and relay.stdout is not None
+        if relay.poll() is not None:
+            raise HostsError(f"{self.name}: the link's relay exited ({relay.returncode})")
+        relay.stdin.write(f"delay {float(ms)}\n")
+        relay.stdin.flush()
+        answer = relay.stdout.readline().strip()
+        if answer != "ok":
+            raise HostsError(f"{self.name}: the link's relay answered {answer!r} to a delay")
+
+    def loss(self, percent: float) -> None:
+        """Drop ``percent`` % of the packets crossing the link, each way, at random (0: none); :meth:`lost`
+        counts them."""
+        self._need_faults()
+        n = round(percent * 100)
+        if not 0 <= n <= 10000:
+            raise ValueError(f"loss {percent}% is not a percentage")
+        rules = [f"flush chain ip {_FAULTS_TABLE} loss_in", f"flush chain ip {_FAULTS_TABLE} loss_out"]
+        if n:
+            rules += [f'add rule ip {_FAULTS_TABLE} loss_{way} {way[0]}ifname "eth0" numgen random mod 10000 < {n} '
+                      'counter name "lost" drop' for way in ("in", "out")]
+        _nft(self.netns, "\n".join(rules))
+
+    def lost(self) -> int:
+        """Packets the loss rule dropped on this link so far (both ways)."""
+        self._need_faults()
+        out = _sh(["ip", "netns", "exec", self.netns, "nft", "list", "counter", "ip", _FAULTS_TABLE, "lost"]).stdout
+        m = re.search(r"packets (\d+)", out)
+        if m is None:
+            raise HostsError(f"{self.name}: no packet count in {out!r}")
+        return int(m.group(1))
+
+    def clear_faults(self) -> None:
+        """No delay and no loss on the link (cuts and limits have :meth:`heal` and :meth:`unlimit`)."""
+        if self.relay is not None:
+            self.delay(0)
+            self.loss(0)
+
+    def _start_faults(self) -> None:
+        """The link's relay, and the nftables rules that send the host's TCP through it and drop its losses."""
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", ""))
+                                                           if p)}
+        self.relay = subprocess.Popen([sys.executable, "-m", "sllm_eval.link_relay", "--netns", self.netns],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        assert self.relay.stdout is not None
+        ready = self.relay.stdout.readline().split()
+        if len(ready) != 3 or ready[0] != "ready":
+            raise HostsError(f"{self.name}: the link's relay did not start: {' '.join(ready)}")
+        port_in, port_out = int(ready[1]), int(ready[2])
+        from sllm_eval.link_relay import RELAY_MARK
+
+        _nft(self.netns, f"""table ip {_FAULTS_TABLE} {{
+  counter lost {{ }}
+  chain to_relay_in {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "eth0" meta l4proto tcp redirect to :{port_in}
+  }}
+  chain to_relay_out {{
+    type nat hook output priority -100; policy accept;
+    meta mark {RELAY_MARK:#x} return
+    oifname "eth0" meta l4proto tcp redirect to :{port_out}
+  }}
+  chain loss_in {{
+    type filter hook input priority filter; policy accept;
+  }}
+  chain loss_out {{
+    type filter hook output priority filter; policy accept;
+  }}
+}}""")
+
+    def _stop_faults(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is None:
+            return
+        assert relay.stdin is not None
+        relay.stdin.close()  # the relay exits when its stdin closes
+        try:
+            relay.wait(10)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+            relay.wait(10)
+        if relay.stdout is not None:
+            relay.stdout.close()
+
+
+_FAULTS_TABLE = "sllm_faults"
+
+
+def _nft(netns: str, script: str) -> None:
+    run = subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=script, capture_output=True,
+                         text=True, timeout=30, check=False)
+    if run.returncode != 0:
+        raise HostsError(f"nft in {netns}: {run.stderr.strip() or run.returncode}\n{script}")
+
 
 class Hosts:
     """Hosts ``names`` under ``root`` (each host's home is ``root/hosts/NAME``), with ``shared`` directories
-    read-only on every host. Use as a context manager, or call :meth:`close` in a ``finally``."""
+    read-only on every host. ``faults=True`` puts every host's TCP through its link's delay relay and readies its
+    loss rule (both idle until :meth:`Host.delay` / :meth:`Host.loss`); it needs ``nft``. Use as a context manager,
+    or call :meth:`close` in a ``finally``."""
 
-    def __init__(self, root: Path, names: Sequence[str], shared: Sequence[Path] = ()) -> None:
+    def __init__(self, root: Path, names: Sequence[str], shared: Sequence[Path] = (), *,
+                 faults: bool = False) -> None:
         self.root = Path(root)
         # The pid says whose they are; the letter tells apart several Hosts of one process.
         self.tag = f"{os.getpid()}{chr(ord('a') + next(_instances) % 26)}"
@@ -251,8 +375,12 @@ class Hosts:
                 self._made_links.append(self.bridge)
                 _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
                 _ip("link", "set", self.bridge, "up")
+            if faults and shutil.which("nft") is None:
+                raise HostsError(faults_unavailable_reason())
             for i, name in enumerate(names):
                 self._add(i, name, homes, tuple(Path(s) for s in shared))
+                if faults:
+                    self.hosts[name]._start_faults()
         except BaseException:
             self.close()
             raise
@@ -291,6 +419,8 @@ class Hosts:
     def close(self) -> None:
         """Every process, namespace, link and the bridge this made, gone; safe to call twice."""
         problems = []
+        for host in self.hosts.values():  # first: a relay holds sockets in its host's namespace
+            host._stop_faults()
         for netns in self._made_netns:
             try:
                 _kill_netns(netns)
@@ -414,18 +544,49 @@ class HostCluster:
             proc.wait(timeout=10)
 
 
-def start_cluster(hosts: Hosts, models: dict[str, Path], *, controller: str = "controller",
+@dataclass
+class RepositoryHost:
+    """A model repository served over HTTP from a host of its own (``sllm_eval.repository_server``)."""
+
+    host: Host
+    root: Path
+    url: str
+    """``http://ADDRESS:PORT/``: a model in ``root/NAME`` is ``url + NAME + "/"``."""
+    proc: subprocess.Popen[str]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def start_repository(host: Host, root: Path, port: int = 8080, python: str = sys.executable) -> RepositoryHost:
+    """Serve ``root`` (a directory in ``host``'s home, which no other host can open) on ``host``'s address."""
+    proc = host.popen([python, "-m", "sllm_eval.repository_server", str(root), "--host", host.address,
+                       "--port", str(port)], env=_host_env(host), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("ready: "):
+        proc.kill()
+        raise HostsError(f"the repository server on {host.name} did not start: {line}{proc.stdout.read()}")
+    return RepositoryHost(host, root, line.removeprefix("ready: "), proc)
+
+
+def start_cluster(hosts: Hosts, models: dict[str, Path | str], *, controller: str = "controller",
                   nodes: Sequence[str] = ("node-a", "node-b"), http_port: int = 0, memory: str = "1GiB",
                   scheduler: dict[str, Any] | None = None, model_options: dict[str, Any] | None = None,
                   python: str = sys.executable, ready_timeout: float = 120.0) -> HostCluster:
     """Keys, topology, ``sllm up`` and the nodes, the README's way; returns once ``sllm up`` says ready.
 
     ``models``: name -> a checkpoint directory in one of the hosts' shared directories (prepared before the
-    hosts start: no host downloads anything). The topology names no SSD path, so each node's tiers are under
-    its own ``$SLLM_HOME``."""
+    hosts start: no host downloads anything), or the ``http://`` URL of one on a repository host
+    (:func:`start_repository`; its root URL goes into the topology's ``repositories``). The topology names no SSD
+    path, so each node's tiers are under its own ``$SLLM_HOME``."""
     ctl = hosts[controller]
     topology = ctl.home / "topology.yaml"
-    roots = sorted({str(p.parent) for p in models.values()})
+    urls = {name: str(s) for name, s in models.items() if str(s).startswith(("http://", "https://"))}
+    roots = sorted({str(Path(p).parent) for name, p in models.items() if name not in urls})
+    repositories = sorted({u.rstrip("/").rsplit("/", 1)[0] + "/" for u in urls.values()})
     topology.write_text(yaml.safe_dump({
         "controller": {"host": ctl.address, **CONTROLLER_PORTS, "http_port": http_port},
         "nodes": [{"name": name, "host": name, "gpus": [{"device": "cpu", "memory": memory}], "threads": 1,
@@ -433,6 +594,7 @@ def start_cluster(hosts: Hosts, models: dict[str, Path], *, controller: str = "c
         "models": [{"name": name, "source": str(path), "keep_alive": "5m", **(model_options or {})}
                    for name, path in models.items()],
         "models_roots": roots,
+        **({"repositories": repositories} if repositories else {}),
         **({"scheduler": scheduler} if scheduler else {}),
     }, sort_keys=False))
     env = _host_env(ctl)

@@ -7,7 +7,9 @@ library's ``SimpleHTTPRequestHandler`` ignores ``Range`` (answers 200 with the w
 serves with it, the whole-file case.
 
 Threads per connection (``ThreadingHTTPServer``), HTTP/1.1 keep-alive, bound to 127.0.0.1 on a free port;
-``stop()`` shuts it down and closes its socket.
+``stop()`` shuts it down and closes its socket. As a program it serves a directory on a host of its own
+(``sllm_eval.hosts``): ``python -m sllm_eval.repository_server ROOT --host ADDR [--port P]`` prints
+``ready: URL`` and serves until killed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, Thread
 from pathlib import Path
 from typing import Any, Self
 
-__all__ = ["Faults", "RepositoryServer", "serve"]
+__all__ = ["Faults", "RepositoryServer", "main", "serve"]
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
@@ -164,3 +166,27 @@ def serve(root: str | os.PathLike[str], *, ranges: bool = True, faults: Faults |
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return RepositoryServer(server, requests)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description="serve a model repository directory over HTTP (with Range)")
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with serve(args.root, host=args.host, port=args.port) as server:
+        print(f"ready: {server.url}", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
