@@ -125,3 +125,40 @@ def test_report_names_each_gpu_state_and_reason() -> None:
     assert "injected" in by[GPU]["reason"]
     assert by[("node-3", 0)]["state"] == "cordoned"
     assert report["nodes"] == {"node-3": {"state": "cordoned", "reason": "maintenance"}}
+
+
+# ------------------------------------------------------------------ where the health shows (no cluster needed)
+
+SICK_STATUS = {
+    "nodes": [{"name": "node-1", "pid": 11, "alive": True, "ready": True, "restarts": 0, "cordoned": ""},
+              {"name": "node-2", "pid": 12, "alive": True, "ready": True, "restarts": 1, "cordoned": "draining"}],
+    "gpus": [{"node": "node-1", "index": 0, "device": "cpu", "memory_total": 1 << 30, "memory_used": 0, "models": [],
+              "health": "breaker open", "health_reason": "breaker open for 5s more: injected load failure",
+              "breaker_failures": 3},
+             {"node": "node-2", "index": 0, "device": "cpu", "memory_total": 1 << 30, "memory_used": 0, "models": [],
+              "health": "draining", "health_reason": "node-2 draining: drained by an operator", "breaker_failures": 0}],
+    "instances": [], "requests": [], "tiers": [], "queue": [], "migrations": [], "models": [],
+}
+
+
+def test_the_tui_shows_breakers_and_cordons_and_does_not_migrate_onto_them() -> None:
+    from sllm_actors.tui.view import EventMemory, pick_migration_target, resource_rows, tree_lines
+
+    labels = [label.plain for _, _, label, _ in tree_lines(SICK_STATUS, EventMemory())]
+    assert any(label.startswith("gpu-0 (cpu) idle breaker open") for label in labels), labels
+    assert any(label.startswith("node-2 ") and "draining" in label for label in labels), labels
+    cells = dict(resource_rows(SICK_STATUS))
+    last = cells["gpu:node-1/gpu-0"][-1]
+    assert "breaker open" in getattr(last, "plain", last) and "injected load failure" in getattr(last, "plain", last)
+    request = {"request_id": "r1", "node": "node-2"}
+    assert pick_migration_target(request, SICK_STATUS) is None, "node-1's GPU takes no loads: no target"
+
+
+def test_metrics_carry_each_gpus_health_with_its_reason() -> None:
+    from sllm_actors.http.metrics import Metrics
+
+    text = Metrics(lambda: SICK_STATUS).render().decode()
+    assert ('sllm_gpu_health{gpu="0",node="node-1",reason="breaker open for 5s more: injected load failure",'
+            'state="breaker open"} 1.0') in text
+    assert 'sllm_gpu_load_failures{gpu="0",node="node-1"} 3.0' in text
+    assert 'sllm_node_cordoned{node="node-2"} 1.0' in text and 'sllm_node_cordoned{node="node-1"} 0.0' in text

@@ -120,7 +120,6 @@ def test_cordon_keeps_new_work_off_and_drain_moves_a_running_request_then_unload
     # Running on node-2 (node-1 is cordoned), long enough to be moved mid-stream.
     seen: list[int] = []
     done: list[Completion] = []
-    node: list[str] = []
 
     def stream() -> None:
         with cluster.client() as c:
