@@ -162,3 +162,25 @@ def test_metrics_carry_each_gpus_health_with_its_reason() -> None:
             'state="breaker open"} 1.0') in text
     assert 'sllm_gpu_load_failures{gpu="0",node="node-1"} 3.0' in text
     assert 'sllm_node_cordoned{node="node-2"} 1.0' in text and 'sllm_node_cordoned{node="node-1"} 0.0' in text
+
+
+# ------------------------------------------------------------------ the placement steps' hooks (policy/steps.py)
+
+
+def test_closed_gpus_take_no_requests_and_no_loads_gpus_only_serve() -> None:
+    from .test_placement_steps import make, ready_instance, run
+
+    core = make()
+    on_n1 = ready_instance(core, "a", "n1")
+    on_n2 = ready_instance(core, "a", "n2", "r0")
+    core.closed = {("n1", 0)}  # n1 cordoned: its idle instance takes nothing, though it has the most room
+    assert [a.instance for a in run(core.place("r1", "a", 1.0)) if hasattr(a, "instance")] == [on_n2]
+    core.closed, core.no_loads = set(), {("n1", 0)}  # n1's breaker open: its ready instance still serves
+    assert [a.instance for a in run(core.place("r2", "a", 2.0)) if hasattr(a, "instance")] == [on_n1]
+    # A migration's destination is never a GPU that may not load, nor an instance on a closed one.
+    core.no_loads = {("n1", 0)}
+    on_n1.requests.update({"x1": None, "x2": None})  # full
+    assert run(core.migrate(["r0"], on_n2, ("n1", None), "test", 3.0)) == []
+    core.no_loads, core.closed = set(), {("n1", 0)}
+    on_n1.requests.clear()
+    assert run(core.migrate(["r0"], on_n2, ("n1", None), "test", 3.0)) == []
