@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from sllm_actors.policy.health import BACKOFF_MAX_S, BACKOFF_S, BREAKER_THRESHOLD, Breaker, Health, is_poisoned
+from sllm_actors.policy.health import (
+    BACKOFF_MAX_S,
+    BACKOFF_S,
+    BREAKER_THRESHOLD,
+    Breaker,
+    Health,
+    is_poisoned,
+)
 
 GPU = ("node-2", 0)
 OTHER = ("node-1", 0)
@@ -54,6 +61,16 @@ def test_a_successful_trial_closes_the_breaker_and_the_back_off_starts_over() ->
     for _ in range(BREAKER_THRESHOLD):
         h.load_failed(GPU, "boom", 10.0)
     assert h.breaker(GPU).open_for == BACKOFF_S
+
+
+def test_a_trial_load_that_ends_without_a_verdict_frees_the_trial() -> None:
+    h = Health()
+    for _ in range(BREAKER_THRESHOLD):
+        h.load_failed(GPU, "boom", 0.0)
+    h.load_started(GPU, BACKOFF_S)
+    assert not h.may_load(GPU, BACKOFF_S)
+    h.load_abandoned(GPU)  # its node was lost while it loaded
+    assert h.may_load(GPU, BACKOFF_S) and h.gpu_state(GPU, BACKOFF_S) == "breaker half-open"
 
 
 def test_a_failure_while_open_does_not_trip_it_again() -> None:

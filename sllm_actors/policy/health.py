@@ -184,6 +184,11 @@ class Health:
     def load_succeeded(self, key: GpuKey) -> None:
         self.breaker(key).succeeded()
 
+    def load_abandoned(self, key: GpuKey) -> None:
+        """A load on ``key`` ended with no verdict (its node was lost meanwhile): a half-open breaker's trial
+        is free to run again, else the breaker would wait for a verdict that never comes."""
+        self.breaker(key).trial = False
+
     def load_failed(self, key: GpuKey, error: str, now: float) -> str:
         """A load on ``key`` failed with ``error``: ``poisoned`` (the device is unhealthy and its node's process
         must restart), ``opened`` (the breaker opened) or ``counted``."""

@@ -219,8 +219,12 @@ class SchedulerActor(SupervisedActor):
             self._load_failed(message, now)
         elif isinstance(message, InstanceGone):
             crashed = self.instances.get(message.instance_id)
-            if crashed is not None and self.health.instance_crashed(crashed.key, message.reason, now):
-                self._poisoned(crashed.key, message.reason)
+            if crashed is not None:
+                # Once per poisoning: a second instance crashing on the same device must not kill the node's
+                # next process.
+                was_unhealthy = crashed.key in self.health.unhealthy
+                if self.health.instance_crashed(crashed.key, message.reason, now) and not was_unhealthy:
+                    self._poisoned(crashed.key, message.reason)
             self._gone([message.instance_id], message.reason, now)
         elif isinstance(message, NodeUp):
             if self.incarnations.get(message.node, message.incarnation) != message.incarnation:
@@ -487,6 +491,8 @@ class SchedulerActor(SupervisedActor):
             if inst is None:
                 continue
             self.steps.remove(inst)
+            if inst.state == "loading":
+                self.health.load_abandoned(inst.key)
             for order in list(self.migrations.values()):
                 if order.dest == instance_id:
                     src = self.instances.get(order.source)
@@ -510,7 +516,7 @@ class SchedulerActor(SupervisedActor):
         timeout = self.topology.scheduler.queue_timeout_s
         expired = self.steps.expire_queue(now, timeout)
         kept_out = [f"{node}/gpu-{gpu}: {why}" for node, gpu in self.steps.gpus
-                    if node in self.alive and (why := self.health.why_not((node, gpu), now))]
+                    if expired and node in self.alive and (why := self.health.why_not((node, gpu), now))]
         for w in expired:
             self._fail(str(w.request), "no_capacity",
                        f"no GPU could serve {w.model} within {timeout:.0f}s (all busy or too small"
