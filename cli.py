@@ -280,8 +280,8 @@ def _print_status(st: dict[str, Any]) -> None:
         t.add_column(col)
     for g in st["gpus"]:
         state = g.get("health", "healthy")
-        health = "healthy" if state == "healthy" else \
-            f"[red]{state}[/]: {escape(g.get('health_reason', ''))}" if g.get("health_reason") else f"[red]{state}[/]"
+        # The reason opens with the state ("breaker open for 12s more: ...", "unhealthy: ...").
+        health = "healthy" if state == "healthy" else f"[red]{escape(g.get('health_reason') or state)}[/]"
         t.add_row(g["node"], f"gpu-{g['index']} ({g['device']})",
                   f"{_gib(g['memory_used'])} / {_gib(g['memory_total'])}", ", ".join(g["models"]), health)
     out.print(t)

@@ -252,10 +252,9 @@ def _gpu_contents(g: dict[str, Any]) -> Text | str:
     health = str(g.get("health", "healthy"))
     if health == "healthy":
         return models
-    text = Text(f"{health}", style=STATE_STYLES.get(health, "bold red"))
-    if g.get("health_reason"):
-        text.append(f" {g['health_reason']}", style="dim")
-    return Text.assemble(models, "  ", text)
+    # The reason opens with the state ("breaker open for 12s more: ...", "unhealthy: ...").
+    return Text.assemble(models, "  ", Text(str(g.get("health_reason") or health),
+                                            style=STATE_STYLES.get(health, "bold red")))
 
 
 def resource_rows(status: dict[str, Any]) -> list[tuple[str, Cells]]:
