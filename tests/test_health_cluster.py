@@ -3,10 +3,15 @@ real cluster of two node processes. node-2's loads are made to fail in its real 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,11 @@ def _models(name: str, path: Path, **spec: Any) -> list[dict[str, Any]]:
 def _when(cond: Any) -> Any:
     """A ``wait_for`` predicate that returns the status itself once ``cond(status)`` holds."""
     return lambda st: st if cond(st) else None
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return str(reply.read().decode())
 
 
 def _gpu(st: dict[str, Any], node: str) -> dict[str, Any]:
@@ -51,11 +61,36 @@ def _complete_all(cluster: RunningCluster, model: str, n: int, max_tokens: int =
     return results
 
 
+def _http_all(base: str, n: int, max_tokens: int = 8) -> list[tuple[int, str]]:
+    """``n`` concurrent greedy completions over HTTP: each one's status code and text (or error body)."""
+    results: list[tuple[int, str]] = [(0, "no answer")] * n
+    body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}).encode()
+
+    def one(i: int) -> None:
+        request = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=180) as reply:
+                results[i] = (reply.status, json.loads(reply.read())["choices"][0]["text"])
+        except urllib.error.HTTPError as exc:
+            results[i] = (exc.code, exc.read().decode(errors="replace"))
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(200)
+    return results
+
+
 def test_failing_loads_open_the_breaker_and_no_request_fails_while_healthy_capacity_exists(
         cluster_factory: Any, tiny_model: Path) -> None:
+    from .test_http import free_port, http_endpoint
+
     cluster = cluster_factory({}, env={"SLLM_FAULT_LOAD_FAIL": "node-2=*"},
                               extra={"models": _models("tiny", tiny_model, target_concurrency=1, max_instances=2),
-                                     "scheduler": {"queue_timeout": "60s"}})
+                                     "scheduler": {"queue_timeout": "60s"}, "controller": {"http_port": free_port()}})
+    base = http_endpoint(cluster)
     with cluster.client() as c:
         # node-1 cordoned: the first request can only load on node-2, whose loads fail.
         assert "cordoned node-1" in c.cordon("node-1")
@@ -73,12 +108,19 @@ def test_failing_loads_open_the_breaker_and_no_request_fails_while_healthy_capac
     with cluster.client() as c:
         c.uncordon("node-1")
     first.join(120)
-    # More at once than one instance takes: the scale-out cannot land on node-2 while its breaker is open,
-    # and a half-open trial there that fails puts its waiters back: everything completes on node-1.
-    results = done + _complete_all(cluster, "tiny", 6)
-    errors = [r for r in results if not isinstance(r, Completion)]
-    assert not errors, errors
-    assert len({tuple(r.token_ids) for r in results if isinstance(r, Completion)}) == 1, "greedy: one answer"
+    assert len(done) == 1 and isinstance(done[0], Completion), done
+    # More at once than one instance takes, over HTTP: the scale-out cannot land on node-2 while its breaker is
+    # open, and a half-open trial there that fails puts its waiters back: all complete on node-1, none a 503.
+    answers = _http_all(base, 6)
+    assert [code for code, _ in answers] == [200] * 6, answers
+    assert {text for _, text in answers} == {done[0].text}, "greedy: one answer"
+    deadline = time.monotonic() + 30
+    while 'sllm_gpu_load_failures{gpu="0",node="node-2"} 0.0' in (metrics := _get(f"{base}/metrics")) \
+            or 'node="node-2"' not in metrics:
+        assert time.monotonic() < deadline, metrics  # the front end reads the snapshot published every 0.5 s
+        time.sleep(0.2)
+    assert 'sllm_gpu_health{gpu="0",node="node-1",reason="",state="healthy"} 1.0' in metrics, metrics
+    assert re.search(r'sllm_gpu_load_failures\{gpu="0",node="node-2"\} ([3-9]|\d\d+)\.0', metrics), metrics
     st = cluster.wait_for(_when(lambda st: not st["queue"]), 30, "an empty queue")
     # (A half-open trial may be loading on node-2 at this moment; it fails, as every load there does.)
     assert all(i["node"] == "node-1" for i in st["instances"] if i["state"] == "ready"), st["instances"]
