@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -20,6 +21,8 @@ store_app = typer.Typer(no_args_is_help=True, help="The checkpoint store: conver
 app.add_typer(store_app, name="store")
 keys_app = typer.Typer(no_args_is_help=True, help="The cluster's CURVE keys (under $SLLM_HOME/keys).")
 app.add_typer(keys_app, name="keys")
+breaker_app = typer.Typer(no_args_is_help=True, help="The GPUs' load circuit breakers (see `sllm status`).")
+app.add_typer(breaker_app, name="breaker")
 
 console = Console(stderr=True)
 out = Console()
@@ -266,17 +269,21 @@ def _print_status(st: dict[str, Any]) -> None:
     out.print(f"client endpoint {st.get('client_endpoint') or '-'}   HTTP (OpenAI API) "
               f"{st.get('http_endpoint') or 'off'}", highlight=False)
     t = Table(title="nodes")
-    for col in ("name", "pid", "alive", "restarts"):
+    for col in ("name", "pid", "alive", "restarts", "placement"):
         t.add_column(col)
     for n in st["nodes"]:
-        t.add_row(n["name"], str(n["pid"]), "yes" if n["alive"] else "[red]no[/]", str(n["restarts"]))
+        t.add_row(n["name"], str(n["pid"]), "yes" if n["alive"] else "[red]no[/]", str(n["restarts"]),
+                  f"[yellow]{n['cordoned']}[/]" if n.get("cordoned") else "open")
     out.print(t)
     t = Table(title="gpus")
-    for col in ("node", "device", "memory used / total", "models"):
+    for col in ("node", "device", "memory used / total", "models", "health"):
         t.add_column(col)
     for g in st["gpus"]:
+        state = g.get("health", "healthy")
+        # The reason opens with the state ("breaker open for 12s more: ...", "unhealthy: ...").
+        health = "healthy" if state == "healthy" else f"[red]{escape(g.get('health_reason') or state)}[/]"
         t.add_row(g["node"], f"gpu-{g['index']} ({g['device']})",
-                  f"{_gib(g['memory_used'])} / {_gib(g['memory_total'])}", ", ".join(g["models"]))
+                  f"{_gib(g['memory_used'])} / {_gib(g['memory_total'])}", ", ".join(g["models"]), health)
     out.print(t)
     t = Table(title="instances")
     for col in ("instance", "model", "where", "state", "requests", "KV blocks used / total", "prefix cache hits",
@@ -344,6 +351,43 @@ def migrate(
         _fail(str(exc), 1)
     finally:
         client.close()
+
+
+def _node_command(call: str, target: str, cluster: Optional[str], key: Optional[Path]) -> None:
+    from sllm_actors.client import ClusterUnavailable, RequestError
+
+    client = _client(cluster, key)
+    try:
+        out.print(getattr(client, call)(target), highlight=False)
+    except (RequestError, ClusterUnavailable) as exc:
+        _fail(str(exc), 1)
+    finally:
+        client.close()
+
+
+@app.command()
+def cordon(node_name: str, cluster: Optional[str] = ClusterOpt, key: Optional[Path] = KeyOpt) -> None:
+    """Take a node out of placement: no new requests or instances there; what runs there goes on."""
+    _node_command("cordon", node_name, cluster, key)
+
+
+@app.command()
+def uncordon(node_name: str, cluster: Optional[str] = ClusterOpt, key: Optional[Path] = KeyOpt) -> None:
+    """Let a cordoned or drained node take work again."""
+    _node_command("uncordon", node_name, cluster, key)
+
+
+@app.command()
+def drain(node_name: str, cluster: Optional[str] = ClusterOpt, key: Optional[Path] = KeyOpt) -> None:
+    """Cordon a node, move its running requests elsewhere (or let them finish), then unload its instances."""
+    _node_command("drain", node_name, cluster, key)
+
+
+@breaker_app.command("reset")
+def breaker_reset(target: str = typer.Argument(..., metavar="NODE[/gpu-N]"), cluster: Optional[str] = ClusterOpt,
+                  key: Optional[Path] = KeyOpt) -> None:
+    """Close a node's (or one GPU's) load breakers and clear its unhealthy marks: it takes loads again."""
+    _node_command("breaker_reset", target, cluster, key)
 
 
 @app.command("kill-node")

@@ -36,6 +36,7 @@ from sllm_actors.messages import (
     GenerateRequest,
     Hello,
     KillNode,
+    NodeCommand,
     Message,
     MigrateCommand,
     ProtocolError,
@@ -292,6 +293,32 @@ class Client:
         cmd_id = f"migrate-{uuid.uuid4().hex[:8]}"
         self._send(MigrateCommand(cmd_id, request_id, target))
         reply = self._await_reply(cmd_id, timeout)
+        assert isinstance(reply, Ack)
+        return reply.detail
+
+    def cordon(self, node: str, timeout: float = 10.0) -> str:
+        """``node`` takes no new requests nor instances; what runs there goes on. What changed, in words."""
+        return self._node_command("cordon", node, timeout)
+
+    def uncordon(self, node: str, timeout: float = 10.0) -> str:
+        """``node`` takes work again (after ``cordon`` or ``drain``)."""
+        return self._node_command("uncordon", node, timeout)
+
+    def drain(self, node: str, timeout: float = 10.0) -> str:
+        """Cordon ``node``, move its running requests elsewhere (or let them finish there), then unload its
+        instances. Returns once the drain has begun; ``status()`` shows the node ``draining``, then
+        ``cordoned`` with no instances."""
+        return self._node_command("drain", node, timeout)
+
+    def breaker_reset(self, target: str, timeout: float = 10.0) -> str:
+        """Close the load circuit breakers of ``target`` (``NODE`` or ``NODE/gpu-N``) and clear its unhealthy
+        marks: its GPUs take loads again at once."""
+        return self._node_command("breaker_reset", target, timeout)
+
+    def _node_command(self, action: str, target: str, timeout: float) -> str:
+        request_id = f"{action}-{uuid.uuid4().hex[:8]}"
+        self._send(NodeCommand(request_id, action, target))
+        reply = self._await_reply(request_id, timeout)
         assert isinstance(reply, Ack)
         return reply.detail
 

@@ -55,6 +55,7 @@ __all__ = [
     "Migrated",
     "MigrationEnded",
     "MigrationStarted",
+    "NodeCommand",
     "NodeConfig",
     "NodeHello",
     "NodeLost",
@@ -358,6 +359,22 @@ class KillNode(Message):
     tag: ClassVar[str] = "kill_node"
     request_id: str
     node: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class NodeCommand(Message):
+    """An operator's order about a node's health (``sllm cordon|uncordon|drain NODE``, ``sllm breaker reset
+    NODE[/gpu-N]``), answered with an Ack saying what changed or an ErrorReply (``unknown_node``, ``bad_target``).
+    """
+
+    tag: ClassVar[str] = "node_command"
+    request_id: str
+    action: str
+    """``cordon`` (no new requests nor instances there), ``uncordon``, ``drain`` (cordon, move or finish what
+    runs there, then unload it) or ``breaker_reset`` (close its GPUs' load breakers, clear unhealthy marks)."""
+    target: str
+    """A node's name, or ``node/gpu-N`` for one GPU (``breaker_reset`` only)."""
 
 
 # ----------------------------------------------------------------------------- controller <-> node

@@ -153,6 +153,23 @@ class _SnapshotCollector(Collector):
             total.add_metric(labels, float(g.get("memory_total", 0)))
         yield used
         yield total
+        # What keeps work off a GPU (policy/health.py): one series per GPU, its state and why, value 1; the reason
+        # is cut short so a long CUDA error does not make a label of kilobytes.
+        health = GaugeMetricFamily("sllm_gpu_health", "1 for each GPU's health state (healthy, breaker open, "
+                                   "breaker half-open, unhealthy, cordoned, draining), with the reason",
+                                   labels=["node", "gpu", "state", "reason"])
+        failures = GaugeMetricFamily("sllm_gpu_load_failures", "loads that failed in a row on the GPU (its breaker "
+                                     "opens at 3)", labels=["node", "gpu"])
+        for g in st.get("gpus", []):
+            where = [str(g.get("node", "")), str(g.get("index", ""))]
+            health.add_metric([*where, str(g.get("health", "healthy")), str(g.get("health_reason", ""))[:120]], 1)
+            failures.add_metric(where, float(g.get("breaker_failures", 0)))
+        yield health
+        yield failures
+        cordoned = GaugeMetricFamily("sllm_node_cordoned", "1 while a node is cordoned or draining", labels=["node"])
+        for n in st.get("nodes", []):
+            cordoned.add_metric([str(n.get("name", ""))], 1 if n.get("cordoned") else 0)
+        yield cordoned
         running = GaugeMetricFamily("sllm_requests_in_flight", "requests the router holds, by model and state",
                                     labels=["model", "state"])
         by: dict[tuple[str, str], int] = {}

@@ -265,6 +265,12 @@ class PlacementSteps:
         self.on_gpu: dict[GpuKey, list[Instance]] = {}
         self.reserved: dict[GpuKey, Reservation] = {}
         self.queue: list[Waiting] = []
+        self.closed: set[GpuKey] = set()
+        """GPUs that take no new request nor instance (a cordoned node, a poisoned device: policy/health.py);
+        the shell keeps it. What runs there goes on."""
+        self.no_loads: set[GpuKey] = set()
+        """GPUs that start no new instance (their load circuit breaker is open); their instances still serve.
+        ``gpu_views`` leaves both sets out for ``choose``; the steps' own searches (migrations) read them here."""
         self._ids = itertools.count(1)
 
     # ------------------------------------------------------------------ the cluster's shape
@@ -335,14 +341,14 @@ class PlacementSteps:
         best: Instance | None = None
         for i in instances:
             if (i.state == "ready" and not i.draining and i.instance_id != exclude and i.node in self.alive
-                    and len(i.requests) + i.incoming < room
+                    and i.key not in self.closed and len(i.requests) + i.incoming < room
                     and (best is None or len(i.requests) < len(best.requests))):
                 best = i
         if best is not None:
             yield from self._serve(best, request, now)
             return
         for i in instances:
-            if i.state == "loading" and len(i.waiters) < room:
+            if i.state == "loading" and len(i.waiters) < room and i.key not in self.closed:
                 i.waiters.append(request)
                 yield JoinLoad(i, request)
                 return
@@ -424,7 +430,7 @@ class PlacementSteps:
                 if inst.draining and inst.state == "ready":
                     yield from self._unload(inst, f"its requests moved away for {reservation.model}")
             del self.reserved[key]
-            if key[0] not in self.alive:
+            if key[0] not in self.alive or key in self.closed or key in self.no_loads:
                 for request in reservation.waiters:
                     yield from self.place(request, reservation.model, now)
                 continue
@@ -448,7 +454,7 @@ class PlacementSteps:
         dest = next(
             (i for i in self.by_model[source.model]
              if i.node == where[0] and (where[1] is None or i.gpu == where[1]) and i is not source
-             and i.state in ("ready", "loading")
+             and i.state in ("ready", "loading") and i.key not in self.closed
              and len(i.requests) + len(i.waiters) + i.incoming + len(requests) <= room),
             None,
         )
@@ -515,7 +521,8 @@ class PlacementSteps:
 
     def _where(self, where: tuple[str, int | None] | None) -> list[GpuKey]:
         """The GPUs of alive nodes at ``where`` (None: anywhere), in topology order."""
-        return [key for key in self.gpus if key[0] in self.alive and (
+        return [key for key in self.gpus if key[0] in self.alive and key not in self.closed
+                and key not in self.no_loads and (
             where is None or (key[0] == where[0] and (where[1] is None or key[1] == where[1])))]
 
     def _find_gpu(self, need: int, where: tuple[str, int | None] | None = None) -> GpuKey | None:

@@ -48,6 +48,12 @@ STATE_STYLES: dict[str, str] = {
     "dead": "bold red",
     "failed": "bold red",
     "loading destination": "yellow",
+    # what keeps work off a GPU or node (policy/health.py)
+    "breaker open": "bold red",
+    "breaker half-open": "bold yellow",
+    "unhealthy": "bold red",
+    "cordoned": "bold yellow",
+    "draining": "bold magenta",
 }
 
 EVENT_STYLES: dict[str, str] = {
@@ -65,6 +71,7 @@ EVENT_STYLES: dict[str, str] = {
     "crash": "bold red",
     "error": "red",
     "restart": "bold yellow",
+    "health": "bold yellow",
     "tui": "italic",
     "tui-error": "bold red",
 }
@@ -226,7 +233,7 @@ def pick_migration_target(request: dict[str, Any], status: dict[str, Any]) -> st
     up = {n.get("name") for n in status.get("nodes", []) if n.get("alive") and n.get("ready", True)}
     candidates = [
         g for g in status.get("gpus", [])
-        if g.get("node") != source and g.get("node") in up
+        if g.get("node") != source and g.get("node") in up and g.get("health", "healthy") == "healthy"
     ]
     if not candidates:
         return None
@@ -239,6 +246,17 @@ def pick_migration_target(request: dict[str, Any], status: dict[str, Any]) -> st
 Cells = list[Text | str]
 
 
+def _gpu_contents(g: dict[str, Any]) -> Text | str:
+    """Its models, and what keeps work off it (a breaker, a poisoned device, a cordon) with the reason."""
+    models = ", ".join(g.get("models", [])) or Text("(empty)", style="dim")
+    health = str(g.get("health", "healthy"))
+    if health == "healthy":
+        return models
+    # The reason opens with the state ("breaker open for 12s more: ...", "unhealthy: ...").
+    return Text.assemble(models, "  ", Text(str(g.get("health_reason") or health),
+                                            style=STATE_STYLES.get(health, "bold red")))
+
+
 def resource_rows(status: dict[str, Any]) -> list[tuple[str, Cells]]:
     """One row per GPU (memory bar, models) and per storage tier (fill, bandwidth, contents)."""
     rows: list[tuple[str, Cells]] = []
@@ -247,7 +265,7 @@ def resource_rows(status: dict[str, Any]) -> list[tuple[str, Cells]]:
         rows.append((f"gpu:{gpu_label(g)}", [
             gpu_label(g), f"gpu ({g.get('device', '?')})", bar(used, total),
             f"{fmt_bytes(used)} / {fmt_bytes(total)}" if total else fmt_bytes(used), "-",
-            ", ".join(g.get("models", [])) or Text("(empty)", style="dim"),
+            _gpu_contents(g),
         ]))
     for t in status.get("tiers", []):
         used, cap = float(t.get("used_bytes", 0)), float(t.get("capacity_bytes", 0))
@@ -339,6 +357,9 @@ def tree_lines(status: dict[str, Any], memory: EventMemory) -> list[TreeLine]:
         if n.get("pid"):
             label.append(f" pid {n['pid']}", style="dim")
         label.append_text(_restarts(int(n.get("restarts", 0) or 0)))
+        if n.get("cordoned"):
+            label.append(" ")
+            label.append_text(state_text(str(n["cordoned"])))
         node_key = f"node:{name}"
         lines.append((node_key, "controller", label, Item("node", name, name)))
         for g in (g for g in status.get("gpus", []) if g.get("node") == name):
@@ -347,6 +368,9 @@ def tree_lines(status: dict[str, Any], memory: EventMemory) -> list[TreeLine]:
             on_gpu = [i for i in instances if i.get("node") == name and i.get("gpu") == g.get("index")]
             label = Text(f"{gpu_name} ({g.get('device', '?')}) ")
             label.append_text(state_text("dead" if state in ("dead", "restarting") else gpu_state(on_gpu)))
+            if g.get("health", "healthy") not in ("healthy", "cordoned", "draining"):
+                label.append(" ")
+                label.append_text(state_text(str(g["health"])))
             label.append(f" {fmt_bytes(used)}/{fmt_bytes(total)}", style="dim")
             label.append_text(_restarts(memory.restarts_of(name, gpu_name)))
             gpu_key = f"gpu:{name}/{gpu_name}"

@@ -40,6 +40,7 @@ from sllm_actors.messages import (
     MigrateCommand,
     MigrationEnded,
     Migrated,
+    NodeCommand,
     NodeHello,
     NodeStatus,
     PromptAccepted,
@@ -69,7 +70,7 @@ KEYS_REFRESH_S = 1.0
 _CLIENT_MAY = (Hello, Heartbeat, GenerateRequest, CancelRequest, StatusRequest)
 ALLOWED: dict[str, tuple[type[Message], ...]] = {
     CLIENT: _CLIENT_MAY,
-    OPERATOR: (*_CLIENT_MAY, DeployModel, MigrateCommand, KillNode),
+    OPERATOR: (*_CLIENT_MAY, DeployModel, MigrateCommand, KillNode, NodeCommand),
     NODE: (),
 }
 """What each role may send on the client socket; anything else is answered with an ErrorReply naming both."""
@@ -209,7 +210,7 @@ class Controller:
         elif isinstance(msg, (GenerateRequest, CancelRequest, StatusRequest)):
             delivered = router.deliver_from_client(self.directory, peer, msg, sender.role)
             self._unless_restarting("router", delivered, peer, msg)
-        elif isinstance(msg, (DeployModel, MigrateCommand)):
+        elif isinstance(msg, (DeployModel, MigrateCommand, NodeCommand)):
             delivered = scheduler.deliver_from_client(self.directory, peer, msg, sender.role)
             self._unless_restarting("scheduler", delivered, peer, msg)
         elif isinstance(msg, KillNode):

@@ -482,6 +482,8 @@ class RouterActor(SupervisedActor):
         models = _ask(directory.get("scheduler"), Query("models"), [])
         queue = _ask(directory.get("scheduler"), Query("queue"), [])
         migrations = _ask(directory.get("scheduler"), Query("migrations"), [])
+        health = _ask(directory.get("scheduler"), Query("health"), {"gpus": [], "nodes": {}})
+        gpu_health = {(g["node"], g["gpu"]): g for g in health["gpus"]}
         gpus, tiers = [], []
         for node in nodes:
             status = node.get("status") or {}
@@ -492,11 +494,16 @@ class RouterActor(SupervisedActor):
                     "node": node["name"], "index": index, "device": gpu.device,
                     "memory_total": gpu.memory_bytes, "memory_used": sum(i["memory_bytes"] for i in on_gpu),
                     "models": [i["model"] for i in on_gpu],
+                    # What keeps work off it (policy/health.py): breaker, poisoned device, cordon.
+                    "health": gpu_health.get((node["name"], index), {}).get("state", "healthy"),
+                    "health_reason": gpu_health.get((node["name"], index), {}).get("reason", ""),
+                    "breaker_failures": gpu_health.get((node["name"], index), {}).get("failures", 0),
                 })
             for tier in status.get("tiers", []):
                 tiers.append({"node": node["name"], **tier})
             node.pop("status", None)
             node["instances_reported"] = len(status.get("instances", []))
+            node["cordoned"] = health["nodes"].get(node["name"], {}).get("state", "")
         return {
             "time": time.time(),
             "client_endpoint": self.cluster.client_endpoint,

@@ -7,6 +7,12 @@ same code the simulator runs. This actor is their shell: it feeds them the clust
 the actions they return (messages to nodes and the router, events), and it keeps what only a real cluster
 has: live migrations' orders, the load estimator's measurements, the queue's timeout and idle instances'
 ``keep_alive`` on its ticks.
+
+It also keeps the GPUs' health (:mod:`~sllm_actors.policy.health`): a load that fails counts against its GPU's
+circuit breaker and its waiting requests are placed again (elsewhere, once the breaker opens), never failed
+while healthy capacity exists; a poisoned device context makes the GPU unhealthy and restarts its node's
+process; operators cordon, drain and uncordon nodes and reset breakers. GPUs that may not take work are left
+out of ``choose``'s views and, through ``PlacementSteps.closed``/``no_loads``, out of the steps' own searches.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 
 import pykka
 
-from sllm_actors.actors.controller import router
+from sllm_actors.actors.controller import node_process, router
 from sllm_actors.actors.controller.context import ClusterContext
 from sllm_actors.messages import (
     AbortMigration,
@@ -37,6 +43,7 @@ from sllm_actors.messages import (
     Migrated,
     MigrateOut,
     MigrationEnded,
+    NodeCommand,
     NodeLost,
     NodeStatus,
     NodeUp,
@@ -48,7 +55,7 @@ from sllm_actors.messages import (
     UnloadModel,
 )
 from sllm_actors.models import default_model_dir, directory_bytes, is_model_dir
-from sllm_actors.policy import placement, steps
+from sllm_actors.policy import health, placement, steps
 from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE, ModelSpec
 
@@ -184,11 +191,19 @@ class SchedulerActor(SupervisedActor):
         self.alive = self.steps.alive
         self.instances: dict[str, Instance] = self.steps.instances  # type: ignore[assignment]
         self.started_at = time.time()
+        self.health = health.Health()
+        self.incarnations: dict[str, str] = {}
+        """node -> the incarnation of its process last seen up (a new one has fresh device contexts)."""
+        self.drain_tried: set[str] = set()
+        """Instances on a draining node whose requests were offered to a migration (tried once each)."""
+        self._reopened = False
+        """A GPU's breaker turned half-open since the last tick: the queue is tried again."""
 
     # ------------------------------------------------------------------ messages
 
     def on_receive(self, message: Any) -> Any:
         now = time.monotonic()
+        self._apply_health(now)
         if isinstance(message, Place):
             self._run(self.steps.place(message.request_id, message.model, now, exclude=message.exclude_instance))
         elif isinstance(message, RequestFinished):
@@ -203,8 +218,19 @@ class SchedulerActor(SupervisedActor):
         elif isinstance(message, LoadFailed):
             self._load_failed(message, now)
         elif isinstance(message, InstanceGone):
+            crashed = self.instances.get(message.instance_id)
+            if crashed is not None:
+                # Once per poisoning: a second instance crashing on the same device must not kill the node's
+                # next process.
+                was_unhealthy = crashed.key in self.health.unhealthy
+                if self.health.instance_crashed(crashed.key, message.reason, now) and not was_unhealthy:
+                    self._poisoned(crashed.key, message.reason)
             self._gone([message.instance_id], message.reason, now)
         elif isinstance(message, NodeUp):
+            if self.incarnations.get(message.node, message.incarnation) != message.incarnation:
+                self.health.node_restarted(message.node)
+                self._apply_health(now)
+            self.incarnations[message.node] = message.incarnation
             self.alive.add(message.node)
             self._run(self.steps.drain_queue(now))
         elif isinstance(message, NodeLost):
@@ -226,6 +252,8 @@ class SchedulerActor(SupervisedActor):
             self._deploy(message.peer, message.message)
         elif isinstance(message, FromClient) and isinstance(message.message, MigrateCommand):
             self._migrate_command(message.peer, message.message, now)
+        elif isinstance(message, FromClient) and isinstance(message.message, NodeCommand):
+            self._node_command(message.peer, message.message, now)
         elif isinstance(message, Migrated):
             self._request_moved(message, now)
         elif isinstance(message, MigrationEnded):
@@ -262,6 +290,8 @@ class SchedulerActor(SupervisedActor):
                  "estimate_s": decision.estimate_s if decision.gpu else None, "considered": decision.considered},
             )
         elif isinstance(action, steps.StartInstance):
+            self.health.load_started(action.instance.key, time.monotonic())
+            self._apply_health(time.monotonic())  # a half-open breaker's trial: no second load there meanwhile
             self._load_on(action.instance, action.why)  # type: ignore[arg-type]
         elif isinstance(action, steps.Unload):
             self._unload(action.instance, action.why)
@@ -326,7 +356,7 @@ class SchedulerActor(SupervisedActor):
                 continue
             tiers = self.node_tiers.get(node.name, {})
             for index, gpu in enumerate(node.gpus):
-                if (node.name, index) in self.steps.reserved:
+                if (node.name, index) in self.steps.reserved or not self.health.may_load((node.name, index), now):
                     continue
                 instances = [
                     placement.InstanceView(
@@ -396,6 +426,11 @@ class SchedulerActor(SupervisedActor):
             return
         inst.load_s = msg.load_s
         inst.tier = msg.tier
+        if self.health.breaker(inst.key).tripped:
+            self.cluster.events.emit("health", f"{inst.node}/gpu-{inst.gpu}: a trial load succeeded; breaker closed",
+                                     {"node": inst.node, "gpu": inst.gpu})
+        self.health.load_succeeded(inst.key)
+        self._apply_health(now)
         if msg.memory_bytes and inst.model not in self.model_bytes:
             self.model_bytes[inst.model] = msg.memory_bytes
         measured = now - inst.started
@@ -427,10 +462,23 @@ class SchedulerActor(SupervisedActor):
         if inst is None:
             return
         self.steps.remove(inst)
-        self.cluster.events.emit("error", f"loading {msg.model} on {msg.node} failed: {msg.error}",
-                                 {"model": msg.model, "node": msg.node})
+        self.cluster.events.emit("error", f"loading {msg.model} on {msg.node}/gpu-{inst.gpu} failed: {msg.error}",
+                                 {"model": msg.model, "node": msg.node, "gpu": inst.gpu})
+        was_unhealthy = inst.key in self.health.unhealthy
+        verdict = self.health.load_failed(inst.key, msg.error, now)
+        if verdict == "poisoned" and not was_unhealthy:
+            self._poisoned(inst.key, msg.error)
+        elif verdict == "opened":
+            breaker = self.health.breaker(inst.key)
+            self.cluster.events.emit(
+                "health", f"{inst.node}/gpu-{inst.gpu}: breaker open for {breaker.open_for:.0f}s after "
+                          f"{breaker.failures} failed loads in a row ({msg.error})",
+                {"node": inst.node, "gpu": inst.gpu, "state": "open", "reason": msg.error})
+        self._apply_health(now)
+        # The requests that waited for it are placed again: on another GPU, or here again until the breaker
+        # opens; failing them with the load's error while healthy capacity exists would lose them for nothing.
         for request_id in inst.waiters:
-            self._fail(str(request_id), "load_failed", f"loading {msg.model} on {msg.node} failed: {msg.error}")
+            self._run(self.steps.place(request_id, inst.model, now))
         for order in [o for o in self.migrations.values() if o.dest == msg.instance_id]:
             self._end_order(order, "aborted", f"loading the destination failed: {msg.error}", now)
         self._run(self.steps.drain_queue(now))
@@ -443,6 +491,8 @@ class SchedulerActor(SupervisedActor):
             if inst is None:
                 continue
             self.steps.remove(inst)
+            if inst.state == "loading":
+                self.health.load_abandoned(inst.key)
             for order in list(self.migrations.values()):
                 if order.dest == instance_id:
                     src = self.instances.get(order.source)
@@ -464,9 +514,18 @@ class SchedulerActor(SupervisedActor):
 
     def _tick(self, now: float) -> None:
         timeout = self.topology.scheduler.queue_timeout_s
-        for w in self.steps.expire_queue(now, timeout):
+        expired = self.steps.expire_queue(now, timeout)
+        kept_out = [f"{node}/gpu-{gpu}: {why}" for node, gpu in self.steps.gpus
+                    if expired and node in self.alive and (why := self.health.why_not((node, gpu), now))]
+        for w in expired:
             self._fail(str(w.request), "no_capacity",
-                       f"no GPU could serve {w.model} within {timeout:.0f}s (all busy or too small)")
+                       f"no GPU could serve {w.model} within {timeout:.0f}s (all busy or too small"
+                       + (f"; kept out: {'; '.join(kept_out)}" if kept_out else "") + ")")
+        if self.steps.queue and self._reopened:
+            # A breaker turned half-open: a queued request may load there now.
+            self._run(self.steps.drain_queue(now))
+        self._reopened = False
+        self._drain_nodes(now)
         in_migration = self._in_migration()
         for inst in list(self.instances.values()):
             spec = self.catalog.get(inst.model)
@@ -503,6 +562,120 @@ class SchedulerActor(SupervisedActor):
         self.model_bytes.pop(msg.name, None)
         self.cluster.events.emit("deploy", f"deployed {msg.name} from {source}", {"model": msg.name})
         self.cluster.to_client(peer, Ack(msg.request_id, f"deployed {msg.name}"))
+
+    # ------------------------------------------------------------------ health: breakers, cordons, drains
+
+    def _apply_health(self, now: float) -> None:
+        """Tell the placement steps which GPUs take no new work (the health core's verdicts at ``now``)."""
+        gpus = self.steps.gpus
+        closed = {key for key in gpus if not self.health.may_serve(key)}
+        no_loads = {key for key in gpus if key not in closed and not self.health.may_load(key, now)}
+        if self.steps.no_loads - no_loads:
+            self._reopened = True
+        self.steps.closed, self.steps.no_loads = closed, no_loads
+
+    def _poisoned(self, key: tuple[str, int], error: str) -> None:
+        """``key``'s device context is broken: nothing runs there until a new process of its node has a fresh one.
+        The whole node process restarts (its supervisor, NodeProcessActor, starts it again): a CUDA context
+        cannot be rebuilt inside a process, and the requests of its other GPUs resume from their token logs
+        elsewhere as after any node crash."""
+        node, gpu = key
+        log.error("scheduler: %s/gpu-%d is unhealthy, its device context poisoned: %s", node, gpu, error)
+        self.cluster.events.emit("health", f"{node}/gpu-{gpu} unhealthy: device context poisoned ({error}); "
+                                           f"restarting {node}", {"node": node, "gpu": gpu, "state": "unhealthy"})
+        try:
+            pid = node_process.kill(self.cluster.directory, node)
+            log.warning("scheduler: killed %s (pid %d) to restart it with a fresh device context", node, pid)
+        except KeyError:
+            self.cluster.events.emit(
+                "health", f"{node} is not a local node of this controller: restart its process "
+                          f"(sllm node --join ...) to clear {node}/gpu-{gpu}", {"node": node, "gpu": gpu})
+        except (pykka.ActorDeadError, pykka.Timeout) as exc:
+            log.warning("scheduler: could not restart %s: %r", node, exc)
+
+    def _node_command(self, peer: bytes, cmd: NodeCommand, now: float) -> None:
+        def refuse(code: str, message: str) -> None:
+            self.cluster.to_client(peer, ErrorReply(cmd.request_id, code, message))
+
+        node, _, gpu_part = cmd.target.partition("/")
+        names = [n.name for n in self.topology.nodes]
+        if node not in names:
+            refuse("unknown_node", f"no node {node!r} in the topology (nodes: {', '.join(names)})")
+            return
+        gpu: int | None = None
+        if gpu_part:
+            if cmd.action != "breaker_reset":
+                refuse("bad_target", f"{cmd.action} takes a node, not a GPU: {cmd.target!r}")
+                return
+            try:
+                gpu = int(gpu_part.removeprefix("gpu-"))
+            except ValueError:
+                refuse("bad_target", f"target {cmd.target!r}: expected NODE or NODE/gpu-N")
+                return
+            if not 0 <= gpu < len(self.topology.node(node).gpus):
+                refuse("bad_target", f"{node} has no gpu-{gpu}")
+                return
+        on_node = [i for i in self.instances.values() if i.node == node]
+        running = sum(len(i.requests) for i in on_node)
+        if cmd.action == "cordon":
+            self.health.cordon(node, "cordoned by an operator", drain=node in self.health.draining)
+            detail = f"cordoned {node}: it takes no new requests or instances ({running} running requests go on)"
+        elif cmd.action == "uncordon":
+            was = self.health.uncordon(node)
+            self.drain_tried -= {i.instance_id for i in on_node}
+            detail = f"uncordoned {node}: it takes work again" if was else f"{node} was not cordoned"
+        elif cmd.action == "drain":
+            self.health.cordon(node, "drained by an operator", drain=True)
+            detail = (f"draining {node}: {running} running requests move elsewhere or finish there, then its "
+                      f"{len(on_node)} instances unload; it stays cordoned")
+        elif cmd.action == "breaker_reset":
+            cleared = self.health.reset(node, gpu)
+            where = cmd.target if gpu is None else f"{node}/gpu-{gpu}"
+            detail = (f"reset {', '.join(f'{n}/gpu-{g}' for n, g in cleared)}: they take loads again" if cleared
+                      else f"no open breaker or unhealthy GPU on {where}")
+        else:
+            refuse("bad_action", f"unknown node command {cmd.action!r} (cordon, uncordon, drain, breaker_reset)")
+            return
+        log.info("scheduler: %s", detail)
+        self.cluster.events.emit("health", detail, {"node": node, "action": cmd.action})
+        self._apply_health(now)
+        self.cluster.to_client(peer, Ack(cmd.request_id, detail))
+        self._drain_nodes(now)
+        self._run(self.steps.drain_queue(now))
+
+    def _drain_nodes(self, now: float) -> None:
+        """Empty the draining nodes: offer each busy instance's requests to a migration once (else they finish
+        where they are), unload what is idle, and say when a node holds nothing any more."""
+        self.drain_tried &= set(self.instances)
+        for node in sorted(self.health.draining):
+            on_node = [i for i in self.instances.values() if i.node == node]
+            if not on_node:
+                self.health.drained(node)
+                self.cluster.events.emit("health", f"{node} drained: nothing runs there; it stays cordoned "
+                                                   f"(sllm uncordon {node})", {"node": node, "state": "drained"})
+                continue
+            in_migration = self._in_migration()
+            for inst in on_node:
+                if inst.state != "ready" or inst.instance_id in in_migration:
+                    continue
+                if self.steps.is_idle(inst):
+                    self._unload(inst, f"{node} is draining")
+                elif (inst.requests and inst.instance_id not in self.drain_tried and node in self.alive
+                      and self.topology.scheduler.migration):
+                    self.drain_tried.add(inst.instance_id)
+                    self._migrate_off(inst, now)
+
+    def _migrate_off(self, inst: Instance, now: float) -> None:
+        """Move ``inst``'s requests to the first other node with room for them (or an instance loaded there)."""
+        for other in self.topology.nodes:
+            if other.name == inst.node or other.name not in self.alive or other.name in self.health.cordoned:
+                continue
+            moved = self._run(self.steps.migrate(sorted(inst.requests), inst, (other.name, None),
+                                                 f"draining {inst.node}", now))
+            if moved is not None:
+                return
+        log.info("scheduler: no room elsewhere for %s's requests; they finish on draining %s",
+                 inst.instance_id, inst.node)
 
     # ------------------------------------------------------------------ live migration
 
@@ -624,6 +797,8 @@ class SchedulerActor(SupervisedActor):
         self._run(self.steps.drain_queue(now))
 
     def _query(self, what: str) -> Any:
+        if what == "health":
+            return self.health.report(list(self.steps.gpus), time.monotonic())
         if what == "instances":
             return [
                 {

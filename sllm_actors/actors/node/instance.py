@@ -57,6 +57,7 @@ from sllm_actors.migration import (
     sequence_of,
 )
 from sllm_actors.actors.node.context import Link, NodeContext
+from sllm_actors.actors.node.faults import injected_load_failure
 from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
 from sllm_actors.runtime.supervisor import SupervisedActor
 
@@ -147,6 +148,9 @@ class ModelInstanceActor(SupervisedActor):
         dtype = (opts.dtype if opts is not None else "") or ("bfloat16" if self.device.startswith("cuda") else "")
         loaded = None
         try:
+            injected = injected_load_failure(self.node.name, self.model_name)
+            if injected:
+                raise RuntimeError(injected)  # a drill's failure, where a real one would come from
             # Shared with the other engines on this GPU, never beside one's CUDA graph capture: the loader
             # synchronises the device, which would break a capture (gpu/device_gate.py).
             with device_gate(self.device).shared(long=True):
