@@ -454,6 +454,9 @@ class LoadFailed(Message):
     node: str
     model: str
     error: str
+    checkpoint_fault: bool = False
+    """The checkpoint itself is at fault (corrupt, truncated, missing, refused by its repository, not a model):
+    every GPU would fail it alike, so it fails its requests at once and says nothing about this GPU's health."""
 
 
 @_register

@@ -201,3 +201,14 @@ def test_closed_gpus_take_no_requests_and_no_loads_gpus_only_serve() -> None:
     core.no_loads, core.closed = set(), {("n1", 0)}
     on_n1.requests.clear()
     assert run(core.migrate(["r0"], on_n2, ("n1", None), "test", 3.0)) == []
+
+
+def test_a_checkpoints_own_fault_is_no_sign_of_a_sick_gpu() -> None:
+    from sllm_actors.actors.node.storage_client import is_checkpoint_fault
+    from sllm_actors.storage import CheckpointError, FetchError
+
+    assert is_checkpoint_fault(CheckpointError("data_0.bin: checksum mismatch in bytes [0, 8)"))
+    assert is_checkpoint_fault(FetchError("refused the request (HTTP 401)", url="http://repo/tiny/data_0.bin"))
+    assert is_checkpoint_fault(FileNotFoundError("tiny/tensor_index.json"))
+    assert not is_checkpoint_fault(RuntimeError("CUDA error: operation not permitted when stream is capturing"))
+    assert not is_checkpoint_fault(RuntimeError("injected load failure (SLLM_FAULT_LOAD_FAIL)"))

@@ -464,24 +464,34 @@ class SchedulerActor(SupervisedActor):
         self.steps.remove(inst)
         self.cluster.events.emit("error", f"loading {msg.model} on {msg.node}/gpu-{inst.gpu} failed: {msg.error}",
                                  {"model": msg.model, "node": msg.node, "gpu": inst.gpu})
-        was_unhealthy = inst.key in self.health.unhealthy
-        verdict = self.health.load_failed(inst.key, msg.error, now)
-        if verdict == "poisoned" and not was_unhealthy:
-            self._poisoned(inst.key, msg.error)
-        elif verdict == "opened":
-            breaker = self.health.breaker(inst.key)
-            self.cluster.events.emit(
-                "health", f"{inst.node}/gpu-{inst.gpu}: breaker open for {breaker.open_for:.0f}s after "
-                          f"{breaker.failures} failed loads in a row ({msg.error})",
-                {"node": inst.node, "gpu": inst.gpu, "state": "open", "reason": msg.error})
-        self._apply_health(now)
-        # The requests that waited for it are placed again: on another GPU, or here again until the breaker
-        # opens; failing them with the load's error while healthy capacity exists would lose them for nothing.
-        for request_id in inst.waiters:
-            self._run(self.steps.place(request_id, inst.model, now))
+        if msg.checkpoint_fault:
+            # The checkpoint's own fault (corrupt, missing, refused): every GPU would fail it alike, so the GPU
+            # keeps its health and the waiting requests get the load's error now, naming the file.
+            self.health.load_abandoned(inst.key)
+            for request_id in inst.waiters:
+                self._fail(str(request_id), "load_failed", f"loading {msg.model} on {msg.node} failed: {msg.error}")
+        else:
+            self._count_against_the_gpu(inst.key, msg.error, now)
+            # The requests that waited for it are placed again: on another GPU, or here again until the breaker
+            # opens; failing them with the load's error while healthy capacity exists would lose them for nothing.
+            for request_id in inst.waiters:
+                self._run(self.steps.place(request_id, inst.model, now))
         for order in [o for o in self.migrations.values() if o.dest == msg.instance_id]:
             self._end_order(order, "aborted", f"loading the destination failed: {msg.error}", now)
         self._run(self.steps.drain_queue(now))
+
+    def _count_against_the_gpu(self, key: tuple[str, int], error: str, now: float) -> None:
+        was_unhealthy = key in self.health.unhealthy
+        verdict = self.health.load_failed(key, error, now)
+        if verdict == "poisoned" and not was_unhealthy:
+            self._poisoned(key, error)
+        elif verdict == "opened":
+            breaker = self.health.breaker(key)
+            self.cluster.events.emit(
+                "health", f"{key[0]}/gpu-{key[1]}: breaker open for {breaker.open_for:.0f}s after "
+                          f"{breaker.failures} failed loads in a row ({error})",
+                {"node": key[0], "gpu": key[1], "state": "open", "reason": error})
+        self._apply_health(now)
 
     def _gone(self, instance_ids: list[str], reason: str, now: float) -> None:
         lost_with_requests = []

@@ -58,7 +58,7 @@ from sllm_actors.migration import (
 )
 from sllm_actors.actors.node.context import Link, NodeContext
 from sllm_actors.actors.node.faults import injected_load_failure
-from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
+from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts, is_checkpoint_fault
 from sllm_actors.runtime.supervisor import SupervisedActor
 
 __all__ = ["ModelInstanceActor"]
@@ -159,7 +159,8 @@ class ModelInstanceActor(SupervisedActor):
                 self.engine = self._engine(loaded.model, loaded.tokenizer, loaded.memory_bytes)
         except Exception as exc:  # any load problem is this request's failure, reported as data
             log.warning("%s: loading %s failed: %s", self.name, self.model_name, exc)
-            self.send(LoadFailed(self.instance_id, self.node.name, self.model_name, f"{exc}"))
+            self.send(LoadFailed(self.instance_id, self.node.name, self.model_name, f"{exc}",
+                                 checkpoint_fault=is_checkpoint_fault(exc)))
             self.publish("failed")
             self.actor_ref.stop(block=False)
             if loaded is not None and loaded.after_ready is not None:

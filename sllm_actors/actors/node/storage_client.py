@@ -35,7 +35,7 @@ from sllm_actors.runtime.topology import NodeSpec
 if TYPE_CHECKING:  # the storage package imports torch: nodes import it when they load, not before
     from sllm_actors.storage import HttpCheckpointFetch
 
-__all__ = ["LOAD_PARTS", "SERIAL_PARTS", "StorageClient", "format_parts", "http_staging_root"]
+__all__ = ["LOAD_PARTS", "SERIAL_PARTS", "StorageClient", "format_parts", "http_staging_root", "is_checkpoint_fault"]
 
 log = logging.getLogger(__name__)
 
@@ -367,3 +367,9 @@ def format_parts(parts: dict[str, float], minimum: float = 0.005) -> str:
     return ", ".join(f"{k} {v:.2f}s" for v, k in shown) or "all parts under 5 ms"
 
 
+def is_checkpoint_fault(exc: BaseException) -> bool:
+    """Whether a load failed for its checkpoint's sake (corrupt or truncated bytes, a missing or malformed file,
+    a repository that refused it): any GPU would fail it the same, so it is no sign of a sick device."""
+    from sllm_actors.storage import CheckpointError, FetchError
+
+    return isinstance(exc, (CheckpointError, FetchError, FileNotFoundError, NotADirectoryError, ValueError))
