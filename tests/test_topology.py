@@ -133,12 +133,12 @@ def test_nodes_on_one_host_share_its_cores(tmp_path: Path) -> None:
     assert [n.cpu_engines_on_host for n in topo.nodes] == [3, 3, 3, 1]
     assert [n.threads for n in topo.nodes] == [0, 3, 0, 0]  # as written: the node picks its default
     assert NodeSpec.from_dict(topo.nodes[0].to_dict()) == topo.nodes[0]  # what the controller sends a node
-    # One core is the serving path's; the rest are shared, at least one thread each.
-    assert default_cpu_threads(2, 1) == 1
+    # The cores shared among the host's CPU engines, at least one thread each.
+    assert default_cpu_threads(2, 1) == 2
     assert default_cpu_threads(2, 2) == 1
-    assert default_cpu_threads(1, 1) == 1
-    assert default_cpu_threads(16, 1) == 15
+    assert default_cpu_threads(2, 3) == 1
     assert default_cpu_threads(16, 3) == 5
+    assert default_cpu_threads(16, 0) == 16
 
 
 def test_serving_dtype_is_bf16_only_where_it_is_native() -> None:

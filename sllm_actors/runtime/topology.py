@@ -259,13 +259,15 @@ def serving_dtype(configured: str, device: str, flags: frozenset[str]) -> str:
 
 
 def default_cpu_threads(cpus: int, engines: int) -> int:
-    """torch intra-op threads for each CPU engine of a host with ``cpus`` cores shared by ``engines`` engines: one
-    core is left to the serving path (the HTTP front end, the controller, each node's IO and step threads), the
-    rest shared out, at least one each. An OpenMP team larger than the cores it gets waits at every op's barrier
-    for a member the kernel has descheduled: on the 2-core VM, with other processes running, a step at 2 threads
-    took 7-10x the wall time of the same step at 1 (2026-12-03, h20cpu). vLLM's CPU build leaves a core to its
-    front end the same way (``VLLM_CPU_OMP_THREADS_BIND=auto``)."""
-    return max(1, (cpus - 1) // max(1, engines))
+    """torch intra-op threads for each CPU engine of a host with ``cpus`` cores shared by ``engines`` engines: the
+    cores shared out, at least one each, so that node processes on one host do not oversubscribe it (torch's own
+    default gives every process all the cores). An OpenMP team larger than the cores it gets waits at every op's
+    barrier for a member the kernel has descheduled: in-process, on the 2-core VM with other processes running, a
+    step at 2 threads took 7-10x the wall time of the same step at 1 (2026-12-03, h20cpu). Whether one core
+    should be left to the serving path (the HTTP front end, the controller), as vLLM's CPU build leaves one to
+    its front end, is for ``benchmarks/bench_vs_vllm.py`` on a quiet machine (settings ``float32:1`` against
+    ``float32:2``): on the busy VM the cluster's tok/s at 2 threads was higher, its TTFT worse."""
+    return max(1, cpus // max(1, engines))
 
 
 def parse_size(value: Any) -> int:
