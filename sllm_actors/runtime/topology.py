@@ -20,6 +20,8 @@ __all__ = [
     "RepositorySpec",
     "Topology",
     "TopologyError",
+    "cpu_flags",
+    "default_cpu_threads",
     "default_ssd_path",
     "is_url",
     "load_topology",
@@ -27,6 +29,7 @@ __all__ = [
     "parse_size",
     "parse_topology",
     "repository_for",
+    "serving_dtype",
 ]
 
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
@@ -117,11 +120,15 @@ class NodeSpec:
     host: str = "local"
     """``local``: started by ``sllm up``; anything else joins with ``sllm node --join``."""
     threads: int = 0
-    """torch intra-op threads for CPU devices (0: let torch decide)."""
+    """torch intra-op threads for CPU devices (0: :func:`default_cpu_threads` of the host's cores and
+    ``cpu_engines_on_host``)."""
     repositories: tuple[RepositorySpec, ...] = ()
     """The topology's HTTP repositories (the same for every node): the node fetches only from these."""
     load_mode: str = "serverlessllm"
     """The cluster's ``scheduler.load_mode``, copied into each node's spec (the node loads by it)."""
+    cpu_engines_on_host: int = 0
+    """CPU devices of all the topology's nodes on this node's host, its own included: the engines that share
+    the host's cores (``sllm up`` starts every ``local`` node on one machine). Set by the topology's loader."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,6 +230,44 @@ _DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600}
 
 
 SERVING_DTYPES = ("", "bfloat16", "float16", "float32")
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU instructions that make bf16 matrix products native. Without them (AVX2, plain AVX-512) torch converts
+bf16 to fp32 inside its kernels: on a 2-core AMD EPYC (AVX2) the default model's linear layers at a batch of 16
+took 2-4x the CPU time of fp32, and a prompt's prefill about 3x (2026-12-03, h20cpu's A/B)."""
+
+
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU flags (``/proc/cpuinfo``; empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def serving_dtype(configured: str, device: str, flags: frozenset[str]) -> str:
+    """The dtype an instance serves in: the model's ``dtype`` if set; else bf16 on CUDA and on a CPU with native
+    bf16 products (``CPU_BF16_FLAGS``), where it halves the weights each step reads; else "" (the stored dtype)."""
+    if configured:
+        return configured
+    if device.startswith("cuda") or any(f in flags for f in CPU_BF16_FLAGS):
+        return "bfloat16"
+    return ""
+
+
+def default_cpu_threads(cpus: int, engines: int) -> int:
+    """torch intra-op threads for each CPU engine of a host with ``cpus`` cores shared by ``engines`` engines: the
+    cores shared out, at least one each, so that node processes on one host do not oversubscribe it (torch's own
+    default gives every process all the cores). An OpenMP team larger than the cores it gets waits at every op's
+    barrier for a member the kernel has descheduled: in-process, on the 2-core VM with other processes running, a
+    step at 2 threads took 7-10x the wall time of the same step at 1 (2026-12-03, h20cpu). Whether one core
+    should be left to the serving path (the HTTP front end, the controller), as vLLM's CPU build leaves one to
+    its front end, is for ``benchmarks/bench_vs_vllm.py`` on a quiet machine (settings ``float32:1`` against
+    ``float32:2``): on the busy VM the cluster's tok/s at 2 threads was higher, its TTFT worse."""
+    return max(1, cpus // max(1, engines))
 
 
 def parse_size(value: Any) -> int:
@@ -332,6 +377,11 @@ def parse_topology(data: Any, path: Path) -> Topology:
         raise r.fail("nodes", "at least one node is needed")
     nodes = [replace(_parse_node(r, raw, f"nodes[{i}]", base_dir), repositories=repositories)
              for i, raw in enumerate(raw_nodes)]
+    # Nodes on one host share its cores: each node's default thread count divides them among all their CPU engines.
+    engines: dict[str, int] = {}
+    for n in nodes:
+        engines[n.host] = engines.get(n.host, 0) + sum(g.device == "cpu" for g in n.gpus)
+    nodes = [replace(n, cpu_engines_on_host=engines[n.host]) for n in nodes]
     names = [n.name for n in nodes]
     for name in names:
         if names.count(name) > 1:

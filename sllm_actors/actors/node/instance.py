@@ -60,6 +60,7 @@ from sllm_actors.actors.node.context import Link, NodeContext
 from sllm_actors.actors.node.faults import injected_load_failure
 from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts, is_checkpoint_fault
 from sllm_actors.runtime.supervisor import SupervisedActor
+from sllm_actors.runtime.topology import cpu_flags, serving_dtype
 
 __all__ = ["ModelInstanceActor"]
 
@@ -83,6 +84,8 @@ PUBLISH_EVERY_S = 0.5
 """While decoding, the board (KV blocks in use) is refreshed at most this often."""
 GRAPHS_ENV = "SLLM_CUDA_GRAPHS"
 """``SLLM_CUDA_GRAPHS=0`` serves decode eagerly on CUDA too (the benchmark's baseline)."""
+CPU_FLAGS = cpu_flags()
+"""Read once: whether this CPU has native bf16 products decides a CPU instance's default dtype."""
 
 
 class ModelInstanceActor(SupervisedActor):
@@ -145,7 +148,7 @@ class ModelInstanceActor(SupervisedActor):
         self.publish("loading")
         started = time.perf_counter()
         opts = self.options
-        dtype = (opts.dtype if opts is not None else "") or ("bfloat16" if self.device.startswith("cuda") else "")
+        dtype = serving_dtype(opts.dtype if opts is not None else "", self.device, CPU_FLAGS)
         loaded = None
         try:
             injected = injected_load_failure(self.node.name, self.model_name)

@@ -48,7 +48,7 @@ from sllm_actors.messages import (
 from sllm_actors.actors.node.context import NodeContext
 from sllm_actors.actors.node.storage_client import StorageClient
 from sllm_actors.runtime.supervisor import ChildSpec, Directory, Supervisor
-from sllm_actors.runtime.topology import NodeSpec
+from sllm_actors.runtime.topology import NodeSpec, default_cpu_threads
 from sllm_actors.runtime.transport import Transport
 
 __all__ = ["Node", "main"]
@@ -224,8 +224,12 @@ class Node:
         if warmed:
             log.info("%s: CUDA devices warmed in %.2fs", self.spec.name, warmed)
 
-        if self.spec.threads:
-            torch.set_num_threads(self.spec.threads)
+        cpu_engines = sum(g.device == "cpu" for g in self.spec.gpus)
+        if self.spec.threads or cpu_engines:
+            threads = self.spec.threads or default_cpu_threads(os.cpu_count() or 1,
+                                                               self.spec.cpu_engines_on_host or cpu_engines)
+            torch.set_num_threads(threads)
+            log.info("%s: %d torch intra-op thread(s)", self.spec.name, threads)
         self.context.storage = StorageClient(self.context, self.spec)
         children = self.context.storage.child_specs()
         for index, gpu in enumerate(self.spec.gpus):
