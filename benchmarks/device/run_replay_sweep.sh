@@ -1,0 +1,93 @@
+# The paper's headline on the GPU machine in one call (issue 19): a model family several times the GPUs' memory,
+# DRAM tiers smaller than it, bursty Gamma traffic at two CVs, 3 seeds, serverlessllm against random and the Ray
+# Serve baseline (and rayserve-cache and kserve on one seed), paired by seed.
+#
+#   bash benchmarks/device/run_replay_sweep.sh          # device call; carry .whl and .gpu (see setup.sh)
+#   SETUP=0 DEVICE=cpu PY=.venv/bin/python SCALE=tiny bash benchmarks/device/run_replay_sweep.sh   # smoke, a CPU VM
+#
+# Each (CV, seed) is one replay process with its own clusters (one per policy, one after another), and every
+# process runs side by side with the others on the one device: 6 clusters of 2 nodes x 2 GPU budgets share the
+# H200 and its 16 cores at any time. The contention among them is about the same for every policy (each process
+# runs its policies in the same order at about the same time). Each process has its own keys directory (the
+# clusters' `sllm up` would otherwise race to create the same key files).
+#
+# Sizes (full scale): 16 models of 400-1000 MB (fp32, llama shape, random weights drawn on the GPU), 11.2 GB;
+# each GPU budget 1.3 GB (4 per cluster: 5.2 GB, the family weighs 2.2x that); each node's DRAM tier 3.4 GB and SSD
+# tier 4.5 GB (both less than the family); each checkpoint starts on one node's SSD (--ssd-seed 1, hard links);
+# repository 1250 MB/s (10 Gbit/s), SSD reads 2000 MB/s. Disk: the family twice (ours and the baselines'
+# safetensors) is 22.4 GB; each cluster's tiers live in its own temporary directory, removed when it stops.
+# Everything comes back as one archive plus the summary and the merged JSON and plots per CV (8 files at most).
+set -u
+OUT=${OUT:-/tmp/sweep-out}
+mkdir -p "$OUT"
+t0=$(date +%s)
+if [ "${SETUP:-1}" = 1 ]; then source benchmarks/device/setup.sh; fi
+PY=${PY:-python3}
+export SLLM_HOME=${SLLM_HOME:-/tmp/sllm}
+if [ "${SCALE:-full}" = tiny ]; then   # the script's logic end to end on a CPU VM in a few minutes
+  : "${MODELS:=4}" "${SIZES:=50,80}" "${GPU_MB:=110}" "${DRAM_MB:=100}" "${SSD_MB:=150}" "${DURATION:=10}"
+  : "${RPS:=1.0}" "${SEEDS:=0}" "${CVS:=2 8}" "${TIMEOUT:=40}" "${GPUS_PER_NODE:=1}" "${INIT_DEVICE:=cpu}"
+  : "${TOTAL:=900}"
+fi
+DEVICE=${DEVICE:-cuda}; INIT_DEVICE=${INIT_DEVICE:-$DEVICE}
+MODELS=${MODELS:-16}; SIZES=${SIZES:-400,600,800,1000}
+GPU_MB=${GPU_MB:-1300}; DRAM_MB=${DRAM_MB:-3400}; SSD_MB=${SSD_MB:-4500}
+NODES=${NODES:-2}; GPUS_PER_NODE=${GPUS_PER_NODE:-2}
+DURATION=${DURATION:-60}; RPS=${RPS:-1.0}; TIMEOUT=${TIMEOUT:-45}
+SEEDS=${SEEDS:-0 1 2}; CVS=${CVS:-2 8}
+POLICIES=${POLICIES:-serverlessllm,random,rayserve}; EXTRA=${EXTRA:-rayserve-cache,kserve}
+TOTAL=${TOTAL:-510}   # the whole call's seconds, setup included (a device call is cut at 600)
+FAMILY=$SLLM_HOME/family-sweep
+COMMON=(--device "$DEVICE" --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --models "$MODELS" --sizes "$SIZES"
+        --gpu-memory "$GPU_MB" --dram "$DRAM_MB" --ssd "$SSD_MB" --ssd-seed 1 --rps "$RPS" --duration "$DURATION"
+        --timeout "$TIMEOUT" --family-dir "$FAMILY" --trace gamma)
+RUN=/tmp/sweep-run; rm -rf "$RUN"; mkdir -p "$RUN"
+df -h /tmp | tail -1; free -g | head -2; nproc
+echo "== family: $MODELS models of $SIZES MB, drawn on $INIT_DEVICE"
+$PY -m sllm_eval.replay "${COMMON[@]}" --cv 2 --policy "$POLICIES${EXTRA:+,$EXTRA}" --init-device "$INIT_DEVICE" \
+  --prepare-only > "$RUN/prepare.log" 2>&1; rc=$?; tail -20 "$RUN/prepare.log"; [ $rc = 0 ] || exit 1
+du -sh "$FAMILY" "$FAMILY/safetensors" 2>/dev/null; df -h /tmp | tail -1
+echo "== family ready at $(( $(date +%s) - t0 ))s; replays side by side, $DURATION s of arrivals each"
+# The replays get what is left of TOTAL but the merge's minute. A process still running then is sent SIGTERM: it stops
+# the cluster in hand and keeps the JSON of the policies it finished (written after each one).
+DEADLINE=${DEADLINE:-$(( TOTAL - ($(date +%s) - t0) - 60 ))}
+echo "== replays get ${DEADLINE}s"
+pids=()
+for cv in $CVS; do
+  for s in $SEEDS; do
+    tag=cv${cv}_s$s
+    SLLM_KEYS=$RUN/keys-$tag timeout -k 40 "$DEADLINE" $PY -m sllm_eval.replay "${COMMON[@]}" --cv "$cv" \
+      --policy "$POLICIES" --seeds "$s" --json "$RUN/$tag.json" --png "$RUN/$tag.png" > "$RUN/$tag.log" 2>&1 &
+    pids+=($!)
+  done
+done
+first_cv=${CVS##* }; first_seed=${SEEDS%% *}
+if [ -n "$EXTRA" ]; then   # the other two baselines on one seed of the burstiest CV
+  tag=cv${first_cv}_s${first_seed}_extra
+  SLLM_KEYS=$RUN/keys-$tag timeout -k 40 "$DEADLINE" $PY -m sllm_eval.replay "${COMMON[@]}" --cv "$first_cv" \
+    --policy "$EXTRA" --seeds "$first_seed" --json "$RUN/$tag.json" > "$RUN/$tag.log" 2>&1 &
+  pids+=($!)
+fi
+for p in "${pids[@]}"; do wait "$p"; done
+echo "== replays done at $(( $(date +%s) - t0 ))s"; df -h /tmp | tail -1
+{
+  echo "# Replay sweep, $(date -u +%FT%TZ)"
+  echo; echo "device $DEVICE, $NODES nodes x $GPUS_PER_NODE GPU budgets of $GPU_MB MB, DRAM $DRAM_MB MB and SSD $SSD_MB MB per node,"
+  echo "$MODELS models of $SIZES MB, Gamma rps $RPS, $DURATION s of arrivals, timeout $TIMEOUT s, CVs $CVS, seeds $SEEDS"
+  echo "policies $POLICIES; extra $EXTRA on seed $first_seed CV $first_cv; one process per (CV, seed), side by side"
+  for cv in $CVS; do
+    files=""
+    for s in $SEEDS; do [ -s "$RUN/cv${cv}_s$s.json" ] && files="$files,$RUN/cv${cv}_s$s.json"; done
+    [ "$cv" = "$first_cv" ] && [ -s "$RUN/cv${cv}_s${first_seed}_extra.json" ] && files="$files,$RUN/cv${cv}_s${first_seed}_extra.json"
+    files=${files#,}
+    echo; echo "## CV $cv (${files//$RUN\//})"; echo; echo '```'
+    [ -n "$files" ] && $PY -m sllm_eval.replay --merge "$files" --json "$OUT/merged_cv$cv.json" --png "$OUT/merged_cv$cv.png" 2>&1
+    echo '```'
+  done
+  echo; echo "## process tails"
+  for f in "$RUN"/*.log; do echo; echo "### $(basename "$f")"; echo '```'; tail -8 "$f"; echo '```'; done
+} > "$OUT/summary.md"
+tar -czf "$OUT/sweep.tar.gz" -C "$RUN" --exclude='keys-*' .
+echo "== all done at $(( $(date +%s) - t0 ))s"
+cat "$OUT/summary.md" | head -150
+exit 0
