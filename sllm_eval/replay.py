@@ -889,6 +889,10 @@ def start_cluster(topology: Path, *, timeout: float = 180.0, env: dict[str, str]
         proc.wait()
         tail = log_path.read_text()[-3000:] if log_path.exists() else ""
         raise RuntimeError(f"sllm up did not print ready within {timeout:.0f}s:\n{tail}") from None
+    except BaseException:
+        # Interrupted (Ctrl-C, a sweep's deadline) while it starts: the caller has no cluster to stop yet.
+        stop_cluster(LocalCluster(proc, "", topology, log_path), timeout=15)
+        raise
     words = line.split()
     return LocalCluster(proc, words[words.index("client") + 2], topology, log_path)
 

@@ -14,8 +14,11 @@
 # Sizes (full scale): 16 models of 400-1000 MB (fp32, llama shape, random weights drawn on the GPU), 11.2 GB;
 # each GPU budget 1.3 GB (4 per cluster: 5.2 GB, the family weighs 2.2x that); each node's DRAM tier 3.4 GB and SSD
 # tier 4.5 GB (both less than the family); each checkpoint starts on one node's SSD (--ssd-seed 1, hard links);
-# repository 1250 MB/s (10 Gbit/s), SSD reads 2000 MB/s. Disk: the family twice (ours and the baselines'
-# safetensors) is 22.4 GB; each cluster's tiers live in its own temporary directory, removed when it stops.
+# repository 1250 MB/s (10 Gbit/s), SSD reads 2000 MB/s; Gamma arrivals at 1.5 req/s over 60 s (Zipf over the
+# models: at CV 2 a seed touches 10-13 models, at CV 8 4-5 in bursts of up to 80 requests), 8-32 tokens out;
+# keep-alive 10 s; a request is given up 45 s after its arrival (counted at its time to failure). Disk: the family
+# twice (ours and the baselines' safetensors) is 22.4 GB; each cluster's tiers live in its own temporary directory,
+# removed when it stops.
 # Everything comes back as one archive plus the summary and the merged JSON and plots per CV (8 files at most).
 set -u
 OUT=${OUT:-/tmp/sweep-out}
@@ -33,7 +36,7 @@ DEVICE=${DEVICE:-cuda}; INIT_DEVICE=${INIT_DEVICE:-$DEVICE}
 MODELS=${MODELS:-16}; SIZES=${SIZES:-400,600,800,1000}
 GPU_MB=${GPU_MB:-1300}; DRAM_MB=${DRAM_MB:-3400}; SSD_MB=${SSD_MB:-4500}
 NODES=${NODES:-2}; GPUS_PER_NODE=${GPUS_PER_NODE:-2}
-DURATION=${DURATION:-60}; RPS=${RPS:-1.0}; TIMEOUT=${TIMEOUT:-45}
+DURATION=${DURATION:-60}; RPS=${RPS:-1.5}; TIMEOUT=${TIMEOUT:-45}
 SEEDS=${SEEDS:-0 1 2}; CVS=${CVS:-2 8}
 POLICIES=${POLICIES:-serverlessllm,random,rayserve}; EXTRA=${EXTRA:-rayserve-cache,kserve}
 TOTAL=${TOTAL:-510}   # the whole call's seconds, setup included (a device call is cut at 600)
