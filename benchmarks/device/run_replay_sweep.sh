@@ -38,7 +38,7 @@ GPU_MB=${GPU_MB:-1300}; DRAM_MB=${DRAM_MB:-3400}; SSD_MB=${SSD_MB:-4500}
 NODES=${NODES:-2}; GPUS_PER_NODE=${GPUS_PER_NODE:-2}
 DURATION=${DURATION:-60}; RPS=${RPS:-1.5}; TIMEOUT=${TIMEOUT:-45}
 SEEDS=${SEEDS:-0 1 2}; CVS=${CVS:-2 8}
-POLICIES=${POLICIES:-serverlessllm,random,rayserve}; EXTRA=${EXTRA:-rayserve-cache,kserve}
+POLICIES=${POLICIES:-serverlessllm,random,rayserve}; EXTRA=${EXTRA-rayserve-cache,kserve}   # EXTRA= : none
 TOTAL=${TOTAL:-510}   # the whole call's seconds, setup included (a device call is cut at 600)
 FAMILY=$SLLM_HOME/family-sweep
 COMMON=(--device "$DEVICE" --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --models "$MODELS" --sizes "$SIZES"
