@@ -166,6 +166,8 @@ class BaselineCosts:
     hf_bandwidth: float = 2e9
     hf_fixed_s: float = 1.0
     process_start_s: float = 5.0
+    download_bandwidth: float = 0.0
+    """bytes/s of a download (the topology's repository link); 0: the server's repository tier bandwidth."""
 
 
 @dataclass
@@ -381,7 +383,7 @@ def _check_calibration(data: Any, where: str) -> None:
             _check_migration(entry.get("migration"), f"{where}: {group}.{name}.migration")
     _check_migration(data.get("migration"), f"{where}: migration")
     base = data.get("baseline", {})
-    fields = {"hf_bandwidth", "hf_fixed_s", "process_start_s"}
+    fields = {"hf_bandwidth", "hf_fixed_s", "process_start_s", "download_bandwidth"}
     if not isinstance(base, dict) or set(base) - fields or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in base.values()) \
             or base.get("hf_bandwidth", 1) <= 0:
@@ -920,6 +922,8 @@ class _Sim:
                 self._stored(by_name[name], "dram", m.name)
 
     def _stored(self, srv: _Server, tier: str, model: str) -> None:
+        if tier == "ssd" and self.load_mode == "rayserve-cache":
+            srv.kept.put(model, self.specs[model].size_bytes)  # its own copies, seeded where ours are
         lru = srv.dram if tier == "dram" else srv.ssd
         lru.put(model, self.specs[model].size_bytes)
         if model in lru.items:
@@ -1169,7 +1173,7 @@ class _Sim:
         if cached:
             srv.kept.touch(spec.name)
             return "ssd", local, self.now + local
-        download = spec.size_bytes / srv.bandwidth["repository"]
+        download = spec.size_bytes / (b.download_bandwidth or srv.bandwidth["repository"])
         start = max(self.now, srv.fetch_free_at)
         srv.fetch_free_at = start + download
         return "repository", start + download + local - self.now, start + download + local
