@@ -823,6 +823,8 @@ class _Sim:
             raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(CHOICES)})")
         self.cfg = config
         self.load_mode = policy if policy in BASELINES else "serverlessllm"
+        self.name = policy
+        """What the result is labelled (a baseline's name, not its placement policy's)."""
         policy = BASELINES.get(policy, policy)
         self.policy = policy
         self.seed = seed
@@ -1380,7 +1382,7 @@ class _Sim:
                 r.idx, r.model, r.arrival, r.prompt, r.output, r.status, r.finish,
                 (r.first_token - r.arrival) if (ok and r.first_token is not None) else None,
                 r.cold_tier, r.migrations, r.preemptions, r.server, r.error))
-        return SimResult(self.policy, self.seed, records, dict(self.loads), dict(self.decisions),
+        return SimResult(self.name, self.seed, records, dict(self.loads), dict(self.decisions),
                          self.migrations, self.preemptions, sum(g.busy_s for g in self.gpus), self.load_s,
                          len(self.gpus), self.now, self.events, wall_s, self.estimates, self.log)
 
