@@ -5,11 +5,13 @@
 #   bash benchmarks/device/run_replay_sweep.sh          # device call; carry .whl and .gpu (see setup.sh)
 #   SETUP=0 DEVICE=cpu PY=.venv/bin/python SCALE=tiny bash benchmarks/device/run_replay_sweep.sh   # smoke, a CPU VM
 #
-# Each (CV, seed) is one replay process with its own clusters (one per policy, one after another), and every
-# process runs side by side with the others on the one device: 6 clusters of 2 nodes x 2 GPU budgets share the
-# H200 and its 16 cores at any time. The contention among them is about the same for every policy (each process
-# runs its policies in the same order at about the same time). Each process has its own keys directory (the
-# clusters' `sllm up` would otherwise race to create the same key files).
+# LAYOUT=policies (default): each (CV, seed, policy) is one replay process with its own cluster; a CV's processes
+# (3 seeds x 3 policies: 9 clusters of 2 nodes x 2 GPU budgets) run side by side on the one H200 and its 16 cores,
+# the CVs one after another. A seed's policies replay its workload at the same time, so the machine's load is the
+# same for each (the pairing is in time as well as in workload). LAYOUT=seeds (the first run): one process per
+# (CV, seed) running its policies one after another, all side by side: a policy's place in the order was a phase
+# of the machine's load, and that, not placement, made the first run's differences (RESULTS.md). Each process has
+# its own keys directory (the clusters' `sllm up` would otherwise race to create the same key files).
 #
 # Sizes (full scale): 16 models of 400-1000 MB (fp32, llama shape, random weights drawn on the GPU), 11.2 GB;
 # each GPU budget 1.3 GB (4 per cluster: 5.2 GB, the family weighs 2.2x that); each node's DRAM tier 3.4 GB and SSD
@@ -39,6 +41,7 @@ NODES=${NODES:-2}; GPUS_PER_NODE=${GPUS_PER_NODE:-2}
 DURATION=${DURATION:-60}; RPS=${RPS:-1.5}; TIMEOUT=${TIMEOUT:-45}
 SEEDS=${SEEDS:-0 1 2}; CVS=${CVS:-2 8}
 POLICIES=${POLICIES:-serverlessllm,random,rayserve}; EXTRA=${EXTRA-rayserve-cache,kserve}   # EXTRA= : none
+LAYOUT=${LAYOUT:-policies}   # policies: a seed's policies side by side (paired in time); seeds: policies in turn
 TOTAL=${TOTAL:-510}   # the whole call's seconds, setup included (a device call is cut at 600)
 FAMILY=$SLLM_HOME/family-sweep
 COMMON=(--device "$DEVICE" --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --models "$MODELS" --sizes "$SIZES"
@@ -54,34 +57,51 @@ echo "== family ready at $(( $(date +%s) - t0 ))s; replays side by side, $DURATI
 # The replays get what is left of TOTAL but the merge's minute. A process still running then is sent SIGTERM: it stops
 # the cluster in hand and keeps the JSON of the policies it finished (written after each one).
 DEADLINE=${DEADLINE:-$(( TOTAL - ($(date +%s) - t0) - 60 ))}
-echo "== replays get ${DEADLINE}s"
-pids=()
-for cv in $CVS; do
-  for s in $SEEDS; do
-    tag=cv${cv}_s$s
-    SLLM_KEYS=$RUN/keys-$tag timeout -k 40 "$DEADLINE" $PY -m sllm_eval.replay "${COMMON[@]}" --cv "$cv" \
-      --policy "$POLICIES" --seeds "$s" --json "$RUN/$tag.json" --png "$RUN/$tag.png" > "$RUN/$tag.log" 2>&1 &
-    pids+=($!)
-  done
-done
+echo "== replays get ${DEADLINE}s, layout $LAYOUT"
 first_cv=${CVS##* }; first_seed=${SEEDS%% *}
-if [ -n "$EXTRA" ]; then   # the other two baselines on one seed of the burstiest CV
-  tag=cv${first_cv}_s${first_seed}_extra
-  SLLM_KEYS=$RUN/keys-$tag timeout -k 40 "$DEADLINE" $PY -m sllm_eval.replay "${COMMON[@]}" --cv "$first_cv" \
-    --policy "$EXTRA" --seeds "$first_seed" --json "$RUN/$tag.json" > "$RUN/$tag.log" 2>&1 &
+launch() {   # tag, deadline, replay arguments...
+  local tag=$1 limit=$2; shift 2
+  SLLM_KEYS=$RUN/keys-$tag timeout -k 40 "$limit" $PY -m sllm_eval.replay "${COMMON[@]}" "$@" \
+    --json "$RUN/$tag.json" > "$RUN/$tag.log" 2>&1 &
   pids+=($!)
+}
+pids=()
+if [ "$LAYOUT" = seeds ]; then
+  # One process per (CV, seed), its policies one after another: every process starts its first policy at the same
+  # moment, so a policy's position in the order is a phase of the machine's load (the first run of 2026-12-03
+  # showed decode 1.3-1.6x slower in the first phase than in the second, on every seed).
+  for cv in $CVS; do for s in $SEEDS; do
+    launch "cv${cv}_s$s" "$DEADLINE" --cv "$cv" --policy "$POLICIES" --seeds "$s" --png "$RUN/cv${cv}_s$s.png"
+  done; done
+  [ -n "$EXTRA" ] && launch "cv${first_cv}_s${first_seed}_extra" "$DEADLINE" --cv "$first_cv" --policy "$EXTRA" --seeds "$first_seed"
+  for p in "${pids[@]}"; do wait "$p"; done
+else
+  # One process per (seed, policy), all of a CV side by side, the CVs one after another: a seed's policies replay
+  # its workload at the same time on the same machine, so whatever load the machine is under, they share it.
+  ncv=$(echo $CVS | wc -w)
+  for cv in $CVS; do
+    limit=$(( (TOTAL - ($(date +%s) - t0) - 60) / ncv )); ncv=$(( ncv - 1 ))
+    echo "== CV $cv: $(echo $SEEDS | wc -w) seeds x ${POLICIES//,/ } side by side, ${limit}s"
+    pids=()
+    for s in $SEEDS; do for p in ${POLICIES//,/ }; do
+      launch "cv${cv}_s${s}_$p" "$limit" --cv "$cv" --policy "$p" --seeds "$s"
+    done; done
+    if [ -n "$EXTRA" ] && [ "$cv" = "$first_cv" ]; then for p in ${EXTRA//,/ }; do
+      launch "cv${cv}_s${first_seed}_$p" "$limit" --cv "$cv" --policy "$p" --seeds "$first_seed"
+    done; fi
+    for p in "${pids[@]}"; do wait "$p"; done
+  done
 fi
-for p in "${pids[@]}"; do wait "$p"; done
 echo "== replays done at $(( $(date +%s) - t0 ))s"; df -h /tmp | tail -1
 {
   echo "# Replay sweep, $(date -u +%FT%TZ)"
   echo; echo "device $DEVICE, $NODES nodes x $GPUS_PER_NODE GPU budgets of $GPU_MB MB, DRAM $DRAM_MB MB and SSD $SSD_MB MB per node,"
   echo "$MODELS models of $SIZES MB, Gamma rps $RPS, $DURATION s of arrivals, timeout $TIMEOUT s, CVs $CVS, seeds $SEEDS"
-  echo "policies $POLICIES; extra $EXTRA on seed $first_seed CV $first_cv; one process per (CV, seed), side by side"
+  echo "policies $POLICIES; extra $EXTRA on seed $first_seed CV $first_cv; layout $LAYOUT (seeds: one process per (CV, seed),"
+  echo "policies in turn; policies: one process per (seed, policy), a CV's side by side, CVs in turn)"
   for cv in $CVS; do
     files=""
-    for s in $SEEDS; do [ -s "$RUN/cv${cv}_s$s.json" ] && files="$files,$RUN/cv${cv}_s$s.json"; done
-    [ "$cv" = "$first_cv" ] && [ -s "$RUN/cv${cv}_s${first_seed}_extra.json" ] && files="$files,$RUN/cv${cv}_s${first_seed}_extra.json"
+    for f in "$RUN"/cv${cv}_s*.json; do [ -s "$f" ] && files="$files,$f"; done
     files=${files#,}
     echo; echo "## CV $cv (${files//$RUN\//})"; echo; echo '```'
     [ -n "$files" ] && $PY -m sllm_eval.replay --merge "$files" --json "$OUT/merged_cv$cv.json" --png "$OUT/merged_cv$cv.png" 2>&1
