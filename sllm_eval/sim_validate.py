@@ -276,7 +276,13 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
                 a, b = r["arrival_s"] + r["ttft_s"], r["arrival_s"] + r["latency_s"]
                 share = _sharing(a, b, m, windows, cores, per_instance.get(m, 1))
                 decode[m].append((r["latency_s"] - r["ttft_s"]) / (r["tokens"] - 1) / share)
-            if _loaded_at(ready.get(m, []), r["arrival_s"]):
+            loaded = _loaded_at(ready.get(m, []), r["arrival_s"])
+            # Warm and with a free slot: a request that arrived in a burst, every slot of the model's instances
+            # taken, waited in the queue before its prefill, and its TTFT says nothing of the prefill's speed.
+            ahead = sum(1 for o in ok if o is not r and o["model"] == m
+                        and (o["arrival_s"], o["index"]) < (r["arrival_s"], r["index"])
+                        and r["arrival_s"] < o["arrival_s"] + o["latency_s"])
+            if loaded and ahead < loaded * per_instance.get(m, 1):
                 share = _sharing(r["arrival_s"], r["arrival_s"] + r["ttft_s"], m, windows, cores,
                                  per_instance.get(m, 1))
                 prefill[m].append(r["ttft_s"] / share / max(1, r["prompt_tokens"]))
@@ -365,13 +371,14 @@ def _ready_intervals(events: list[dict[str, Any]], t0: float, models: set[str]) 
     return steps
 
 
-def _loaded_at(steps: list[tuple[float, int]], t: float) -> bool:
+def _loaded_at(steps: list[tuple[float, int]], t: float) -> int:
+    """Instances of the model loaded at ``t`` (0: none)."""
     n = 0
     for when, count in steps:
         if when > t:
             break
         n = count
-    return n > 0
+    return n
 
 
 def _migration_fit(replay: dict[str, Any], policies: list[str]) -> dict[str, float] | None:

@@ -203,3 +203,14 @@ def test_a_baselines_loads_calibrate_its_costs_not_our_tiers() -> None:
     for key, err in by_policy["rayserve"]["rel_error"].items():
         assert err == pytest.approx(0.0, abs=1e-6), key
     assert result["pass"]
+
+
+def test_a_warm_request_that_waited_for_a_slot_does_not_count_as_prefill() -> None:
+    # Four more requests for a arrive with the first warm one, at t = 5: a's one instance takes two at a time, so
+    # the last three waited 0.6 s for a slot; their TTFTs are not a prefill's time (counted, they would be most).
+    replay = _replay()
+    records = replay["records"]["locality-wait"]
+    records += [_record(3, "a", 5.0, 10, 11, 0.1, 0.1 + 10 * 0.05)]
+    records += [_record(i, "a", 5.0, 10, 11, 0.6 + 0.1, 0.6 + 0.1 + 10 * 0.05) for i in (4, 5, 6)]
+    cal = derive_calibration(replay)
+    assert cal["models"]["a"]["prefill_s_per_token"] == pytest.approx(0.01)
