@@ -4,6 +4,7 @@ whose policy outcome is clear (it runs the scheduler's own ``placement.choose``)
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -403,7 +404,10 @@ def test_baselines_download_at_every_cold_start_and_only_the_cache_keeps_a_copy(
     ray = simulate(cfg, work, "rayserve")
     assert [r.cold_tier for r in ray.requests] == ["repository", "repository"]  # the SSD copy is ours, not its
     assert [r.ttft_s for r in ray.requests] == pytest.approx([download + local + 0.1] * 2)
-    cache = simulate(cfg, work, "rayserve-cache")
+    # The cache's copies start where the platform seeded checkpoints (the replay's --ssd-seed puts its safetensors
+    # copies there); without a seed its first start downloads, the second finds the kept copy.
+    assert [r.cold_tier for r in simulate(cfg, work, "rayserve-cache").requests] == ["ssd", "ssd"]
+    cache = simulate(replace(cfg, initial_ssd={}), work, "rayserve-cache")
     assert [r.cold_tier for r in cache.requests] == ["repository", "ssd"]
     assert cache.requests[1].ttft_s == pytest.approx(local + 0.1)
     kserve = simulate(cfg, work, "kserve")
