@@ -1,10 +1,16 @@
-"""Latency against RPS on the simulator, the GPU sweep's cluster and costs (run 1, CV 2 seed 0, pooled)."""
+"""Latency against RPS on the simulator, the GPU sweep's cluster and costs (run 1, CV 2 seed 0, pooled).
+
+    python benchmarks/results/replay_sweep_gpu_2026-12-03/curve_sim.py RUN1_CV2_S0.json   # from the repository root
+    python benchmarks/results/replay_sweep_gpu_2026-12-03/curve_plot.py curve_sim.png     # the table and the plot
+
+RUN1_CV2_S0.json is run 1's per-seed replay JSON (in the call's archive; the merged JSON holds the same runs).
+"""
 import json, sys, statistics
-sys.path.insert(0, '/work/wt-h19')
+sys.path.insert(0, '.')
 from sllm_eval.sim_validate import load_replay, derive_calibration, replay_config
 from sllm_eval.replay import build_workload
 from sllm_eval.simulator import simulate
-replay = load_replay('/tmp/g19/cv2_s0.json')
+replay = load_replay(sys.argv[1])
 cal = derive_calibration(replay)
 cfg = replay_config(replay, cal)
 names = [f['name'] for f in replay['family']]
@@ -20,4 +26,4 @@ for cv in (2.0, 8.0):
                 row[p] = {'mean': s['latency_s']['mean'], 'p50': s['latency_s']['p50'], 'p99': s['latency_s']['p99'], 'failed': s['failed']}
             out.append(row)
             print(json.dumps(row), flush=True)
-json.dump({'calibration_from': 'cv2_s0.json (run 1), pooled', 'rows': out}, open('/tmp/h19_curve.json', 'w'), indent=1)
+json.dump({'calibration_from': 'cv2_s0.json (run 1), pooled', 'rows': out}, open('benchmarks/results/replay_sweep_gpu_2026-12-03/curve_sim.json', 'w'), indent=1)
