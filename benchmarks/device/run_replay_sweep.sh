@@ -57,6 +57,7 @@ echo "== family ready at $(( $(date +%s) - t0 ))s; replays side by side, $DURATI
 # The replays get what is left of TOTAL but the merge's minute. A process still running then is sent SIGTERM: it stops
 # the cluster in hand and keeps the JSON of the policies it finished (written after each one).
 DEADLINE=${DEADLINE:-$(( TOTAL - ($(date +%s) - t0) - 60 ))}
+[ "$DEADLINE" -lt 30 ] && DEADLINE=30   # timeout 0 would mean none
 echo "== replays get ${DEADLINE}s, layout $LAYOUT"
 first_cv=${CVS##* }; first_seed=${SEEDS%% *}
 launch() {   # tag, deadline, replay arguments...
@@ -81,6 +82,7 @@ else
   ncv=$(echo $CVS | wc -w)
   for cv in $CVS; do
     limit=$(( (TOTAL - ($(date +%s) - t0) - 60) / ncv )); ncv=$(( ncv - 1 ))
+    [ "$limit" -lt 30 ] && limit=30   # timeout 0 would mean none
     echo "== CV $cv: $(echo $SEEDS | wc -w) seeds x ${POLICIES//,/ } side by side, ${limit}s"
     pids=()
     for s in $SEEDS; do for p in ${POLICIES//,/ }; do
