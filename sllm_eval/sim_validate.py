@@ -184,14 +184,15 @@ def _fit_tier(samples: list[dict[str, Any]], default_bw: float) -> dict[str, Any
             "how": "topology bandwidth, median fixed part (one size, or a fit with no positive bandwidth)"}
 
 
-DOWNLOAD_PARTS = ("download", "download_queue", "process_start")
-"""A baseline load's parts that are not its ``from_pretrained``: what the simulator prices apart."""
+DOWNLOAD_PARTS = ("download", "download_queue", "process_start", "queue")
+"""A baseline load's parts that are not its ``from_pretrained``: what the simulator prices apart (``queue``: the wait
+for the node's build lock, which the simulator queues itself)."""
 
 
 def _fit_baseline(samples: list[dict[str, Any]], repository_bw: float) -> tuple[dict[str, float], dict[str, Any]]:
     """The simulator's ``BaselineCosts`` from a replay's baseline loads: what is left of each load without its
-    download, its wait for the node's other downloads and its process start (``from_pretrained``, the copy to the
-    device, the engine's set-up) as bytes / bandwidth + fixed over the sizes loaded; the process start's median;
+    download, its waits for the node's other downloads and builds and its process start (``from_pretrained``, the
+    copy to the device, the engine's set-up) as bytes / bandwidth + fixed over the sizes loaded; the process start's median;
     the download at the topology's repository bandwidth (the pace the baseline's copy is held to)."""
     local = [(float(s["bytes"]), s["seconds"] - sum(float(s["parts"].get(k, 0.0)) for k in DOWNLOAD_PARTS))
              for s in samples]

@@ -1167,18 +1167,21 @@ class _Sim:
 
     def _baseline_load(self, spec: ModelConfig, gpu: _Gpu) -> tuple[str, float, float]:
         """A baseline's cold start: (tier it counts as, seconds, ready time). The download (none where
-        ``rayserve-cache`` kept a copy on this node) waits for the node's other downloads; ``from_pretrained``
-        (and ``kserve``'s process start before it) runs beside other loads."""
+        ``rayserve-cache`` kept a copy on this node) waits for the node's other downloads, and ``from_pretrained``
+        for the node's other builds (the baseline loader's build lock, as ours take turns); ``kserve``'s process
+        start runs between the two, beside other loads."""
         srv, b = gpu.server, self.cfg.baseline
         cached = self.load_mode == "rayserve-cache" and spec.name in srv.kept.items
-        local = spec.size_bytes / b.hf_bandwidth + b.hf_fixed_s + (b.process_start_s if self.load_mode == "kserve" else 0.0)
+        build = spec.size_bytes / b.hf_bandwidth + b.hf_fixed_s
         if cached:
             srv.kept.touch(spec.name)
-            return "ssd", local, self.now + local
-        download = spec.size_bytes / (b.download_bandwidth or srv.bandwidth["repository"])
-        start = max(self.now, srv.fetch_free_at)
-        srv.fetch_free_at = start + download
-        return "repository", start + download + local - self.now, start + download + local
+            downloaded = self.now
+        else:
+            start = max(self.now, srv.fetch_free_at)
+            srv.fetch_free_at = downloaded = start + spec.size_bytes / (b.download_bandwidth or srv.bandwidth["repository"])
+        began = max(downloaded + (b.process_start_s if self.load_mode == "kserve" else 0.0), srv.build_free_at)
+        srv.build_free_at = ready = began + build
+        return ("ssd" if cached else "repository"), ready - self.now, ready
 
     def _fetched(self, inst: _Inst) -> None:
         """(``load_pipeline`` ``node``) a repository fetch is done and stored on SSD; the build takes its turn."""

@@ -434,3 +434,14 @@ def test_calibration_sets_the_baselines_costs(tmp_path: Path) -> None:
     path.write_text(json.dumps({"baseline": {"hf_bandwidth": 0}}))
     with pytest.raises(ValueError, match="baseline"):
         load_calibration(path)
+
+
+def test_a_nodes_baseline_builds_take_turns() -> None:
+    from sllm_eval.simulator import BaselineCosts
+
+    # Both models kept on the node (rayserve-cache, seeded): no download, but from_pretrained takes the node's
+    # build lock, 1 + 0.5 s each: the second load waits for the first.
+    cfg = SimConfig([_server("s", gpus=2)], [_model("a", 1), _model("b", 1)], initial_ssd={"a": ["s"], "b": ["s"]},
+                    baseline=BaselineCosts(hf_bandwidth=2 * GB, hf_fixed_s=1.0))
+    res = simulate(cfg, [Arrival(0.0, "a", 10, 1), Arrival(0.0, "b", 10, 1)], "rayserve-cache")
+    assert sorted(r.ttft_s for r in res.requests) == pytest.approx([1.5 + 0.01, 3.0 + 0.01])
