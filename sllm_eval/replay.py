@@ -31,6 +31,8 @@ Four parts:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import math
@@ -155,12 +157,18 @@ def family_shape(size_mb: float, base: dict[str, Any], bytes_per_param: int = 4)
 
 def make_model_family(dest_dir: str | os.PathLike[str], sizes_mb: Sequence[float] = DEFAULT_SIZES_MB,
                       seed: int = 0, *, dtype: str = "float32", base_model: str | os.PathLike[str] | None = None,
-                      say: Callable[[str], None] | None = None) -> list[FamilyModel]:
+                      say: Callable[[str], None] | None = None, init_device: str = "cpu",
+                      safetensors_dir: str | os.PathLike[str] | None = None) -> list[FamilyModel]:
     """Random-weight variants of the default model's architecture, one per size, in our checkpoint format.
 
     Each keeps the default model's vocabulary and tokenizer files; hidden size, depth and MLP width are
     scaled to hit about ``size_mb`` MB in ``dtype``. A variant already written (same size, seed, dtype)
     is reused. Names are ``llama-<size>mb-s<seed>`` (the same size twice gets ``-b``, ``-c``...).
+
+    ``init_device`` (e.g. ``cuda``) draws the random weights there: a family of many GB takes minutes to
+    initialise on a CPU and seconds on a GPU (the weights then differ from a CPU-drawn family's, which only
+    matters across machines). ``safetensors_dir`` also writes each new model there as :func:`export_safetensors`
+    would, from the weights already in memory (the baselines' repository copy without reading ours back).
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -195,11 +203,14 @@ def make_model_family(dest_dir: str | os.PathLike[str], sizes_mb: Sequence[float
             config = LlamaConfig(**{**fields, **shape})
             config.architectures = ["LlamaForCausalLM"]
             torch.manual_seed(seed * 1000 + i)
-            model = LlamaForCausalLM(config).to(torch_dtype)
-            model.eval()
+            with torch.device(init_device):
+                model = LlamaForCausalLM(config).to(torch_dtype)
+            model = model.to("cpu").eval()
             if path.exists():
                 shutil.rmtree(path)  # a partial leftover without an index
             save_checkpoint(model, path, tokenizer=tokenizer)
+            if safetensors_dir is not None:
+                _write_safetensors(model, Path(path), Path(safetensors_dir).expanduser() / name)
             del model
         out.append(FamilyModel(name, path, int(size), checkpoint_size(path), shape["hidden_size"],
                                shape["num_hidden_layers"]))
@@ -212,7 +223,6 @@ def export_safetensors(models: Sequence[FamilyModel], dest_dir: str | os.PathLik
     tokenizer files): what the baselines' model repository holds, the same weights as our format's copy.
     Written once under ``dest_dir/<name>`` (renamed into place when whole) and reused."""
     from sllm_actors.storage import load_model
-    from sllm_actors.storage.format import TOKENIZER_FILES
 
     say = say or (lambda text: None)
     out: dict[str, Path] = {}
@@ -224,17 +234,25 @@ def export_safetensors(models: Sequence[FamilyModel], dest_dir: str | os.PathLik
             for param in model.parameters():  # tied weights are one parameter: cloned once, still tied
                 # Our loader's tensors are views of one allocation; safetensors refuses shared storage.
                 param.data = param.data.clone()
-            partial = path.with_name(f"{path.name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            model.save_pretrained(partial, safe_serialization=True)
+            _write_safetensors(model, Path(m.path), path)
             del model
-            for name in TOKENIZER_FILES:
-                if (Path(m.path) / name).is_file():
-                    shutil.copy2(Path(m.path) / name, partial / name)
-            shutil.rmtree(path, ignore_errors=True)
-            partial.rename(path)
         out[m.name] = path
     return out
+
+
+def _write_safetensors(model: Any, ours: Path, path: Path) -> None:
+    """``model`` as ``save_pretrained`` writes it, plus the tokenizer files of our copy ``ours``, renamed into
+    ``path`` when whole."""
+    from sllm_actors.storage.format import TOKENIZER_FILES
+
+    partial = path.with_name(f"{path.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (ours / name).is_file():
+            shutil.copy2(ours / name, partial / name)
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -747,7 +765,8 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
                          queue_timeout_s: float = 120.0,
                          migration: bool = True, warmup_model: Path | None = None,
                          devices: Sequence[Sequence[str]] | None = None, load_mode: str = "serverlessllm",
-                         sources: dict[str, Path] | None = None) -> Path:
+                         sources: dict[str, Path] | None = None, gpu_bytes: int | None = None,
+                         dram_bytes: int | None = None, ssd_bytes: int | None = None) -> Path:
     """``nodes`` nodes x 1 ``cpu`` device with room for the ``gpu_models`` largest models side by side.
 
     ``devices`` (one list per node, e.g. ``[["cuda:0"], ["cuda:1"]]``) replaces the ``cpu`` devices; each
@@ -761,15 +780,18 @@ def write_bench_topology(path: Path, models: Sequence[FamilyModel], *, policy: s
     device) keeps a burst for one model from filling every device with copies of it. ``load_mode`` is the
     nodes' way of loading (a baseline's, ``BASELINES``), and ``sources`` (model -> directory) replaces the
     family's checkpoints as the repository's copies (a baseline's safetensors, from :func:`export_safetensors`).
+
+    ``gpu_bytes`` (each device's memory budget), ``dram_bytes`` and ``ssd_bytes`` (each node's tiers) replace
+    the sizes derived from the family: a sweep states them (e.g. GPUs that together hold a third of the family).
     """
     import yaml
 
     sizes = sorted((m.bytes for m in models), reverse=True)
     overhead = 1.15  # the scheduler's room for activations beside the weights
-    gpu_bytes = int(overhead * sum(sizes[: max(1, gpu_models)]) * 1.02)
+    gpu_bytes = gpu_bytes or int(overhead * sum(sizes[: max(1, gpu_models)]) * 1.02)
     total = sum(sizes)
-    dram = max(int(total * dram_fraction), int(sizes[0] * 1.05))
-    ssd = max(int(total * ssd_fraction), int(sizes[0] * 1.05))
+    dram = dram_bytes or max(int(total * dram_fraction), int(sizes[0] * 1.05))
+    ssd = ssd_bytes or max(int(total * ssd_fraction), int(sizes[0] * 1.05))
     model_entries = [{"name": m.name, "source": str((sources or {}).get(m.name, m.path)), "keep_alive": f"{keep_alive_s}s",
                       "target_concurrency": target_concurrency, "max_instances": max_instances or nodes}
                      for m in models]
@@ -867,6 +889,10 @@ def start_cluster(topology: Path, *, timeout: float = 180.0, env: dict[str, str]
         proc.wait()
         tail = log_path.read_text()[-3000:] if log_path.exists() else ""
         raise RuntimeError(f"sllm up did not print ready within {timeout:.0f}s:\n{tail}") from None
+    except BaseException:
+        # Interrupted (Ctrl-C, a sweep's deadline) while it starts: the caller has no cluster to stop yet.
+        stop_cluster(LocalCluster(proc, "", topology, log_path), timeout=15)
+        raise
     words = line.split()
     return LocalCluster(proc, words[words.index("client") + 2], topology, log_path)
 
@@ -1017,6 +1043,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="cuda: node i's devices are the next CUDA devices in turn (wrapping if there are fewer)")
     p.add_argument("--nodes", type=int, default=2, help="nodes of the cluster started per policy")
     p.add_argument("--gpus-per-node", type=int, default=1, help="devices per node")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="each device's memory budget, MB (default: room for the two largest models side by side)")
+    p.add_argument("--dram", type=float, default=None, help="each node's DRAM tier, MB (default: 60%% of the family)")
+    p.add_argument("--ssd", type=float, default=None, help="each node's SSD tier, MB (default: 80%% of the family)")
+    p.add_argument("--init-device", default="cpu",
+                   help="where the family's random weights are drawn (cuda: seconds for a family of many GB)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="write the model family (and the baselines' safetensors copies) and exit: a sweep that runs "
+                        "several replays side by side prepares it once first")
     p.add_argument("--ssd-seed", type=int, default=0,
                    help="copies of each checkpoint on nodes' SSD tiers at start (0: only the repository holds them)")
     p.add_argument("--family-dir", default=None, help="where the model family is cached ($SLLM_HOME/family)")
@@ -1053,6 +1088,10 @@ def _devices(args: argparse.Namespace) -> list[list[str]]:
         raise SystemExit("--device cuda: torch sees no CUDA device here")
     return [[f"cuda:{(n * args.gpus_per_node + g) % count}" for g in range(args.gpus_per_node)]
             for n in range(args.nodes)]
+
+
+def _mb(value: float | None) -> int | None:
+    return None if value is None else int(value * 1e6)
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -1141,6 +1180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     started = time.monotonic()
+    # A sweep's deadline (`timeout`) sends SIGTERM: stop the cluster in hand as Ctrl-C does, keeping the JSON of
+    # the policies already replayed (written after each one).
+    signal.signal(signal.SIGTERM, _interrupt)
     policies = list(POLICIES) if args.policy == "all" else [p for p in args.policy.split(",") if p]
     prompt_range, output_range = _range(args.prompt_tokens), _range(args.output_tokens)
     tokenizer = None
@@ -1175,13 +1217,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = [float(s) for s in args.sizes.split(",") if s]
         wanted = [sizes[i % len(sizes)] for i in range(args.models)]
         family_dir = Path(args.family_dir).expanduser() if args.family_dir else sllm_home() / "family"
-        family = make_model_family(family_dir, wanted, seed=args.seed, dtype=args.dtype, say=say)
+        wants_hf = any(p in BASELINES for p in policies)
+        family = make_model_family(family_dir, wanted, seed=args.seed, dtype=args.dtype, say=say,
+                                   init_device=args.init_device,
+                                   safetensors_dir=family_dir / "safetensors" if wants_hf else None)
         warmup_path = None if args.no_warmup else make_warmup_model(family_dir)
         names = [m.name for m in family]
         for m in family:
             say(f"model {m.name}: {m.bytes / 1e6:.0f} MB ({m.hidden_size} wide, {m.layers} layers)")
-        if any(p in BASELINES for p in policies):
+        if wants_hf:
             hf_sources = export_safetensors(family, family_dir / "safetensors", say=say)
+        if args.prepare_only:
+            say(f"family of {len(family)} models, {sum(m.bytes for m in family) / 1e9:.2f} GB, in {family_dir}")
+            return 0
 
     results: dict[Any, dict[str, ReplayRecords]] = {}
     summaries: dict[Any, dict[str, dict[str, Any]]] = {}
@@ -1197,7 +1245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"({', '.join(f'{m}: {n}' for m, n in per_model.most_common())})")
             results[seed], summaries[seed] = {}, {}
             _run_policies(args, policies, family, warmup_path, names, arrivals, prompts, results[seed],
-                          summaries[seed], setup, say, seed=seed, hf_sources=hf_sources)
+                          summaries[seed], setup, say, seed=seed, hf_sources=hf_sources,
+                          after_each=lambda: _write_partial(args, started, results, summaries, setup, family))
     except KeyboardInterrupt:
         # Each cluster started was stopped on the way out; requests still in flight hold threads that
         # would wait for their idle timeout, so leave without joining them.
@@ -1211,7 +1260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_policies(args: argparse.Namespace, policies: list[str], family: list[FamilyModel], warmup_path: Path | None,
                   names: list[str], arrivals: list[Any], prompts: PromptMaker, results: dict[str, ReplayRecords],
                   summaries: dict[str, dict[str, Any]], setup: dict[str, Any], say: Callable[[str], None], *,
-                  seed: int = 0, hf_sources: dict[str, Path] | None = None) -> None:
+                  seed: int = 0, hf_sources: dict[str, Path] | None = None,
+                  after_each: Callable[[], None] | None = None) -> None:
     several = len(args.seed_list) > 1
     for policy in policies:
         placement, load_mode = cluster_mode(policy)
@@ -1239,7 +1289,8 @@ def _run_policies(args: argparse.Namespace, policies: list[str], family: list[Fa
                     repository_bw=args.repository_bw * 1e6, ssd_bw=args.ssd_bw * 1e6,
                     target_concurrency=args.target_concurrency, max_instances=args.max_instances, queue_timeout_s=max(60.0, args.timeout / 2),
                     warmup_model=warmup_path, nodes=args.nodes, devices=_devices(args), load_mode=load_mode,
-                    sources=sources,
+                    sources=sources, gpu_bytes=_mb(args.gpu_memory), dram_bytes=_mb(args.dram),
+                    ssd_bytes=_mb(args.ssd),
                 )
                 setup.setdefault("topology", {})[policy] = topo.read_text()
                 if args.ssd_seed:
@@ -1271,6 +1322,31 @@ def _run_policies(args: argparse.Namespace, policies: list[str], family: list[Fa
         s["loadavg_1m"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
         say(f"[{tag}] {s['completed']}/{s['requests']} done in {time.monotonic() - t_policy:.0f}s, "
             f"p50 {_fmt(s['latency_s']['p50'])}s p99 {_fmt(s['latency_s']['p99'])}s, errors {s['errors'] or 0}")
+        if after_each is not None:
+            after_each()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _write_partial(args: argparse.Namespace, started: float, results: dict[Any, dict[str, ReplayRecords]],
+                   summaries: dict[Any, dict[str, dict[str, Any]]], setup: dict[str, Any],
+                   family: list[FamilyModel]) -> None:
+    """The JSON of the policies replayed so far (``"partial": true``; the final report replaces it), so that a run
+    stopped at a deadline still gives its finished policies to ``--merge``."""
+    if not args.json_out:
+        return
+    done = {seed: by_policy for seed, by_policy in results.items() if by_policy}
+    with contextlib.redirect_stdout(io.StringIO()):  # the tables are printed once, at the end
+        payload = _report_payload(done, {seed: summaries[seed] for seed in done},
+                                  resamples=min(args.bootstrap, 200), png_out=None)
+    payload = {"args": vars(args), "runtime_s": time.monotonic() - started, "machine": _machine(),
+               "family": [{**asdict(f), "path": str(f.path)} for f in family], "setup": setup, "partial": True,
+               **payload}
+    tmp = Path(f"{args.json_out}.partial")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(args.json_out)
 
 
 def _paired_values(results: dict[Any, dict[str, ReplayRecords]]) -> dict[Any, dict[str, dict[str, list[float]]]]:

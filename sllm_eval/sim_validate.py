@@ -122,7 +122,8 @@ def load_samples(replay: dict[str, Any], policy: str) -> list[dict[str, Any]]:
             continue
         end = e["time"] - t0
         out.append({"tier": d["tier"], "model": d["model"], "bytes": sizes[d["model"]], "seconds": float(d["seconds"]),
-                    "node": d.get("node", ""), "start": end - float(d["seconds"]), "end": end})
+                    "node": d.get("node", ""), "start": end - float(d["seconds"]), "end": end,
+                    "parts": dict(d.get("parts") or {})})
     out = [s for s in out if s["start"] >= -1.0]  # the warm-up's loads come before the run
     for s in out:
         s["overlapped"] = any(o is not s and o["node"] == s["node"] and o["start"] < s["end"] and o["end"] > s["start"]
@@ -138,8 +139,23 @@ def _topology(replay: dict[str, Any]) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="sllm-validate-") as tmp:
         path = Path(tmp) / "topology.yaml"
-        path.write_text(replay["setup"]["topology"])
+        path.write_text(topology_text(replay))
         return load_topology(path)
+
+
+def topology_text(replay: dict[str, Any]) -> str:
+    """The replay's topology: one text, or (a replay of several policies, each its own cluster) one per policy,
+    which differ only in the policy and load mode (the simulator takes those by name): the first."""
+    topo = replay["setup"]["topology"]
+    return str(next(iter(topo.values()))) if isinstance(topo, dict) else str(topo)
+
+
+def load_mode(replay: dict[str, Any], policy: str) -> str:
+    """How ``policy``'s nodes loaded (``serverlessllm``, or a baseline's mode: ``replay.BASELINES``)."""
+    from sllm_eval.simulator import BASELINES
+
+    given = (((replay.get("setup") or {}).get("policies") or {}).get(policy) or {}).get("load_mode")
+    return str(given or (policy if policy in BASELINES else "serverlessllm"))
 
 
 def _is_cpu(replay: dict[str, Any]) -> bool:
@@ -166,6 +182,26 @@ def _fit_tier(samples: list[dict[str, Any]], default_bw: float) -> dict[str, Any
     fixed = statistics.median(y - x / default_bw for x, y in zip(xs, ys))
     return {**fit, "bandwidth": default_bw, "fixed_s": max(0.0, fixed),
             "how": "topology bandwidth, median fixed part (one size, or a fit with no positive bandwidth)"}
+
+
+DOWNLOAD_PARTS = ("download", "download_queue", "process_start", "queue")
+"""A baseline load's parts that are not its ``from_pretrained``: what the simulator prices apart (``queue``: the wait
+for the node's build lock, which the simulator queues itself)."""
+
+
+def _fit_baseline(samples: list[dict[str, Any]], repository_bw: float) -> tuple[dict[str, float], dict[str, Any]]:
+    """The simulator's ``BaselineCosts`` from a replay's baseline loads: what is left of each load without its
+    download, its waits for the node's other downloads and builds and its process start (``from_pretrained``, the
+    copy to the device, the engine's set-up) as bytes / bandwidth + fixed over the sizes loaded; the process start's median;
+    the download at the topology's repository bandwidth (the pace the baseline's copy is held to)."""
+    local = [(float(s["bytes"]), s["seconds"] - sum(float(s["parts"].get(k, 0.0)) for k in DOWNLOAD_PARTS))
+             for s in samples]
+    starts = [float(s["parts"]["process_start"]) for s in samples if "process_start" in s["parts"]]
+    fit = _fit_tier([{"bytes": b, "seconds": y, "overlapped": False} for b, y in local], 2e9)
+    costs = {"hf_bandwidth": fit["bandwidth"], "hf_fixed_s": fit["fixed_s"], "download_bandwidth": repository_bw}
+    if starts:
+        costs["process_start_s"] = statistics.median(starts)
+    return costs, {"samples": len(samples), "local_fit": fit, "process_starts": len(starts)}
 
 
 def _decoding(records: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
@@ -214,14 +250,16 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
         bws = [b for b in bws if b]
         default_bw[tier] = float(min(bws)) if bws else placement.DEFAULT_BANDWIDTH[tier]
     by_tier: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    baseline_loads: list[dict[str, Any]] = []
     for p in policies:
         for s in load_samples(replay, p):
-            by_tier[s["tier"]].append(s)
-    if not by_tier:
+            # A baseline's loads (download, from_pretrained) say nothing about our tiers' speeds: fitted apart.
+            (by_tier[s["tier"]] if load_mode(replay, p) == "serverlessllm" else baseline_loads).append(s)
+    if not by_tier and not baseline_loads:
         raise ReplayError("no load events of the family's models: nothing to calibrate loads from")
     fits = {t: _fit_tier(v, default_bw[t]) for t, v in by_tier.items()}
     # A tier never loaded from keeps its topology bandwidth and the others' mean fixed part.
-    mean_fixed = statistics.fmean(f["fixed_s"] for f in fits.values())
+    mean_fixed = statistics.fmean(f["fixed_s"] for f in fits.values()) if fits else 0.0
     bandwidth = {t: fits[t]["bandwidth"] if t in fits else default_bw[t] for t in TIERS}
     fixed = {t: fits[t]["fixed_s"] if t in fits else mean_fixed for t in TIERS}
 
@@ -239,7 +277,13 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
                 a, b = r["arrival_s"] + r["ttft_s"], r["arrival_s"] + r["latency_s"]
                 share = _sharing(a, b, m, windows, cores, per_instance.get(m, 1))
                 decode[m].append((r["latency_s"] - r["ttft_s"]) / (r["tokens"] - 1) / share)
-            if _loaded_at(ready.get(m, []), r["arrival_s"]):
+            loaded = _loaded_at(ready.get(m, []), r["arrival_s"])
+            # Warm and with a free slot: a request that arrived in a burst, every slot of the model's instances
+            # taken, waited in the queue before its prefill, and its TTFT says nothing of the prefill's speed.
+            ahead = sum(1 for o in ok if o is not r and o["model"] == m
+                        and (o["arrival_s"], o["index"]) < (r["arrival_s"], r["index"])
+                        and r["arrival_s"] < o["arrival_s"] + o["latency_s"])
+            if loaded and ahead < loaded * per_instance.get(m, 1):
                 share = _sharing(r["arrival_s"], r["arrival_s"] + r["ttft_s"], m, windows, cores,
                                  per_instance.get(m, 1))
                 prefill[m].append(r["ttft_s"] / share / max(1, r["prompt_tokens"]))
@@ -257,8 +301,16 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
         if "prefill_s_per_token" not in e and "decode_s_per_token" in e and ratios:
             e["prefill_s_per_token"] = e["decode_s_per_token"] * statistics.median(ratios)
     without = [m for m, e in models.items() if "decode_s_per_token" not in e]
-    if without:
+    measured = [e for e in models.values() if "decode_s_per_token" in e]
+    if not measured:
         raise ReplayError(f"no completed request with 2 or more tokens for {', '.join(without)}: no decode speed")
+    for m in without:
+        # A model the workload never asked for (or never finished): its speeds matter to no request; the
+        # others' medians keep the configuration whole.
+        for key in ("decode_s_per_token", "prefill_s_per_token"):
+            values = [e[key] for e in measured if key in e]
+            if values:
+                models[m][key] = statistics.median(values)
 
     out: dict[str, Any] = {
         "derived_from": f"replay measurements of {', '.join(policies)}: load events, records' TTFT and "
@@ -269,13 +321,17 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
         "shared_cores": cores,
         "models": models,
     }
+    baseline_fit = None
+    if baseline_loads:
+        out["baseline"], baseline_fit = _fit_baseline(baseline_loads, default_bw["repository"])
     mig = _migration_fit(replay, policies)
     if mig:
         out["migration"] = mig
     seed = ssd_seed(replay)
     if seed:
         out["initial_ssd"] = seed
-    out["comment"] = {"load_fits": fits, "decode_samples": {m: len(v) for m, v in decode.items()},
+    out["comment"] = {"load_fits": fits, "baseline_fit": baseline_fit,
+                      "decode_samples": {m: len(v) for m, v in decode.items()},
                       "prefill_samples": {m: len(v) for m, v in prefill.items()}}
     return out
 
@@ -283,6 +339,9 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
 def ssd_seed(replay: dict[str, Any]) -> dict[str, list[str]]:
     """model -> nodes whose SSD tier held its checkpoint when the cluster started (``--ssd-seed``)."""
     seed = (replay.get("setup") or {}).get("ssd_seed") or {}
+    if isinstance(seed, dict) and seed and all(isinstance(v, dict) for v in seed.values()):
+        # One per policy (each its own cluster, seeded alike; the baselines without a cache seed nothing).
+        seed = next((v for v in seed.values() if v), {})
     if not isinstance(seed, dict) or not all(isinstance(v, list) for v in seed.values()):
         raise ReplayError(f"setup.ssd_seed: expected {{model: [node, ...]}}, got {seed!r}")
     sizes = model_bytes(replay)
@@ -313,13 +372,14 @@ def _ready_intervals(events: list[dict[str, Any]], t0: float, models: set[str]) 
     return steps
 
 
-def _loaded_at(steps: list[tuple[float, int]], t: float) -> bool:
+def _loaded_at(steps: list[tuple[float, int]], t: float) -> int:
+    """Instances of the model loaded at ``t`` (0: none)."""
     n = 0
     for when, count in steps:
         if when > t:
             break
         n = count
-    return n > 0
+    return n
 
 
 def _migration_fit(replay: dict[str, Any], policies: list[str]) -> dict[str, float] | None:
@@ -357,7 +417,7 @@ def replay_config(replay: dict[str, Any], calibration: dict[str, Any], warmup_by
     the real tier (it finds them at start; the warm-up is stored later)."""
     with tempfile.TemporaryDirectory(prefix="sllm-validate-") as tmp:
         path = Path(tmp) / "topology.yaml"
-        path.write_text(replay["setup"]["topology"])
+        path.write_text(topology_text(replay))
         sizes = {**model_bytes(replay), WARMUP_MODEL: warmup_bytes}
         cfg = SimConfig.from_topology(path, model_bytes=sizes, start_tier="repository")
     cfg.load_pipeline = "node"

@@ -69,8 +69,11 @@ from sllm_eval.stats import stats
 from sllm_eval.workload import Arrival
 
 __all__ = [
+    "BASELINES",
+    "CHOICES",
     "POLICIES",
     "TIERS",
+    "BaselineCosts",
     "ModelConfig",
     "ServerConfig",
     "SimConfig",
@@ -85,6 +88,12 @@ __all__ = [
 ]
 
 POLICIES = ("serverlessllm", "shepherd", "locality-wait", "availability", "random")
+BASELINES = {"rayserve": "availability", "rayserve-cache": "availability", "kserve": "availability"}
+"""The paper's baselines as the replay runs them (``sllm_eval.replay.BASELINES``): the placement policy each maps
+to and a load mode of its own (:class:`BaselineCosts`): no storage tier of ours, a download from the repository
+at every cold start (``rayserve-cache``: unless the node kept a copy) and ``from_pretrained``."""
+CHOICES = (*POLICIES, *BASELINES)
+"""What ``simulate`` and ``--policy`` take: the placement policies and the baselines."""
 TIERS = ("dram", "ssd", "repository")
 GB = 1000**3
 GiB = 1024**3
@@ -147,6 +156,21 @@ class ServerConfig:
 
 
 @dataclass
+class BaselineCosts:
+    """What a baseline's cold start costs beyond its download (``actors/node/baseline_loader.py``): ``from_pretrained``
+    reads the local safetensors copy at ``hf_bandwidth`` bytes/s plus ``hf_fixed_s`` (building the model, the
+    tokenizer parsed afresh), and ``kserve`` first starts a server process, ``process_start_s``. The download runs
+    at the repository's bandwidth, one at a time per node; a kept copy (``rayserve-cache``) is read at the SSD's.
+    Defaults are guesses until a replay's loads calibrate them (``benchmarks/validate_simulator.py``)."""
+
+    hf_bandwidth: float = 2e9
+    hf_fixed_s: float = 1.0
+    process_start_s: float = 5.0
+    download_bandwidth: float = 0.0
+    """bytes/s of a download (the topology's repository link); 0: the server's repository tier bandwidth."""
+
+
+@dataclass
 class SimConfig:
     servers: list[ServerConfig]
     models: list[ModelConfig]
@@ -186,6 +210,8 @@ class SimConfig:
     record_log: bool = False
     """Keep a log of schedule decisions, loads, unloads and tier evictions (``SimResult.log``), in the
     shape of the real cluster's events, to compare a simulated run with a replay decision by decision."""
+    baseline: BaselineCosts = field(default_factory=BaselineCosts)
+    """The baselines' load costs (used only under a ``BASELINES`` name)."""
 
     def model_names(self) -> list[str]:
         """Model names in popularity order (``models[0]`` is the workload's rank 1)."""
@@ -291,7 +317,7 @@ _MODEL_KEYS = {"size_bytes", "prefill_s_per_token", "decode_s_per_token", "migra
                "max_concurrency", "max_instances", "size_class"}
 _TOP_KEYS = {"bandwidth", "prefill_s_per_token", "decode_s_per_token", "migration", "batch_sharing",
              "load_overhead", "queue_timeout_s", "size_classes", "models", "comment", "load_fixed_s",
-             "shared_cores", "derived_from", "initial_ssd"}
+             "shared_cores", "derived_from", "initial_ssd", "baseline"}
 
 
 def load_calibration(path: str | Path) -> dict[str, Any]:
@@ -356,6 +382,12 @@ def _check_calibration(data: Any, where: str) -> None:
                 raise ValueError(f"{where}: {group}.{name}: expected an object with keys from {sorted(_MODEL_KEYS)}")
             _check_migration(entry.get("migration"), f"{where}: {group}.{name}.migration")
     _check_migration(data.get("migration"), f"{where}: migration")
+    base = data.get("baseline", {})
+    fields = {"hf_bandwidth", "hf_fixed_s", "process_start_s", "download_bandwidth"}
+    if not isinstance(base, dict) or set(base) - fields or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in base.values()) \
+            or base.get("hf_bandwidth", 1) <= 0:
+        raise ValueError(f"{where}: baseline: expected {{{', '.join(sorted(fields))}: numbers >= 0}}, got {base!r}")
     seed = data.get("initial_ssd", {})
     if not isinstance(seed, dict) or not all(
             isinstance(v, list) and all(isinstance(n, str) for n in v) for v in seed.values()):
@@ -404,6 +436,8 @@ def apply_calibration(config: SimConfig, calibration: dict[str, Any]) -> SimConf
     for key in ("batch_sharing", "load_overhead", "queue_timeout_s", "shared_cores"):
         if key in c:
             setattr(out, key, float(c[key]))
+    if c.get("baseline"):
+        out.baseline = replace(out.baseline, **{k: float(v) for k, v in c["baseline"].items()})
     if c.get("initial_ssd"):
         names = {s.name for s in out.servers}
         models = {m.name for m in out.models}
@@ -765,6 +799,8 @@ class _Server:
         evict = (lambda tier: lambda m: log("evict", node=cfg.name, tier=tier, model=m)) if log else (lambda tier: None)
         self.dram = _Lru(cfg.dram_bytes, self.holds["dram"], self._changed, evict("dram"))
         self.ssd = _Lru(cfg.ssd_bytes, self.holds["ssd"], self._changed, evict("ssd"))
+        self.kept = _Lru(cfg.ssd_bytes, set(), lambda model: None)
+        """``rayserve-cache``'s safetensors copies on this node's disk (LRU; none of our tiers sees them)."""
         self.gpus: list[_Gpu] = []
         self.on_drop = on_drop
 
@@ -783,9 +819,13 @@ class _Server:
 
 class _Sim:
     def __init__(self, config: SimConfig, workload: Sequence[Arrival], policy: str, seed: int) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+        if policy not in CHOICES:
+            raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(CHOICES)})")
         self.cfg = config
+        self.load_mode = policy if policy in BASELINES else "serverlessllm"
+        self.name = policy
+        """What the result is labelled (a baseline's name, not its placement policy's)."""
+        policy = BASELINES.get(policy, policy)
         self.policy = policy
         self.seed = seed
         self.rng = random.Random(seed)
@@ -884,6 +924,8 @@ class _Sim:
                 self._stored(by_name[name], "dram", m.name)
 
     def _stored(self, srv: _Server, tier: str, model: str) -> None:
+        if tier == "ssd" and self.load_mode == "rayserve-cache":
+            srv.kept.put(model, self.specs[model].size_bytes)  # its own copies, seeded where ours are
         lru = srv.dram if tier == "dram" else srv.ssd
         lru.put(model, self.specs[model].size_bytes)
         if model in lru.items:
@@ -1088,9 +1130,15 @@ class _Sim:
         """Load ``inst`` (counted on its GPU by the placement steps) from its node's fastest tier holding it."""
         spec, gpu, waiters = inst.spec, inst.device, inst.waiters
         tier = gpu.view.best_tier(spec.name)
+        ready_at: float | None
+        if self.load_mode != "serverlessllm":
+            tier, dur, ready_at = self._baseline_load(spec, gpu)
+        else:
+            dur = self._load_cost(spec, gpu, tier)
         inst.tier = tier
-        dur = self._load_cost(spec, gpu, tier)
-        if self.cfg.load_pipeline == "node":
+        if self.load_mode != "serverlessllm":
+            pass  # _baseline_load queued its download
+        elif self.cfg.load_pipeline == "node":
             inst.parts = self.est.load_parts(spec.name, gpu.view)
             srv = gpu.server
             fetch, build, _ = placement.load_parts(tier, dur, self._load_cost(spec, gpu, "dram"))
@@ -1117,6 +1165,24 @@ class _Sim:
         if ready_at is not None:
             self._push(ready_at, _LOADED, inst, None)
 
+    def _baseline_load(self, spec: ModelConfig, gpu: _Gpu) -> tuple[str, float, float]:
+        """A baseline's cold start: (tier it counts as, seconds, ready time). The download (none where
+        ``rayserve-cache`` kept a copy on this node) waits for the node's other downloads, and ``from_pretrained``
+        for the node's other builds (the baseline loader's build lock, as ours take turns); ``kserve``'s process
+        start runs between the two, beside other loads."""
+        srv, b = gpu.server, self.cfg.baseline
+        cached = self.load_mode == "rayserve-cache" and spec.name in srv.kept.items
+        build = spec.size_bytes / b.hf_bandwidth + b.hf_fixed_s
+        if cached:
+            srv.kept.touch(spec.name)
+            downloaded = self.now
+        else:
+            start = max(self.now, srv.fetch_free_at)
+            srv.fetch_free_at = downloaded = start + spec.size_bytes / (b.download_bandwidth or srv.bandwidth["repository"])
+        began = max(downloaded + (b.process_start_s if self.load_mode == "kserve" else 0.0), srv.build_free_at)
+        srv.build_free_at = ready = began + build
+        return ("ssd" if cached else "repository"), ready - self.now, ready
+
     def _fetched(self, inst: _Inst) -> None:
         """(``load_pipeline`` ``node``) a repository fetch is done and stored on SSD; the build takes its turn."""
         srv = inst.device.server
@@ -1139,7 +1205,10 @@ class _Sim:
         srv = inst.device.server
         model = inst.model
         size = inst.spec.size_bytes
-        if inst.tier == "repository":
+        if self.load_mode != "serverlessllm":
+            if self.load_mode == "rayserve-cache":
+                srv.kept.put(model, size)  # the other baselines delete their copy at unload
+        elif inst.tier == "repository":
             if self.cfg.load_pipeline != "node":  # else stored when its fetch ended
                 srv.ssd.put(model, size)
             srv.dram.put(model, size)
@@ -1316,7 +1385,7 @@ class _Sim:
                 r.idx, r.model, r.arrival, r.prompt, r.output, r.status, r.finish,
                 (r.first_token - r.arrival) if (ok and r.first_token is not None) else None,
                 r.cold_tier, r.migrations, r.preemptions, r.server, r.error))
-        return SimResult(self.policy, self.seed, records, dict(self.loads), dict(self.decisions),
+        return SimResult(self.name, self.seed, records, dict(self.loads), dict(self.decisions),
                          self.migrations, self.preemptions, sum(g.busy_s for g in self.gpus), self.load_s,
                          len(self.gpus), self.now, self.events, wall_s, self.estimates, self.log)
 
@@ -1413,7 +1482,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-prompt", type=int, default=2048, help="clip trace prompt lengths")
     w.add_argument("--max-output", type=int, default=512, help="clip trace output lengths")
     r = p.add_argument_group("run")
-    r.add_argument("--policy", default="all", help=f"one of {', '.join(POLICIES)}, a comma list, or all")
+    r.add_argument("--policy", default="all",
+                   help=f"one of {', '.join(CHOICES)}, a comma list, or all (the placement policies; "
+                        "the baselines by name)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--jobs", type=int, default=1, help="policies simulated in parallel processes")
     r.add_argument("--json", type=Path, default=None, help="write the summaries (and the setup) here")
@@ -1520,9 +1591,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     policies = list(POLICIES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
-    bad = [p for p in policies if p not in POLICIES]
+    bad = [p for p in policies if p not in CHOICES]
     if bad:
-        parser.error(f"unknown policy {', '.join(bad)} (choose from {', '.join(POLICIES)} or all)")
+        parser.error(f"unknown policy {', '.join(bad)} (choose from {', '.join(CHOICES)} or all)")
     try:
         cfg = config_from_args(args)
         work = workload_from_args(args, cfg)

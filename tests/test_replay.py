@@ -202,3 +202,36 @@ def test_merge_reports_of_separate_runs(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a replay JSON"):
         merge_reports([tmp_path / "bad.json"])
+
+
+def test_model_family_writes_the_baselines_copy_alongside(tmp_path: Path, two_tiny: dict[str, Path]) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from sllm_actors.storage import load_model
+
+    family = make_model_family(tmp_path / "fam", [4], seed=2, base_model=two_tiny["tiny-a"],
+                               safetensors_dir=tmp_path / "hf")
+    copy = tmp_path / "hf" / family[0].name
+    assert (copy / "tokenizer.json").is_file() and (copy / "config.json").is_file()
+    theirs = load_file(copy / "model.safetensors")
+    ours = load_model(family[0].path, "cpu").state_dict()
+    assert set(theirs) <= set(ours) and len(theirs) > 3
+    for name, tensor in theirs.items():
+        assert torch.equal(tensor, ours[name]), name  # the same weights in both formats
+
+
+def test_bench_topology_takes_stated_sizes(tmp_path: Path) -> None:
+    import yaml
+
+    from sllm_eval.replay import FamilyModel, write_bench_topology
+
+    family = [FamilyModel(f"m{i}", tmp_path / f"m{i}", 400, 400_000_000, 8, 1) for i in range(6)]
+    derived = yaml.safe_load(write_bench_topology(tmp_path / "a.yaml", family, policy="serverlessllm").read_text())
+    assert derived["nodes"][0]["gpus"][0]["memory"] > 800_000_000  # room for the two largest, by default
+    stated = yaml.safe_load(write_bench_topology(
+        tmp_path / "b.yaml", family, policy="random", nodes=2, devices=[["cuda:0", "cuda:0"]] * 2,
+        gpu_bytes=500_000_000, dram_bytes=900_000_000, ssd_bytes=1_200_000_000).read_text())
+    for node in stated["nodes"]:
+        assert [g["memory"] for g in node["gpus"]] == [500_000_000, 500_000_000]
+        assert node["dram"]["capacity"] == 900_000_000 and node["ssd"]["capacity"] == 1_200_000_000

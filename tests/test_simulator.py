@@ -4,6 +4,7 @@ whose policy outcome is clear (it runs the scheduler's own ``placement.choose``)
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -387,3 +388,60 @@ def test_with_the_node_pipeline_the_estimates_match_overlapping_loads() -> None:
         assert estimated == pytest.approx(took, rel=0.2), tier
     far, near = res.requests
     assert near.ttft_s < far.ttft_s - 1.0  # it did not wait for the fetch
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+
+def test_baselines_download_at_every_cold_start_and_only_the_cache_keeps_a_copy() -> None:
+    from sllm_eval.simulator import BaselineCosts
+
+    costs = BaselineCosts(hf_bandwidth=2 * GB, hf_fixed_s=0.5, process_start_s=3.0)
+    # keep-alive 1 s: the second request, 100 s later, is a cold start again.
+    cfg = SimConfig([_server("s")], [_model("m", 2, keep_alive_s=1)], initial_ssd={"m": ["s"]}, baseline=costs)
+    work = [Arrival(0.0, "m", 100, 1), Arrival(100.0, "m", 100, 1)]
+    download, local = 2 / 0.1, 2 / 2 + 0.5  # 2 GB at the repository's 0.1 GB/s; from_pretrained at 2 GB/s
+    ray = simulate(cfg, work, "rayserve")
+    assert [r.cold_tier for r in ray.requests] == ["repository", "repository"]  # the SSD copy is ours, not its
+    assert [r.ttft_s for r in ray.requests] == pytest.approx([download + local + 0.1] * 2)
+    # The cache's copies start where the platform seeded checkpoints (the replay's --ssd-seed puts its safetensors
+    # copies there); without a seed its first start downloads, the second finds the kept copy.
+    assert [r.cold_tier for r in simulate(cfg, work, "rayserve-cache").requests] == ["ssd", "ssd"]
+    cache = simulate(replace(cfg, initial_ssd={}), work, "rayserve-cache")
+    assert [r.cold_tier for r in cache.requests] == ["repository", "ssd"]
+    assert cache.requests[1].ttft_s == pytest.approx(local + 0.1)
+    kserve = simulate(cfg, work, "kserve")
+    assert [r.ttft_s for r in kserve.requests] == pytest.approx([download + 3.0 + local + 0.1] * 2)
+    ours = simulate(cfg, work, "serverlessllm")
+    assert ours.requests[0].ttft_s == pytest.approx(2.0 + 0.1) and ours.requests[1].cold_tier == "dram"
+
+
+def test_a_nodes_baseline_downloads_take_turns() -> None:
+    from sllm_eval.simulator import BaselineCosts
+
+    cfg = SimConfig([_server("s", gpus=2)], [_model("a", 1), _model("b", 1)], initial_ssd={},
+                    baseline=BaselineCosts(hf_bandwidth=10 * GB, hf_fixed_s=0.0))
+    res = simulate(cfg, [Arrival(0.0, "a", 10, 1), Arrival(0.0, "b", 10, 1)], "rayserve")
+    # One download at a time per node (10 s each at 0.1 GB/s), from_pretrained 0.1 s after each.
+    assert sorted(r.ttft_s for r in res.requests) == pytest.approx([10.1 + 0.01, 20.1 + 0.01])
+
+
+def test_calibration_sets_the_baselines_costs(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"baseline": {"hf_bandwidth": 1.5e9, "process_start_s": 4.0}}))
+    cfg = apply_calibration(SimConfig([_server("s")], [_model("m", 1)]), load_calibration(path))
+    assert cfg.baseline.hf_bandwidth == 1.5e9 and cfg.baseline.process_start_s == 4.0 and cfg.baseline.hf_fixed_s == 1.0
+    path.write_text(json.dumps({"baseline": {"hf_bandwidth": 0}}))
+    with pytest.raises(ValueError, match="baseline"):
+        load_calibration(path)
+
+
+def test_a_nodes_baseline_builds_take_turns() -> None:
+    from sllm_eval.simulator import BaselineCosts
+
+    # Both models kept on the node (rayserve-cache, seeded): no download, but from_pretrained takes the node's
+    # build lock, 1 + 0.5 s each: the second load waits for the first.
+    cfg = SimConfig([_server("s", gpus=2)], [_model("a", 1), _model("b", 1)], initial_ssd={"a": ["s"], "b": ["s"]},
+                    baseline=BaselineCosts(hf_bandwidth=2 * GB, hf_fixed_s=1.0))
+    res = simulate(cfg, [Arrival(0.0, "a", 10, 1), Arrival(0.0, "b", 10, 1)], "rayserve-cache")
+    assert sorted(r.ttft_s for r in res.requests) == pytest.approx([1.5 + 0.01, 3.0 + 0.01])

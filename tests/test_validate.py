@@ -157,3 +157,60 @@ def test_a_seed_naming_an_unknown_node_is_refused() -> None:
     replay["setup"]["ssd_seed"] = {"b": ["node-9"]}
     with pytest.raises(ReplayError, match="node-9"):
         derive_calibration(replay)
+
+
+def _replay_with_a_baseline() -> dict:
+    """_seeded_replay's locality-wait run beside a Ray Serve run of the same workload, as a sweep writes it (a
+    topology and a seed per policy). Ray Serve's cold starts: a download at the topology's 100 MB/s, then
+    from_pretrained and the rest at 0.5 s + bytes / 400 MB/s; a waits 1 + 0.75, b 2 + 1."""
+    replay = _seeded_replay()
+    replay["setup"]["topology"] = {"locality-wait": TOPOLOGY, "rayserve": TOPOLOGY.replace("locality-wait", "availability")}
+    replay["setup"]["ssd_seed"] = {"locality-wait": replay["setup"]["ssd_seed"], "rayserve": {}}
+    replay["setup"]["policies"] = {"locality-wait": {"placement": "locality-wait", "load_mode": "serverlessllm"},
+                                   "rayserve": {"placement": "availability", "load_mode": "rayserve"}}
+    a_load, b_load = 1.0 + 0.75, 2.0 + 1.0
+    replay["records"]["rayserve"] = [
+        _record(0, "a", 0.0, 10, 11, a_load + 0.1, a_load + 0.1 + 10 * 0.05),
+        _record(2, "a", 5.0, 10, 11, 0.1, 0.1 + 10 * 0.05),
+        _record(1, "b", 10.0, 10, 11, b_load + 0.2, b_load + 0.2 + 10 * 0.1),
+    ]
+    replay["events"]["rayserve"] = [
+        {"time": T0 + 0.002, "kind": "schedule", "text": "", "data": {"request_id": "r0", "decision": "load"}},
+        {"time": T0 + a_load, "kind": "load", "text": "", "data": {
+            "node": "node-1", "model": "a", "tier": "repository", "seconds": a_load, "load_mode": "rayserve",
+            "parts": {"download": 1.0, "download_queue": 0.0, "from_pretrained": 0.7, "to_device": 0.05}}},
+        {"time": T0 + 10.003, "kind": "schedule", "text": "", "data": {"request_id": "r1", "decision": "load"}},
+        {"time": T0 + 10 + b_load, "kind": "load", "text": "", "data": {
+            "node": "node-1", "model": "b", "tier": "repository", "seconds": b_load, "load_mode": "rayserve",
+            "parts": {"download": 2.0, "download_queue": 0.0, "from_pretrained": 0.95, "to_device": 0.05}}},
+    ]
+    return replay
+
+
+def test_a_baselines_loads_calibrate_its_costs_not_our_tiers() -> None:
+    replay = _replay_with_a_baseline()
+    cal = derive_calibration(replay)
+    assert cal["baseline"]["hf_bandwidth"] == pytest.approx(400 * MB)
+    assert cal["baseline"]["hf_fixed_s"] == pytest.approx(0.5)
+    assert cal["baseline"]["download_bandwidth"] == 100 * MB
+    assert cal["bandwidth"]["repository"] == pytest.approx(100 * MB)  # from locality-wait's loads alone
+    assert cal["load_fixed_s"]["repository"] == pytest.approx(2.0)
+    assert cal["initial_ssd"] == {"b": ["node-2"]}
+    result = validate(replay)
+    by_policy = {row["policy"]: row for row in result["policies"]}
+    assert by_policy["rayserve"]["sim"]["loads"] == by_policy["rayserve"]["real"]["loads"] == \
+        {"dram": 0, "ssd": 0, "repository": 2}
+    for key, err in by_policy["rayserve"]["rel_error"].items():
+        assert err == pytest.approx(0.0, abs=1e-6), key
+    assert result["pass"]
+
+
+def test_a_warm_request_that_waited_for_a_slot_does_not_count_as_prefill() -> None:
+    # Four more requests for a arrive with the first warm one, at t = 5: a's one instance takes two at a time, so
+    # the last three waited 0.6 s for a slot; their TTFTs are not a prefill's time (counted, they would be most).
+    replay = _replay()
+    records = replay["records"]["locality-wait"]
+    records += [_record(3, "a", 5.0, 10, 11, 0.1, 0.1 + 10 * 0.05)]
+    records += [_record(i, "a", 5.0, 10, 11, 0.6 + 0.1, 0.6 + 0.1 + 10 * 0.05) for i in (4, 5, 6)]
+    cal = derive_calibration(replay)
+    assert cal["models"]["a"]["prefill_s_per_token"] == pytest.approx(0.01)
