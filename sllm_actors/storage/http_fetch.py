@@ -197,6 +197,11 @@ class HttpCheckpointFetch:
         """Every partition is in (or the fetch failed or was cancelled): its threads have stopped."""
         return self._finished.is_set()
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the fetch failed, once it has (None while it runs, after it succeeded, or when cancelled)."""
+        return self._error
+
     def result(self, timeout: float | None = None) -> Path:
         """The fetched directory, once every partition is in and checked; raises the fetch's error."""
         if not self._finished.wait(timeout):

@@ -219,8 +219,12 @@ class StorageClient:
                     raise
             loaded = self._build(model, device, "repository", path=str(fetch.path), parts=parts, dtype=dtype,
                                  direct_io=False, arrival=fetch)
-        except BaseException:
+        except BaseException as exc:
             fetch.cancel()  # removes the staging copy; the SSD tier was never asked for one
+            # A fetch that failed first (a bad checksum) removed its staging copy, so a load that opened it after
+            # reports only the missing files: the fetch's error is the one that names the problem.
+            if fetch.error is not None and fetch.error is not exc:
+                raise fetch.error from exc
             raise
         threading.Thread(target=self._store_fetched, args=(model, fetch), daemon=True,
                          name=f"sllm-store-{model}").start()
