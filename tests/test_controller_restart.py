@@ -27,7 +27,7 @@ import zmq
 
 from sllm_actors.actors.controller.store import ClusterStore, StoreError
 from sllm_actors.client import Completion, TokenEvent
-from sllm_actors.messages import PROTOCOL_VERSION, ErrorReply, Heartbeat, NodeConfig, NodeHello
+from sllm_actors.messages import PROTOCOL_VERSION, ErrorReply, Heartbeat, NodeConfig, NodeHello, NodeStatus
 from sllm_actors.runtime import wire
 
 from .conftest import RunningCluster, with_key
@@ -90,7 +90,7 @@ class ZmqStream(threading.Thread):
                             self.flowing.set()
                     elif isinstance(event, Completion):
                         self.done = event
-        except BaseException as exc:  # reported by the test's assertions
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's assertions
             self.error = exc
         finally:
             self.flowing.set()
@@ -119,7 +119,7 @@ class HttpStream(threading.Thread):
                         self.finish_reason = choices[0].get("finish_reason") or self.finish_reason
                     if len(self.tokens) >= 4:
                         self.flowing.set()
-        except BaseException as exc:  # reported by the test's assertions
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's assertions
             self.error = exc
         finally:
             self.flowing.set()
@@ -176,50 +176,114 @@ def _model_source(cluster: RunningCluster) -> str:
     return str(yaml.safe_load(cluster.topology.read_text())["models"][0]["source"])
 
 
-def test_old_epoch_node_is_fenced(cluster_factory: Any, tiny_model: Path) -> None:
-    """A node that served an older controller is refused until it re-registers; one claiming a newer epoch than
-    the controller's is refused (this controller would be the stale one)."""
-    cluster = cluster_factory({"tiny": tiny_model}, nodes=1)
-    endpoint = cluster.cluster_endpoint()
-    os.kill(int(ready_word(cluster, "pid")), signal.SIGKILL)
-    wait_line(cluster, "controller restarted:", 60)
-    ctx = zmq.Context.instance()
-    # node-1's own key on a link socket of node-1 (a second connection under its name would be refused).
-    sock = with_key(ctx.socket(zmq.DEALER), "node-1")
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, b"node-1~probe")
-    sock.connect(endpoint)
-    try:
-        # Until node-1 re-registered with epoch 2, its messages are fenced; afterwards they are heard. The
-        # controller's refusals go to the node's own socket, so the log is where the fence shows.
-        deadline = time.monotonic() + 60
-        while "re-registered from epoch 1" not in "".join(cluster.lines) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "refused heartbeat from node-1: not registered under epoch 2" in "".join(cluster.lines) or \
-            "not registered under epoch 2" in "".join(cluster.lines)
-    finally:
-        sock.close(linger=0)
+class FakeNode(threading.Thread):
+    """A node on "another host" speaking the protocol by hand, so the test sees the controller's answers: it joins,
+    reports itself ready and beats, and keeps every message the controller sends it."""
+
+    def __init__(self, endpoint: str, name: str) -> None:
+        super().__init__(daemon=True)
+        self.endpoint, self.name = endpoint, name
+        self.got: list[Any] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.beating = threading.Event()
+        self.beating.set()
+        self.outbox: list[Any] = []
+
+    def send(self, msg: Any) -> None:
+        with self.lock:
+            self.outbox.append(msg)
+
+    def wait_for(self, what: Any, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                for msg in self.got:
+                    if what(msg):
+                        self.got.remove(msg)
+                        return msg
+            time.sleep(0.02)  # polling what the thread received, with a deadline
+        raise AssertionError(f"{self.name}: nothing matching within {timeout}s; got {self.got[-5:]}")
+
+    def run(self) -> None:
+        sock = with_key(zmq.Context.instance().socket(zmq.DEALER), self.name)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        sock.connect(self.endpoint)
+        configured, seq, last = False, 0, 0.0
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                if now - last > 0.5:
+                    last, seq = now, seq + 1
+                    if not configured:
+                        sock.send_multipart(wire.pack(NodeHello(PROTOCOL_VERSION, self.name, 1, "fake-1")))
+                    elif self.beating.is_set():
+                        sock.send_multipart(wire.pack(Heartbeat(self.name, seq)))
+                with self.lock:
+                    out, self.outbox = self.outbox, []
+                for msg in out:
+                    sock.send_multipart(wire.pack(msg))
+                if sock.poll(50):
+                    _, msg = wire.unpack(sock.recv_multipart())
+                    if isinstance(msg, NodeConfig) and not configured:
+                        configured = True
+                        sock.send_multipart(wire.pack(NodeStatus(self.name, {
+                            "incarnation": "fake-1", "gpus": [], "instances": [], "tiers": []})))
+                    with self.lock:
+                        self.got.append(msg)
+        finally:
+            sock.close(linger=0)
 
 
-def test_a_node_claiming_a_newer_epoch_is_refused(cluster_factory: Any, tiny_model: Path) -> None:
+def test_a_node_of_an_older_epoch_is_fenced_until_it_re_registers_and_a_bad_store_is_named(cluster_factory: Any, tiny_model: Path,
+                                                                 tmp_path: Path) -> None:
     from sllm_actors.runtime.security import init_keys, keys_dir
 
     init_keys(keys_dir(), ["node-9"])
-    cluster = cluster_factory({"tiny": tiny_model}, nodes=1)
-    ctx = zmq.Context.instance()
-    sock = with_key(ctx.socket(zmq.DEALER), "node-9")
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, b"node-9")
-    sock.connect(cluster.cluster_endpoint())
+    port = free_port()
+    fake = FakeNode(f"tcp://127.0.0.1:{port}", "node-9")
+    fake.start()
     try:
-        sock.send_multipart(wire.pack(Heartbeat("node-9", 1)))
-        sock.send_multipart(wire.pack(NodeHello(PROTOCOL_VERSION, "node-9", 1, "x", epoch=7)))
-        assert sock.poll(10_000)
-        _, reply = wire.unpack(sock.recv_multipart())
-        assert isinstance(reply, ErrorReply)
+        cluster = cluster_factory({"tiny": tiny_model}, nodes=1, extra={
+            "controller": {"cluster_port": port},
+            "nodes": [
+                {"name": "node-1", "gpus": [{"device": "cpu", "memory": "1GiB"}], "threads": 1,
+                 "ssd": {"path": str(tmp_path / "ssd-1"), "capacity": "2GiB"}},
+                # Too small for any model: nothing is ever placed on the fake node.
+                {"name": "node-9", "host": "elsewhere", "gpus": [{"device": "cpu", "memory": "1MiB"}]},
+            ],
+        })
+        first = fake.wait_for(lambda m: isinstance(m, NodeConfig), 10)
+        assert first.epoch == 1
+        # The store goes bad meanwhile: the restarted controller says which file, and starts without it.
+        (store,) = (cluster.topology.parent / "home" / "clusters").glob("*/store.sqlite")
+        os.kill(int(ready_word(cluster, "pid")), signal.SIGKILL)
+        store.write_bytes(b"not a database" * 1000)
+        wait_line(cluster, "controller restarted:", 60)
+        # node-9 served epoch 1: what it sends the new controller is refused, and it is told to re-register.
+        refused = fake.wait_for(lambda m: isinstance(m, ErrorReply) and m.code == "stale_epoch", 30)
+        assert "epoch 2" in refused.message
+        assert not any(isinstance(m, NodeConfig) and m.epoch == 2 for m in fake.got)
+        # A hello claiming a newer epoch than the controller's: this controller would be the stale one.
+        fake.send(NodeHello(PROTOCOL_VERSION, "node-9", 1, "fake-1", epoch=7))
+        stale = fake.wait_for(lambda m: isinstance(m, ErrorReply) and m.code == "stale_controller", 10)
+        assert "epoch 7" in stale.message
+        # Re-registering under the new epoch is accepted: a config of epoch 2, and no more refusals.
+        fake.send(NodeHello(PROTOCOL_VERSION, "node-9", 1, "fake-1", epoch=1))
+        fake.wait_for(lambda m: isinstance(m, NodeConfig) and m.epoch == 2, 10)
+        assert f"the cluster store {store} is corrupt or not a SQLite database" in "".join(cluster.lines)
+        with fake.lock:
+            fake.got.clear()
+        with pytest.raises(AssertionError):
+            fake.wait_for(lambda m: isinstance(m, ErrorReply) and m.code == "stale_epoch", 3)
+        fake.stop.set()
+        # Gone quiet, it is declared dead (the teardown's orphan check then leaves its made-up pid alone).
+        cluster.wait_for(lambda st: not any(n["name"] == "node-9" and n["alive"] for n in st["nodes"]), 30,
+                         "the fake node declared dead")
     finally:
-        sock.close(linger=0)
-    del NodeConfig  # noqa: F821
+        fake.stop.set()
+        fake.join(5)
 
 
 def test_a_corrupt_or_locked_store_is_a_clear_error(tmp_path: Path) -> None:
@@ -246,3 +310,36 @@ def test_a_corrupt_or_locked_store_is_a_clear_error(tmp_path: Path) -> None:
         holder.execute("ROLLBACK")
         holder.close()
         again.close()
+
+
+def test_a_new_sllm_up_adopts_the_nodes_of_a_killed_one(tmp_path: Path, slow_model: Path) -> None:
+    """SIGKILL of ``sllm up`` itself: its controller dies with it, the nodes keep their requests, and a new
+    ``sllm up`` on the same topology comes back on the same ports, adopts the nodes (no new node process) and the
+    ZeroMQ streams go on, token-identical."""
+    from .conftest import start_cluster, stop_cluster, write_topology
+
+    topo = write_topology(tmp_path / "topology.yaml", {}, nodes=1, extra={
+        "models": [{"name": "slow", "source": str(slow_model), "keep_alive": "5m", "deterministic": True}]})
+    first = start_cluster(topo)
+    second = None
+    try:
+        with first.client() as client:
+            want = client.complete("slow", PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0.0).token_ids
+        pids = first.node_pids()
+        stream = ZmqStream(first, PROMPTS[2])
+        stream.start()
+        assert stream.flowing.wait(120)
+        first.proc.kill()
+        first.proc.wait(30)
+        second = start_cluster(topo)
+        assert second.endpoint == first.endpoint, "the new sllm up binds the ports of the killed one"
+        assert "epoch 2" in next(ln for ln in second.lines if ln.startswith("ready:"))
+        assert second.node_pids() == pids, "the nodes were adopted, not started again"
+        stream.join(240)
+        assert stream.error is None, repr(stream.error)
+        assert stream.done is not None and stream.tokens == want
+    finally:
+        if second is not None:
+            stop_cluster(second)
+        elif first.proc.poll() is None:
+            stop_cluster(first)

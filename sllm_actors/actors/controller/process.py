@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         controller.start()
-    except Exception as exc:  # a port in use, most often: say which
+    except Exception as exc:  # noqa: BLE001 - a port in use, most often: say which
         controller.stop()
         say("failed", error=f"cannot start the controller: {exc}")
         return 2

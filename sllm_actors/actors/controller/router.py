@@ -593,6 +593,8 @@ class RouterActor(SupervisedActor):
         now = time.monotonic()
         out = []
         for rec in self.requests.values():
+            if rec.finish_reason:
+                continue  # finished before a controller restart, kept only for its client to reconnect to
             elapsed = now - (rec.first_token_at or now)
             out.append({
                 "request_id": rec.request_id, "model": rec.model, "state": rec.state, "tokens": len(rec.generated),
