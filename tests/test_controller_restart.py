@@ -343,3 +343,18 @@ def test_a_new_sllm_up_adopts_the_nodes_of_a_killed_one(tmp_path: Path, slow_mod
             stop_cluster(second)
         elif first.proc.poll() is None:
             stop_cluster(first)
+
+
+def test_a_resumed_stream_takes_only_the_tokens_it_lacks() -> None:
+    from sllm_actors.client import resume_request, take_new
+    from sllm_actors.messages import GenerateRequest, TokenChunk
+
+    chunk = TokenChunk("r", 0, [1, 2, 3], "abc")
+    assert take_new(chunk, []) == chunk
+    assert take_new(chunk, [1, 2, 3]) is None, "a repeated chunk"
+    # A restarted router resends from the client's offset; an overlap keeps only the new token (its text is not
+    # split per token, so the overlap's text goes with the chunk that first carried it).
+    assert take_new(TokenChunk("r", 1, [2, 3, 4], "bcd"), [1, 2, 3]) == TokenChunk("r", 3, [4], "")
+    assert take_new(TokenChunk("r", 5, [6], "x"), [1, 2, 3]) is None, "past a gap"
+    again = resume_request(GenerateRequest("r", "m", "p", max_tokens=9), [1, 2], "ab")
+    assert (again.resume, again.resume_ids, again.resume_text, again.max_tokens) == (True, [1, 2], "ab", 9)
