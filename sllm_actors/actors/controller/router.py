@@ -629,6 +629,7 @@ class RouterActor(SupervisedActor):
         return {
             "time": time.time(),
             "client_endpoint": self.cluster.client_endpoint,
+            "epoch": self.cluster.epoch,
             "nodes": nodes,
             "gpus": gpus,
             "instances": instances,
