@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,7 +63,6 @@ def up(
                                                 "comma-separated); none: no key needed"),
 ) -> None:
     """Start the controller and the local nodes of TOPOLOGY."""
-    from sllm_actors.actors.controller.process import Controller
     from sllm_actors.models import ModelSourceError, prepare_default_model
     from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE, TopologyError, load_topology
 
@@ -96,7 +96,7 @@ def up(
     from sllm_actors.runtime.security import KeyProblem, prepare_keys
 
     try:
-        keys = prepare_keys(topo, say=lambda text: console.print(text))
+        prepare_keys(topo, say=lambda text: console.print(text))  # made here, where the operator sees it said
     except KeyProblem as exc:
         _fail(str(exc))
     if any(m.source == DEFAULT_MODEL_SOURCE for m in topo.models):
@@ -104,15 +104,18 @@ def up(
             prepare_default_model(say=lambda text: console.print(text))
         except ModelSourceError as exc:
             _fail(str(exc))
-    controller = Controller(topo, node_log=node_log, keys=keys)
+    from sllm_actors.actors.controller.launcher import ControllerLauncher, ControllerStartError
+
     front = _http_front_end(topo, http_port, api_key, node_log)
-    if front is not None:
-        controller.context.http_endpoint = front.endpoint
+    # The controller is a process of its own, restarted if it dies (same ports, next epoch): the nodes, the HTTP
+    # front end and the clients reconnect to it and go on.
+    controller = ControllerLauncher(topology, policy=policy or "", http_endpoint=front.endpoint if front else "",
+                                    log_file=node_log, ready_timeout=ready_timeout)
     stop = threading.Event()
     stopped = threading.Event()
 
     def stop_cluster() -> None:
-        # Controller.stop closes its sockets: once only, whether the TUI's quit or the finally below runs it.
+        # Once only, whether the TUI's quit or the finally below runs it.
         if not stopped.is_set():
             stopped.set()
             if front is not None:
@@ -125,29 +128,35 @@ def up(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        controller.start()
-    except Exception as exc:  # a port in use, most often: say which and stop what started
-        controller.stop()
+        endpoints = controller.start()
+    except ControllerStartError as exc:  # a port in use, most often: say which and stop what started
         if front is not None:
             front.stop()
         _fail(f"cannot start the controller: {exc}")
+    client_endpoint = endpoints["client_endpoint"]
     if front is not None:
-        front.start(controller.context.client_endpoint)
+        front.start(client_endpoint)
     try:
         if interactive:
             from sllm_actors.tui import run_tui
 
             # No wait for the nodes: the TUI shows them join. Quitting it (q) stops the cluster;
             # SIGINT/SIGTERM set `stop`, which quits the TUI the same way.
-            run_tui(controller.context.client_endpoint, stop_cluster=stop_cluster, exit_when=stop)
+            run_tui(client_endpoint, stop_cluster=stop_cluster, exit_when=stop)
             return
-        if not controller.wait_ready(ready_timeout) and not stop.is_set():
-            missing = sorted(controller.node_names - set(controller.alive_nodes()))
+        deadline = time.monotonic() + ready_timeout
+        missing = ["?"]
+        while not stop.is_set() and time.monotonic() < deadline:
+            missing = controller.wait_ready(0.5)
+            if controller.ready.is_set():
+                break
+        if missing and not stop.is_set():
             console.print(f"[yellow]warning:[/] nodes not joined after {ready_timeout:.0f}s: {', '.join(missing)}")
-        ctx = controller.context
-        print(f"ready: client endpoint {ctx.client_endpoint} state endpoint {ctx.state_endpoint} "
-              f"nodes {','.join(sorted(controller.node_names))} cluster endpoint {ctx.cluster_endpoint}"
-              + (f" http endpoint {front.endpoint}" if front is not None else ""), flush=True)
+        names = sorted(n.name for n in topo.nodes)
+        print(f"ready: client endpoint {client_endpoint} state endpoint {endpoints['state_endpoint']} "
+              f"nodes {','.join(names)} cluster endpoint {endpoints['cluster_endpoint']}"
+              + (f" http endpoint {front.endpoint}" if front is not None else "")
+              + f" controller pid {controller.pid} epoch {controller.epoch}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:

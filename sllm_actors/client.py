@@ -14,6 +14,7 @@ the client's key under ``$SLLM_HOME/keys`` (see :mod:`sllm_actors.runtime.securi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -47,13 +48,16 @@ from sllm_actors.messages import (
 )
 
 __all__ = [
+    "PROBE_S",
     "Client",
     "ClusterUnavailable",
     "Completion",
     "RequestError",
     "TokenEvent",
     "resolve_endpoint",
+    "resume_request",
     "router_socket",
+    "take_new",
 ]
 
 
@@ -72,6 +76,26 @@ def router_socket(context: zmq.Context[_Socket], endpoint: str, kind: str, crede
         credentials.apply_client(sock)
     sock.connect(endpoint)
     return sock
+
+PROBE_S = 1.0
+"""A stream silent this long sends a ``Hello``: the ``Welcome`` says whether the controller is the one that took the
+request (same epoch) or a restarted one, to which the stream is resumed from the tokens the client has."""
+
+
+def resume_request(request: GenerateRequest, token_ids: list[int], text: str) -> GenerateRequest:
+    """``request`` again, to a restarted controller: go on after ``token_ids`` (the client has them)."""
+    return dataclasses.replace(request, resume=True, resume_ids=list(token_ids), resume_text=text)
+
+
+def take_new(chunk: TokenChunk, have: list[int]) -> TokenChunk | None:
+    """The part of ``chunk`` past the ``have`` tokens a stream already has (None: nothing new). A restarted
+    controller resends from the client's offset, and a late copy may overlap; a stream never repeats a token."""
+    n = len(have)
+    if chunk.index + len(chunk.token_ids) <= n or chunk.index > n:
+        return None  # repeated, or (never seen) past a gap
+    new = list(chunk.token_ids[n - chunk.index:])
+    return TokenChunk(chunk.request_id, n, new, chunk.text if chunk.index == n else "")
+
 
 class ClusterUnavailable(ConnectionError):
     """No cluster answered at the endpoint in time."""
@@ -146,6 +170,8 @@ class Client:
         self._socket: zmq.Socket[bytes] | None = None
         self.state_endpoint = ""
         self.http_endpoint = ""
+        self.epoch = 0
+        """The controller's epoch at the handshake (``Welcome.epoch``)."""
 
     # ------------------------------------------------------------------ connection
 
@@ -171,6 +197,7 @@ class Client:
             if isinstance(msg, Welcome):
                 self.state_endpoint = msg.state_endpoint
                 self.http_endpoint = msg.http_endpoint
+                self.epoch = msg.epoch
                 return sock
             if isinstance(msg, ErrorReply):
                 self.close()
@@ -240,16 +267,32 @@ class Client:
         """Token events as they arrive, then one Completion. Raises RequestError on refusal. Requests share cached
         prompt prefixes only under equal ``cache_salt`` (a tenant's own)."""
         request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
-        self._send(GenerateRequest(
+        request = GenerateRequest(
             request_id=request_id, model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, seed=seed, chat=chat, stop=list(stop or []), cache_salt=cache_salt,
-        ))
+        )
+        self._send(request)
+        have: list[int] = []
+        have_text = ""
         finished = False
         try:
+            give_up = time.monotonic() + self.idle_timeout
             while True:
-                msg = self._await_reply(request_id, self.idle_timeout)
+                msg = self._await_stream(request_id, give_up)
+                if isinstance(msg, Welcome):
+                    if msg.epoch != self.epoch:
+                        # The controller restarted: the stream goes on from the tokens we have.
+                        self.epoch = msg.epoch
+                        self._send(resume_request(request, have, have_text))
+                    continue
+                give_up = time.monotonic() + self.idle_timeout
                 if isinstance(msg, TokenChunk):
-                    yield TokenEvent(msg.request_id, msg.index, list(msg.token_ids), msg.text)
+                    chunk = take_new(msg, have)
+                    if chunk is None:
+                        continue
+                    have += chunk.token_ids
+                    have_text += chunk.text
+                    yield TokenEvent(chunk.request_id, chunk.index, list(chunk.token_ids), chunk.text)
                 elif isinstance(msg, GenerateDone):
                     finished = True
                     yield Completion(
@@ -266,6 +309,31 @@ class Client:
             if not finished and self._socket is not None:
                 # The caller stopped reading: free the GPU time instead of generating for nobody.
                 self._socket.send_multipart(wire.pack(CancelRequest(request_id)))
+
+    def _await_stream(self, request_id: str, give_up: float) -> Message:
+        """The stream's next message, or a ``Welcome`` answering the ``Hello`` sent after ``PROBE_S`` of silence;
+        ClusterUnavailable at ``give_up`` (``idle_timeout`` after the stream's last message)."""
+        assert self._socket is not None
+        while True:
+            now = time.monotonic()
+            if now >= give_up:
+                self.close()
+                raise ClusterUnavailable(
+                    f"the cluster at {self.endpoint} went silent for {self.idle_timeout:.0f}s; giving up")
+            if not self._socket.poll(int(min(PROBE_S, give_up - now) * 1000)):
+                self._socket.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "client")))
+                continue
+            try:
+                _, msg = wire.unpack(self._socket.recv_multipart())
+            except ProtocolError as exc:
+                raise RequestError("", "bad_message", f"the cluster sent a frame we cannot read: {exc}") from None
+            if isinstance(msg, Welcome):
+                return msg
+            if getattr(msg, "request_id", None) != request_id:
+                continue  # a stray reply of an earlier, abandoned request
+            if isinstance(msg, ErrorReply):
+                raise RequestError(request_id, msg.code, msg.message)
+            return msg
 
     def complete(self, model: str, prompt: str, **kwargs: Any) -> Completion:
         """generate() without streaming: the Completion alone."""

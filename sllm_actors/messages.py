@@ -25,6 +25,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "AbortMigration",
     "Ack",
+    "AdoptInstances",
+    "AdoptRequests",
     "CancelInference",
     "CancelRequest",
     "ClientGone",
@@ -149,6 +151,9 @@ class Welcome(Message):
     state_endpoint: str = ""
     http_endpoint: str = ""
     """The OpenAI-compatible HTTP front end (``http://HOST:PORT``), empty when it is off."""
+    epoch: int = 0
+    """The controller's generation, one more per start: a client that sees it change knows the controller
+    restarted and resumes its open streams (``GenerateRequest.resume``)."""
 
 
 @_register
@@ -249,6 +254,14 @@ class GenerateRequest(Message, SamplingFields):
     cache_salt: str = ""
     """Requests share cached KV prefix blocks only under equal salts (vLLM's ``cache_salt``): a tenant's own, so
     one tenant cannot learn from timing what another's prompts held. Empty: the shared namespace."""
+    resume: bool = False
+    """A reconnecting client (the controller restarted): continue ``request_id``'s stream after the tokens it
+    has (``resume_ids``). The router sends what its log holds past them; a request it no longer knows is
+    resumed from the client's tokens."""
+    resume_ids: list[int] = field(default_factory=list)
+    """The generated token ids the client already has (``resume``)."""
+    resume_text: str = ""
+    """Their text (``resume``)."""
 
 
 @_register
@@ -389,6 +402,15 @@ class NodeHello(Message):
     pid: int
     incarnation: str
     """A fresh id per process start, so a restarted node is told apart from a reconnect."""
+    epoch: int = 0
+    """The controller epoch this process last served under (0: none yet). A hello with an older epoch than the
+    controller's is a re-registration after a controller restart; a newer one means this controller is stale."""
+    running: list[dict[str, Any]] = field(default_factory=list)
+    """Re-registration: each request its instances run or finished unseen, with its token log (request_id,
+    instance_id, model, prompt_ids, generated_ids, text, chat, owner, cache_salt, sampling fields, finish_reason).
+    The node's log wins over what a client holds: the node made the tokens."""
+    instances: list[dict[str, Any]] = field(default_factory=list)
+    """Re-registration: the instances it holds (its status board's entries), for the scheduler to adopt."""
 
 
 @_register
@@ -399,6 +421,8 @@ class NodeConfig(Message):
     tag: ClassVar[str] = "node_config"
     node: str
     spec: dict[str, Any]
+    epoch: int = 0
+    """The controller's epoch: the node serves under it, and refuses a config from an older one (fencing)."""
 
 
 @_register
@@ -502,6 +526,9 @@ class StartInference(Message, SamplingFields):
     text_so_far: str = ""
     cache_salt: str = ""
     """The request's prefix-cache salt (``GenerateRequest.cache_salt``)."""
+    owner: str = ""
+    """The client socket that owns the request (hex of its identity): the node keeps it and reports it when it
+    re-registers with a restarted controller, so only that client may resume the stream."""
 
 
 @_register
@@ -870,6 +897,24 @@ class Place:
     model: str
     resume: bool = False
     exclude_instance: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptRequests:
+    """Controller: a node re-registered with a restarted controller; the router takes its requests' token logs
+    (``NodeHello.running``) into its table, to stream on when their clients reconnect."""
+
+    node: str
+    running: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptInstances:
+    """Controller: a node re-registered with a restarted controller; the scheduler counts its instances
+    (``NodeHello.instances``) as its own instead of unloading them."""
+
+    node: str
+    instances: list[dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)

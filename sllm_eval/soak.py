@@ -158,20 +158,51 @@ def _children(pid: int) -> dict[int, list[str]]:
 
 
 def cluster_processes(up_pid: int) -> dict[str, int]:
-    """Role -> pid of the processes under ``sllm up``: ``controller`` (a child running the controller where
-    ``sllm up`` supervises one, else ``sllm up`` itself), each node by its name, ``http``."""
+    """Role -> pid of the processes of the cluster ``sllm up`` runs: ``controller`` (the child running the controller
+    where ``sllm up`` supervises one, else ``sllm up`` itself), each node by its name, ``http``. Nodes are the
+    controller's children, and a node that outlived a killed controller (it waits for the next to adopt it) is
+    found by the cluster endpoint it joined."""
     if not up_pid or rss_bytes(up_pid) == 0:
         return {}
     roles = {"controller": up_pid}
-    for pid, argv in _children(up_pid).items():
-        line = " ".join(argv)
-        if "sllm_actors.actors.node" in line and "--name" in argv:
-            roles[argv[argv.index("--name") + 1]] = pid
-        elif "sllm_actors.http" in line:
-            roles["http"] = pid
-        elif "sllm_actors.actors.controller" in line:
-            roles["controller"] = pid
+    join = ""
+    todo = [up_pid]
+    while todo:
+        for pid, argv in _children(todo.pop()).items():
+            line = " ".join(argv)
+            if "sllm_actors.actors.node" in line and "--name" in argv:
+                roles[argv[argv.index("--name") + 1]] = pid
+                join = argv[argv.index("--join") + 1] if "--join" in argv else join
+            elif "sllm_actors.http" in line:
+                roles["http"] = pid
+            elif "sllm_actors.actors.controller" in line:
+                roles["controller"] = pid
+                todo.append(pid)
+    for pid, argv in _processes().items():
+        # Orphaned nodes of this cluster (their controller was killed): the same --join as the others had, or as
+        # any node of ours that a previous look found.
+        if "sllm_actors.actors.node" in argv and "--name" in argv and "--join" in argv:
+            name, endpoint = argv[argv.index("--name") + 1], argv[argv.index("--join") + 1]
+            if name not in roles and endpoint in (join, _JOINS.get(up_pid, "")):
+                roles[name] = pid
+    if join:
+        _JOINS[up_pid] = join
     return roles
+
+
+_JOINS: dict[int, str] = {}
+"""sllm up's pid -> the cluster endpoint its nodes join (remembered: after a controller kill no node is under it)."""
+
+
+def _processes() -> dict[int, list[str]]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
@@ -436,7 +467,7 @@ async def _kill(cfg: SoakConfig, kill: Kill, t0: float, say: Callable[[str], Non
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         new = cluster_processes(cfg.up_pid).get(role, 0)
-        if new and new != pid:
+        if new and new != pid and new != cfg.up_pid:  # sllm up itself stands for a controller not yet back
             record.update(new_pid=new, restarted_after_s=round(time.monotonic() - t0 - record["t_s"], 2))
             say(f"soak: {role} restarted as pid {new} after {record['restarted_after_s']}s")
             break

@@ -130,3 +130,20 @@ def test_a_killed_http_front_end_cuts_its_streams_and_cancels_their_requests(clu
         assert f"client of {request_id} is gone; cancelling it" in log, request_id
     after = [o for o in raw["outcomes"] if o["started_s"] > kill["t_s"]]
     assert after and all(o["status"] == "finished" for o in after), "requests after the restart succeed"
+
+
+def test_a_node_then_the_controller_killed_under_load_lose_no_request(cluster_factory: Any, tiny_model: Path) -> None:
+    """Issue 21's CI run: a node SIGKILLed, later the controller; every stream completes token-identical (none
+    failed or cut), the nodes re-registered with the restarted controller and the streams went on."""
+    cluster = soak_cluster(cluster_factory, tiny_model)
+    raw, s = soak(cluster, streams=4, duration_s=45, max_tokens=64, kills=[Kill("node", 10), Kill("controller", 28)])
+    check_counts(raw, s)
+    assert s["failed"] == s["cut"] == s["unfinished"] == 0, s["why"]
+    node_kill, controller_kill = s["kills"]
+    assert "error" not in node_kill and node_kill["new_pid"] != node_kill["pid"], node_kill
+    assert "error" not in controller_kill and controller_kill["role"] == "controller", controller_kill
+    assert controller_kill["new_pid"] != controller_kill["pid"], "sllm up restarted the controller"
+    log = "".join(cluster.lines)
+    assert "controller restarted: epoch 2" in log and "re-registered with controller epoch 2" in log
+    after = [o for o in raw["outcomes"] if o["started_s"] > controller_kill["t_s"]]
+    assert after and all(o["status"] == "finished" for o in after), "requests after the restart succeed"

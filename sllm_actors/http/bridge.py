@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from sllm_actors.runtime import wire
-from sllm_actors.client import router_socket
+from sllm_actors.client import PROBE_S, resume_request, router_socket, take_new
 from sllm_actors.messages import (
     PROTOCOL_VERSION,
     CancelRequest,
@@ -76,6 +76,11 @@ class RouterLink:
         self._streams: dict[str, asyncio.Queue[Message]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._groups: set[Group] = set()
+        self.epoch = 0
+        """The controller's epoch (``Welcome.epoch``): a new one means it restarted, and every open stream resumes."""
+        self._open: dict[str, tuple[GenerateRequest, list[int], list[str]]] = {}
+        """request id -> (its request, the token ids and texts its stream has): what a resume sends."""
+        self._heard_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -98,6 +103,8 @@ class RouterLink:
             except TimeoutError:
                 log.warning("http: no answer from the router at %s yet; retrying", self.endpoint)
         self.state_endpoint = welcome.state_endpoint
+        self.epoch = welcome.epoch
+        self._tasks.append(asyncio.create_task(self._probe(), name="epoch-probe"))
         if self.state_endpoint:
             from sllm_actors.feed import reachable_state_endpoint
 
@@ -144,7 +151,24 @@ class RouterLink:
                     group.waiting_since = 0.0
                     group.queue.put_nowait(_Silence())  # type: ignore[arg-type]
 
+    async def _probe(self) -> None:
+        """After ``PROBE_S`` of silence, a Hello: its Welcome tells a restarted controller (a new epoch) apart."""
+        assert self._sock is not None
+        while True:
+            await asyncio.sleep(PROBE_S)
+            if self._open and time.monotonic() - self._heard_at >= PROBE_S:
+                await self._sock.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "http")))
+
+    def _resume_all(self) -> None:
+        """The controller restarted: every open stream goes on from the tokens it has (the router's log wins)."""
+        assert self._sync_sock is not None
+        log.warning("http: the controller restarted (epoch %d); resuming %d open stream(s)", self.epoch,
+                    len(self._open))
+        for request, ids, texts in self._open.values():
+            self._sync_sock.send_multipart(wire.pack(resume_request(request, ids, "".join(texts))))
+
     def _deliver(self, frames: list[bytes]) -> None:
+        self._heard_at = time.monotonic()
         try:
             _, msg = wire.unpack(frames)
         except ProtocolError as exc:
@@ -153,7 +177,18 @@ class RouterLink:
         if isinstance(msg, Welcome):
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_result(msg)
+            elif msg.epoch != self.epoch:
+                self.epoch = msg.epoch
+                self._resume_all()
             return
+        if isinstance(msg, TokenChunk) and msg.request_id in self._open:
+            _, ids, texts = self._open[msg.request_id]
+            chunk = take_new(msg, ids)
+            if chunk is None:
+                return  # a token the stream has (a resume's overlap)
+            ids += chunk.token_ids
+            texts.append(chunk.text)
+            msg = chunk
         queue = self._streams.get(getattr(msg, "request_id", ""))
         if queue is not None:
             queue.put_nowait(msg)
@@ -207,10 +242,12 @@ class RouterLink:
         group = Group(self, requests)
         for request in requests:
             self._streams[request.request_id] = group.queue
+            self._open[request.request_id] = (request, [], [])
         return group
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+        self._open.pop(request_id, None)
 
 
 class _Silence:

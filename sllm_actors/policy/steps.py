@@ -272,6 +272,9 @@ class PlacementSteps:
         """GPUs that start no new instance (their load circuit breaker is open); their instances still serve.
         ``gpu_views`` leaves both sets out for ``choose``; the steps' own searches (migrations) read them here."""
         self._ids = itertools.count(1)
+        self.id_prefix = ""
+        """Put in every instance and migration id made here: a restarted controller's scheduler sets its epoch
+        (``e2.``), so its ids never repeat one its predecessor gave an instance the nodes still run."""
 
     # ------------------------------------------------------------------ the cluster's shape
 
@@ -292,10 +295,22 @@ class PlacementSteps:
 
     def new_instance(self, model: str, key: GpuKey, waiters: Iterable[Request], now: float) -> Instance:
         """Count a new instance of ``model`` on ``key`` (state ``loading``)."""
-        inst = self.make_instance(f"{model}-{next(self._ids)}", model, key[0], key[1],
+        inst = self.make_instance(f"{model}-{self.id_prefix}{next(self._ids)}", model, key[0], key[1],
                                   self.cluster.need_bytes(model), now)
         inst.waiters = list(waiters)
         self.instances[inst.instance_id] = inst
+        self.by_model.setdefault(model, []).append(inst)
+        self.on_gpu[key].append(inst)
+        return inst
+
+    def adopt_instance(self, instance_id: str, model: str, key: GpuKey, memory_bytes: int, requests: Iterable[Request],
+                       now: float) -> Instance:
+        """Count an instance a node already runs (it re-registered after a controller restart) as ready, with the
+        requests it serves."""
+        inst = self.make_instance(instance_id, model, key[0], key[1], memory_bytes, now)
+        inst.state = "ready"
+        inst.requests = dict.fromkeys(requests)
+        self.instances[instance_id] = inst
         self.by_model.setdefault(model, []).append(inst)
         self.on_gpu[key].append(inst)
         return inst
@@ -467,7 +482,7 @@ class PlacementSteps:
                 return None
             dest = self.new_instance(source.model, key, [], now)
             yield StartInstance(dest, f"as the destination of a migration ({reason})")
-        migration_id = f"mig-{next(self._ids)}"
+        migration_id = f"mig-{self.id_prefix}{next(self._ids)}"
         yield Migrate(migration_id, source, dest, list(requests), reason)
         return migration_id
 

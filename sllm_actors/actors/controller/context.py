@@ -69,6 +69,14 @@ class RequestRecord:
     from_scratch: bool = False
     cache_salt: str = ""
     """Its prefix-cache salt, sent on with it to every instance (``GenerateRequest.cache_salt``)."""
+    owner: str = ""
+    """The owning client socket's identity (hex): only it may resume the stream after a controller restart."""
+    finish_reason: str = ""
+    """Set when it finished before its client reconnected (an adopted request): the client gets the end then."""
+    adopted_at: float | None = None
+    """When a node's re-registration handed it to this controller without a client (it waits for one)."""
+    awaiting_since: float | None = None
+    """When a reconnecting client asked for it before any node reported it (its node may still re-register)."""
 
 
 class RequestTable:
@@ -91,6 +99,12 @@ class ClusterContext:
     http_endpoint: str = ""
     node_key_dir: Path | None = None
     """Where the local nodes' key files are (None: the cluster runs without CURVE)."""
+    epoch: int = 1
+    """This controller's generation (one more per start under ``sllm up``): sent in every ``NodeConfig``."""
+    state_dir: Path | None = None
+    """The cluster's state under ``$SLLM_HOME`` (local nodes' pids, the store); None: nothing persists."""
+    store: Any = None
+    """The cluster's persistent store (``store.ClusterStore``), or None."""
 
     def to_client(self, peer: bytes, msg: Message) -> None:
         self.transport.send(CLIENTS, msg, peer=peer)

@@ -55,7 +55,7 @@ from sllm_actors.runtime.supervisor import ChildSpec, Directory, Supervisor
 from sllm_actors.runtime.topology import Topology
 from sllm_actors.runtime.transport import Transport
 
-__all__ = ["Controller"]
+__all__ = ["Controller", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,15 @@ ALLOWED: dict[str, tuple[type[Message], ...]] = {
 
 class Controller:
     def __init__(self, topology: Topology, *, spawn_local_nodes: bool = True, node_log: IO[bytes] | None = None,
-                 cluster_name: str = "sllm", keys: KeyRing | None = None) -> None:
+                 cluster_name: str = "sllm", keys: KeyRing | None = None, epoch: int = 1,
+                 state_dir: Path | None = None) -> None:
         """``keys``: the ring every socket authenticates against (CURVE). None runs without CURVE, every
-        client an operator: for benchmarks measuring what CURVE costs, never for ``sllm up``."""
+        client an operator: for benchmarks measuring what CURVE costs, never for ``sllm up``. ``epoch``: this
+        start's generation (``sllm up`` counts them); nodes re-register under it and anything from a node not
+        registered under it is refused (fencing). ``state_dir``: where the local nodes' pids are kept, so a
+        restarted controller adopts the nodes still running instead of starting others."""
         self.topology = topology
+        self.epoch = epoch
         self.spawn_local_nodes = spawn_local_nodes
         self.node_log = node_log
         self.cluster_name = cluster_name
@@ -90,6 +95,8 @@ class Controller:
         self.events = EventLog(self.transport)
         self.table = RequestTable()
         self.context = ClusterContext(topology, self.transport, self.directory, self.events, self.table)
+        self.context.epoch = epoch
+        self.context.state_dir = state_dir
         self.keys = keys
         self.context.node_key_dir = keys.root / "nodes" if keys is not None else None
         if keys is not None:
@@ -97,6 +104,9 @@ class Controller:
         self.supervisor: pykka.ActorRef[Any] | None = None
         self.node_names = {n.name for n in topology.nodes}
         self._last_seen: dict[str, float] = {}
+        self._registered: dict[str, str] = {}
+        """node -> the incarnation that said hello to this controller (its epoch): only those are heard."""
+        self._fenced_at: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -206,7 +216,7 @@ class Controller:
                                                         f"this cluster speaks {PROTOCOL_VERSION}"))
             else:
                 self.context.to_client(peer, Welcome(PROTOCOL_VERSION, self.cluster_name, self.context.state_endpoint,
-                                                        self.context.http_endpoint))
+                                                        self.context.http_endpoint, self.epoch))
         elif isinstance(msg, (GenerateRequest, CancelRequest, StatusRequest)):
             delivered = router.deliver_from_client(self.directory, peer, msg, sender.role)
             self._unless_restarting("router", delivered, peer, msg)
@@ -297,6 +307,9 @@ class Controller:
             log.warning("controller: refused a %s from %s for %r: not relayed", msg.tag, node, address)
             return
         now = time.monotonic()
+        if not isinstance(msg, NodeHello) and node not in self._registered:
+            self._fence(node, msg, now)
+            return
         # A hello comes only from a process not yet configured: a new one, never a sign that the incarnation the
         # registry knows is alive (a restarted host's first frame would "revive" the dead process it replaces).
         if not isinstance(msg, NodeHello) and now - self._last_seen.get(node, 0.0) > SEEN_EVERY_S:
@@ -309,6 +322,22 @@ class Controller:
                                                         f"node speaks protocol {msg.protocol_version}, the "
                                                         f"controller {PROTOCOL_VERSION}"), peer=peer)
                 return
+            if msg.epoch > self.epoch:
+                why = (f"node {node} serves controller epoch {msg.epoch}, newer than this controller's {self.epoch}: "
+                       "this controller is stale and refuses it")
+                log.error("controller: %s", why)
+                self.transport.send(CLUSTER, ErrorReply("", "stale_controller", why), peer=peer)
+                return
+            if msg.running or msg.instances:
+                # Re-registration after a controller restart: the node's logs and instances become ours before
+                # the registry configures it (its tokens are held until then, so none arrives before its log).
+                log.info("controller: %s re-registers from epoch %d with %d request(s) on %d instance(s)", node,
+                         msg.epoch, len(msg.running), len(msg.instances))
+                scheduler.adopt_instances(self.directory, node, msg.instances)
+                router.adopt_requests(self.directory, node, msg.running)
+                self.events.emit("node", f"{node} re-registered from epoch {msg.epoch}: {len(msg.running)} "
+                                 f"request(s), {len(msg.instances)} instance(s) adopted", {"node": node})
+            self._registered[node] = msg.incarnation
             registry.node_hello(self.directory, msg)
         elif isinstance(msg, NodeStatus):
             registry.node_status(self.directory, msg)
@@ -329,6 +358,18 @@ class Controller:
         else:
             log.warning("controller: unexpected %s from %s", msg.tag, node)
 
+    def _fence(self, node: str, msg: Message, now: float) -> None:
+        """Refuse what a node not registered under this epoch sends (it served a controller before this one), and
+        tell it (once a second) to re-register: its requests' logs come with its hello, before any of its tokens."""
+        if now - self._fenced_at.get(node, 0.0) < 1.0:
+            return
+        self._fenced_at[node] = now
+        log.warning("controller: refused %s from %s: not registered under epoch %d; asking it to re-register",
+                    msg.tag, node, self.epoch)
+        self.transport.send(CLUSTER, ErrorReply("", "stale_epoch",
+                                                f"{node} is not registered with controller epoch {self.epoch} (the "
+                                                "controller restarted): re-register"), peer=node.encode())
+
     def _client_gone(self, peer: bytes) -> None:
         router.client_gone(self.directory, peer)
 
@@ -336,7 +377,116 @@ class Controller:
         now = time.monotonic()
         registry.tick(self.directory, now)
         scheduler.tick(self.directory, now)
+        router.tick(self.directory, now)
 
     def _snapshot(self) -> None:
         # Built in the router's thread: the IO thread must not wait on actors.
         router.publish_snapshot(self.directory)
+
+
+# ------------------------------------------------------------------ the controller's own process
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when ``sllm up`` dies (Linux): a controller orphaned by a killed ``sllm up`` would
+    keep its ports from the next one. The nodes outlive both, for the next controller to adopt."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:
+        os._exit(1)  # the parent died before the call
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sllm_actors.actors.controller TOPOLOGY --epoch N ...``: the controller as ``sllm up``'s child
+    (see ``launcher.py``). Prints one JSON line with its endpoints once its sockets are bound, another when the
+    nodes have joined, then runs until SIGTERM/SIGINT."""
+    import argparse
+    import json
+    import os
+    import signal
+    import threading
+    from dataclasses import replace
+
+    from sllm_actors.runtime.security import KeyProblem, prepare_keys
+    from sllm_actors.runtime.topology import POLICIES, TopologyError, load_topology
+
+    parser = argparse.ArgumentParser(prog="sllm-controller")
+    parser.add_argument("topology")
+    parser.add_argument("--epoch", type=int, default=1)
+    parser.add_argument("--state-dir", default="")
+    parser.add_argument("--ports", default="", help="CLIENT,CLUSTER,STATE: the ports a previous start bound")
+    parser.add_argument("--policy", default="")
+    parser.add_argument("--http-endpoint", default="")
+    parser.add_argument("--ready-timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=os.environ.get("SLLM_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s controller %(levelname)s %(name)s: %(message)s")
+
+    def say(event: str, **fields: Any) -> None:
+        print(json.dumps({"event": event, **fields}), flush=True)
+
+    try:
+        topo = load_topology(Path(args.topology))
+    except TopologyError as exc:
+        say("failed", error=str(exc))
+        return 2
+    if args.policy:
+        if args.policy not in POLICIES:
+            say("failed", error=f"unknown policy {args.policy!r}")
+            return 2
+        topo = replace(topo, scheduler=replace(topo.scheduler, policy=args.policy))
+    if args.ports:
+        client, cluster, state = (int(p) for p in args.ports.split(","))
+        topo = replace(topo, controller=replace(topo.controller, client_port=client, cluster_port=cluster,
+                                                state_port=state))
+    try:
+        keys = prepare_keys(topo, say=lambda text: log.info("%s", text))
+    except KeyProblem as exc:
+        say("failed", error=str(exc))
+        return 2
+    state_dir = Path(args.state_dir) if args.state_dir else None
+    import sys
+
+    # The nodes log where the controller does (never to its stdout: that is sllm up's pipe, which a node outlives).
+    controller = Controller(topo, keys=keys, epoch=args.epoch, state_dir=state_dir, node_log=sys.stderr.buffer)
+    controller.context.http_endpoint = args.http_endpoint
+    if state_dir is not None:
+        from sllm_actors.actors.controller.store import ClusterStore, StoreError
+
+        try:
+            controller.context.store = ClusterStore(state_dir / "store.sqlite")
+        except StoreError as exc:
+            # What must survive a restart is lost, not the cluster: it starts from what the nodes report.
+            log.error("controller: %s; starting without it (deployments and estimates of earlier runs are lost)", exc)
+            controller.events.emit("error", str(exc))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        controller.start()
+    except Exception as exc:  # noqa: BLE001 - a port in use, most often: say which
+        controller.stop()
+        say("failed", error=f"cannot start the controller: {exc}")
+        return 2
+    ctx = controller.context
+    say("started", epoch=args.epoch, client_endpoint=ctx.client_endpoint, cluster_endpoint=ctx.cluster_endpoint,
+        state_endpoint=ctx.state_endpoint)
+    deadline = time.monotonic() + args.ready_timeout
+    while not stop.is_set() and time.monotonic() < deadline:
+        if set(controller.alive_nodes()) >= controller.node_names:
+            break
+        stop.wait(0.1)
+    say("ready", missing=sorted(controller.node_names - set(controller.alive_nodes())))
+    while not stop.wait(0.5):
+        pass
+    controller.stop()
+    if ctx.store is not None:
+        ctx.store.close()
+    return 0

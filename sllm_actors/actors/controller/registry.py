@@ -164,7 +164,11 @@ class NodeRegistryActor(SupervisedActor):
         if rec is None:
             return  # the controller already refused it; unknown names never reach here
         if rec.alive and rec.incarnation == hello.incarnation:
-            return  # a repeated hello from the same process
+            # A repeated hello from the same process: its config was lost on the way (a re-registration waits
+            # for it), so it goes again.
+            spec = self.cluster.topology.node(hello.node)
+            self.cluster.to_node(hello.node, NodeConfig(hello.node, spec.to_dict(), self.cluster.epoch))
+            return
         if rec.alive:
             self._lost(rec, "a new process of the same name joined")
         rec.alive = True
@@ -176,7 +180,7 @@ class NodeRegistryActor(SupervisedActor):
         rec.joined_at = time.time()
         rec.status = {}
         spec = self.cluster.topology.node(hello.node)
-        self.cluster.to_node(hello.node, NodeConfig(hello.node, spec.to_dict()))
+        self.cluster.to_node(hello.node, NodeConfig(hello.node, spec.to_dict(), self.cluster.epoch))
         log.info("registry: node %s joined (pid %d)", hello.node, hello.pid)
         self.cluster.events.emit("node", f"{hello.node} joined (pid {hello.pid})", {"node": hello.node})
 

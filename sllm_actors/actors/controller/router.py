@@ -18,6 +18,7 @@ import pykka
 from sllm_actors.actors.controller import scheduler
 from sllm_actors.actors.controller.context import ClusterContext, RequestRecord
 from sllm_actors.messages import (
+    AdoptRequests,
     CancelInference,
     CancelRequest,
     ClientGone,
@@ -39,9 +40,11 @@ from sllm_actors.messages import (
     Preempt,
     PromptAccepted,
     Query,
+    SamplingParams,
     StartInference,
     StatusReply,
     StatusRequest,
+    Tick,
     TokenBatch,
     TokenChunk,
 )
@@ -49,7 +52,10 @@ from sllm_actors.runtime.security import redact_for_client
 from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 
 __all__ = [
+    "AWAIT_NODE_S",
+    "CLAIM_S",
     "RouterActor",
+    "adopt_requests",
     "client_gone",
     "cluster_status",
     "deliver_from_client",
@@ -61,12 +67,19 @@ __all__ = [
     "preempt_requests",
     "publish_snapshot",
     "request_placed",
+    "tick",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENS_LIMIT = 1 << 20
+CLAIM_S = 60.0
+"""A request a node handed over on re-registration waits this long for its client to reconnect, then is
+cancelled (its client is gone too)."""
+AWAIT_NODE_S = 5.0
+"""A reconnecting client's stream that no node has reported waits this long for its node to re-register (nodes
+re-register within a second or two of a controller restart), then resumes from the client's own tokens."""
 
 
 # ------------------------------------------------------------------ client functions
@@ -91,6 +104,17 @@ def deliver_from_node(directory: Directory, node: str, message: Message) -> bool
 def client_gone(directory: Directory, peer: bytes) -> bool:
     """``peer`` cannot be reached any more: cancel its requests."""
     return directory.tell(ROUTER, ClientGone(peer))
+
+
+def adopt_requests(directory: Directory, node: str, running: list[dict[str, Any]]) -> bool:
+    """``node`` re-registered after a controller restart with these requests' token logs (``NodeHello.running``):
+    they join the table and stream on to their clients when those reconnect."""
+    return directory.tell(ROUTER, AdoptRequests(node, running))
+
+
+def tick(directory: Directory, now: float) -> bool:
+    """The periodic wake-up: requests left unclaimed or unreported after a controller restart."""
+    return directory.tell(ROUTER, Tick(now))
 
 
 def publish_snapshot(directory: Directory) -> bool:
@@ -218,11 +242,99 @@ class RouterActor(SupervisedActor):
                 who = message.peer.decode(errors="replace")
                 self.cluster.events.emit("client_gone", f"client {who} is gone: cancelled its {len(gone)} "
                                          "request(s)", {"client": who, "requests": len(gone)})
+        elif isinstance(message, AdoptRequests):
+            for entry in message.running:
+                self._adopt(message.node, entry)
+        elif isinstance(message, Tick):
+            self._tick(time.monotonic())
         elif isinstance(message, Query):
             return self._query(message.what)
         else:
             raise TypeError(f"{self.name}: unexpected message {message!r}")
         return None
+
+    # ------------------------------------------------------------------ after a controller restart
+
+    def _adopt(self, node: str, entry: dict[str, Any]) -> None:
+        """A re-registering node's request: its log wins (it made the tokens; a client has at most what was
+        forwarded of them), and a client already waiting for it gets what it lacks."""
+        request_id = str(entry["request_id"])
+        generated = [int(t) for t in entry.get("generated_ids", [])]
+        finish_reason = str(entry.get("finish_reason", ""))
+        rec = self.requests.get(request_id)
+        if rec is not None and rec.awaiting_since is None:
+            # Known already: another node's report (a migration's two ends) or a late one after the client's own
+            # resume placed it elsewhere. The longer log wins; the other copy is cancelled.
+            if len(generated) > len(rec.generated) and not finish_reason:
+                log.warning("router: %s reported by %s with a longer log than %s's; ignored", request_id, node,
+                            rec.node)
+            if not finish_reason and str(entry.get("instance_id", "")) != rec.instance_id:
+                self.cluster.to_node(node, CancelInference(request_id, str(entry.get("instance_id", ""))))
+            return
+        sampling = SamplingParams(int(entry.get("max_tokens", 128)), float(entry.get("temperature", 0.0)),
+                                  float(entry.get("top_p", 1.0)), entry.get("seed"), tuple(entry.get("stop", [])))
+        owner = str(entry.get("owner", ""))
+        waiting = rec
+        rec = RequestRecord(
+            request_id=request_id, client=b"", model=str(entry.get("model", "")), prompt=str(entry.get("prompt", "")),
+            chat=bool(entry.get("chat", False)), sampling=sampling, prompt_ids=[int(t) for t in entry.get("prompt_ids", [])],
+            generated=generated, text=str(entry.get("text", "")), node=node,
+            instance_id=str(entry.get("instance_id", "")), state="done" if finish_reason else "running",
+            cache_salt=str(entry.get("cache_salt", "")), owner=owner, finish_reason=finish_reason,
+            adopted_at=time.monotonic(),
+        )
+        self.requests[request_id] = rec
+        if waiting is not None:
+            if owner and waiting.client.hex() != owner:
+                log.warning("router: %s: refused the resume of a client that does not own it", request_id)
+                self.cluster.to_client(waiting.client, ErrorReply(request_id, "forbidden",
+                                                                  f"request {request_id} belongs to another client"))
+            else:
+                self._claim(rec, waiting.client, len(waiting.generated), waiting.text)
+
+    def _resume_stream(self, peer: bytes, msg: GenerateRequest) -> None:
+        """A client reconnected after a controller restart and goes on with ``msg.request_id`` from the tokens it
+        has: the router's log if a node reported the request, else (after ``AWAIT_NODE_S``) the client's own."""
+        rec = self.requests.get(msg.request_id)
+        if rec is not None and rec.awaiting_since is None:
+            if (rec.owner and rec.owner != peer.hex()) or (rec.client and rec.client != peer):
+                log.warning("router: refused to resume %s for a client that does not own it", msg.request_id)
+                self.cluster.to_client(peer, ErrorReply(msg.request_id, "forbidden",
+                                                        f"request {msg.request_id} belongs to another client"))
+                return
+            self._claim(rec, peer, len(msg.resume_ids), msg.resume_text)
+            return
+        problem = _validate(msg)
+        if problem:
+            self.cluster.to_client(peer, ErrorReply(msg.request_id, "bad_request", problem))
+            return
+        rec = RequestRecord(
+            request_id=msg.request_id, client=peer, model=msg.model, prompt=msg.prompt, chat=msg.chat,
+            sampling=msg.sampling if msg.sampling.seed is not None else dataclasses.replace(
+                msg.sampling, seed=secrets.randbits(63)),
+            generated=list(msg.resume_ids), text=msg.resume_text, cache_salt=msg.cache_salt, owner=peer.hex(),
+            state="awaiting_node", awaiting_since=time.monotonic(),
+        )
+        self.requests[msg.request_id] = rec
+
+    def _claim(self, rec: RequestRecord, peer: bytes, have: int, have_text: str) -> None:
+        """``peer`` owns ``rec`` again: send it the log past its ``have`` tokens, and the end if it came."""
+        rec.client, rec.adopted_at = peer, None
+        rec.owner = rec.owner or peer.hex()
+        if len(rec.generated) > have:
+            text = rec.text[len(have_text):] if rec.text.startswith(have_text) else ""
+            self.cluster.to_client(peer, TokenChunk(rec.request_id, have, rec.generated[have:], text))
+        if rec.finish_reason:
+            self._send_done(rec, rec.finish_reason)
+
+    def _tick(self, now: float) -> None:
+        for rec in list(self.requests.values()):
+            if rec.adopted_at is not None and not rec.client and now - rec.adopted_at > CLAIM_S:
+                log.info("router: %s: no client reconnected for it in %.0fs; cancelling it", rec.request_id, CLAIM_S)
+                self._cancel(rec)
+            elif rec.awaiting_since is not None and now - rec.awaiting_since > AWAIT_NODE_S:
+                rec.awaiting_since = None
+                self._resume(rec, "the controller restarted and no node reported it")
 
     def _from_client(self, peer: bytes, msg: Any, role: str = "operator") -> None:
         if isinstance(msg, GenerateRequest):
@@ -245,6 +357,9 @@ class RouterActor(SupervisedActor):
     # ------------------------------------------------------------------ request lifecycle
 
     def _generate(self, peer: bytes, msg: GenerateRequest) -> None:
+        if msg.resume:
+            self._resume_stream(peer, msg)
+            return
         problem = _validate(msg)
         if not problem and msg.request_id in self.requests:
             problem = f"request id {msg.request_id!r} is already in flight"
@@ -256,7 +371,7 @@ class RouterActor(SupervisedActor):
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         rec = RequestRecord(
             request_id=msg.request_id, client=peer, model=msg.model, prompt=msg.prompt, chat=msg.chat, sampling=sampling,
-            cache_salt=msg.cache_salt,
+            cache_salt=msg.cache_salt, owner=peer.hex(),
         )
         self.requests[msg.request_id] = rec
         scheduler.request_placement(self.cluster.directory, rec.request_id, rec.model)
@@ -285,7 +400,7 @@ class RouterActor(SupervisedActor):
         return StartInference(
             request_id=rec.request_id, instance_id=rec.instance_id, prompt=rec.prompt if rec.prompt_ids is None else "",
             chat=rec.chat, prompt_ids=rec.prompt_ids or [], generated_ids=generated, **rec.sampling.fields(),
-            text_so_far=text, cache_salt=rec.cache_salt,
+            text_so_far=text, cache_salt=rec.cache_salt, owner=rec.owner,
         )
 
     def _token_batch(self, batch: TokenBatch, node: str) -> None:
@@ -320,6 +435,8 @@ class RouterActor(SupervisedActor):
             log.error("router: %s: chunk at %d but the log has %d tokens; dropped", rec.request_id, chunk.index, have)
             return None
         new_ids = chunk.token_ids[have - chunk.index :]
+        if rec.finish_reason:
+            return None  # an adopted request that finished: its log is whole
         now = time.monotonic()
         if rec.first_token_at is None:
             rec.first_token_at = now
@@ -334,6 +451,8 @@ class RouterActor(SupervisedActor):
         # The text of a partial overlap is not split per token; only whole new chunks carry text.
         text = chunk.text if chunk.index == have else ""
         rec.text += text
+        if not rec.client:
+            return None  # adopted after a controller restart: its client has not reconnected yet
         return rec.client, TokenChunk(rec.request_id, have, new_ids, text)
 
     def _migration_started(self, msg: MigrationStarted) -> None:
@@ -389,14 +508,21 @@ class RouterActor(SupervisedActor):
         if msg.n_generated > len(rec.generated):
             log.error("router: %s done at %d tokens but the log has %d", rec.request_id, msg.n_generated,
                       len(rec.generated))
-        self.requests.pop(rec.request_id, None)
         scheduler.request_finished(self.cluster.directory, rec.request_id, rec.instance_id)
+        if not rec.client:
+            # Adopted, its client not back yet: the end waits for it with the log.
+            rec.finish_reason, rec.state = msg.finish_reason, "done"
+            return
+        self._send_done(rec, msg.finish_reason)
+
+    def _send_done(self, rec: RequestRecord, finish_reason: str) -> None:
+        self.requests.pop(rec.request_id, None)
         now = time.monotonic()
         if rec.active_migration is not None:
             self._close_migration(rec, outcome="done" if rec.active_migration.get("switched") else "finished first")
         self.cluster.to_client(rec.client, GenerateDone(
             request_id=rec.request_id, model=rec.model, token_ids=list(rec.generated), text=rec.text,
-            finish_reason=msg.finish_reason,
+            finish_reason=finish_reason,
             ttft_s=(rec.first_token_at or now) - rec.created, total_s=now - rec.created,
             prompt_tokens=len(rec.prompt_ids or []), migrations=rec.migrations, cold_start=rec.cold_start,
         ))
@@ -414,11 +540,12 @@ class RouterActor(SupervisedActor):
         self.requests.pop(rec.request_id, None)
         if rec.instance_id:
             scheduler.request_finished(self.cluster.directory, rec.request_id, rec.instance_id)
-        self.cluster.to_client(rec.client, ErrorReply(rec.request_id, code, message))
+        if rec.client:
+            self.cluster.to_client(rec.client, ErrorReply(rec.request_id, code, message))
 
     def _cancel(self, rec: RequestRecord) -> None:
         self.requests.pop(rec.request_id, None)
-        if rec.instance_id:
+        if rec.instance_id and not rec.finish_reason:
             self.cluster.to_node(rec.node, CancelInference(rec.request_id, rec.instance_id))
             scheduler.request_finished(self.cluster.directory, rec.request_id, rec.instance_id)
 
@@ -466,6 +593,8 @@ class RouterActor(SupervisedActor):
         now = time.monotonic()
         out = []
         for rec in self.requests.values():
+            if rec.finish_reason:
+                continue  # finished before a controller restart, kept only for its client to reconnect to
             elapsed = now - (rec.first_token_at or now)
             out.append({
                 "request_id": rec.request_id, "model": rec.model, "state": rec.state, "tokens": len(rec.generated),
@@ -507,6 +636,7 @@ class RouterActor(SupervisedActor):
         return {
             "time": time.time(),
             "client_endpoint": self.cluster.client_endpoint,
+            "epoch": self.cluster.epoch,
             "nodes": nodes,
             "gpus": gpus,
             "instances": instances,

@@ -31,6 +31,7 @@ from sllm_actors.actors.controller.context import ClusterContext
 from sllm_actors.messages import (
     AbortMigration,
     Ack,
+    AdoptInstances,
     DeployModel,
     ErrorReply,
     FromClient,
@@ -61,6 +62,7 @@ from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE, ModelSpec
 
 __all__ = [
     "SchedulerActor",
+    "adopt_instances",
     "deliver_from_client",
     "deliver_from_node",
     "node_lost",
@@ -74,6 +76,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 UNKNOWN_MODEL_BYTES = 1 << 30
+SAVE_ESTIMATES_S = 10.0
+"""How often the estimates go to the cluster's store (what a restarted controller starts from)."""
 LOAD_OVERHEAD = 1.15
 """Room for activations and KV caches beside the weights."""
 
@@ -113,6 +117,12 @@ def report_request_tokens(directory: Directory, tokens: dict[str, int], remainin
     """Tokens so far (prompt + generated) of each running request, for the migration policy's estimates, and
     the tokens each may still generate (max_tokens - generated), for how long its instance stays busy."""
     return directory.tell(SCHEDULER, RequestTokens(tokens, dict(remaining or {})))
+
+
+def adopt_instances(directory: Directory, node: str, instances: list[dict[str, Any]]) -> bool:
+    """``node`` re-registered after a controller restart holding these instances (its status board's entries):
+    they are counted as this scheduler's, with their requests, instead of unloaded as strangers."""
+    return directory.tell(SCHEDULER, AdoptInstances(node, instances))
 
 
 def node_up(directory: Directory, node: str, incarnation: str) -> bool:
@@ -190,6 +200,10 @@ class SchedulerActor(SupervisedActor):
             self._add_model(spec)
         self.alive = self.steps.alive
         self.instances: dict[str, Instance] = self.steps.instances  # type: ignore[assignment]
+        if cluster.epoch > 1:
+            self.steps.id_prefix = f"e{cluster.epoch}."
+        self._saved_at = time.monotonic()
+        self._restore()
         self.started_at = time.time()
         self.health = health.Health()
         self.incarnations: dict[str, str] = {}
@@ -226,6 +240,8 @@ class SchedulerActor(SupervisedActor):
                 if self.health.instance_crashed(crashed.key, message.reason, now) and not was_unhealthy:
                     self._poisoned(crashed.key, message.reason)
             self._gone([message.instance_id], message.reason, now)
+        elif isinstance(message, AdoptInstances):
+            self._adopt(message, now)
         elif isinstance(message, NodeUp):
             if self.incarnations.get(message.node, message.incarnation) != message.incarnation:
                 self.health.node_restarted(message.node)
@@ -339,6 +355,73 @@ class SchedulerActor(SupervisedActor):
             if instance_id and instance_id not in self.instances and reported.get("state") != "loading":
                 log.info("scheduler: %s holds %s, which nothing uses; unloading it", msg.node, instance_id)
                 self.cluster.to_node(msg.node, UnloadModel(instance_id))
+
+    def _adopt(self, msg: AdoptInstances, now: float) -> None:
+        for entry in msg.instances:
+            instance_id, model = str(entry.get("instance_id", "")), str(entry.get("model", ""))
+            if not instance_id or instance_id in self.instances or entry.get("state") in ("loading", "failed"):
+                continue
+            if model not in self.catalog:
+                log.warning("scheduler: %s holds %s of %s, a model this controller does not know; it will be "
+                            "unloaded", msg.node, instance_id, model)
+                continue
+            memory = int(int(entry.get("memory_bytes", 0)) * LOAD_OVERHEAD) or self._need_bytes(self.catalog[model])
+            self.steps.adopt_instance(instance_id, model, (msg.node, int(entry.get("gpu", 0))), memory,
+                                      [str(r) for r in entry.get("requests", [])], now)
+            log.info("scheduler: adopted %s (%s) on %s/gpu-%s with %d request(s)", instance_id, model, msg.node,
+                     entry.get("gpu", 0), len(entry.get("requests", [])))
+
+    # ------------------------------------------------------------------ what survives a controller restart
+
+    def _persist(self, write: Any) -> None:
+        """Write to the cluster's store, if it has one; a failed write is logged, the cluster goes on."""
+        store = self.cluster.store
+        if store is None:
+            return
+        from sllm_actors.actors.controller.store import StoreError
+
+        try:
+            write(store)
+        except StoreError as exc:
+            log.error("scheduler: %s", exc)
+
+    def _restore(self) -> None:
+        """Deployments and estimates a previous controller of this cluster stored."""
+        store = self.cluster.store
+        if store is None:
+            return
+        from sllm_actors.actors.controller.store import StoreError
+
+        try:
+            deployments, estimates = store.deployments(), store.estimates("scheduler") or {}
+        except StoreError as exc:
+            log.error("scheduler: %s; starting from the topology alone", exc)
+            return
+        for name, source in deployments:
+            if name not in self.catalog:
+                self.catalog[name] = ModelSpec(name=name, source=source)
+                self._add_model(self.catalog[name])
+        self.model_bytes.update({str(k): int(v) for k, v in estimates.get("model_bytes", {}).items()})
+        est = self.estimator
+        est.load_overhead_s = float(estimates.get("load_overhead_s", est.load_overhead_s))
+        for key, value in estimates.get("step_s", []):
+            est.step_s[tuple(key)] = float(value)  # type: ignore[assignment]
+        for key, samples in estimates.get("load_fits", []):
+            fit = placement.LoadFit()
+            for nbytes, seconds in samples:
+                fit.observe(int(nbytes), float(seconds))
+            est.load_fits[tuple(key)] = fit  # type: ignore[index]
+        if deployments or estimates:
+            log.info("scheduler: restored %d deployment(s) and the estimates of %d model(s) from %s",
+                     len(deployments), len(self.model_bytes), store.path)
+
+    def _save_estimates(self) -> None:
+        est = self.estimator
+        self._persist(lambda store: store.save_estimates("scheduler", {
+            "model_bytes": dict(self.model_bytes), "load_overhead_s": est.load_overhead_s,
+            "step_s": [[list(k), v] for k, v in est.step_s.items()],
+            "load_fits": [[list(k), list(f.samples)] for k, f in est.load_fits.items()],
+        }))
 
     def _in_migration(self) -> set[str]:
         return {o.source for o in self.migrations.values()} | {o.dest for o in self.migrations.values()}
@@ -523,6 +606,9 @@ class SchedulerActor(SupervisedActor):
         self._run(self.steps.drain_queue(now))
 
     def _tick(self, now: float) -> None:
+        if now - self._saved_at > SAVE_ESTIMATES_S:
+            self._saved_at = now
+            self._save_estimates()
         timeout = self.topology.scheduler.queue_timeout_s
         expired = self.steps.expire_queue(now, timeout)
         kept_out = [f"{node}/gpu-{gpu}: {why}" for node, gpu in self.steps.gpus
@@ -569,6 +655,7 @@ class SchedulerActor(SupervisedActor):
     def _register(self, peer: bytes, msg: DeployModel, spec: ModelSpec, source: str) -> None:
         self.catalog[msg.name] = spec
         self._add_model(self.catalog[msg.name])
+        self._persist(lambda store: store.save_deployment(spec.name, spec.source))
         self.model_bytes.pop(msg.name, None)
         self.cluster.events.emit("deploy", f"deployed {msg.name} from {source}", {"model": msg.name})
         self.cluster.to_client(peer, Ack(msg.request_id, f"deployed {msg.name}"))

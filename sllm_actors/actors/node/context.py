@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,7 +96,14 @@ class Link:
     about a request in order.
     """
 
-    def __init__(self, context: zmq.Context, endpoint: str, identity: str, credentials: Any = None) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, identity: str, credentials: Any = None,
+                 held: threading.Event | None = None) -> None:
+        self._held = held or threading.Event()
+        self._lock = threading.Lock()
+        """Taken around each use of the socket: ``release`` flushes from the node's thread (a lock hands a ZeroMQ
+        socket between threads safely; never two at once)."""
+        self._buffer: list[list[Any]] = []
+        self._closed = False
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 2000)
         self.socket.setsockopt(zmq.IDENTITY, identity.encode())
@@ -104,11 +112,35 @@ class Link:
         self.socket.connect(endpoint)
 
     def send(self, msg: Message, address: str = "") -> None:
-        self.socket.send_multipart(wire.pack(msg, address), copy=False)
+        frames = wire.pack(msg, address)
+        with self._lock:
+            if self._held.is_set():
+                # The node is re-registering with a restarted controller: what leaves now must come after the
+                # node's report of its requests, which the controller takes first (NodeContext.hold_links).
+                self._buffer.append(frames)
+                return
+            self._flush()
+            self.socket.send_multipart(frames, copy=False)
+
+    def release(self) -> None:
+        """Send what was held, in order (the node is registered again)."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._closed:
+            return
+        for frames in self._buffer:
+            self.socket.send_multipart(frames, copy=False)
+        self._buffer.clear()
 
     def close(self) -> None:
-        # Linger so tokens already queued still reach the controller.
-        self.socket.close(linger=2000)
+        with self._lock:
+            if not self._held.is_set():
+                self._flush()
+            # Linger so tokens already queued still reach the controller.
+            self.socket.close(linger=2000)
+            self._closed = True
 
 
 class NodeContext:
@@ -128,6 +160,8 @@ class NodeContext:
         self.board = NodeBoard()
         self.storage: Any = None  # set by the node once its tier actors exist
         self.credentials: Any = None  # the node's CURVE key (security.Credentials), for its actors' links
+        self._links_held = threading.Event()
+        self._links: weakref.WeakSet[Link] = weakref.WeakSet()
 
     def send(self, msg: Message, address: str = "") -> None:
         """To the controller, or through it to the node named ``address``."""
@@ -137,8 +171,21 @@ class NodeContext:
         """A socket of the calling actor's own (None without a controller endpoint, as in unit tests)."""
         if self.zmq_context is None or not self.controller_endpoint:
             return None
-        return Link(self.zmq_context, self.controller_endpoint, f"{self.name}{LINK_SEPARATOR}{actor}",
-                    self.credentials)
+        link = Link(self.zmq_context, self.controller_endpoint, f"{self.name}{LINK_SEPARATOR}{actor}",
+                    self.credentials, self._links_held)
+        self._links.add(link)
+        return link
+
+    def hold_links(self) -> None:
+        """Keep what the actors' links send until ``release_links``: the node reports its requests' logs to a
+        restarted controller first, so no token reaches it before the log it extends."""
+        self._links_held.set()
+
+    def release_links(self) -> None:
+        """Send what the links held, in order, and stop holding."""
+        self._links_held.clear()
+        for link in list(self._links):
+            link.release()
 
     def event(self, kind: str, text: str, data: dict[str, Any] | None = None) -> None:
         self._send(ClusterEvent(time.time(), kind, text, {"node": self.name, **(data or {})}), "")

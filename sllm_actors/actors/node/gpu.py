@@ -13,12 +13,12 @@ from typing import Any
 import pykka
 
 from sllm_actors.actors.node.instance import ModelInstanceActor
-from sllm_actors.messages import InstanceGone, LoadFailed, LoadModel, Message, UnloadModel
+from sllm_actors.messages import InstanceGone, LoadFailed, LoadModel, Message, Query, UnloadModel
 from sllm_actors.actors.node.context import NodeContext
 from sllm_actors.runtime.supervisor import ChildExited, Directory, SupervisedActor
 from sllm_actors.runtime.topology import GpuSpec
 
-__all__ = ["GpuActor", "deliver_to_instance", "gpu_actor_name", "load_model", "unload_model"]
+__all__ = ["GpuActor", "deliver_to_instance", "gpu_actor_name", "load_model", "running_requests", "unload_model"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,27 @@ def deliver_to_instance(directory: Directory, instance_id: str, message: Message
     """A request or migration message for the instance actor ``instance_id`` (a child of a GPU actor, which
     names it, so its address lives here beside the GPU actor rather than in instance.py)."""
     return directory.tell(instance_actor_name(instance_id), message)
+
+
+def running_requests(directory: Directory, instance_ids: list[str], timeout: float = 5.0) -> list[dict[str, Any]]:
+    """What the instances ``instance_ids`` run, and finished lately, each request with its token log (what a node
+    re-registering with a restarted controller reports: ``NodeHello.running``). An instance that does not answer
+    in time (still loading) reports nothing."""
+    futures = []
+    for instance_id in instance_ids:
+        ref = directory.get(instance_actor_name(instance_id))
+        if ref is not None:
+            try:
+                futures.append(ref.ask(Query("running"), block=False))
+            except pykka.ActorDeadError:
+                continue
+    out: list[dict[str, Any]] = []
+    for future in futures:
+        try:
+            out += future.get(timeout=timeout)
+        except (pykka.ActorDeadError, pykka.Timeout):
+            continue
+    return out
 
 
 class GpuActor(SupervisedActor):

@@ -35,6 +35,7 @@ from sllm_actors.messages import (
     LoadModel,
     MigrateOut,
     PromptAccepted,
+    Query,
     ResumeDone,
     ResumeFailed,
     ResumeRequest,
@@ -121,6 +122,11 @@ class ModelInstanceActor(SupervisedActor):
         self.dest_side = MigrationDestination(name=name)
         self.finished: dict[str, float] = {}
         """request id -> when it finished here (a duplicate StartInference for it is ignored)."""
+        self.finished_logs: dict[str, dict[str, Any]] = {}
+        """request id -> its whole log and how it ended, for ``FINISHED_TTL_S``: a controller that restarted
+        before it heard the end learns it when this node re-registers."""
+        self.owners: dict[str, str] = {}
+        """request id -> the client that owns it (``StartInference.owner``), reported on re-registration."""
         self.memory_bytes = 0
         self.published_at = 0.0
         self.ready_at: float | None = None
@@ -217,6 +223,8 @@ class ModelInstanceActor(SupervisedActor):
             self._admit(message)
         elif isinstance(message, CancelInference):
             self._cancel(message.request_id)
+        elif isinstance(message, Query) and message.what == "running":
+            return self._running()
         elif isinstance(message, (ResumeDone, ResumeFailed, MigrationTimeout, KvCopyBegin, KvCopyChunk)) \
                 and self.engine is None:
             pass  # its load failed and it is stopping: no migration of its own to answer, no cache to take in
@@ -264,11 +272,26 @@ class ModelInstanceActor(SupervisedActor):
             else:
                 raise TypeError(f"{self.name}: unexpected migration action {action!r}")
 
+    def _running(self) -> list[dict[str, Any]]:
+        """Each request here and each finished lately, with its token log (``NodeHello.running``)."""
+        out = list(self.finished_logs.values())
+        for seq in self.engine.requests if self.engine is not None else []:
+            out.append(self._log_of(seq, ""))
+        return out
+
+    def _log_of(self, seq: Sequence, finish_reason: str) -> dict[str, Any]:
+        return {"request_id": seq.request_id, "instance_id": self.instance_id, "model": self.model_name,
+                "prompt_ids": list(seq.prompt_ids), "generated_ids": list(seq.generated_ids), "text": seq.text,
+                "owner": self.owners.get(seq.request_id, ""), "cache_salt": seq.cache_salt,
+                "finish_reason": finish_reason, **seq.sampling.fields()}
+
     def _admit(self, msg: StartInference) -> None:
         engine = self.engine
         assert engine is not None
         if engine.get(msg.request_id) is not None or msg.request_id in self.finished:
             return  # a duplicate (the router's after a hand-over), or handed over and finished here already
+        if msg.owner:
+            self.owners[msg.request_id] = msg.owner
         caught_up = self.dest_side.continue_parked(msg, engine)
         if caught_up is not None:
             self.run_now(caught_up)
@@ -315,10 +338,13 @@ class ModelInstanceActor(SupervisedActor):
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._carry_out(self.source_side.flush(seq.request_id))
         self.finished[seq.request_id] = time.monotonic()
+        self.finished_logs[seq.request_id] = self._log_of(seq, reason)
+        self.owners.pop(seq.request_id, None)
         self.send(InferenceDone(seq.request_id, self.instance_id, reason, len(seq.generated_ids)))
 
     def _cancel(self, request_id: str) -> None:
         assert self.engine is not None
+        self.owners.pop(request_id, None)
         if self.engine.remove(request_id) is not None:
             self._carry_out(self.source_side.flush(request_id))
         self.publish()
@@ -364,6 +390,7 @@ class ModelInstanceActor(SupervisedActor):
         now = time.monotonic()
         for request_id in [r for r, t in self.finished.items() if now - t > FINISHED_TTL_S]:
             del self.finished[request_id]
+            self.finished_logs.pop(request_id, None)
 
     def publish(self, state: str | None = None) -> None:
         self.published_at = time.monotonic()

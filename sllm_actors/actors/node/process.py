@@ -56,8 +56,11 @@ __all__ = ["Node", "main"]
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
-CONTROLLER_LOST_S = 10.0
-"""A local node exits when its controller has been silent this long (it would be an orphan)."""
+CONTROLLER_LOST_S = float(os.environ.get("SLLM_CONTROLLER_GRACE_S", "60"))
+"""A local node exits when its controller has been silent this long (it would be an orphan). Until then it keeps
+its requests running for a restarted controller (``sllm up`` restarts a killed one within seconds, and a new
+``sllm up`` on the same topology adopts the nodes of a killed one), and re-registers with it."""
+REREGISTER_RETRY_S = 5.0
 STOP_TRACE_AFTER_S = 12.0
 """A stop still running after this long dumps every thread's stack into the node's log (the controller SIGKILLs at 20 s)."""
 EXIT_GAVE_UP = 3
@@ -90,6 +93,9 @@ class Node:
         self._sent_version = -1
         self._seq = 0
         self._last_status_sent = 0.0
+        self.epoch = 0
+        """The controller epoch this process serves under (``NodeConfig.epoch``)."""
+        self._reregistering_at: float | None = None
 
     def _send(self, msg: Message, address: str = "") -> None:
         self.transport.send("controller", msg, address=address)
@@ -130,12 +136,27 @@ class Node:
         if isinstance(msg, MigrateOut):
             self._remember(msg.migration_id, msg.dest_node)
         if isinstance(msg, NodeConfig):
+            if msg.epoch < self.epoch:
+                why = (f"{self.name} serves controller epoch {self.epoch}; a config from epoch {msg.epoch} comes from "
+                       "a stale controller and is refused")
+                log.error("%s: %s", self.name, why)
+                self._send(ErrorReply("", "stale_controller", why))
+                return
             if not self.configured.is_set():
+                self.epoch = msg.epoch
                 self.spec = NodeSpec.from_dict(msg.spec).on_this_host()  # its paths are this host's own
                 self.configured.set()
+            elif msg.epoch != self.epoch or self._reregistering_at is not None:
+                log.warning("%s: re-registered with controller epoch %d (was %d)", self.name, msg.epoch, self.epoch)
+                self.epoch = msg.epoch
+                self._reregistering_at = None
+                self.context.release_links()
         elif isinstance(msg, (Welcome, Heartbeat)):
             pass
         elif isinstance(msg, ErrorReply):
+            if msg.code == "stale_epoch":
+                self._reregister()
+                return
             log.error("%s: the controller says: %s (%s)", self.name, msg.message, msg.code)
             if msg.code in ("rejected", "version_mismatch"):
                 self.exit_code = 2
@@ -153,6 +174,29 @@ class Node:
                 self._no_instance(msg, target)
         else:
             log.warning("%s: ignoring unexpected %s", self.name, msg.tag)
+
+    def _reregister(self) -> None:
+        """The controller restarted (it refused us as not registered under its epoch): report every request our
+        instances run, with its token log, and every instance, in a hello; until its config answers, what the
+        instances send is held, so the controller has each log before the tokens that extend it."""
+        if not self.configured.is_set():
+            return  # not configured yet: the tick's hello is our registration
+        now = time.monotonic()
+        if self._reregistering_at is not None and now - self._reregistering_at < REREGISTER_RETRY_S:
+            return
+        self._reregistering_at = now
+        self.context.hold_links()
+        log.warning("%s: the controller restarted (we served epoch %d); re-registering", self.name, self.epoch)
+
+        def report() -> None:
+            # Off the IO thread: the instances answer between their steps.
+            _, snapshot = self.context.board.snapshot()
+            instances = snapshot["instances"]
+            running = gpu_actors.running_requests(self.directory, [str(i["instance_id"]) for i in instances])
+            self._send(NodeHello(PROTOCOL_VERSION, self.name, os.getpid(), self.incarnation, self.epoch, running,
+                                 instances))
+
+        threading.Thread(target=report, name=f"{self.name}-reregister", daemon=True).start()
 
     def _no_instance(self, msg: Message, instance_id: str) -> None:
         missing = f"instance {instance_id} is not on {self.name}"
