@@ -33,6 +33,7 @@ from sllm_actors.gpu.runner import Feed, ModelRunner, kv_bytes_per_token
 from sllm_actors.gpu.sampler import choose_token, sample, step_seed
 from sllm_actors.gpu.scheduler import BatchScheduler, StepPlan
 from sllm_actors.gpu.sequence import Sequence
+from sllm_actors.runtime import trace
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,8 @@ class Engine:
                      ", ".join(s.request_id for s in plan.preempted))
         if plan.empty():
             return result
+        if trace.enabled():
+            trace.mark_many((c.seq.request_id for c in plan.prefills), "step_start", time.time())
         if self.deterministic:
             groups = [StepPlan(decodes=[s]) for s in plan.decodes] + [StepPlan(prefills=[c]) for c in plan.prefills]
         else:
@@ -261,6 +264,8 @@ class Engine:
             sampled.append(seq)
         if sampled:
             tokens = self._sample(torch.cat(rows) if len(rows) > 1 else rows[0], sampled)
+            if trace.enabled():
+                trace.mark_many((s.request_id for s in sampled if not s.generated_ids), "token_sampled")
             for seq, token in zip(sampled, tokens):
                 out = self._accept(seq, token)
                 result.tokens.append(out)

@@ -49,6 +49,7 @@ from sllm_actors.messages import (
 )
 from sllm_actors.models import default_model_dir, directory_bytes, is_model_dir
 from sllm_actors.policy import placement, steps
+from sllm_actors.runtime import trace
 from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE, ModelSpec
 
@@ -190,6 +191,7 @@ class SchedulerActor(SupervisedActor):
     def on_receive(self, message: Any) -> Any:
         now = time.monotonic()
         if isinstance(message, Place):
+            trace.mark(message.request_id, "sched_in")
             self._run(self.steps.place(message.request_id, message.model, now, exclude=message.exclude_instance))
         elif isinstance(message, RequestFinished):
             inst = self.instances.get(message.instance_id)
@@ -248,6 +250,7 @@ class SchedulerActor(SupervisedActor):
             inst = action.instance
             router.request_placed(self.cluster.directory, str(action.request), inst.node, inst.instance_id,
                                   cold_start if action.after_load else None)
+            trace.mark(str(action.request), "sched_placed")
         elif isinstance(action, steps.Enqueued):
             log.info("scheduler: %s waits for capacity for %s", action.waiting.request, action.waiting.model)
         elif isinstance(action, steps.Fail):

@@ -58,6 +58,7 @@ from sllm_actors.migration import (
 )
 from sllm_actors.actors.node.context import Link, NodeContext
 from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts
+from sllm_actors.runtime import trace
 from sllm_actors.runtime.supervisor import SupervisedActor
 
 __all__ = ["ModelInstanceActor"]
@@ -257,6 +258,7 @@ class ModelInstanceActor(SupervisedActor):
                 raise TypeError(f"{self.name}: unexpected migration action {action!r}")
 
     def _admit(self, msg: StartInference) -> None:
+        trace.mark(msg.request_id, "inst_in")
         engine = self.engine
         assert engine is not None
         if engine.get(msg.request_id) is not None or msg.request_id in self.finished:
@@ -278,6 +280,7 @@ class ModelInstanceActor(SupervisedActor):
                 self._finish(seq, "length")
                 return
             engine.add(seq)
+            trace.mark(msg.request_id, "engine_queued")
         except ValueError as exc:
             self.send(InferenceFailed(msg.request_id, self.instance_id, "bad_request", str(exc)))
             return
@@ -346,6 +349,8 @@ class ModelInstanceActor(SupervisedActor):
             self.send(TokenBatch(self.instance_id, [t.seq.request_id for t in result.tokens],
                                  [t.index for t in result.tokens], [[t.token] for t in result.tokens],
                                  [t.text for t in result.tokens]))
+            if trace.enabled():
+                trace.mark_many((t.seq.request_id for t in result.tokens if t.index == 0), "token_sent")
         for seq in result.finished:
             self._finish(seq, seq.finish_reason)
         for seq, problem in result.failed:
