@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="")
     parser.add_argument("--kv-cache", default="")
     parser.add_argument("--generate", action="store_true", help="transformers' generate at batch N, --runs times")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the cluster's processes "
+                        "(e.g. SLLM_OUTPUT_THREAD=0: text on the step thread, as before)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     if not args.kv_cache:
@@ -175,7 +177,9 @@ def main() -> None:
     trace_dir = work / "trace"
     topo = bench_serving.topology(work / "topology.yaml", model_dir, args.device, max(levels), args.dtype, False,
                                   args.kv_cache)
-    cluster = start_cluster(topo, env={trace.ENV: str(trace_dir)}, timeout=600)
+    env = dict(item.split("=", 1) for item in args.env)
+    report["env"] = env
+    cluster = start_cluster(topo, env={**env, trace.ENV: str(trace_dir)}, timeout=600)
     try:
         cold = summarise(run_round(cluster.endpoint, "bench", "cold", 1, args), {})
         print(f"cold start: first token after {cold['ttft_p50_s']:.3f}s", flush=True)

@@ -22,6 +22,7 @@ import pykka
 
 from sllm_actors.gpu.device_gate import device_gate
 from sllm_actors.gpu.engine import Engine, StepResult
+from sllm_actors.gpu.output import OutputProcessor, StepTokens
 from sllm_actors.gpu.sequence import Sequence
 from sllm_actors.messages import (
     AbortMigration,
@@ -71,6 +72,19 @@ class Step:
     """In-process: run one engine step."""
 
 
+@dataclass(frozen=True)
+class StopHit:
+    """In-process, from the output processor: the request's text reached a stop string after ``n_generated``
+    tokens; its stream and its InferenceDone are sent, the engine still holds it."""
+
+    request_id: str
+    n_generated: int
+
+
+_READS_TEXT = (MigrateOut, ResumeDone, ResumeFailed, MigrationTimeout)
+"""What the migration's source side answers with a request's text so far (its next round's ``text_so_far``): the
+output processor makes that text, so it catches up first."""
+
 FINISHED_TTL_S = 60.0
 """How long a finished request's id is remembered, so a late duplicate StartInference does not restart it."""
 KV_SHARE = 0.5
@@ -83,6 +97,9 @@ PUBLISH_EVERY_S = 0.5
 """While decoding, the board (KV blocks in use) is refreshed at most this often."""
 GRAPHS_ENV = "SLLM_CUDA_GRAPHS"
 """``SLLM_CUDA_GRAPHS=0`` serves decode eagerly on CUDA too (the benchmark's baseline)."""
+OUTPUT_ENV = "SLLM_OUTPUT_THREAD"
+"""``SLLM_OUTPUT_THREAD=0`` detokenizes on the step thread, as before the output processor (the benchmark's
+baseline for it)."""
 
 
 class ModelInstanceActor(SupervisedActor):
@@ -125,14 +142,30 @@ class ModelInstanceActor(SupervisedActor):
         self.first_admitted_s = 0.0
         self.on_unload: Any = None
         """The storage's clean-up for this instance's load (``Loaded.on_unload``), run when it stops."""
+        self.output: OutputProcessor | None = None
+        """Once the engine serves: the thread that detokenizes and sends every message of this instance, in order."""
+        self.admitted = False
+        """Requests were admitted since the board was last published (it is published after the next step, not
+        once per arrival: N arrivals would publish N times)."""
 
     # ------------------------------------------------------------------ lifecycle
 
     def send(self, msg: Any, address: str = "") -> None:
+        """Through the output processor once it runs (after the tokens queued before ``msg``), else now."""
+        if self.output is not None:
+            self.output.message(msg, address)
+        else:
+            self._send_now(msg, address)
+
+    def _send_now(self, msg: Any, address: str = "") -> None:
         if self.link is not None:
             self.link.send(msg, address)
         else:
             self.node.send(msg, address)
+
+    def _stop_hit(self, request_id: str, n_generated: int) -> None:
+        """The output processor's thread: a stream ended at its stop string."""
+        self.tell_quietly(StopHit(request_id, n_generated))
 
     def tell_quietly(self, message: Any) -> None:
         try:
@@ -163,6 +196,12 @@ class ModelInstanceActor(SupervisedActor):
                 loaded.after_ready()
             return
         self.memory_bytes = loaded.memory_bytes + self.engine.kv_pool_bytes
+        # From here on the step thread only samples ids; their text, the stop strings and every send are the
+        # output processor's (gpu/output.py).
+        if os.environ.get(OUTPUT_ENV, "1") != "0":
+            self.output = OutputProcessor(loaded.tokenizer, self.instance_id, self._send_now, self._stop_hit,
+                                          self.name)
+            self.engine.detokenize = False
         load_s = time.perf_counter() - started
         self.publish("idle")
         # "engine": what the load took beyond the storage's own serial parts (the KV pool, the engine's set-up).
@@ -191,6 +230,9 @@ class ModelInstanceActor(SupervisedActor):
                       cuda_graphs=os.environ.get(GRAPHS_ENV, "1") != "0")
 
     def stopping(self) -> None:
+        if self.output is not None:
+            self.output.close()  # what is queued still leaves, before the link closes
+            self.output = None
         if self.link is not None:
             self.link.close()
             self.link = None
@@ -203,9 +245,13 @@ class ModelInstanceActor(SupervisedActor):
     # ------------------------------------------------------------------ messages
 
     def on_receive(self, message: Any) -> Any:
+        if isinstance(message, _READS_TEXT) and self.output is not None and not self.output.drain():
+            raise RuntimeError(f"{self.name}: the output processor did not catch up within its timeout")
         if isinstance(message, Step):
             self.step_scheduled = False
             self._step()
+        elif isinstance(message, StopHit):
+            self._stopped(message)
         elif isinstance(message, StartInference):
             self._admit(message)
         elif isinstance(message, CancelInference):
@@ -232,6 +278,14 @@ class ModelInstanceActor(SupervisedActor):
         else:
             raise TypeError(f"{self.name}: unexpected message {message!r}")
         return None
+
+    def _stopped(self, msg: StopHit) -> None:
+        """Take a request that reached its stop string out of the batch (its InferenceDone is sent)."""
+        if self.engine is not None:
+            self.engine.remove(msg.request_id)
+        self._carry_out(self.source_side.flush(msg.request_id))
+        self.finished[msg.request_id] = time.monotonic()
+        self.publish()
 
     def _running_engine(self) -> Engine:
         assert self.engine is not None, f"{self.name}: no engine (its load failed)"
@@ -286,7 +340,7 @@ class ModelInstanceActor(SupervisedActor):
             return
         if self.ready_at is not None and not self.first_admitted_s:
             self.first_admitted_s = time.perf_counter() - self.ready_at
-        self.publish()
+        self.admitted = True
         self._schedule_step()
 
     def run_now(self, seq: Sequence) -> None:
@@ -339,13 +393,19 @@ class ModelInstanceActor(SupervisedActor):
             # A share of a step for KV copies: the streams slow a little instead of stopping.
             self._carry_out(self.source_side.pump(budget_s=max(COPY_SEND_MIN_S, COPY_SEND_SHARE * result.seconds)))
         now = time.monotonic()
-        if result.finished or result.failed or result.preempted or now - self.published_at > PUBLISH_EVERY_S:
+        if result.finished or result.failed or result.preempted or self.admitted \
+                or now - self.published_at > PUBLISH_EVERY_S:
             self._expire()
             self.publish()
         self._schedule_step()
 
     def _emit(self, result: StepResult) -> None:
-        if result.tokens:
+        if result.tokens and self.output is not None and self.engine is not None:
+            # Their text and their TokenBatch are the output processor's; what follows (a finished request's
+            # InferenceDone) is queued behind them.
+            eos = self.engine.eos_ids
+            self.output.tokens(StepTokens([(t.seq, t.index, t.token, t.token in eos) for t in result.tokens]))
+        elif result.tokens:
             self.send(TokenBatch(self.instance_id, [t.seq.request_id for t in result.tokens],
                                  [t.index for t in result.tokens], [[t.token] for t in result.tokens],
                                  [t.text for t in result.tokens]))
@@ -364,6 +424,7 @@ class ModelInstanceActor(SupervisedActor):
 
     def publish(self, state: str | None = None) -> None:
         self.published_at = time.monotonic()
+        self.admitted = False
         engine = self.engine
         running = engine.requests if engine is not None else []
         if state is None:
