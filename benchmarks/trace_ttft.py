@@ -53,6 +53,7 @@ def _client_proc(endpoint: str, model: str, tag: str, indexes: list[int], n_word
         record: dict[str, Any] = {"id": f"{tag}-{i}", "tokens": 0, "error": ""}
         try:
             with Client(endpoint) as client:
+                client.connect()  # a connected client: the TTFT is the request's, not the CURVE handshake's
                 barrier.wait()
                 while time.time() < start_at.value:
                     time.sleep(0.0005)  # a start line shared with other processes: spin briefly to it
@@ -157,6 +158,8 @@ def main() -> None:
     parser.add_argument("--generate", action="store_true", help="transformers' generate at batch N, --runs times")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the cluster's processes "
                         "(e.g. SLLM_OUTPUT_THREAD=0: text on the step thread, as before)")
+    parser.add_argument("--profile", default="", help="DIR: py-spy stacks of the controller and the node during "
+                        "each N's first measured round (py-spy on PATH; it perturbs that round's timings)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     if not args.kv_cache:
@@ -187,7 +190,11 @@ def main() -> None:
             run_round(cluster.endpoint, "bench", f"warm{n}", n, args)  # captures this round's shapes
             for run in range(args.runs):
                 tag = f"n{n}r{run}"
+                spies = bench_serving.profile_start(cluster, f"trace-{n}", args.profile) \
+                    if args.profile and run == 0 else []
                 records = run_round(cluster.endpoint, "bench", tag, n, args)
+                for spy in spies:
+                    spy.wait(60)
                 res = summarise(records, trace.read(trace_dir, prefix=f"{tag}-"))
                 res["run"] = run
                 report["rounds"].append(res)

@@ -97,6 +97,9 @@ PUBLISH_EVERY_S = 0.5
 """While decoding, the board (KV blocks in use) is refreshed at most this often."""
 GRAPHS_ENV = "SLLM_CUDA_GRAPHS"
 """``SLLM_CUDA_GRAPHS=0`` serves decode eagerly on CUDA too (the benchmark's baseline)."""
+BATCHED_TOKENS_ENV = "SLLM_MAX_BATCHED_TOKENS"
+"""Overrides the engine's token budget per step (2,048 on CUDA, 512 on a CPU): how many prompt tokens one step
+prefills (benchmarks of where the first token goes under a burst of arrivals)."""
 OUTPUT_ENV = "SLLM_OUTPUT_THREAD"
 """``SLLM_OUTPUT_THREAD=0`` detokenizes on the step thread, as before the output processor (the benchmark's
 baseline for it)."""
@@ -224,7 +227,8 @@ class ModelInstanceActor(SupervisedActor):
         kv_bytes = opts.kv_cache_bytes if opts is not None and opts.kv_cache_bytes else \
             max(KV_MIN, min(KV_DEFAULT_MAX, int(KV_SHARE * (self.memory_free - weight_bytes))))
         max_batch = (opts.max_batch if opts is not None and opts.max_batch else 0) or max(self.max_concurrency, 256)
-        return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, max_num_seqs=max_batch,
+        budget = int(os.environ.get(BATCHED_TOKENS_ENV, "0") or 0) or None
+        return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, max_num_seqs=max_batch, max_batched_tokens=budget,
                       deterministic=bool(opts is not None and opts.deterministic),
                       prefix_caching=opts.prefix_caching if opts is not None else True,
                       cuda_graphs=os.environ.get(GRAPHS_ENV, "1") != "0")
