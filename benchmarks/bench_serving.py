@@ -74,6 +74,7 @@ def _client_proc(endpoint: str, model: str, indexes: list[int], n_words: int, to
         record: dict[str, Any] = {"i": i, "tokens": 0, "error": ""}
         try:
             with Client(endpoint) as client:
+                client.connect()  # a connected client: the TTFT is the request's, not the CURVE handshake's
                 barrier.wait()
                 while time.time() < start_at.value:
                     time.sleep(0.0005)  # a start line shared with other processes: spin briefly to it

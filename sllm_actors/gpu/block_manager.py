@@ -172,7 +172,7 @@ class BlockManager:
         """After a forward: key the request's blocks that are now full and computed, so later requests can share
         them. A key another block already holds (two requests computed the same prefix at once) stays with that
         block; this one stays private."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or len(seq.block_hashes) >= seq.num_cached // self.block_size:
             return
         full = min(seq.num_cached // self.block_size, len(seq.block_table))
         for index in range(len(seq.block_hashes), full):

@@ -29,10 +29,12 @@ import torch
 from sllm_actors.gpu.block_manager import SCRATCH_BLOCK, BlockManager
 from sllm_actors.gpu.detokenizer import IncrementalDetokenizer
 from sllm_actors.gpu.device_gate import device_gate
+from sllm_actors.gpu.output import find_stop
 from sllm_actors.gpu.runner import Feed, ModelRunner, kv_bytes_per_token
 from sllm_actors.gpu.sampler import choose_token, sample, step_seed
 from sllm_actors.gpu.scheduler import BatchScheduler, StepPlan
 from sllm_actors.gpu.sequence import Sequence
+from sllm_actors.runtime import trace
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,10 @@ class Engine:
             self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
             self._warm_up()
         self.preemptions = 0
+        self.detokenize = True
+        """Whether :meth:`step_batch` makes each token's text and checks stop strings. An instance turns it off and
+        does both on its output processor's thread (:mod:`~sllm_actors.gpu.output`); the tokens then carry no
+        text, and a request ends at a stop string when the processor finds it."""
 
     def _warm_up(self) -> None:
         """A short prefill and one decode step through the paged path, into the scratch block, at load time: the
@@ -243,6 +249,8 @@ class Engine:
                      ", ".join(s.request_id for s in plan.preempted))
         if plan.empty():
             return result
+        if trace.enabled():
+            trace.mark_many((c.seq.request_id for c in plan.prefills), "step_start", time.time())
         if self.deterministic:
             groups = [StepPlan(decodes=[s]) for s in plan.decodes] + [StepPlan(prefills=[c]) for c in plan.prefills]
         else:
@@ -261,8 +269,10 @@ class Engine:
             sampled.append(seq)
         if sampled:
             tokens = self._sample(torch.cat(rows) if len(rows) > 1 else rows[0], sampled)
+            if trace.enabled():
+                trace.mark_many((s.request_id for s in sampled if not s.generated_ids), "token_sampled")
             for seq, token in zip(sampled, tokens):
-                out = self._accept(seq, token)
+                out = self._accept(seq, token, self.detokenize)
                 result.tokens.append(out)
                 if seq.finish_reason:
                     self.scheduler.remove(seq.request_id)
@@ -304,26 +314,26 @@ class Engine:
         ids = sample(logits, [p.temperature for p in params], [p.top_p for p in params], step_seeds)
         return ids.tolist()  # the step's one device-to-host copy
 
-    def _accept(self, seq: Sequence, token: int) -> TokenOut:
-        """Append a sampled token to the log: text delta, stop strings, end conditions."""
+    def _accept(self, seq: Sequence, token: int, detokenize: bool = True) -> TokenOut:
+        """Append a sampled token to the log: text delta and stop strings (``detokenize``), end conditions."""
         index = len(seq.generated_ids)
         seq.generated_ids.append(token)
-        assert seq.detok is not None
-        delta = seq.detok.push(token)
+        delta = ""
+        if detokenize:
+            assert seq.detok is not None
+            delta = seq.detok.push(token)
         if token in self.eos_ids:
             seq.finish_reason = "eos"
             return TokenOut(seq, index, token, "")
-        stop = seq.sampling.stop
-        if stop and delta:
-            combined = seq.text + delta
-            cut = min((i for i in (combined.find(s, max(0, len(seq.text) - len(s))) for s in stop) if i >= 0),
-                      default=-1)
+        if detokenize:
+            cut = find_stop(seq.text, delta, seq.sampling.stop)
             if cut >= 0:
+                combined = seq.text + delta
                 delta = combined[:cut][len(seq.text):]
                 seq.text = combined[:cut]
                 seq.finish_reason = "stop"
                 return TokenOut(seq, index, token, delta)
-        seq.text += delta
+            seq.text += delta
         if len(seq.generated_ids) >= seq.sampling.max_tokens:
             seq.finish_reason = "length"
         elif seq.n_tokens >= self.max_positions:

@@ -99,15 +99,19 @@ def decode_inputs(feeds: list[Feed], rows: int, n_blocks: int, block_size: int) 
     lengths, then the block tables (transposed). Rows past the feeds are padding: token 0 at position 0, written to
     and reading only the scratch block."""
     pad = rows - len(feeds)
-    starts = [f.start for f in feeds]
-    head = [
-        [f.ids[0] for f in feeds] + [0] * pad,
-        starts + [0] * pad,
-        [_slot(f.table, s, block_size) for f, s in zip(feeds, starts)] + [SCRATCH_BLOCK * block_size] * pad,
-        [s + 1 for s in starts] + [1] * pad,
-    ]
-    tables = _padded_tables(feeds, n_blocks) + [[SCRATCH_BLOCK] * n_blocks] * pad
-    return torch.cat([torch.tensor(head, dtype=torch.long), torch.tensor(tables, dtype=torch.long).T])
+    # One pass over the feeds (this runs every step for every stream, on the step's critical path).
+    ids, starts, slots, lens, tables = [], [], [], [], []
+    scratch = [SCRATCH_BLOCK] * n_blocks
+    for f in feeds:
+        s, table = f.start, f.table
+        ids.append(f.ids[0])
+        starts.append(s)
+        slots.append(table[s // block_size] * block_size + s % block_size)
+        lens.append(s + 1)
+        tables.append(table[:n_blocks] if len(table) >= n_blocks else table + scratch[len(table):])
+    head = [ids + [0] * pad, starts + [0] * pad, slots + [SCRATCH_BLOCK * block_size] * pad, lens + [1] * pad]
+    return torch.cat([torch.tensor(head, dtype=torch.long),
+                      torch.tensor(tables + [scratch] * pad, dtype=torch.long).T])
 
 
 class ModelRunner:

@@ -84,6 +84,7 @@ class BatchScheduler:
         plan = StepPlan()
         budget = self.max_batched_tokens
         mid_prefill: list[Sequence] = []
+        block_size = self.blocks.block_size
         index = 0
         while index < len(self.running):
             seq = self.running[index]
@@ -91,8 +92,14 @@ class BatchScheduler:
             if seq.next_logits is not None:
                 plan.ready.append(seq)
                 continue
-            if seq.n_tokens - seq.num_cached > 1:
+            if len(seq.prompt_ids) + len(seq.generated_ids) - seq.num_cached > 1:
                 mid_prefill.append(seq)
+                continue
+            if seq.num_cached < len(seq.block_table) * block_size:
+                # The common decode: its next token fits the blocks it holds (the step's host work is on the
+                # critical path at hundreds of streams, so the pool is asked only when a block fills up).
+                plan.decodes.append(seq)
+                budget -= 1
                 continue
             while not self.blocks.grow(seq.block_table, seq.num_cached + 1):
                 victim = self.running[-1]

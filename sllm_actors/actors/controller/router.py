@@ -48,6 +48,7 @@ from sllm_actors.messages import (
     TokenBatch,
     TokenChunk,
 )
+from sllm_actors.runtime import trace
 from sllm_actors.runtime.security import redact_for_client
 from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 
@@ -357,6 +358,7 @@ class RouterActor(SupervisedActor):
     # ------------------------------------------------------------------ request lifecycle
 
     def _generate(self, peer: bytes, msg: GenerateRequest) -> None:
+        trace.mark(msg.request_id, "router_in")
         if msg.resume:
             self._resume_stream(peer, msg)
             return
@@ -392,6 +394,7 @@ class RouterActor(SupervisedActor):
         from_scratch = rec.from_scratch
         rec.from_scratch = False
         self.cluster.to_node(msg.node, self._start_message(rec, from_scratch))
+        trace.mark(rec.request_id, "router_start")
 
     def _start_message(self, rec: RequestRecord, from_scratch: bool = False) -> StartInference:
         # From scratch (a preempted request): the instance regenerates every token; the ones the
@@ -440,6 +443,7 @@ class RouterActor(SupervisedActor):
         now = time.monotonic()
         if rec.first_token_at is None:
             rec.first_token_at = now
+            trace.mark(rec.request_id, "router_token")
         if rec.active_migration is not None and rec.last_token_at is not None:
             gap = now - rec.last_token_at
             rec.active_migration["pause_s"] = max(rec.active_migration.get("pause_s", 0.0), gap)

@@ -57,6 +57,7 @@ from sllm_actors.messages import (
 )
 from sllm_actors.models import default_model_dir, directory_bytes, is_model_dir
 from sllm_actors.policy import health, placement, steps
+from sllm_actors.runtime import trace
 from sllm_actors.runtime.supervisor import Directory, SupervisedActor
 from sllm_actors.runtime.topology import DEFAULT_MODEL_SOURCE, ModelSpec
 
@@ -219,6 +220,7 @@ class SchedulerActor(SupervisedActor):
         now = time.monotonic()
         self._apply_health(now)
         if isinstance(message, Place):
+            trace.mark(message.request_id, "sched_in")
             self._run(self.steps.place(message.request_id, message.model, now, exclude=message.exclude_instance))
         elif isinstance(message, RequestFinished):
             inst = self.instances.get(message.instance_id)
@@ -292,6 +294,7 @@ class SchedulerActor(SupervisedActor):
             inst = action.instance
             router.request_placed(self.cluster.directory, str(action.request), inst.node, inst.instance_id,
                                   cold_start if action.after_load else None)
+            trace.mark(str(action.request), "sched_placed")
         elif isinstance(action, steps.Enqueued):
             log.info("scheduler: %s waits for capacity for %s", action.waiting.request, action.waiting.model)
         elif isinstance(action, steps.Fail):

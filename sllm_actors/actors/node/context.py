@@ -88,7 +88,8 @@ class Loaded:
 
 
 class Link:
-    """A DEALER socket of one actor's own, to the controller, used only from that actor's thread.
+    """A DEALER socket of one actor's own, to the controller, used from one thread at a time: the actor's, or the
+    thread it hands its sends to (an instance's output processor, gpu/output.py, the only one once it runs).
 
     Token traffic goes through it instead of the node's IO thread: a hand-off to another Python
     thread per token costs a GIL round trip (measured at ~0.5 ms a token on 2 cores), while

@@ -22,6 +22,7 @@ import pykka
 
 from sllm_actors.gpu.device_gate import device_gate
 from sllm_actors.gpu.engine import Engine, StepResult
+from sllm_actors.gpu.output import OutputProcessor, StepTokens
 from sllm_actors.gpu.sequence import Sequence
 from sllm_actors.messages import (
     AbortMigration,
@@ -60,6 +61,7 @@ from sllm_actors.migration import (
 from sllm_actors.actors.node.context import Link, NodeContext
 from sllm_actors.actors.node.faults import injected_load_failure
 from sllm_actors.actors.node.storage_client import SERIAL_PARTS, format_parts, is_checkpoint_fault
+from sllm_actors.runtime import trace
 from sllm_actors.runtime.supervisor import SupervisedActor
 from sllm_actors.runtime.topology import cpu_flags, serving_dtype
 
@@ -72,6 +74,19 @@ log = logging.getLogger(__name__)
 class Step:
     """In-process: run one engine step."""
 
+
+@dataclass(frozen=True)
+class StopHit:
+    """In-process, from the output processor: the request's text reached a stop string after ``n_generated``
+    tokens; its stream and its InferenceDone are sent, the engine still holds it."""
+
+    request_id: str
+    n_generated: int
+
+
+_READS_TEXT = (MigrateOut, ResumeDone, ResumeFailed, MigrationTimeout)
+"""What the migration's source side answers with a request's text so far (its next round's ``text_so_far``): the
+output processor makes that text, so it catches up first."""
 
 FINISHED_TTL_S = 60.0
 """How long a finished request's id is remembered, so a late duplicate StartInference does not restart it."""
@@ -87,6 +102,12 @@ GRAPHS_ENV = "SLLM_CUDA_GRAPHS"
 """``SLLM_CUDA_GRAPHS=0`` serves decode eagerly on CUDA too (the benchmark's baseline)."""
 CPU_FLAGS = cpu_flags()
 """Read once: whether this CPU has native bf16 products decides a CPU instance's default dtype."""
+BATCHED_TOKENS_ENV = "SLLM_MAX_BATCHED_TOKENS"
+"""Overrides the engine's token budget per step (2,048 on CUDA, 512 on a CPU): how many prompt tokens one step
+prefills (benchmarks of where the first token goes under a burst of arrivals)."""
+OUTPUT_ENV = "SLLM_OUTPUT_THREAD"
+"""``SLLM_OUTPUT_THREAD=0`` detokenizes on the step thread, as before the output processor (the benchmark's
+baseline for it)."""
 
 
 class ModelInstanceActor(SupervisedActor):
@@ -122,7 +143,7 @@ class ModelInstanceActor(SupervisedActor):
         self.dest_side = MigrationDestination(name=name)
         self.finished: dict[str, float] = {}
         """request id -> when it finished here (a duplicate StartInference for it is ignored)."""
-        self.finished_logs: dict[str, dict[str, Any]] = {}
+        self.finished_logs: dict[str, tuple[Sequence, str]] = {}
         """request id -> its whole log and how it ended, for ``FINISHED_TTL_S``: a controller that restarted
         before it heard the end learns it when this node re-registers."""
         self.owners: dict[str, str] = {}
@@ -134,14 +155,30 @@ class ModelInstanceActor(SupervisedActor):
         self.first_admitted_s = 0.0
         self.on_unload: Any = None
         """The storage's clean-up for this instance's load (``Loaded.on_unload``), run when it stops."""
+        self.output: OutputProcessor | None = None
+        """Once the engine serves: the thread that detokenizes and sends every message of this instance, in order."""
+        self.admitted = False
+        """Requests were admitted since the board was last published (it is published after the next step, not
+        once per arrival: N arrivals would publish N times)."""
 
     # ------------------------------------------------------------------ lifecycle
 
     def send(self, msg: Any, address: str = "") -> None:
+        """Through the output processor once it runs (after the tokens queued before ``msg``), else now."""
+        if self.output is not None:
+            self.output.message(msg, address)
+        else:
+            self._send_now(msg, address)
+
+    def _send_now(self, msg: Any, address: str = "") -> None:
         if self.link is not None:
             self.link.send(msg, address)
         else:
             self.node.send(msg, address)
+
+    def _stop_hit(self, request_id: str, n_generated: int) -> None:
+        """The output processor's thread: a stream ended at its stop string."""
+        self.tell_quietly(StopHit(request_id, n_generated))
 
     def tell_quietly(self, message: Any) -> None:
         try:
@@ -176,6 +213,12 @@ class ModelInstanceActor(SupervisedActor):
                 loaded.after_ready()
             return
         self.memory_bytes = loaded.memory_bytes + self.engine.kv_pool_bytes
+        # From here on the step thread only samples ids; their text, the stop strings and every send are the
+        # output processor's (gpu/output.py).
+        if os.environ.get(OUTPUT_ENV, "1") != "0":
+            self.output = OutputProcessor(loaded.tokenizer, self.instance_id, self._send_now, self._stop_hit,
+                                          self.name)
+            self.engine.detokenize = False
         load_s = time.perf_counter() - started
         self.publish("idle")
         # "engine": what the load took beyond the storage's own serial parts (the KV pool, the engine's set-up).
@@ -198,12 +241,16 @@ class ModelInstanceActor(SupervisedActor):
         kv_bytes = opts.kv_cache_bytes if opts is not None and opts.kv_cache_bytes else \
             max(KV_MIN, min(KV_DEFAULT_MAX, int(KV_SHARE * (self.memory_free - weight_bytes))))
         max_batch = (opts.max_batch if opts is not None and opts.max_batch else 0) or max(self.max_concurrency, 256)
-        return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, max_num_seqs=max_batch,
+        budget = int(os.environ.get(BATCHED_TOKENS_ENV, "0") or 0) or None
+        return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, max_num_seqs=max_batch, max_batched_tokens=budget,
                       deterministic=bool(opts is not None and opts.deterministic),
                       prefix_caching=opts.prefix_caching if opts is not None else True,
                       cuda_graphs=os.environ.get(GRAPHS_ENV, "1") != "0")
 
     def stopping(self) -> None:
+        if self.output is not None:
+            self.output.close()  # what is queued still leaves, before the link closes
+            self.output = None
         if self.link is not None:
             self.link.close()
             self.link = None
@@ -216,9 +263,14 @@ class ModelInstanceActor(SupervisedActor):
     # ------------------------------------------------------------------ messages
 
     def on_receive(self, message: Any) -> Any:
+        reads_text = isinstance(message, _READS_TEXT) or (isinstance(message, Query) and message.what == "running")
+        if reads_text and self.output is not None and not self.output.drain():
+            raise RuntimeError(f"{self.name}: the output processor did not catch up within its timeout")
         if isinstance(message, Step):
             self.step_scheduled = False
             self._step()
+        elif isinstance(message, StopHit):
+            self._stopped(message)
         elif isinstance(message, StartInference):
             self._admit(message)
         elif isinstance(message, CancelInference):
@@ -248,6 +300,16 @@ class ModelInstanceActor(SupervisedActor):
             raise TypeError(f"{self.name}: unexpected message {message!r}")
         return None
 
+    def _stopped(self, msg: StopHit) -> None:
+        """Take a request that reached its stop string out of the batch (its InferenceDone is sent)."""
+        seq = self.engine.remove(msg.request_id) if self.engine is not None else None
+        self._carry_out(self.source_side.flush(msg.request_id))
+        self.finished[msg.request_id] = time.monotonic()
+        if seq is not None:
+            self.finished_logs[msg.request_id] = (seq, "stop")
+            self.owners.pop(msg.request_id, None)
+        self.publish()
+
     def _running_engine(self) -> Engine:
         assert self.engine is not None, f"{self.name}: no engine (its load failed)"
         return self.engine
@@ -274,7 +336,8 @@ class ModelInstanceActor(SupervisedActor):
 
     def _running(self) -> list[dict[str, Any]]:
         """Each request here and each finished lately, with its token log (``NodeHello.running``)."""
-        out = list(self.finished_logs.values())
+        # Built now, not when each finished: the output processor had caught up with their text only now.
+        out = [self._log_of(seq, reason) for seq, reason in self.finished_logs.values()]
         for seq in self.engine.requests if self.engine is not None else []:
             out.append(self._log_of(seq, ""))
         return out
@@ -286,6 +349,7 @@ class ModelInstanceActor(SupervisedActor):
                 "finish_reason": finish_reason, **seq.sampling.fields()}
 
     def _admit(self, msg: StartInference) -> None:
+        trace.mark(msg.request_id, "inst_in")
         engine = self.engine
         assert engine is not None
         if engine.get(msg.request_id) is not None or msg.request_id in self.finished:
@@ -309,12 +373,13 @@ class ModelInstanceActor(SupervisedActor):
                 self._finish(seq, "length")
                 return
             engine.add(seq)
+            trace.mark(msg.request_id, "engine_queued")
         except ValueError as exc:
             self.send(InferenceFailed(msg.request_id, self.instance_id, "bad_request", str(exc)))
             return
         if self.ready_at is not None and not self.first_admitted_s:
             self.first_admitted_s = time.perf_counter() - self.ready_at
-        self.publish()
+        self.admitted = True
         self._schedule_step()
 
     def run_now(self, seq: Sequence) -> None:
@@ -338,7 +403,7 @@ class ModelInstanceActor(SupervisedActor):
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._carry_out(self.source_side.flush(seq.request_id))
         self.finished[seq.request_id] = time.monotonic()
-        self.finished_logs[seq.request_id] = self._log_of(seq, reason)
+        self.finished_logs[seq.request_id] = (seq, reason)
         self.owners.pop(seq.request_id, None)
         self.send(InferenceDone(seq.request_id, self.instance_id, reason, len(seq.generated_ids)))
 
@@ -370,16 +435,24 @@ class ModelInstanceActor(SupervisedActor):
             # A share of a step for KV copies: the streams slow a little instead of stopping.
             self._carry_out(self.source_side.pump(budget_s=max(COPY_SEND_MIN_S, COPY_SEND_SHARE * result.seconds)))
         now = time.monotonic()
-        if result.finished or result.failed or result.preempted or now - self.published_at > PUBLISH_EVERY_S:
+        if result.finished or result.failed or result.preempted or self.admitted \
+                or now - self.published_at > PUBLISH_EVERY_S:
             self._expire()
             self.publish()
         self._schedule_step()
 
     def _emit(self, result: StepResult) -> None:
-        if result.tokens:
+        if result.tokens and self.output is not None and self.engine is not None:
+            # Their text and their TokenBatch are the output processor's; what follows (a finished request's
+            # InferenceDone) is queued behind them.
+            eos = self.engine.eos_ids
+            self.output.tokens(StepTokens([(t.seq, t.index, t.token, t.token in eos) for t in result.tokens]))
+        elif result.tokens:
             self.send(TokenBatch(self.instance_id, [t.seq.request_id for t in result.tokens],
                                  [t.index for t in result.tokens], [[t.token] for t in result.tokens],
                                  [t.text for t in result.tokens]))
+            if trace.enabled():
+                trace.mark_many((t.seq.request_id for t in result.tokens if t.index == 0), "token_sent")
         for seq in result.finished:
             self._finish(seq, seq.finish_reason)
         for seq, problem in result.failed:
@@ -394,6 +467,7 @@ class ModelInstanceActor(SupervisedActor):
 
     def publish(self, state: str | None = None) -> None:
         self.published_at = time.monotonic()
+        self.admitted = False
         engine = self.engine
         running = engine.requests if engine is not None else []
         if state is None:

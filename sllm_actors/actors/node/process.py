@@ -47,6 +47,7 @@ from sllm_actors.messages import (
 )
 from sllm_actors.actors.node.context import NodeContext
 from sllm_actors.actors.node.storage_client import StorageClient
+from sllm_actors.runtime import trace
 from sllm_actors.runtime.supervisor import ChildSpec, Directory, Supervisor
 from sllm_actors.runtime.topology import NodeSpec, default_cpu_threads
 from sllm_actors.runtime.transport import Transport
@@ -170,6 +171,8 @@ class Node:
                 self._send(InstanceGone(msg.instance_id, self.name, "unloaded"))
         elif hasattr(msg, "instance_id"):
             target = msg.instance_id  # type: ignore[attr-defined]
+            if isinstance(msg, StartInference):
+                trace.mark(msg.request_id, "node_in")
             if not gpu_actors.deliver_to_instance(self.directory, target, msg):
                 self._no_instance(msg, target)
         else:
