@@ -10,7 +10,9 @@
 # the CVs one after another. A seed's policies replay its workload at the same time, so the machine's load is the
 # same for each (the pairing is in time as well as in workload). LAYOUT=seeds (the first run): one process per
 # (CV, seed) running its policies one after another, all side by side: a policy's place in the order was a phase
-# of the machine's load, and that, not placement, made the first run's differences (RESULTS.md). Each process has
+# of the machine's load, and that, not placement, made the first run's differences (RESULTS.md). With
+# LAYOUT=policies each CV's phase gets (TOTAL - setup - 60 s) / (number of CVs): at TOTAL=360 (about 100 s a phase)
+# CV 2's nine clusters decoded too slowly to drain in time and only rayserve's runs finished. Each process has
 # its own keys directory (the clusters' `sllm up` would otherwise race to create the same key files).
 #
 # Sizes (full scale): 16 models of 400-1000 MB (fp32, llama shape, random weights drawn on the GPU), 11.2 GB;
