@@ -249,7 +249,7 @@ def test_roles_message_by_message(cluster: RunningCluster) -> None:
     add_key(keys_dir(), CLIENT, "roles-client")
     client_key = str(keys_dir() / "clients" / "roles-client.key_secret")
     client_may = {"hello", "heartbeat", "generate", "cancel", "status"}
-    operator_may = client_may | {"deploy", "migrate_command", "kill_node"}
+    operator_may = client_may | {"deploy", "migrate_command", "kill_node", "node_command"}
     pids = cluster.node_pids()
     for role, key, may in ((CLIENT, client_key, client_may), (OPERATOR, None, operator_may)):
         sock = zmq.Context.instance().socket(zmq.DEALER)
