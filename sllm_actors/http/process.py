@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections import deque
 from typing import IO
+
+from sllm_actors.runtime.supervisor import RestartIntensity
 
 __all__ = ["API_KEY_ENV", "HttpFrontEnd", "parse_api_keys"]
 
@@ -58,7 +58,7 @@ class HttpFrontEnd:
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._restarts: deque[float] = deque()
+        self._restarts = RestartIntensity(MAX_RESTARTS, RESTART_PERIOD_S)
 
     @property
     def endpoint(self) -> str:
@@ -88,11 +88,7 @@ class HttpFrontEnd:
             code = proc.wait()
             if self._stopping.is_set():
                 return
-            now = time.monotonic()
-            self._restarts.append(now)
-            while self._restarts and now - self._restarts[0] > RESTART_PERIOD_S:
-                self._restarts.popleft()
-            if len(self._restarts) > MAX_RESTARTS:
+            if not self._restarts.allows():
                 log.error("http: the front end died %d times in %.0fs (last exit code %s); not restarting it",
                           len(self._restarts), RESTART_PERIOD_S, code)
                 return

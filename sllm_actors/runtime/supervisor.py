@@ -22,12 +22,33 @@ from typing import Any, Literal
 
 import pykka
 
-__all__ = ["ChildExited", "ChildSpec", "Directory", "SupervisedActor", "Supervisor"]
+__all__ = ["ChildExited", "ChildSpec", "Directory", "RestartIntensity", "SupervisedActor", "Supervisor"]
 
 log = logging.getLogger(__name__)
 
 Strategy = Literal["one_for_one", "rest_for_one"]
 Restart = Literal["permanent", "transient", "temporary"]
+
+
+class RestartIntensity:
+    """OTP's restart intensity: at most ``max_restarts`` restarts in any ``period_s``; one more means the child
+    keeps dying of something a restart does not cure, and its supervisor gives up instead of looping."""
+
+    def __init__(self, max_restarts: int, period_s: float) -> None:
+        self.max_restarts = max_restarts
+        self.period_s = period_s
+        self._times: deque[float] = deque()
+
+    def allows(self, now: float | None = None) -> bool:
+        """Count a restart at ``now``; whether it is within the intensity."""
+        now = time.monotonic() if now is None else now
+        self._times.append(now)
+        while self._times and now - self._times[0] > self.period_s:
+            self._times.popleft()
+        return len(self._times) <= self.max_restarts
+
+    def __len__(self) -> int:
+        return len(self._times)
 
 
 @dataclass(frozen=True)
@@ -163,7 +184,7 @@ class Supervisor(SupervisedActor):
         self.on_event = on_event
         self.refs: dict[str, pykka.ActorRef[Any]] = {}
         self.restart_counts: dict[str, int] = {}
-        self._restart_times: deque[float] = deque()
+        self._intensity = RestartIntensity(max_restarts, period_s)
         self._given_up = False
 
     def started(self) -> None:
@@ -236,11 +257,7 @@ class Supervisor(SupervisedActor):
             self._start(s)
 
     def _within_intensity(self) -> bool:
-        now = time.monotonic()
-        self._restart_times.append(now)
-        while self._restart_times and now - self._restart_times[0] > self.period_s:
-            self._restart_times.popleft()
-        return len(self._restart_times) <= self.max_restarts
+        return self._intensity.allows()
 
     def _give_up(self, why: str) -> None:
         self._given_up = True

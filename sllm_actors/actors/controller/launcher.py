@@ -20,12 +20,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections import deque
 from pathlib import Path
 from typing import IO, Any
 
 import sllm_actors
+from sllm_actors.runtime.supervisor import RestartIntensity
 
 __all__ = ["ControllerLauncher", "ControllerStartError", "cluster_state_dir"]
 
@@ -70,7 +69,7 @@ class ControllerLauncher:
         """Set on each restart (tests and the soak wait on it)."""
         self._started: queue.Queue[dict[str, Any]] = queue.Queue()
         self._stopping = threading.Event()
-        self._restarts: deque[float] = deque()
+        self._restarts = RestartIntensity(MAX_RESTARTS, RESTART_PERIOD_S)
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -187,11 +186,7 @@ class ControllerLauncher:
             if code == 0:
                 log.info("controller: exited cleanly; not restarting it")
                 return
-            now = time.monotonic()
-            self._restarts.append(now)
-            while self._restarts and now - self._restarts[0] > RESTART_PERIOD_S:
-                self._restarts.popleft()
-            if len(self._restarts) > MAX_RESTARTS:
+            if not self._restarts.allows():
                 log.error("controller: died %d times in %.0fs (last exit code %s); not restarting it",
                           len(self._restarts), RESTART_PERIOD_S, code)
                 return

@@ -693,6 +693,18 @@ class SchedulerActor(SupervisedActor):
         except (pykka.ActorDeadError, pykka.Timeout) as exc:
             log.warning("scheduler: could not restart %s: %r", node, exc)
 
+    def _gpu_of(self, target: str, node: str, gpu_part: str) -> tuple[int | None, str]:
+        """The GPU index an operator's ``NODE/gpu-N`` names (None for a bare NODE), or why it names none."""
+        if not gpu_part:
+            return None, ""
+        try:
+            gpu = int(gpu_part.removeprefix("gpu-"))
+        except ValueError:
+            return None, f"target {target!r}: expected NODE or NODE/gpu-N"
+        if not 0 <= gpu < len(self.topology.node(node).gpus):
+            return None, f"{node} has no gpu-{gpu}"
+        return gpu, ""
+
     def _node_command(self, peer: bytes, cmd: NodeCommand, now: float) -> None:
         def refuse(code: str, message: str) -> None:
             self.cluster.to_client(peer, ErrorReply(cmd.request_id, code, message))
@@ -702,19 +714,13 @@ class SchedulerActor(SupervisedActor):
         if node not in names:
             refuse("unknown_node", f"no node {node!r} in the topology (nodes: {', '.join(names)})")
             return
-        gpu: int | None = None
-        if gpu_part:
-            if cmd.action != "breaker_reset":
-                refuse("bad_target", f"{cmd.action} takes a node, not a GPU: {cmd.target!r}")
-                return
-            try:
-                gpu = int(gpu_part.removeprefix("gpu-"))
-            except ValueError:
-                refuse("bad_target", f"target {cmd.target!r}: expected NODE or NODE/gpu-N")
-                return
-            if not 0 <= gpu < len(self.topology.node(node).gpus):
-                refuse("bad_target", f"{node} has no gpu-{gpu}")
-                return
+        if gpu_part and cmd.action != "breaker_reset":
+            refuse("bad_target", f"{cmd.action} takes a node, not a GPU: {cmd.target!r}")
+            return
+        gpu, problem = self._gpu_of(cmd.target, node, gpu_part)
+        if problem:
+            refuse("bad_target", problem)
+            return
         on_node = [i for i in self.instances.values() if i.node == node]
         running = sum(len(i.requests) for i in on_node)
         if cmd.action == "cordon":
@@ -798,16 +804,10 @@ class SchedulerActor(SupervisedActor):
         if node not in self.alive:
             refuse("node_down", f"node {node} is not up")
             return
-        gpu: int | None = None
-        if gpu_part:
-            try:
-                gpu = int(gpu_part.removeprefix("gpu-"))
-            except ValueError:
-                refuse("bad_target", f"target {cmd.target!r}: expected NODE or NODE/gpu-N")
-                return
-            if not 0 <= gpu < len(self.topology.node(node).gpus):
-                refuse("bad_target", f"{node} has no gpu-{gpu}")
-                return
+        gpu, problem = self._gpu_of(cmd.target, node, gpu_part)
+        if problem:
+            refuse("bad_target", problem)
+            return
         if node == src.node and gpu in (None, src.gpu) and len(self.topology.node(node).gpus) == 1:
             refuse("already_there", f"request {cmd.subject} already runs on {src.node}/gpu-{src.gpu}")
             return
