@@ -63,15 +63,16 @@ def percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------- the load generator
 
 
-def _client_proc(endpoint: str, model: str, indexes: list[int], n_words: int, tokens: int, start_at: Any,
-                 ready: Any, out: Any) -> None:
+def _client_proc(endpoint: str, model: str, tag: str, indexes: list[int], n_words: int, tokens: int,
+                 start_at: Any, ready: Any, out: Any) -> None:
     from sllm_actors.client import Client, Completion, TokenEvent
 
     results: list[dict[str, Any]] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        record: dict[str, Any] = {"i": i, "tokens": 0, "error": ""}
+        # ``tag``: request ids ``TAG-i`` of the caller's choosing (the trace finds each request's hops by them).
+        record: dict[str, Any] = {"i": i, "id": f"{tag}-{i}" if tag else "", "tokens": 0, "error": ""}
         try:
             with Client(endpoint) as client:
                 client.connect()  # a connected client: the TTFT is the request's, not the CURVE handshake's
@@ -79,7 +80,8 @@ def _client_proc(endpoint: str, model: str, indexes: list[int], n_words: int, to
                 while time.time() < start_at.value:
                     time.sleep(0.0005)  # a start line shared with other processes: spin briefly to it
                 record["start"] = time.time()
-                for event in client.generate(model, prompt(i, n_words), max_tokens=tokens):
+                for event in client.generate(model, prompt(i, n_words), max_tokens=tokens,
+                                             request_id=record["id"] or None):
                     if isinstance(event, TokenEvent):
                         if record["tokens"] == 0:
                             record["first"] = time.time()
@@ -102,14 +104,16 @@ def _client_proc(endpoint: str, model: str, indexes: list[int], n_words: int, to
     out.put(results)
 
 
-def run_round(endpoint: str, model: str, n: int, n_words: int, tokens: int) -> dict[str, Any]:
+def client_records(endpoint: str, model: str, n: int, n_words: int, tokens: int, tag: str = "") -> list[dict[str, Any]]:
+    """``n`` streams sent at once from a few client processes, each client connected before the start line; one
+    record per stream (``start``, ``first``, ``end`` wall times, ``tokens``, ``error``)."""
     ctx = mp.get_context("spawn")
     # Client processes take cores from the server: on a 2-core VM one process holds every stream.
     procs_n = max(1, min(CLIENT_PROCS, n, (os.cpu_count() or 2) // 2))
     start_at = ctx.Value("d", 0.0)
     ready = ctx.Semaphore(0)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_client_proc, args=(endpoint, model, list(range(p, n, procs_n)), n_words, tokens,
+    procs = [ctx.Process(target=_client_proc, args=(endpoint, model, tag, list(range(p, n, procs_n)), n_words, tokens,
                                                     start_at, ready, out), daemon=True) for p in range(procs_n)]
     for p in procs:
         p.start()
@@ -121,6 +125,11 @@ def run_round(endpoint: str, model: str, n: int, n_words: int, tokens: int) -> d
         records.extend(out.get(timeout=1800))
     for p in procs:
         p.join(30)
+    return records
+
+
+def run_round(endpoint: str, model: str, n: int, n_words: int, tokens: int) -> dict[str, Any]:
+    records = client_records(endpoint, model, n, n_words, tokens)
     errors = [r["error"] for r in records if r["error"]]
     done = [r for r in records if not r["error"] and "first" in r and "end" in r]
     t0 = min(r["start"] for r in done) if done else 0.0

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
 import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,69 +36,9 @@ import bench_serving  # benchmarks/ is not a package: its helpers are shared by 
 
 from sllm_actors.runtime import trace
 
-CLIENT_PROCS = bench_serving.CLIENT_PROCS
-
-
-def _client_proc(endpoint: str, model: str, tag: str, indexes: list[int], n_words: int, tokens: int, start_at: Any,
-                 ready: Any, out: Any) -> None:
-    from sllm_actors.client import Client, Completion, TokenEvent
-
-    results: list[dict[str, Any]] = []
-    lock = threading.Lock()
-
-    def one(i: int) -> None:
-        record: dict[str, Any] = {"id": f"{tag}-{i}", "tokens": 0, "error": ""}
-        try:
-            with Client(endpoint) as client:
-                client.connect()  # a connected client: the TTFT is the request's, not the CURVE handshake's
-                barrier.wait()
-                while time.time() < start_at.value:
-                    time.sleep(0.0005)  # a start line shared with other processes: spin briefly to it
-                record["start"] = time.time()
-                for event in client.generate(model, bench_serving.prompt(i, n_words), max_tokens=tokens,
-                                             request_id=record["id"]):
-                    if isinstance(event, TokenEvent):
-                        if record["tokens"] == 0:
-                            record["first"] = time.time()
-                        record["tokens"] += len(event.token_ids)
-                    elif isinstance(event, Completion):
-                        record["end"] = time.time()
-        except Exception as exc:  # reported in the results
-            record["error"] = f"{type(exc).__name__}: {exc}"
-        with lock:
-            results.append(record)
-
-    barrier = threading.Barrier(len(indexes) + 1)
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in indexes]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    ready.release()
-    for t in threads:
-        t.join()
-    out.put(results)
-
 
 def run_round(endpoint: str, model: str, tag: str, n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    procs_n = max(1, min(CLIENT_PROCS, n, (os.cpu_count() or 2) // 2))
-    start_at = ctx.Value("d", 0.0)
-    ready = ctx.Semaphore(0)
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_client_proc, args=(endpoint, model, tag, list(range(p, n, procs_n)), args.prompt_words,
-                                                    args.tokens, start_at, ready, out), daemon=True)
-             for p in range(procs_n)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.acquire(timeout=120)
-    start_at.value = time.time() + 0.2
-    records: list[dict[str, Any]] = []
-    for _ in procs:
-        records.extend(out.get(timeout=1800))
-    for p in procs:
-        p.join(30)
-    return records
+    return bench_serving.client_records(endpoint, model, n, args.prompt_words, args.tokens, tag=tag)
 
 
 def summarise(records: list[dict[str, Any]], hops: dict[str, dict[str, float]]) -> dict[str, Any]:
