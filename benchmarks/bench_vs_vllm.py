@@ -53,6 +53,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from sllm_eval.stats import percentile  # noqa: E402 - after the repository is on the path
+
 MODEL = "smollm2-135m"
 WORDS = ("river", "stone", "cloud", "lamp", "garden", "music", "paper", "window", "orange", "silver", "thunder",
          "pocket", "candle", "forest", "harbor", "ladder", "mirror", "planet", "rocket", "saddle", "tunnel", "velvet",
@@ -68,16 +70,6 @@ def sllm_home() -> Path:
 def prompt(index: int, words: int) -> str:
     rng = random.Random(index)
     return " ".join(rng.choice(WORDS) for _ in range(words))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def free_port() -> int:

@@ -9,13 +9,24 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["PAIRED_POINTS", "REPLAY_POINTS", "SIM_POINTS", "bootstrap_interval", "paired_comparison", "ratio_summary",
-           "stats"]
+__all__ = ["PAIRED_POINTS", "REPLAY_POINTS", "SIM_POINTS", "bootstrap_interval", "paired_comparison", "percentile",
+           "ratio_summary", "stats"]
 
 SIM_POINTS = ("mean", "p50", "p99")
 """What the simulator and its validation report per figure."""
 REPLAY_POINTS = ("mean", "p50", "p90", "p99", "max")
 """What a replay against a real cluster reports: the tail in more detail."""
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, linear interpolation between closest ranks (numpy's default);
+    NaN for no values."""
+    ordered = sorted(float(v) for v in values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def stats(values: Sequence[float], points: Sequence[str] = SIM_POINTS) -> dict[str, float | None]:
@@ -25,11 +36,6 @@ def stats(values: Sequence[float], points: Sequence[str] = SIM_POINTS) -> dict[s
         return {p: None for p in points}
     ordered = sorted(float(v) for v in values)
 
-    def percentile(q: float) -> float:
-        k = (len(ordered) - 1) * q
-        lo, hi = math.floor(k), math.ceil(k)
-        return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
     out: dict[str, float | None] = {}
     for point in points:
         if point == "mean":
@@ -37,7 +43,7 @@ def stats(values: Sequence[float], points: Sequence[str] = SIM_POINTS) -> dict[s
         elif point == "max":
             out[point] = ordered[-1]
         elif point.startswith("p"):
-            out[point] = percentile(float(point[1:]) / 100)
+            out[point] = percentile(ordered, float(point[1:]) / 100)
         else:
             raise ValueError(f"unknown summary point {point!r} (mean, max or pN)")
     return out
