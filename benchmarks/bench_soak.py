@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill", default="", help="TARGET@SECONDS,... (node-1, node, http, controller)")
     parser.add_argument("--no-check", action="store_true", help="skip the token-for-token check")
     parser.add_argument("--drain", type=float, default=120.0, help="seconds in-flight requests get after the load")
+    parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which the streams' first requests "
+                        "are spread (streams started together stay in step)")
     parser.add_argument("--api-key", default=os.environ.get("SLLM_API_KEY", "").split(",")[0])
     built = parser.add_argument_group("the cluster it builds (without --topology or --url)")
     built.add_argument("--device", default="cpu", help="every node's one GPU: cpu, or cuda:0 (shared by the nodes)")
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--model is needed with --url")
         cfg = SoakConfig(url=url, model=model, streams=args.streams, duration_s=args.duration,
                          max_tokens=args.max_tokens, kills=kills, up_pid=up_pid, client_endpoint=endpoint,
-                         api_key=args.api_key, check_tokens=not args.no_check, drain_s=args.drain)
+                         api_key=args.api_key, check_tokens=not args.no_check, drain_s=args.drain,
+                         ramp_s=args.ramp)
         print(f"soak: {args.streams} streams for {args.duration:.0f}s against {url} (model {model}), "
               f"kills: {args.kill or 'none'}; cluster logs in {work}", flush=True)
         raw = asyncio.run(run_soak(cfg, say=lambda text: print(text, flush=True)))

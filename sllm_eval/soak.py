@@ -3,7 +3,8 @@ back for T seconds against a running cluster, SIGKILLs of its processes at chose
 
 - Load: each of N workers sends ``POST /v1/completions`` (``stream: true``, greedy, ``return_token_ids``) and
   reads its SSE stream to ``[DONE]``, then sends the next, until T seconds have passed; what is in flight then
-  is let finish (up to a drain limit).
+  is let finish (up to a drain limit). The workers' first requests are spread over ``ramp_s``, so the streams do
+  not move in lockstep.
 - Outcomes, each request exactly one: ``finished`` (``[DONE]`` after a finish reason, no error), ``failed`` (an
   HTTP status other than 200, an error event in the stream, no answer within the client's timeout: the
   cluster's fault), ``cut`` (the connection to the front end closed under the request, before or after the
@@ -13,7 +14,7 @@ back for T seconds against a running cluster, SIGKILLs of its processes at chose
   carry exactly its prompt's reference tokens (meaningful where the engine is deterministic for it: CPU fp32,
   or the model's ``deterministic: true``).
 - Chaos: ``node-1@60,http@120,controller@200`` (seconds from the load's start); ``node`` alone is the node
-  running the most requests at that moment. The processes are found under the ``sllm up`` process
+  running the most requests at that moment (the router's table, looked at until a request runs on a node). The processes are found under the ``sllm up`` process
   (``cluster_processes``), so a restarted one is found by its role again; after each kill the time until its
   role has a new process is recorded.
 - Figures: tokens per second (from the streamed ids, as they arrive), each process's RSS over time (from
@@ -41,6 +42,7 @@ __all__ = [
     "Kill",
     "Outcome",
     "SoakConfig",
+    "busiest_node",
     "cluster_processes",
     "parse_kills",
     "plot",
@@ -66,6 +68,9 @@ PROMPTS = [
 RECOVERY_FRACTION = 0.9
 BACKOFF_MAX_S = 5.0
 WINDOW_S = 10
+VICTIM_WAIT_S = 10.0
+"""How long a ``node`` kill looks for the node running the most requests before it is recorded as not done."""
+VICTIM_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,10 @@ class SoakConfig:
     request_timeout_s: float = 300.0
     rss_every_s: float = 2.0
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
+    ramp_s: float = 2.0
+    """Worker w sends its first request ``w / streams * ramp_s`` after the start. Started together, streams of
+    equal length stay in step for the whole run (one wave after another), which no real load does and which
+    empties the router between waves where the engine outruns the clients."""
 
 
 @dataclass
@@ -336,12 +345,34 @@ def _left_running(endpoint: str) -> list[str]:
     return sorted(ids)
 
 
-def _busiest_node(endpoint: str) -> str:
-    status = _router_requests(endpoint)
-    counts = Counter(r["node"] for r in status.get("requests", []) if r.get("node"))
-    if not counts:
-        raise RuntimeError("no node runs a request now")
-    return counts.most_common(1)[0][0]
+def busiest_node(requests: list[dict[str, Any]]) -> tuple[str, int]:
+    """The node running the most of the router's ``requests`` (``status()["requests"]``) and how many; ("", 0)
+    when none runs one."""
+    counts = Counter(r["node"] for r in requests if r.get("node"))
+    return counts.most_common(1)[0] if counts else ("", 0)
+
+
+def _busiest_node(endpoint: str, within_s: float = VICTIM_WAIT_S) -> tuple[str, int, int]:
+    """(node, requests it runs, status polls it took): the router's table looked at until a request runs on a
+    node. One look is not enough: streams of equal length started together stay in step, and where the front end
+    and the clients are slower than the engine (256 streams on an H200) the router finishes one wave before the
+    clients send the next, so its table is empty for a moment each round (the H200 soak's "no node runs a
+    request now" was a look that fell into that moment)."""
+    deadline = time.monotonic() + within_s
+    polls = 0
+    seen: Counter[str] = Counter()
+    while True:
+        status = _router_requests(endpoint)
+        polls += 1
+        requests = status.get("requests", [])
+        node, count = busiest_node(requests)
+        if node:
+            return node, count, polls
+        seen.update(r.get("state", "?") for r in requests)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no node ran a request in {polls} looks over {within_s:.0f}s (requests seen by "
+                               f"state: {dict(seen) or 'none'})")
+        time.sleep(VICTIM_POLL_S)  # polling a condition with a deadline
 
 
 async def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -379,6 +410,7 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
     async def worker(w: int) -> None:
         k = 0
         backoff = 0.0
+        await asyncio.sleep(w / max(1, cfg.streams) * cfg.ramp_s)
         while time.monotonic() < end:
             prompt = (w + k * cfg.streams) % len(cfg.prompts)
             out = Outcome(w, prompt, time.monotonic() - t0)
@@ -451,7 +483,8 @@ async def _kill(cfg: SoakConfig, kill: Kill, t0: float, say: Callable[[str], Non
         if role == "node":
             if not cfg.client_endpoint:
                 raise RuntimeError("'node' (the busiest) needs the router's client endpoint (--cluster)")
-            role = await asyncio.to_thread(_busiest_node, cfg.client_endpoint)
+            role, running, polls = await asyncio.to_thread(_busiest_node, cfg.client_endpoint)
+            record.update(requests_on_victim=running, victim_looks=polls)
         pid = cluster_processes(cfg.up_pid).get(role, 0)
         if not pid:
             raise RuntimeError(f"no process for {role!r} under sllm up (pid {cfg.up_pid})")
