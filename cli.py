@@ -393,9 +393,10 @@ def drain(node_name: str, cluster: Optional[str] = ClusterOpt, key: Optional[Pat
 
 
 @breaker_app.command("reset")
-def breaker_reset(target: str = typer.Argument(..., metavar="NODE[/gpu-N]"), cluster: Optional[str] = ClusterOpt,
+def breaker_reset(target: str = typer.Argument(..., metavar="NODE[/gpu-N]|MODEL"), cluster: Optional[str] = ClusterOpt,
                   key: Optional[Path] = KeyOpt) -> None:
-    """Close a node's (or one GPU's) load breakers and clear its unhealthy marks: it takes loads again."""
+    """Close a node's (or one GPU's) load breakers and clear its unhealthy marks: it takes loads again. MODEL: a
+    model held off everywhere (its loads failed on several GPUs) loads again."""
     _node_command("breaker_reset", target, cluster, key)
 
 

@@ -191,10 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         if proc is not None:
             stop_cluster(proc)
     summary = summarize(raw)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("memory", "tokens_per_10s")}, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("memory", "tokens_per_10s", "cuda_graphs")},
+                     indent=1))
+    for gpu, g in summary["cuda_graphs"].items():
+        print(f"  cuda graphs {gpu:20s} {g['first']} -> {g['last']} (max {g['max']})")
     for name, mem in summary["memory"].items():
         print(f"  rss {name:28s} {mem['first_mib']:8.1f} -> {mem['last_mib']:8.1f} MiB "
-              f"(settled spread {mem['settled_spread_pct']:.1f} %)")
+              f"(settled spread {mem['settled_spread_pct']:.1f} %, slope {mem['settled_slope_mib_per_min']} MiB/min, "
+              f"late half {mem['late_slope_mib_per_min']} MiB/min)")
+        if mem.get("late_slope_by_part_mib_per_min"):
+            print("      late half by part (MiB/min): " + ", ".join(
+                f"{part} {slope}" for part, slope in mem["late_slope_by_part_mib_per_min"].items()))
     if args.json:
         for o in raw["outcomes"]:
             del o["token_ids"]  # checked already; thousands of lists of ids are not a record

@@ -385,7 +385,8 @@ class Client:
 
     def breaker_reset(self, target: str, timeout: float = 10.0) -> str:
         """Close the load circuit breakers of ``target`` (``NODE`` or ``NODE/gpu-N``) and clear its unhealthy
-        marks: its GPUs take loads again at once."""
+        marks: its GPUs take loads again at once. ``target`` a model: one held off everywhere (its loads failed on
+        several GPUs) may load again."""
         return self._node_command("breaker_reset", target, timeout)
 
     def _node_command(self, action: str, target: str, timeout: float) -> str:

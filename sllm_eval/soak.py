@@ -18,8 +18,10 @@ back for T seconds against a running cluster, SIGKILLs of its processes at chose
   (``cluster_processes``), so a restarted one is found by its role again; after each kill the time until its
   role has a new process is recorded.
 - Figures: tokens per second (from the streamed ids, as they arrive), each process's RSS over time (from
-  /proc: Linux, as the cluster's process handling is), and per kill the rate before it and how soon a 10 s
-  window is back to 90 % of it.
+  /proc: Linux, as the cluster's process handling is) with its spread and slope once settled (and the slope of
+  the late half: growth still going on at the end), each GPU's captured CUDA graphs over time (from the
+  router's status: host memory that grows with the decode shapes served), and per kill the rate before it and
+  how soon a 10 s window is back to 90 % of it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "parse_kills",
     "plot",
     "rss_bytes",
+    "rss_parts",
     "run_soak",
     "summarize",
 ]
@@ -71,6 +74,9 @@ WINDOW_S = 10
 VICTIM_WAIT_S = 10.0
 """How long a ``node`` kill looks for the node running the most requests before it is recorded as not done."""
 VICTIM_POLL_S = 0.05
+GPU_EVERY_S = 10.0
+SETTLE_S = 20.0
+"""A process's first seconds are its start (imports, a load, caches filling): its memory is judged after them."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,26 @@ def rss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+RSS_PARTS = ("RssAnon", "RssFile", "RssShmem")
+"""What resident memory is made of (/proc/PID/status): the process's own heap and stacks (anonymous: Python objects,
+torch's host allocations, CUDA's host-side state), pages of files it maps (a checkpoint read through mmap), and
+shared memory it maps (a tier's copy in /dev/shm). Growth in one and not the others says where to look."""
+
+
+def rss_parts(pid: int) -> dict[str, int]:
+    """``RSS_PARTS`` of ``pid`` in bytes ({} when it is gone)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in RSS_PARTS:
+                    out[name] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
 
 
 def _children(pid: int) -> dict[int, list[str]]:
@@ -398,6 +424,8 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
     tokens_by_s: list[int] = []
     outcomes: list[Outcome] = []
     rss: list[tuple[float, str, int, int]] = []
+    parts: list[tuple[float, str, int, dict[str, int]]] = []
+    gpus: list[tuple[float, str, int, int, int]] = []
     kills: list[dict[str, Any]] = []
     stop_sampling = asyncio.Event()
 
@@ -429,8 +457,25 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
             now = time.monotonic() - t0
             for role, pid in {**cluster_processes(cfg.up_pid), "bench": os.getpid()}.items():
                 rss.append((round(now, 2), role, pid, rss_bytes(pid)))
+                parts.append((round(now, 2), role, pid, rss_parts(pid)))
             try:
                 await asyncio.wait_for(stop_sampling.wait(), cfg.rss_every_s)
+            except TimeoutError:
+                pass
+
+    async def gpu_sampler() -> None:
+        # What the nodes hold that grows with the shapes served: the CUDA graphs they captured, beside their RSS.
+        while not stop_sampling.is_set():
+            now = time.monotonic() - t0
+            try:
+                status = await asyncio.to_thread(_router_requests, cfg.client_endpoint)
+                for g in status.get("gpus", []):
+                    gpus.append((round(now, 2), g["node"], g["index"], int(g.get("cuda_graphs", 0)),
+                                 len(g.get("models", []))))
+            except (ConnectionError, RuntimeError):
+                pass  # the controller is down (a kill): the next look finds the new one
+            try:
+                await asyncio.wait_for(stop_sampling.wait(), GPU_EVERY_S)
             except TimeoutError:
                 pass
 
@@ -444,6 +489,8 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
 
     workers = [asyncio.create_task(worker(w)) for w in range(cfg.streams)]
     side = [asyncio.create_task(sampler()), asyncio.create_task(chaos())]
+    if cfg.client_endpoint:
+        side.append(asyncio.create_task(gpu_sampler()))
     done, pending = await asyncio.wait(workers, timeout=cfg.duration_s + cfg.drain_s)
     for task in pending:
         task.cancel()  # over the drain limit: their requests stay "unfinished"
@@ -470,7 +517,7 @@ async def _run(cfg: SoakConfig, client: _Client, say: Callable[[str], None]) -> 
     return {"config": config, "client": client.kind,
             "wall_s": wall, "reference": {str(k): v for k, v in reference.items()},
             "outcomes": [asdict(o) for o in outcomes], "tokens_by_s": tokens_by_s,
-            "rss": rss, "kills": kills, "left_running": left}
+            "rss": rss, "rss_parts": parts, "gpus": gpus, "kills": kills, "left_running": left}
 
 
 async def _kill(cfg: SoakConfig, kill: Kill, t0: float, say: Callable[[str], None], outcomes: list[Outcome],
@@ -537,6 +584,18 @@ def _mean(values: list[int]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _slope_mib_per_min(points: list[tuple[float, int]]) -> float | None:
+    """Least-squares slope of (seconds, bytes) in MiB per minute; None for fewer than 3 points or no time span."""
+    if len(points) < 3:
+        return None
+    mt = sum(t for t, _ in points) / len(points)
+    mv = sum(v for _, v in points) / len(points)
+    var = sum((t - mt) ** 2 for t, _ in points)
+    if var <= 0:
+        return None
+    return round(sum((t - mt) * (v - mv) for t, v in points) / var * 60 / 2**20, 2)
+
+
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     """Counts, failures by why, exactness, tokens per 10 s, per kill its recovery, per process its memory."""
     outcomes = raw["outcomes"]
@@ -577,12 +636,37 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         samples = entry.pop("samples")
         born = samples[0][0]
         # The first 20 s of a process are its start (imports, a load, caches filling): flat is judged after.
-        settled = [v for t, v in samples if t - born >= 20] or [v for _, v in samples]
+        points = [(t, v) for t, v in samples if t - born >= SETTLE_S] or samples
+        settled = [v for _, v in points]
+        late = points[len(points) // 2:]
         entry.update(first_mib=round(samples[0][1] / 2**20, 1), last_mib=round(samples[-1][1] / 2**20, 1),
                      max_mib=round(max(v for _, v in samples) / 2**20, 1),
                      settled_min_mib=round(min(settled) / 2**20, 1), settled_max_mib=round(max(settled) / 2**20, 1),
                      settled_spread_pct=round((max(settled) - min(settled)) / min(settled) * 100, 1),
+                     # A spread says how far it moved, a slope whether it is still moving: growth that goes on at
+                     # the end of the run (the late half's slope) is a leak or an unbounded cache; one that
+                     # stopped is a cache that filled.
+                     settled_slope_mib_per_min=_slope_mib_per_min(points),
+                     late_slope_mib_per_min=_slope_mib_per_min(late),
                      from_s=born, to_s=samples[-1][0])
+    for t, role, pid, by_part in raw.get("rss_parts", []):
+        entry = memory.get(f"{role} (pid {pid})")
+        if entry is not None and by_part:
+            entry.setdefault("parts", []).append((t, by_part))
+    for entry in memory.values():
+        # Each part's late-half slope: which kind of memory the growth is (see RSS_PARTS).
+        series = entry.pop("parts", [])
+        settled = [(t, p) for t, p in series if t - entry["from_s"] >= SETTLE_S] or series
+        late = settled[len(settled) // 2:]
+        entry["late_slope_by_part_mib_per_min"] = {
+            name: _slope_mib_per_min([(t, p.get(name, 0)) for t, p in late]) for name in RSS_PARTS} if late else {}
+        if series:
+            entry["last_by_part_mib"] = {name: round(series[-1][1].get(name, 0) / 2**20, 1) for name in RSS_PARTS}
+    graphs: dict[str, dict[str, Any]] = {}
+    for t, node, gpu, n, _ in raw.get("gpus", []):
+        entry = graphs.setdefault(f"{node}/gpu-{gpu}", {"first": n, "max": n, "series": []})
+        entry.update(last=n, max=max(entry["max"], n))
+        entry["series"].append((t, n))
     durations = [o["ended_s"] - o["started_s"] for o in outcomes if o["status"] == "finished"]
     return {
         "requests": len(outcomes), "finished": counts["finished"], "failed": counts["failed"], "cut": counts["cut"],
@@ -593,7 +677,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_10s": per_10s,
         "request_s_p50": round(statistics.median(durations), 3) if durations else None,
         "exactness": {"checked": checked, "mismatched": len(mismatched), "examples": mismatched[:10]},
-        "kills": kills, "memory": memory, "left_running": raw["left_running"],
+        "kills": kills, "memory": memory, "cuda_graphs": graphs, "left_running": raw["left_running"],
     }
 
 

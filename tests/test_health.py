@@ -1,4 +1,5 @@
-"""The health core (policy/health.py): circuit breakers, poisoned devices and cordons, on an injected clock."""
+"""The health core (policy/health.py): circuit breakers, poisoned devices, cordons and suspect models, on an injected
+clock."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from sllm_actors.policy.health import (
     BACKOFF_MAX_S,
     BACKOFF_S,
     BREAKER_THRESHOLD,
+    MODEL_BACKOFF_MAX_S,
+    MODEL_BACKOFF_S,
+    MODEL_SUSPECT_FAILURES,
     Breaker,
     Health,
     is_poisoned,
@@ -144,6 +148,89 @@ def test_report_names_each_gpu_state_and_reason() -> None:
     assert report["nodes"] == {"node-3": {"state": "cordoned", "reason": "maintenance"}}
 
 
+# ------------------------------------------------------------------ a model that fails everywhere
+
+
+def test_a_model_failing_on_two_gpus_is_the_suspect_and_the_gpus_are_acquitted() -> None:
+    h = Health()
+    # Three failures on node-2 open its breaker (one GPU alone: the fault may be that GPU's)...
+    for t in range(BREAKER_THRESHOLD):
+        assert h.load_failed(GPU, "bad shape", float(t), "m") in ("counted", "opened")
+    assert h.breaker(GPU).tripped and h.model_may_load("m", 3.0)
+    # ...and a failure on node-1 too: the model is the suspect. node-2's breaker held only its failures: closed.
+    assert h.load_failed(OTHER, "bad shape", 3.0, "m") == "suspect"
+    assert h.acquitted == [GPU]
+    assert h.may_load(GPU, 3.0) and h.may_load(OTHER, 3.0), "the GPUs stay in service for other models"
+    assert h.breaker(OTHER).failures == 0, "the suspect's failure was not charged to node-1"
+    assert not h.model_may_load("m", 3.0) and h.model_may_load("other", 3.0)
+    held = h.model_held("m", 3.0)
+    assert "model m" in held and "node-1/gpu-0: bad shape" in held and "node-2/gpu-0: bad shape" in held, held
+    report = h.report([GPU, OTHER], 3.0)
+    assert report["models"]["m"]["state"] == "held" and report["models"]["m"]["gpus"] == ["node-1/gpu-0",
+                                                                                          "node-2/gpu-0"]
+    assert [g["state"] for g in report["gpus"]] == ["healthy", "healthy"]
+
+
+def test_a_gpu_that_failed_other_models_too_keeps_its_breaker() -> None:
+    h = Health()
+    h.load_failed(GPU, "no memory", 0.0, "a")
+    h.load_failed(GPU, "bad shape", 1.0, "m")
+    h.load_failed(GPU, "bad shape", 2.0, "m")
+    assert h.breaker(GPU).tripped
+    assert h.load_failed(OTHER, "bad shape", 3.0, "m") == "suspect"
+    assert h.acquitted == [], "node-2 failed model a as well: still its own breaker's business"
+    assert h.breaker(GPU).tripped and h.breaker(GPU).failures == 1 and h.breaker(GPU).models == {"a": 1}
+
+
+def test_one_failure_on_each_of_two_gpus_is_not_yet_a_suspect_and_a_success_anywhere_clears_the_record() -> None:
+    h = Health()
+    assert h.load_failed(GPU, "memory briefly short", 0.0, "m") == "counted"
+    assert h.load_failed(OTHER, "memory briefly short", 1.0, "m") == "counted"
+    assert h.model_may_load("m", 1.0) and MODEL_SUSPECT_FAILURES > 2
+    h.load_succeeded(OTHER, "m")
+    assert "m" not in h.models
+    # Failing on one GPU only, however often, is that GPU's breaker's business.
+    for t in range(10):
+        assert h.load_failed(GPU, "broken", 10.0 + t * 1000, "m") != "suspect"
+    assert h.model_may_load("m", 20_000.0)
+
+
+def test_a_suspect_models_trial_its_failure_doubles_the_hold_and_its_success_clears_it() -> None:
+    h = Health()
+    for key, t in ((GPU, 0.0), (OTHER, 1.0), (GPU, 2.0)):
+        h.load_failed(key, "bad", t, "m")
+    assert not h.model_may_load("m", 2.0)
+    record = h.models["m"]
+    now = 2.0 + MODEL_BACKOFF_S
+    assert record.breaker.state(now) == "half_open" and h.model_may_load("m", now)
+    h.load_started(OTHER, now, "m")
+    assert not h.model_may_load("m", now) and "trial" in h.model_held("m", now)
+    assert h.load_failed(OTHER, "bad", now, "m") == "held", "a failed trial is the model's, not node-1's"
+    assert h.breaker(OTHER).failures == 0
+    assert record.breaker.open_for == 2 * MODEL_BACKOFF_S
+    # A load that started before the hold and fails during it does not lengthen it.
+    assert h.load_failed(GPU, "bad", now + 1, "m") == "held" and record.breaker.open_for == 2 * MODEL_BACKOFF_S
+    for _ in range(10):
+        now += record.breaker.open_for
+        h.load_started(GPU, now, "m")
+        h.load_failed(GPU, "bad", now, "m")
+    assert record.breaker.open_for == MODEL_BACKOFF_MAX_S
+    now += MODEL_BACKOFF_MAX_S
+    h.load_started(GPU, now, "m")
+    h.load_abandoned(GPU, "m")
+    assert h.model_may_load("m", now), "a trial that ended without a verdict frees the trial"
+    h.load_started(GPU, now, "m")
+    h.load_succeeded(GPU, "m")
+    assert h.model_may_load("m", now) and h.model_held("m", now) == "" and h.report([], now)["models"] == {}
+
+
+def test_a_poisoned_device_is_the_devices_fault_whatever_the_model() -> None:
+    h = Health()
+    assert h.load_failed(GPU, "CUDA error: an illegal memory access was encountered", 0.0, "m") == "poisoned"
+    assert h.load_failed(OTHER, "CUDA error: an illegal memory access was encountered", 0.0, "m") == "poisoned"
+    assert "m" not in h.models and h.model_may_load("m", 0.0)
+
+
 # ------------------------------------------------------------------ where the health shows (no cluster needed)
 
 SICK_STATUS = {
@@ -154,7 +241,9 @@ SICK_STATUS = {
               "breaker_failures": 3},
              {"node": "node-2", "index": 0, "device": "cpu", "memory_total": 1 << 30, "memory_used": 0, "models": [],
               "health": "draining", "health_reason": "node-2 draining: drained by an operator", "breaker_failures": 0}],
-    "instances": [], "requests": [], "tiers": [], "queue": [], "migrations": [], "models": [],
+    "instances": [], "requests": [], "tiers": [], "queue": [], "migrations": [],
+    "models": [{"name": "bad", "source": "/m/bad", "health": "held", "health_reason": "model bad is failing to load"},
+               {"name": "good", "source": "/m/good", "health": "healthy", "health_reason": ""}],
 }
 
 
@@ -179,6 +268,8 @@ def test_metrics_carry_each_gpus_health_with_its_reason() -> None:
             'state="breaker open"} 1.0') in text
     assert 'sllm_gpu_load_failures{gpu="0",node="node-1"} 3.0' in text
     assert 'sllm_node_cordoned{node="node-2"} 1.0' in text and 'sllm_node_cordoned{node="node-1"} 0.0' in text
+    assert 'sllm_model_load_held{model="bad",state="held"} 1.0' in text
+    assert 'sllm_model_load_held{model="good",state="healthy"} 0.0' in text
 
 
 # ------------------------------------------------------------------ the placement steps' hooks (policy/steps.py)

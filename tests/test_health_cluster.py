@@ -202,3 +202,41 @@ def test_cordon_keeps_new_work_off_and_drain_moves_a_running_request_then_unload
                          check=False, capture_output=True, text=True, timeout=60, cwd=cluster.topology.parent,
                          env={**os.environ, "SLLM_HOME": str(cluster.topology.parent / "home")})
     assert run.returncode == 1 and "no node 'node-9'" in run.stderr, run.stderr
+
+
+def test_a_model_failing_on_every_gpu_is_the_suspect_and_its_requests_get_an_error_naming_it(
+        cluster_factory: Any, tiny_model: Path, tiny_model_b: Path) -> None:
+    # "bad" fails to load on every node (not a checkpoint fault: its file is fine), "good" loads anywhere.
+    cluster = cluster_factory({"bad": tiny_model, "good": tiny_model_b}, env={"SLLM_FAULT_LOAD_FAIL": "bad"},
+                              extra={"scheduler": {"queue_timeout": "120s"}})
+    with cluster.client() as c:
+        with pytest.raises(RequestError) as info:
+            c.complete("bad", PROMPT, max_tokens=4, temperature=0)
+    # Placed again after each failure, on node-1 and node-2, until the pattern says the model is at fault: its
+    # request fails then (not after the 120 s queue timeout), with an error naming the model and both GPUs.
+    assert info.value.code == "load_failed", info.value
+    message = info.value.message
+    assert "model bad is failing to load everywhere" in message, message
+    assert "node-1/gpu-0: injected load failure" in message and "node-2/gpu-0: injected load failure" in message
+    with cluster.client() as c:
+        st = c.status()
+    # The GPUs are not blamed: no breaker open, no failure held against them, and the model says why it is held.
+    assert [(g["node"], g["health"], g["breaker_failures"]) for g in st["gpus"]] == [
+        ("node-1", "healthy", 0), ("node-2", "healthy", 0)], st["gpus"]
+    bad = next(m for m in st["models"] if m["name"] == "bad")
+    assert bad["health"] == "held" and "failing to load everywhere" in bad["health_reason"], bad
+    assert any("model bad is failing to load everywhere" in e["text"] for e in st["events"]), st["events"]
+    failed_loads = sum(1 for e in st["events"] if e["text"].startswith("loading bad on"))
+    with cluster.client() as c:
+        # Another model still loads and serves on those GPUs.
+        assert c.complete("good", PROMPT, max_tokens=4, temperature=0).finish_reason == "length"
+        # The next request for the held model fails at once, with no load tried.
+        with pytest.raises(RequestError) as again:
+            c.complete("bad", PROMPT, max_tokens=4, temperature=0)
+        assert again.value.code == "load_failed" and "model bad" in again.value.message
+        st = c.status()
+    assert sum(1 for e in st["events"] if e["text"].startswith("loading bad on")) == failed_loads
+    with cluster.client() as c:
+        # Fixed, says the operator: the model may load again (and here fails again, its fault being still injected).
+        assert "reset model bad: it loads again" in c.breaker_reset("bad")
+        assert next(m for m in c.status()["models"] if m["name"] == "bad")["health"] == "healthy"

@@ -95,6 +95,34 @@ def test_kills_parse_and_the_summary_adds_up() -> None:
     assert s["memory"]["node-1 (pid 1)"]["settled_max_mib"] == 110 and "node-1 (pid 2)" in s["memory"]
 
 
+def test_memory_slopes_tell_a_leak_from_a_cache_that_filled_and_the_victim_is_the_busiest_node() -> None:
+    from sllm_eval.soak import busiest_node
+
+    mib = 2**20
+    # A leak: +1 MiB every 10 s to the end. A cache: +1 MiB every 10 s for a minute, then flat.
+    leak = [(float(t), "node-1", 1, (100 + t // 10) * mib) for t in range(0, 200, 10)]
+    cache = [(float(t), "node-2", 2, (100 + min(t, 80) // 10) * mib) for t in range(0, 200, 10)]
+    # node-1's growth is its anonymous memory (its heap), its mapped files stay as they were.
+    parts = [(t, role, pid, {"RssAnon": v - 50 * mib, "RssFile": 50 * mib, "RssShmem": 0})
+             for t, role, pid, v in leak]
+    raw = {"reference": {}, "wall_s": 200.0, "left_running": [], "tokens_by_s": [1] * 200, "outcomes": [],
+           "kills": [], "rss": leak + cache, "rss_parts": parts,
+           "gpus": [(0.0, "node-1", 0, 0, 1), (100.0, "node-1", 0, 7, 1)]}
+    memory = summarize(raw)["memory"]
+    assert memory["node-1 (pid 1)"]["late_slope_by_part_mib_per_min"] == {"RssAnon": 6.0, "RssFile": 0.0,
+                                                                         "RssShmem": 0.0}
+    assert memory["node-2 (pid 2)"]["late_slope_by_part_mib_per_min"] == {}
+    assert memory["node-1 (pid 1)"]["settled_slope_mib_per_min"] == 6.0
+    assert memory["node-1 (pid 1)"]["late_slope_mib_per_min"] == 6.0
+    assert memory["node-2 (pid 2)"]["late_slope_mib_per_min"] == 0.0
+    assert 0 < memory["node-2 (pid 2)"]["settled_slope_mib_per_min"] < 6.0
+    assert summarize(raw)["cuda_graphs"]["node-1/gpu-0"] == {"first": 0, "last": 7, "max": 7,
+                                                             "series": [(0.0, 0), (100.0, 7)]}
+    requests = [{"node": "node-2"}, {"node": "node-1"}, {"node": "node-2"}, {"node": ""}]
+    assert busiest_node(requests) == ("node-2", 2)
+    assert busiest_node([{"node": "", "state": "placing"}]) == ("", 0), "a request not yet placed runs nowhere"
+
+
 def test_a_node_killed_under_load_loses_no_request(cluster_factory: Any, tiny_model: Path) -> None:
     cluster = soak_cluster(cluster_factory, tiny_model)
     raw, s = soak(cluster, streams=6, duration_s=35, max_tokens=64, kills=[Kill("node", 12)])
@@ -103,6 +131,7 @@ def test_a_node_killed_under_load_loses_no_request(cluster_factory: Any, tiny_mo
     assert s["finished"] >= 6, "each stream completed requests"
     kill = s["kills"][0]
     assert "error" not in kill and kill["role"].startswith("node-") and kill["new_pid"] != kill["pid"], kill
+    assert kill["requests_on_victim"] >= 1, kill
     # The kill hit streams (the node ran the most requests then), and they went on from their token logs.
     metrics = httpx.get(f"{http_endpoint(cluster)}/metrics", timeout=30).text
     resumes = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()

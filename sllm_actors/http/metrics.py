@@ -170,6 +170,13 @@ class _SnapshotCollector(Collector):
         for n in st.get("nodes", []):
             cordoned.add_metric([str(n.get("name", ""))], 1 if n.get("cordoned") else 0)
         yield cordoned
+        held = GaugeMetricFamily("sllm_model_load_held", "1 while a model's loads are held off everywhere: they failed "
+                                 "on several GPUs, so the model, not the GPUs, is the suspect (policy/health.py)",
+                                 labels=["model", "state"])
+        for m in st.get("models", []):
+            state = str(m.get("health", "healthy"))
+            held.add_metric([str(m.get("name", "")), state], 1 if state in ("held", "trial") else 0)
+        yield held
         running = GaugeMetricFamily("sllm_requests_in_flight", "requests the router holds, by model and state",
                                     labels=["model", "state"])
         by: dict[tuple[str, str], int] = {}

@@ -17,6 +17,18 @@ A target is one GPU of one node. Three things keep work off it:
 - a **cordoned node** (an operator's ``sllm cordon``/``drain``): no new requests nor instances on any of its GPUs;
   what runs there goes on (cordon) or moves away / finishes and is unloaded (drain).
 
+And one thing keeps a *model* from loading anywhere: a **suspect model**. A load fails for the GPU's reasons or
+the model's, and one failure cannot tell which; the pattern can. Where a model's loads fail on
+``MODEL_SUSPECT_GPUS`` different GPUs, ``MODEL_SUSPECT_FAILURES`` times in all, with no load of it succeeding
+anywhere meanwhile, the model is the suspect, not the devices: its failures stop counting against the GPUs (the
+breakers its failures alone had opened close again, so the other models keep those GPUs), and its own breaker
+opens: no load of it starts for ``MODEL_BACKOFF_S`` (doubling per trip up to ``MODEL_BACKOFF_MAX_S``), and a
+request for it that no instance can take is answered at once with an error naming the model and what its loads
+said, instead of waiting in the queue for loads that fail everywhere. Then one trial load may go (half-open); its
+success clears the model, its failure holds it off for twice as long. Its ready instances (if some load of it
+did succeed) go on serving. Checkpoint faults (a corrupt or missing file) never get here: they fail their
+requests at once (the scheduler) and say nothing about a GPU.
+
 Nothing here reads a clock: ``now`` is passed in, so the state machine is tested without waiting.
 """
 
@@ -29,8 +41,13 @@ __all__ = [
     "BACKOFF_MAX_S",
     "BACKOFF_S",
     "BREAKER_THRESHOLD",
+    "MODEL_BACKOFF_MAX_S",
+    "MODEL_BACKOFF_S",
+    "MODEL_SUSPECT_FAILURES",
+    "MODEL_SUSPECT_GPUS",
     "Breaker",
     "Health",
+    "ModelHealth",
     "is_poisoned",
 ]
 
@@ -46,6 +63,16 @@ BACKOFF_S = 5.0
 with loads, short enough that a GPU that recovered (its node restarted) is soon tried again."""
 BACKOFF_MAX_S = 300.0
 """The back-off's cap: a GPU that keeps failing is still tried every five minutes."""
+MODEL_SUSPECT_GPUS = 2
+"""Different GPUs a model's loads must have failed on before the model, not the GPUs, is the suspect: on one GPU
+alone the fault may be that GPU's."""
+MODEL_SUSPECT_FAILURES = BREAKER_THRESHOLD
+"""...and how many of its loads in all: as many as open a GPU's breaker, so one unlucky failure on each of two GPUs
+(memory briefly short) does not yet hold a model off everywhere."""
+MODEL_BACKOFF_S = 30.0
+"""How long a suspect model first loads nowhere: its requests fail at once meanwhile, so this is how long an operator's
+fix (a new checkpoint, a freed dependency) waits at most to be tried."""
+MODEL_BACKOFF_MAX_S = 600.0
 
 POISON_MARKERS = (
     "operation not permitted when stream is capturing",
@@ -84,6 +111,8 @@ class Breaker:
     trial: bool = False
     """A half-open trial load is under way: no other load starts here until it ends."""
     reason: str = ""
+    models: dict[str, int] = field(default_factory=dict)
+    """model -> how many of the ``failures`` in a row were its loads (a suspect model's are taken back)."""
 
     def state(self, now: float) -> str:
         """``closed``, ``open`` or ``half_open`` at ``now``."""
@@ -99,10 +128,12 @@ class Breaker:
         if self.state(now) == "half_open":
             self.trial = True
 
-    def failed(self, now: float, reason: str) -> bool:
-        """A load failed here; True when this opened the breaker."""
+    def failed(self, now: float, reason: str, model: str = "") -> bool:
+        """A load (of ``model``) failed here; True when this opened the breaker."""
         self.failures += 1
         self.reason = reason
+        if model:
+            self.models[model] = self.models.get(model, 0) + 1
         state = self.state(now)
         if state == "open":
             return False  # a load that started before it opened: already counted in this trip's back-off
@@ -125,6 +156,20 @@ class Breaker:
         self.failures = self.trips = 0
         self.tripped = self.trial = False
         self.reason = ""
+        self.models.clear()
+
+    def acquit(self, model: str) -> bool:
+        """``model`` is the suspect: its failures here no longer count. True when that closed the breaker (they
+        were all its failures)."""
+        counted = self.models.pop(model, 0)
+        if not counted:
+            return False
+        self.failures = max(0, self.failures - counted)
+        if self.failures == 0:
+            was = self.tripped
+            self.succeeded()
+            return was
+        return False
 
     def retry_in(self, now: float) -> float:
         """Seconds until it is half-open (0 when not open)."""
@@ -132,8 +177,24 @@ class Breaker:
 
 
 @dataclass
+class ModelHealth:
+    """One model's record of failed loads since a load of it last succeeded, and its own breaker (open: the
+    model is the suspect and loads nowhere)."""
+
+    breaker: Breaker
+    failed_on: dict[GpuKey, str] = field(default_factory=dict)
+    """GPU -> the last error a load of the model failed with there."""
+    failures: int = 0
+
+    def reason(self) -> str:
+        where = "; ".join(f"{node}/gpu-{gpu}: {error}" for (node, gpu), error in sorted(self.failed_on.items()))
+        return f"its loads failed {self.failures} times on {len(self.failed_on)} GPUs ({where})"
+
+
+@dataclass
 class Health:
-    """The health of every GPU and node the scheduler places on. See the module's docstring."""
+    """The health of every GPU and node the scheduler places on, and of every model's loads. See the module's
+    docstring."""
 
     breakers: dict[GpuKey, Breaker] = field(default_factory=dict)
     unhealthy: dict[GpuKey, str] = field(default_factory=dict)
@@ -142,14 +203,29 @@ class Health:
     """node -> why it takes no new work."""
     draining: set[str] = field(default_factory=set)
     """Cordoned nodes whose instances are being emptied and unloaded."""
+    models: dict[str, ModelHealth] = field(default_factory=dict)
+    """model -> its failed loads since one last succeeded (only models with a failure since)."""
+    acquitted: list[GpuKey] = field(default_factory=list)
+    """After a ``suspect`` verdict: the GPUs whose breakers closed because the suspect's failures were all they
+    held against them."""
     threshold: int = BREAKER_THRESHOLD
     backoff_s: float = BACKOFF_S
     backoff_max_s: float = BACKOFF_MAX_S
+    suspect_gpus: int = MODEL_SUSPECT_GPUS
+    suspect_failures: int = MODEL_SUSPECT_FAILURES
+    model_backoff_s: float = MODEL_BACKOFF_S
+    model_backoff_max_s: float = MODEL_BACKOFF_MAX_S
 
     def breaker(self, key: GpuKey) -> Breaker:
         found = self.breakers.get(key)
         if found is None:
             found = self.breakers[key] = Breaker(self.threshold, self.backoff_s, self.backoff_max_s)
+        return found
+
+    def model(self, name: str) -> ModelHealth:
+        found = self.models.get(name)
+        if found is None:
+            found = self.models[name] = ModelHealth(Breaker(1, self.model_backoff_s, self.model_backoff_max_s))
         return found
 
     # ------------------------------------------------------------------ what the scheduler reads
@@ -161,6 +237,22 @@ class Health:
     def may_load(self, key: GpuKey, now: float) -> bool:
         """Whether a new instance may start on ``key`` at ``now``."""
         return self.may_serve(key) and self.breaker(key).allows_load(now)
+
+    def model_may_load(self, model: str, now: float) -> bool:
+        """Whether a new instance of ``model`` may start anywhere at ``now`` (False while it is the suspect)."""
+        found = self.models.get(model)
+        return found is None or found.breaker.allows_load(now)
+
+    def model_held(self, model: str, now: float) -> str:
+        """Why ``model`` loads nowhere now ('' when it may): for its requests' error and ``sllm status``."""
+        found = self.models.get(model)
+        if found is None or found.breaker.allows_load(now):
+            return ""
+        state = found.breaker.state(now)
+        when = (f"held off for {found.breaker.retry_in(now):.0f}s more" if state == "open"
+                else "a trial load is under way")
+        return (f"model {model} is failing to load everywhere ({found.breaker.reason}); the GPUs stay in service, "
+                f"loads of {model} are {when}")
 
     def why_not(self, key: GpuKey, now: float) -> str:
         """Why ``key`` takes no new instance ('' when it does)."""
@@ -178,24 +270,47 @@ class Health:
 
     # ------------------------------------------------------------------ what happened
 
-    def load_started(self, key: GpuKey, now: float) -> None:
+    def load_started(self, key: GpuKey, now: float, model: str = "") -> None:
         self.breaker(key).load_started(now)
+        if model in self.models:
+            self.models[model].breaker.load_started(now)
 
-    def load_succeeded(self, key: GpuKey) -> None:
+    def load_succeeded(self, key: GpuKey, model: str = "") -> None:
         self.breaker(key).succeeded()
+        self.models.pop(model, None)
 
-    def load_abandoned(self, key: GpuKey) -> None:
+    def load_abandoned(self, key: GpuKey, model: str = "") -> None:
         """A load on ``key`` ended with no verdict (its node was lost meanwhile): a half-open breaker's trial
         is free to run again, else the breaker would wait for a verdict that never comes."""
         self.breaker(key).trial = False
+        if model in self.models:
+            self.models[model].breaker.trial = False
 
-    def load_failed(self, key: GpuKey, error: str, now: float) -> str:
-        """A load on ``key`` failed with ``error``: ``poisoned`` (the device is unhealthy and its node's process
-        must restart), ``opened`` (the breaker opened) or ``counted``."""
+    def load_failed(self, key: GpuKey, error: str, now: float, model: str = "") -> str:
+        """A load (of ``model``) on ``key`` failed with ``error``: ``poisoned`` (the device is unhealthy and its
+        node's process must restart), ``suspect`` (the model became the suspect: see ``acquitted``), ``held``
+        (the model was the suspect already: a trial or a load started before failed; the GPU is not charged),
+        ``opened`` (the GPU's breaker opened) or ``counted``."""
         if is_poisoned(error):
             self.poison(key, error, now)
             return "poisoned"
-        return "opened" if self.breaker(key).failed(now, error) else "counted"
+        if model:
+            record = self.model(model)
+            record.failed_on[key] = error
+            record.failures += 1
+            if record.breaker.tripped:
+                if record.breaker.state(now) == "half_open":
+                    record.breaker.trip(now, record.reason())
+                return "held"
+            if len(record.failed_on) >= self.suspect_gpus and record.failures >= self.suspect_failures:
+                record.breaker.trip(now, record.reason())
+                self.acquitted = [k for k, b in sorted(self.breakers.items()) if b.acquit(model)]
+                return "suspect"
+        return "opened" if self.breaker(key).failed(now, error, model) else "counted"
+
+    def reset_model(self, model: str) -> bool:
+        """An operator clears ``model``'s record (it was fixed); False when it had none."""
+        return self.models.pop(model, None) is not None
 
     def instance_crashed(self, key: GpuKey, reason: str, now: float) -> bool:
         """An instance on ``key`` crashed; True when its reason poisons the device (a crash for any other reason
@@ -271,4 +386,9 @@ class Health:
             })
         nodes = {node: {"state": "draining" if node in self.draining else "cordoned", "reason": why}
                  for node, why in sorted(self.cordoned.items())}
-        return {"gpus": gpus, "nodes": nodes}
+        models = {name: {"state": {"open": "held", "half_open": "trial"}.get(m.breaker.state(now), "failing"),
+                         "reason": self.model_held(name, now) or m.reason(), "failures": m.failures,
+                         "gpus": [f"{node}/gpu-{gpu}" for node, gpu in sorted(m.failed_on)],
+                         "retry_in_s": round(m.breaker.retry_in(now), 1)}
+                  for name, m in sorted(self.models.items())}
+        return {"gpus": gpus, "nodes": nodes, "models": models}

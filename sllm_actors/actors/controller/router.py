@@ -631,6 +631,9 @@ class RouterActor(SupervisedActor):
                     "health": gpu_health.get((node["name"], index), {}).get("state", "healthy"),
                     "health_reason": gpu_health.get((node["name"], index), {}).get("reason", ""),
                     "breaker_failures": gpu_health.get((node["name"], index), {}).get("failures", 0),
+                    # Decode steps captured as CUDA graphs there (each holds host memory: bench_soak follows it).
+                    "cuda_graphs": sum(int(i.get("cuda_graphs", 0)) for i in status.get("instances", [])
+                                       if i.get("gpu") == index),
                 })
             for tier in status.get("tiers", []):
                 tiers.append({"node": node["name"], **tier})

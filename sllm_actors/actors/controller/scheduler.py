@@ -221,7 +221,7 @@ class SchedulerActor(SupervisedActor):
         self._apply_health(now)
         if isinstance(message, Place):
             trace.mark(message.request_id, "sched_in")
-            self._run(self.steps.place(message.request_id, message.model, now, exclude=message.exclude_instance))
+            self._place(message.request_id, message.model, now, exclude=message.exclude_instance)
         elif isinstance(message, RequestFinished):
             inst = self.instances.get(message.instance_id)
             self.request_tokens.pop(message.request_id, None)
@@ -309,7 +309,7 @@ class SchedulerActor(SupervisedActor):
                  "estimate_s": decision.estimate_s if decision.gpu else None, "considered": decision.considered},
             )
         elif isinstance(action, steps.StartInstance):
-            self.health.load_started(action.instance.key, time.monotonic())
+            self.health.load_started(action.instance.key, time.monotonic(), action.instance.model)
             self._apply_health(time.monotonic())  # a half-open breaker's trial: no second load there meanwhile
             self._load_on(action.instance, action.why)  # type: ignore[arg-type]
         elif isinstance(action, steps.Unload):
@@ -325,8 +325,22 @@ class SchedulerActor(SupervisedActor):
         return self._need_bytes(self.catalog[model])
 
     def gpu_views(self, model: str, now: float) -> list[placement.GpuView]:
-        """(for the placement steps) every GPU of an alive node, for ``choose``."""
+        """(for the placement steps) every GPU of an alive node, for ``choose``; none while ``model`` is the
+        suspect of loads failing everywhere (policy/health.py): it starts nowhere until its trial is due."""
+        if not self.health.model_may_load(model, now):
+            return []
         return self._views(now)
+
+    def _place(self, request_id: str, model: str, now: float, exclude: str = "") -> None:
+        """Place a request: by the placement steps, unless no instance of ``model`` can take it and the model
+        loads nowhere now (the suspect of loads failing everywhere): then it fails at once, saying why, rather
+        than wait in the queue for loads that would fail."""
+        held = self.health.model_held(model, now)
+        if held and not any(i.model == model and i.state in ("ready", "loading") and i.instance_id != exclude
+                            for i in self.instances.values()):
+            self._fail(request_id, "load_failed", held)
+            return
+        self._run(self.steps.place(request_id, model, now, exclude=exclude))
 
     def _request_tokens(self, msg: RequestTokens, now: float) -> None:
         """The router's periodic report: tokens so far and left per request; their rates on each instance give
@@ -515,7 +529,11 @@ class SchedulerActor(SupervisedActor):
         if self.health.breaker(inst.key).tripped:
             self.cluster.events.emit("health", f"{inst.node}/gpu-{inst.gpu}: a trial load succeeded; breaker closed",
                                      {"node": inst.node, "gpu": inst.gpu})
-        self.health.load_succeeded(inst.key)
+        suspect = self.health.models.get(inst.model)
+        if suspect is not None and suspect.breaker.tripped:
+            self.cluster.events.emit("health", f"model {inst.model}: a trial load succeeded on {inst.node}/"
+                                               f"gpu-{inst.gpu}; it loads again", {"model": inst.model})
+        self.health.load_succeeded(inst.key, inst.model)
         self._apply_health(now)
         if msg.memory_bytes and inst.model not in self.model_bytes:
             self.model_bytes[inst.model] = msg.memory_bytes
@@ -553,24 +571,27 @@ class SchedulerActor(SupervisedActor):
         if msg.checkpoint_fault:
             # The checkpoint's own fault (corrupt, missing, refused): every GPU would fail it alike, so the GPU
             # keeps its health and the waiting requests get the load's error now, naming the file.
-            self.health.load_abandoned(inst.key)
+            self.health.load_abandoned(inst.key, inst.model)
             for request_id in inst.waiters:
                 self._fail(str(request_id), "load_failed", f"loading {msg.model} on {msg.node} failed: {msg.error}")
         else:
-            self._count_against_the_gpu(inst.key, msg.error, now)
+            self._count_against_the_gpu(inst.key, msg.error, now, inst.model)
             # The requests that waited for it are placed again: on another GPU, or here again until the breaker
             # opens; failing them with the load's error while healthy capacity exists would lose them for nothing.
+            # (A model that is the suspect of failing everywhere fails them at once instead: ``_place``.)
             for request_id in inst.waiters:
-                self._run(self.steps.place(request_id, inst.model, now))
+                self._place(str(request_id), inst.model, now)
         for order in [o for o in self.migrations.values() if o.dest == msg.instance_id]:
             self._end_order(order, "aborted", f"loading the destination failed: {msg.error}", now)
         self._run(self.steps.drain_queue(now))
 
-    def _count_against_the_gpu(self, key: tuple[str, int], error: str, now: float) -> None:
+    def _count_against_the_gpu(self, key: tuple[str, int], error: str, now: float, model: str) -> None:
         was_unhealthy = key in self.health.unhealthy
-        verdict = self.health.load_failed(key, error, now)
+        verdict = self.health.load_failed(key, error, now, model)
         if verdict == "poisoned" and not was_unhealthy:
             self._poisoned(key, error)
+        elif verdict == "suspect":
+            self._model_suspect(model, now)
         elif verdict == "opened":
             breaker = self.health.breaker(key)
             self.cluster.events.emit(
@@ -578,6 +599,22 @@ class SchedulerActor(SupervisedActor):
                           f"{breaker.failures} failed loads in a row ({error})",
                 {"node": key[0], "gpu": key[1], "state": "open", "reason": error})
         self._apply_health(now)
+
+    def _model_suspect(self, model: str, now: float) -> None:
+        """``model``'s loads fail on several GPUs: it is the suspect, not they. Its failures no longer hold the GPUs
+        (their breakers closed where its failures were all they had), it loads nowhere until its trial, and the
+        requests queued for it that no instance can take fail now, naming it."""
+        held = self.health.model_held(model, now)
+        cleared = self.health.acquitted
+        log.error("scheduler: %s", held)
+        self.cluster.events.emit(
+            "health", held + (f"; breakers closed on {', '.join(f'{n}/gpu-{g}' for n, g in cleared)}" if cleared else ""),
+            {"model": model, "state": "held", "reason": held})
+        if any(i.model == model and i.state in ("ready", "loading") for i in self.instances.values()):
+            return  # its queued requests wait for those instances
+        for waiting in [w for w in self.steps.queue if w.model == model]:
+            self.steps.unqueue(waiting.request)
+            self._fail(str(waiting.request), "load_failed", held)
 
     def _gone(self, instance_ids: list[str], reason: str, now: float) -> None:
         lost_with_requests = []
@@ -588,7 +625,7 @@ class SchedulerActor(SupervisedActor):
                 continue
             self.steps.remove(inst)
             if inst.state == "loading":
-                self.health.load_abandoned(inst.key)
+                self.health.load_abandoned(inst.key, inst.model)
             for order in list(self.migrations.values()):
                 if order.dest == instance_id:
                     src = self.instances.get(order.source)
@@ -605,7 +642,7 @@ class SchedulerActor(SupervisedActor):
         if lost_with_requests:
             router.instances_lost(self.cluster.directory, lost_with_requests, reason)
         for request_id, model in orphans:
-            self._run(self.steps.place(request_id, model, now))
+            self._place(request_id, model, now)
         self._run(self.steps.drain_queue(now))
 
     def _tick(self, now: float) -> None:
@@ -711,6 +748,15 @@ class SchedulerActor(SupervisedActor):
 
         node, _, gpu_part = cmd.target.partition("/")
         names = [n.name for n in self.topology.nodes]
+        if cmd.action == "breaker_reset" and node not in names and cmd.target in self.catalog:
+            # A model held off everywhere (its loads failed on several GPUs) that an operator fixed.
+            was = self.health.reset_model(cmd.target)
+            detail = (f"reset model {cmd.target}: it loads again" if was
+                      else f"model {cmd.target} has no failed loads on record")
+            self.cluster.events.emit("health", detail, {"model": cmd.target, "action": cmd.action})
+            self.cluster.to_client(peer, Ack(cmd.request_id, detail))
+            self._run(self.steps.drain_queue(now))
+            return
         if node not in names:
             refuse("unknown_node", f"no node {node!r} in the topology (nodes: {', '.join(names)})")
             return
@@ -911,7 +957,11 @@ class SchedulerActor(SupervisedActor):
                 for i in self.instances.values()
             ]
         if what == "models":
-            return [{"name": m.name, "source": m.source} for m in self.catalog.values()]
+            # A model whose loads fail everywhere says so here (sllm status, the HTTP front end's model list).
+            report = self.health.report([], time.monotonic())["models"]
+            return [{"name": m.name, "source": m.source,
+                     "health": report.get(m.name, {}).get("state", "healthy"),
+                     "health_reason": report.get(m.name, {}).get("reason", "")} for m in self.catalog.values()]
         if what == "migrations":
             return [
                 {"migration_id": o.migration_id, "source": o.source, "dest": o.dest, "requests": o.request_ids,
