@@ -240,3 +240,34 @@ def test_a_model_failing_on_every_gpu_is_the_suspect_and_its_requests_get_an_err
         # Fixed, says the operator: the model may load again (and here fails again, its fault being still injected).
         assert "reset model bad: it loads again" in c.breaker_reset("bad")
         assert next(m for m in c.status()["models"] if m["name"] == "bad")["health"] == "healthy"
+
+
+def test_an_operators_cordon_and_uncordon_survive_a_controller_restart(cluster_factory: Any, tiny_model: Path) -> None:
+    import signal
+
+    from .test_controller_restart import ready_word, wait_line
+
+    cluster = cluster_factory({"tiny": tiny_model})
+    with cluster.client() as c:
+        assert "cordoned node-1" in c.cordon("node-1")
+
+    def node_1(st: dict[str, Any]) -> dict[str, Any]:
+        return next(n for n in st["nodes"] if n["name"] == "node-1")
+
+    os.kill(int(ready_word(cluster, "pid")), signal.SIGKILL)
+    wait_line(cluster, "controller restarted:", 60)
+    st = cluster.wait_for(_when(lambda st: st["epoch"] == 2 and len([n for n in st["nodes"] if n["alive"]]) == 2), 60,
+                          "the restarted controller with both nodes back")
+    # The operator's decision is the store's, not the controller's memory: node-1 is still out of service.
+    assert node_1(st)["cordoned"] == "cordoned" and _gpu(st, "node-1")["health"] == "cordoned", st["nodes"]
+    assert any("node-1 stays cordoned across the restart" in e["text"] for e in st["events"]), st["events"]
+    with cluster.client() as c:
+        assert c.complete("tiny", PROMPT, max_tokens=4, temperature=0).finish_reason == "length"
+        assert [i["node"] for i in c.status()["instances"]] == ["node-2"]
+        assert "uncordoned node-1" in c.uncordon("node-1")
+    # And the uncordon is kept too: the next controller does not put the cordon back.
+    os.kill(int(wait_line(cluster, "controller restarted: epoch 2", 5).split()[-1]), signal.SIGKILL)
+    wait_line(cluster, "controller restarted: epoch 3", 60)
+    st = cluster.wait_for(_when(lambda st: st["epoch"] == 3 and len([n for n in st["nodes"] if n["alive"]]) == 2), 60,
+                          "the third controller with both nodes back")
+    assert node_1(st)["cordoned"] == "" and _gpu(st, "node-1")["health"] == "healthy", st["nodes"]

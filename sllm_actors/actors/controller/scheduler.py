@@ -81,6 +81,9 @@ SAVE_ESTIMATES_S = 10.0
 """How often the estimates go to the cluster's store (what a restarted controller starts from)."""
 LOAD_OVERHEAD = 1.15
 """Room for activations and KV caches beside the weights."""
+CORDONS_KEY = "cordons"
+"""The store's record of the operators' cordons and drains (node -> why, draining): kept through the store's
+key-value records, which its SQLite and etcd forms both have, so a restarted controller keeps them."""
 
 
 # ------------------------------------------------------------------ client functions
@@ -204,9 +207,9 @@ class SchedulerActor(SupervisedActor):
         if cluster.epoch > 1:
             self.steps.id_prefix = f"e{cluster.epoch}."
         self._saved_at = time.monotonic()
+        self.health = health.Health()
         self._restore()
         self.started_at = time.time()
-        self.health = health.Health()
         self.incarnations: dict[str, str] = {}
         """node -> the incarnation of its process last seen up (a new one has fresh device contexts)."""
         self.drain_tried: set[str] = set()
@@ -431,6 +434,33 @@ class SchedulerActor(SupervisedActor):
         if deployments or estimates:
             log.info("scheduler: restored %d deployment(s) and the estimates of %d model(s) from %s",
                      len(deployments), len(self.model_bytes), store.path)
+        self._restore_cordons(store)
+
+    def _restore_cordons(self, store: Any) -> None:
+        """The operators' cordons and drains a previous controller of this cluster stored: a restart must not put
+        a node an operator took out of service back to work (a drain goes on where it was)."""
+        from sllm_actors.actors.controller.store import StoreError
+
+        try:
+            cordons = store.estimates(CORDONS_KEY) or {}
+        except StoreError as exc:
+            log.error("scheduler: %s; no cordon restored", exc)
+            return
+        names = {n.name for n in self.topology.nodes}
+        for node, entry in sorted(cordons.items()):
+            if node not in names:
+                continue  # gone from the topology since
+            self.health.cordon(node, str(entry.get("why", "cordoned by an operator")),
+                               drain=bool(entry.get("draining")))
+            text = f"{node} stays {'draining' if entry.get('draining') else 'cordoned'} across the restart"
+            log.warning("scheduler: %s (%s)", text, entry.get("why", ""))
+            self.cluster.events.emit("health", text, {"node": node, "action": "restored"})
+
+    def _save_cordons(self) -> None:
+        """Store the cordons as they are now (after each operator's command and each drain's end)."""
+        cordons = {node: {"why": why, "draining": node in self.health.draining}
+                   for node, why in self.health.cordoned.items()}
+        self._persist(lambda store: store.save_estimates(CORDONS_KEY, cordons))
 
     def _save_estimates(self) -> None:
         est = self.estimator
@@ -790,6 +820,8 @@ class SchedulerActor(SupervisedActor):
             return
         log.info("scheduler: %s", detail)
         self.cluster.events.emit("health", detail, {"node": node, "action": cmd.action})
+        if cmd.action != "breaker_reset":
+            self._save_cordons()
         self._apply_health(now)
         self.cluster.to_client(peer, Ack(cmd.request_id, detail))
         self._drain_nodes(now)
@@ -803,6 +835,7 @@ class SchedulerActor(SupervisedActor):
             on_node = [i for i in self.instances.values() if i.node == node]
             if not on_node:
                 self.health.drained(node)
+                self._save_cordons()
                 self.cluster.events.emit("health", f"{node} drained: nothing runs there; it stays cordoned "
                                                    f"(sllm uncordon {node})", {"node": node, "state": "drained"})
                 continue
