@@ -649,17 +649,18 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                      settled_slope_mib_per_min=_slope_mib_per_min(points),
                      late_slope_mib_per_min=_slope_mib_per_min(late),
                      from_s=born, to_s=samples[-1][0])
+    by_process: dict[str, list[tuple[float, dict[str, int]]]] = {}
     for t, role, pid, by_part in raw.get("rss_parts", []):
-        entry = memory.get(f"{role} (pid {pid})")
-        if entry is not None and by_part:
-            entry.setdefault("parts", []).append((t, by_part))
-    for entry in memory.values():
+        if by_part:
+            by_process.setdefault(f"{role} (pid {pid})", []).append((t, by_part))
+    for key, entry in memory.items():
         # Each part's late-half slope: which kind of memory the growth is (see RSS_PARTS).
-        series = entry.pop("parts", [])
-        settled = [(t, p) for t, p in series if t - entry["from_s"] >= SETTLE_S] or series
-        late = settled[len(settled) // 2:]
+        series = by_process.get(key, [])
+        part_points = [(t, p) for t, p in series if t - entry["from_s"] >= SETTLE_S] or series
+        part_late = part_points[len(part_points) // 2:]
         entry["late_slope_by_part_mib_per_min"] = {
-            name: _slope_mib_per_min([(t, p.get(name, 0)) for t, p in late]) for name in RSS_PARTS} if late else {}
+            name: _slope_mib_per_min([(t, p.get(name, 0)) for t, p in part_late]) for name in RSS_PARTS
+        } if part_late else {}
         if series:
             entry["last_by_part_mib"] = {name: round(series[-1][1].get(name, 0) / 2**20, 1) for name in RSS_PARTS}
     graphs: dict[str, dict[str, Any]] = {}

@@ -209,9 +209,8 @@ def test_a_model_failing_on_every_gpu_is_the_suspect_and_its_requests_get_an_err
     # "bad" fails to load on every node (not a checkpoint fault: its file is fine), "good" loads anywhere.
     cluster = cluster_factory({"bad": tiny_model, "good": tiny_model_b}, env={"SLLM_FAULT_LOAD_FAIL": "bad"},
                               extra={"scheduler": {"queue_timeout": "120s"}})
-    with cluster.client() as c:
-        with pytest.raises(RequestError) as info:
-            c.complete("bad", PROMPT, max_tokens=4, temperature=0)
+    with cluster.client() as c, pytest.raises(RequestError) as info:
+        c.complete("bad", PROMPT, max_tokens=4, temperature=0)
     # Placed again after each failure, on node-1 and node-2, until the pattern says the model is at fault: its
     # request fails then (not after the 120 s queue timeout), with an error naming the model and both GPUs.
     assert info.value.code == "load_failed", info.value
