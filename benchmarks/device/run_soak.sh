@@ -20,7 +20,7 @@ timeout 500 python3 benchmarks/bench_soak.py --device cuda:0 --model-source $SLL
   --kill ${KILLS:-node@120,controller@240} --json $OUT/soak_h200.json --png $OUT/soak_h200.png 2>&1 \
   | grep -v "Loading weights" > $OUT/soak.log
 tail -40 $OUT/soak.log
-cp /tmp/bench-soak-*/cluster.log $OUT/cluster.log 2>/dev/null
-cd $OUT && tar czf soak_h200.tar.gz soak_h200.json soak_h200.png soak.log cluster.log 2>/dev/null \
-  && rm -f soak_h200.json soak_h200.png soak.log cluster.log
+cp "$(ls -td /tmp/bench-soak-* | head -1)/cluster.log" $OUT/cluster.log 2>/dev/null  # the newest run's
+cd $OUT && FILES=$(ls soak_h200.json soak_h200.png soak.log cluster.log 2>/dev/null; true) \
+  && tar czf soak_h200.tar.gz $FILES && rm -f $FILES
 ls -la $OUT
