@@ -359,15 +359,3 @@ def test_a_migration_is_weighed_with_the_reload_of_the_moved_model(est: Estimato
     assert migrate["estimate_s"] == pytest.approx(0.6) and migrate["reload_s"] == pytest.approx(0.3)
     assert choose("serverlessllm", "m", 4 * GB, gpus(1.4), est).kind == "migrate"
 
-
-def test_only_as_many_busy_instances_leave_as_free_the_room_the_model_needs(est: Estimator) -> None:
-    # "near" (10 GB) holds m in DRAM and runs a and b, 3 GB each, both far from done: m (6 GB) needs one of
-    # them gone. "far" holds b in DRAM (a move of 0.4 s) but a only in the repository (30 s): b moves, a goes
-    # on where it is (it neither moves nor drains).
-    near = _gpu("near", holds={"dram": {"m"}}, instances=[_running("a", "near", 1000, memory=3 * GB),
-                                                          _running("b", "near", 1000, memory=3 * GB)])
-    far = _gpu("far", holds={"dram": {"b"}})
-    est.model_bytes["b"] = 6 * GB
-    d = choose("serverlessllm", "m", 6 * GB, [near, far], est)
-    assert (d.kind, d.gpu, d.move, d.drain) == ("migrate", ("near", 0), [("b-near", ("far", 0))], [])
-    assert d.estimate_s == pytest.approx(0.3 + est.migration_s("b", 100) + 0.2)

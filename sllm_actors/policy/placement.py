@@ -507,15 +507,13 @@ def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Esti
         # 1,000 GPUs that planning for every busy GPU was most of a decision's time.
         if _load_estimate(model, g, est, decoding, leaving=len(busy)) >= _cost(best):
             continue
-        short = need - g.free - sum(i.memory_bytes for i in g.instances if i.state == "ready" and not i.requests)
-        plan = _plan_moves(busy, g, short, gpus, est, decoding, preempt=kind == "preempt")
+        plan = _plan_moves(busy, g, gpus, est, decoding, preempt=kind == "preempt")
         if plan is None:
             continue
         leave_s, moves, split, drain, reload_s = plan
         tier = g.best_tier(model)
         # The freed GPU's load runs beside none of the decodes that left it.
-        leaving = len(busy) if kind == "preempt" else len(moves) + len(drain) + len({i for i, _, _ in split})
-        estimate = leave_s + _load_estimate(model, g, est, decoding, leaving=leaving)
+        estimate = leave_s + _load_estimate(model, g, est, decoding, leaving=len(busy))
         considered.append({"kind": kind, "gpu": g.key, "tier": tier, "estimate_s": round(estimate, 4),
                            "reload_s": round(reload_s, 4)})
         if estimate + reload_s < _cost(best):
@@ -582,14 +580,13 @@ def _best_wait(model: str, need: int, gpus: list[GpuView], est: Estimator,
     return best
 
 
-def _plan_moves(busy: list[InstanceView], source: GpuView, short: int, gpus: list[GpuView], est: Estimator,
+def _plan_moves(busy: list[InstanceView], source: GpuView, gpus: list[GpuView], est: Estimator,
                 decoding: dict[str, int], preempt: bool = False
                 ) -> tuple[float, list[tuple[str, tuple[str, int]]],
                            list[tuple[str, tuple[str, int], tuple[str, ...]]], list[str], float] | None:
-    """How ``source``'s busy instances leave it to free ``short`` more bytes: (the seconds until the last has
+    """How ``source``'s busy instances leave it: (the seconds until the last has
     left, the whole-instance moves, the split ones, the instances waited for, the seconds of loads the moves
-    spend); None: some instance's requests have nowhere to go (preemption), or (migration) nothing is worth
-    moving.
+    spend); None: some instance's requests have nowhere to go, or (migration) nothing is worth moving.
 
     An instance's requests go to one destination (a ready instance of its model with enough free slots, an
     idle one, or a GPU with room for a new instance, counting idle instances there that may be unloaded),
@@ -602,8 +599,9 @@ def _plan_moves(busy: list[InstanceView], source: GpuView, short: int, gpus: lis
     destination) is no sooner than its requests' own end: a move done after the requests would have finished
     saves nothing, and one that saves less than that load spends more of the cluster than it gives back. So
     do the instances that end before the last one leaves anyway (their move would not free the GPU sooner).
-    Only as many instances leave, the soonest gone first, as free the bytes needed; the others go on as they
-    are. Preemption (Shepherd) keeps its reach as it was: every busy instance stops."""
+    Every busy instance leaves (moving only as many as free the room needed let cheap moves reserve GPUs for
+    long loads others could have used: 2 % worse at CV 2 in the paper-scale sweep). Preemption (Shepherd) keeps
+    its reach as it was."""
     reserved_bytes: dict[tuple[str, int], int] = {}
     reserved_slots: dict[str, int] = {}
     planned: list[tuple[InstanceView, float, float, float, list[tuple[str, tuple[str, int], tuple[str, ...]]],
@@ -617,10 +615,10 @@ def _plan_moves(busy: list[InstanceView], source: GpuView, short: int, gpus: lis
         # Preempted requests restart wherever they are placed next: only migration needs a split.
         parts = None if preempt else _split_for(inst, source, gpus, reserved_slots)
         if whole is None and parts is None:
-            if preempt:
-                return None
-            planned.append((inst, math.inf, 0.0, finish, [], None))  # nowhere to go: it can only be waited for
-            continue
+            # Nowhere to go. Waiting for it instead would turn the option into a wait that holds the GPU reserved
+            # meanwhile (the paper-scale sweep: a 48 s reservation for a 60 GB model that others then could not
+            # use): that is what the wait option, re-decided at every finish, is for.
+            return None
         if parts is not None and (whole is None or whole[1] > 0.0):
             for dest_inst, _, ids in parts:
                 reserved_slots[dest_inst] = reserved_slots.get(dest_inst, 0) + len(ids)
@@ -638,16 +636,6 @@ def _plan_moves(busy: list[InstanceView], source: GpuView, short: int, gpus: lis
         # generating; the new model waits for the slowest move. Shepherd's preemption stops it at once.
         planned.append((inst, 0.0 if preempt else startup + recompute, reload, finish, [], dest_gpu.key))
 
-    if not preempt:
-        # Which leave: each by its cheaper way (moved, or waited for), the soonest gone first, until it fits.
-        by_leave = sorted(planned, key=lambda p: p[3] if p[1] + p[2] >= p[3] else p[1])
-        chosen, freed = [], 0
-        for p in by_leave:
-            if freed >= short:
-                break
-            chosen.append(p)
-            freed += p[0].memory_bytes
-        planned = chosen
     stays = {p[0].instance_id for p in planned if not preempt and p[1] + p[2] >= p[3]}
     last = max((p[3] if p[0].instance_id in stays else p[1] for p in planned), default=0.0)
     if not preempt:
