@@ -359,3 +359,18 @@ def test_a_migration_is_weighed_with_the_reload_of_the_moved_model(est: Estimato
     assert migrate["estimate_s"] == pytest.approx(0.6) and migrate["reload_s"] == pytest.approx(0.3)
     assert choose("serverlessllm", "m", 4 * GB, gpus(1.4), est).kind == "migrate"
 
+
+def test_on_cpu_devices_a_move_to_another_device_of_the_node_keeps_its_decode_on_the_host(est: Estimator) -> None:
+    # Node n1 has two cpu devices, both holding m and a in DRAM: a decodes on device 0, device 1 is free. Loading m
+    # on device 1 shares the host with a's decode: 0.2 s x 2. Moving a to device 1 frees device 0, but a's decode
+    # stays on n1's cores: its own load (0.3 s x 2) and recompute (0.1 s), then m's load still shared (0.4 s), not
+    # the 0.2 s of a quiet host it was once counted at.
+    busy0 = _gpu("n1", holds={"dram": {"m", "a"}}, instances=[_running("a", "n1", 1000)])
+    free1 = _gpu("n1", holds={"dram": {"m", "a"}})
+    free1.gpu = 1
+    for g in (busy0, free1):
+        g.kind = "cpu"
+    d = choose("serverlessllm", "m", 6 * GB, [busy0, free1], est)
+    assert (d.kind, d.gpu) == ("load", ("n1", 1)) and d.estimate_s == pytest.approx(0.2 * (1 + CPU_CONTENTION))
+    migrate = next(c for c in d.considered if c["kind"] == "migrate")
+    assert migrate["estimate_s"] == pytest.approx((0.3 + 0.2) * (1 + CPU_CONTENTION) + est.migration_s("a", 100))

@@ -376,11 +376,12 @@ def test_migration_switched_off_makes_serverlessllm_wait_like_locality_wait() ->
 
 
 def test_on_cpu_devices_a_load_beside_a_decode_is_slowed_as_placement_estimates_it() -> None:
-    # s1 has two devices; a decodes on one (a 200-token request); m then arrives. With m on SSD at s1 only, its
-    # load goes beside a's decode on the same host's cores: twice its 2 s, and the estimate says so. With a copy
-    # on s2 too, placement loads it on the quiet node. Independent GPUs (cpu_devices off): 2 s beside the decode.
+    # s1 has two devices; a decodes on one (a 2,000-token request: 20 s); m then arrives. With m on SSD at s1 only,
+    # its load goes beside a's decode on the same host's cores: twice its 2 s, and the estimate says so (moving a
+    # to s1's other device would keep its decode on the host). With a copy on s2 too, placement loads it on the
+    # quiet node. Independent GPUs (cpu_devices off): 2 s beside the decode.
     models = [_model("a", 1), _model("m", 2)]
-    work = [Arrival(0.0, "a", 1, 201), Arrival(1.5, "m", 1, 1)]
+    work = [Arrival(0.0, "a", 1, 2001), Arrival(1.5, "m", 1, 1)]
 
     def run(m_on: list[str], cpu: bool):
         cfg = SimConfig([_server("s1", gpus=2), _server("s2")], models, initial_ssd={"a": ["s1"], "m": m_on},

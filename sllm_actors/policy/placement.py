@@ -512,8 +512,9 @@ def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Esti
             continue
         leave_s, moves, split, drain, reload_s = plan
         tier = g.best_tier(model)
-        # The freed GPU's load runs beside none of the decodes that left it.
-        estimate = leave_s + _load_estimate(model, g, est, decoding, leaving=len(busy))
+        # The freed GPU's load runs beside none of the decodes that left its node: those waited for, those moved
+        # to another node (a move to another device of the same ``cpu`` node keeps its decode on the host).
+        estimate = leave_s + _load_estimate(model, g, est, decoding, leaving=_leaving_node(g, busy, plan, kind))
         considered.append({"kind": kind, "gpu": g.key, "tier": tier, "estimate_s": round(estimate, 4),
                            "reload_s": round(reload_s, 4)})
         if estimate + reload_s < _cost(best):
@@ -657,6 +658,19 @@ def _plan_moves(busy: list[InstanceView], source: GpuView, gpus: list[GpuView], 
         else:
             split.extend((inst.instance_id, key, ids) for _, key, ids in parts)
     return last, moves, split, drain, reload_s
+
+
+def _leaving_node(source: GpuView, busy: list[InstanceView], plan: tuple[float, list[tuple[str, tuple[str, int]]],
+                  list[tuple[str, tuple[str, int], tuple[str, ...]]], list[str], float], kind: str) -> int:
+    """How many of ``source``'s busy instances stop decoding on its node under ``plan``: the drained ones, and the
+    moved ones whose destinations are all on other nodes. (Preemption: all, as it always counted.)"""
+    if kind == "preempt":
+        return len(busy)
+    _, moves, split, drain, _ = plan
+    stays_on_node = {i for i, dest in moves if dest[0] == source.node}
+    stays_on_node |= {i for i, dest, _ in split if dest[0] == source.node}
+    moved = {i for i, _ in moves} | {i for i, _, _ in split}
+    return len(drain) + len(moved - stays_on_node)
 
 
 def _own_load_s(model: str, gpu: GpuView, est: Estimator, decoding: dict[str, int]) -> float:
