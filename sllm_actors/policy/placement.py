@@ -7,7 +7,9 @@ holding m), 0 when an idle instance of m is already loaded there; with no local 
 tier's bandwidth applies. queue(g) is the wait for the loads g's node runs already, of which a node runs
 one fetch and one build at a time (:func:`pipeline_wait_s`). Migration estimate of a running inference r
 to GPU h: a_m * (tokens of r) + b_m, fitted from real resumes, plus h's start-up estimate for r's model
-(0 where a ready instance of r's model has a free slot: no load). Wait estimate on a busy GPU: the time its
+(0 where a ready instance of r's model has a free slot: no load); a move to a new instance spends a load of
+r's model there (its reload), counted when options are compared, and an instance whose requests end before
+its move plus that reload would is waited for rather than moved. Wait estimate on a busy GPU: the time its
 busy instances need to finish (each request's remaining tokens x the model's measured step time on that
 node) until the model fits, plus its start-up estimate there; ServerlessLLM waits only where that beats
 every load and migration. On ``cpu`` devices a load beside decodes on the same node is slowed by them
