@@ -18,7 +18,10 @@ Three steps, each usable alone:
     1 / (n max(1, A / cores)); with instances equally full that is max(n, N / cores).)
   - per model, prefill seconds per prompt token = median over warm requests (an instance of the model
     was loaded at their arrival, from the load / unload events) of TTFT / sharing / prompt tokens;
-    a model without warm requests gets the others' median prefill-to-decode ratio.
+    a model without warm requests gets the others' median prefill-to-decode ratio. A run with no warm request
+    that found a free slot at all (every request in a burst) takes it from the first requests served when an
+    instance they waited for became ready (first token - ready, per prompt token), else from the replay's
+    other runs' prefill-to-decode ratio.
   - migration ``a``, ``b`` from the replay's migration records (tokens recomputed, seconds), if any.
   - ``shared_cores`` = ``machine.cpus`` for CPU devices, else 0.
 
@@ -266,11 +269,24 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
     # Decode and prefill, per model.
     decode: dict[str, list[float]] = defaultdict(list)
     prefill: dict[str, list[float]] = defaultdict(list)
+    after_load: dict[str, list[float]] = defaultdict(list)
+    """Prefill seconds per prompt token of the first requests served by an instance the moment it was ready
+    (they waited for its load): the fallback where no warm request found a free slot."""
     for p in policies:
         ok = _ok(replay["records"][p])
         windows = _decoding(ok)
         t0 = clock_offset(replay, p)
         ready = _ready_intervals(replay["events"].get(p, []), t0, set(sizes))
+        for m, steps in ready.items():
+            before = 0
+            for t_ready, count in steps:
+                if count > before:
+                    waited = sorted((r["arrival_s"] + r["ttft_s"], r) for r in ok if r["model"] == m
+                                    and r["arrival_s"] < t_ready < r["arrival_s"] + r["ttft_s"])
+                    for first, r in waited[:per_instance.get(m, 1)]:
+                        share = _sharing(t_ready, first, m, windows, cores, per_instance.get(m, 1))
+                        after_load[m].append((first - t_ready) / share / max(1, r["prompt_tokens"]))
+                before = count
         for r in ok:
             m = r["model"]
             if r.get("tokens", 0) >= 2:
@@ -297,6 +313,26 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
         models[m] = entry
     ratios = [e["prefill_s_per_token"] / e["decode_s_per_token"] for e in models.values()
               if "prefill_s_per_token" in e and e.get("decode_s_per_token")]
+    prefill_ratio_from = "these runs' warm requests"
+    if not ratios and after_load:
+        # A run whose every request arrived in a burst (no warm request found a free slot) measured no prefill that
+        # way; the simulator's default (a 7B model's on a GPU, 0.2 ms a token) then made its prompts ~10x too fast
+        # (the GPU sweep's rayserve-cache run: TTFT and latency 47 % under the real ones). The first requests an
+        # instance served when its load ended give it instead.
+        for m, values in after_load.items():
+            if m in models and "decode_s_per_token" in models[m]:
+                models[m]["prefill_s_per_token"] = statistics.median(values)
+        ratios = [e["prefill_s_per_token"] / e["decode_s_per_token"] for e in models.values()
+                  if "prefill_s_per_token" in e and e.get("decode_s_per_token")]
+        prefill_ratio_from = "these runs' first requests after a load (no warm request had a free slot)"
+    if not ratios and set(policies) != set(replay["records"]):
+        # Nothing measured a prefill in these runs at all: the same engine's prefill-to-decode ratio from the
+        # replay's other runs stands in for it, scaled by this run's decode.
+        pooled = derive_calibration(replay)
+        measured_prefill = pooled["comment"]["prefill_samples"]
+        ratios = [e["prefill_s_per_token"] / e["decode_s_per_token"] for m, e in pooled["models"].items()
+                  if measured_prefill.get(m) and e.get("decode_s_per_token")]
+        prefill_ratio_from = "the replay's other runs (none of these had a warm request with a free slot)"
     for e in models.values():
         if "prefill_s_per_token" not in e and "decode_s_per_token" in e and ratios:
             e["prefill_s_per_token"] = e["decode_s_per_token"] * statistics.median(ratios)
@@ -332,6 +368,8 @@ def derive_calibration(replay: dict[str, Any], policies: list[str] | None = None
         out["initial_ssd"] = seed
     out["comment"] = {"load_fits": fits, "baseline_fit": baseline_fit,
                       "decode_samples": {m: len(v) for m, v in decode.items()},
+                      "prefill_from": prefill_ratio_from,
+                      "prefill_after_load_samples": {m: len(v) for m, v in after_load.items()},
                       "prefill_samples": {m: len(v) for m, v in prefill.items()}}
     return out
 

@@ -35,7 +35,9 @@ each request in turn). Unloading is instant. Two calibrated refinements, both of
 what dominates small models' loads; the scheduler's estimator learns it too, so the simulated
 estimator is given its mean), and ``shared_cores`` > 0 makes every instance of the cluster one thread on
 a host of that many cores (the replay's CPU "GPUs" all run on one machine): with ``A`` instances
-decoding, each advances at ``min(1, shared_cores / A)`` on top of the sharing inside it.
+decoding, each advances at ``min(1, shared_cores / A)`` on top of the sharing inside it. ``cpu_devices``
+makes the devices ``cpu`` ones for placement as well: a load is slowed by the instances decoding on its node,
+as the placement estimate (``CPU_CONTENTION``) says.
 
 Use::
 
@@ -195,6 +197,11 @@ class SimConfig:
     the scheduler's ``min_instances``; they go after ``keep_alive_s`` idle like any other)."""
     check_invariants: bool = False
     """Check memory and bookkeeping after every event (slow; for tests)."""
+    cpu_devices: bool = False
+    """The devices are ``cpu`` ones, threads of their node's process sharing its host's cores (the real scheduler's
+    CPU "GPUs"): placement sees them as ``cpu`` (a load's estimate grows with the instances decoding on its node,
+    ``placement.CPU_CONTENTION``) and a simulated load is slowed the same way, by the instances decoding on its
+    node when it starts. Off: independent GPUs (decode sharing is ``shared_cores``' alone)."""
     load_pipeline: str = "gpu"
     """How loads wait for each other. ``gpu``: the loads on one GPU run one after another, each taking
     its whole cost. ``node``: what a real node does (``storage_client.py``): repository fetches on a node
@@ -868,6 +875,9 @@ class _Sim:
         if not self.gpus:
             raise ValueError("the cluster has no GPU")
         self.views: list[GpuView] = [g.view for g in self.gpus]
+        if config.cpu_devices:
+            for view in self.views:
+                view.kind = "cpu"
         if policy == "random":
             for _ in range(config.prior_choices):
                 self.rng.choice(self.views)
@@ -1135,6 +1145,10 @@ class _Sim:
             tier, dur, ready_at = self._baseline_load(spec, gpu)
         else:
             dur = self._load_cost(spec, gpu, tier)
+            if self.cfg.cpu_devices:
+                # A load and the decodes on its node share the host's cores, as the placement estimate says.
+                decoding = sum(1 for g in gpu.server.gpus for i in g.insts if i.requests)
+                dur *= 1.0 + placement.CPU_CONTENTION * decoding
         inst.tier = tier
         if self.load_mode != "serverlessllm":
             pass  # _baseline_load queued its download

@@ -302,3 +302,75 @@ def test_the_step_time_is_measured_from_the_token_counts_the_router_reports(est:
     assert ("a", "n2") not in est.step_s and est.step_time("a", "n1") == pytest.approx(1.0 / 20)
     est.observe_tokens({"r1": 141}, {"r1": ("a-2", "a", "n2")}, clock.advance(2.0))
     assert est.step_time("a", "n2") == pytest.approx(2.0 / 20)
+
+
+# ------------------------------------------------------------------ a move spends a load of the moved model
+
+
+def test_a_move_that_saves_less_than_the_reload_it_costs_is_not_taken(est: Estimator) -> None:
+    # GPU run 2, seed 2: two bursting models took turns migrating each other's short requests to fresh loads
+    # elsewhere, and the requests finished at the source before their moves did. "near" holds m in DRAM
+    # (0.2 s) and runs a; "far" has room for a, in its DRAM (0.3 s; its recompute 0.1 s: the move 0.4 s),
+    # m only in its repository (20 s).
+    def gpus(left: int) -> list[GpuView]:
+        near = _gpu("near", holds={"dram": {"m"}}, instances=[_running("a", "near", left)])
+        return [near, _gpu("far", holds={"dram": {"a"}})]
+
+    # a's request has 12 tokens left (0.6 s): its move is done sooner (0.4 s), but that saves 0.2 s for a
+    # load of a (0.3 s) the cluster would not otherwise make. Waiting for it is the option.
+    short = choose("serverlessllm", "m", 6 * GB, gpus(12), est)
+    assert (short.kind, short.gpu, short.move) == ("wait", ("near", 0), [])
+    assert short.estimate_s == pytest.approx(12 * 0.05 + 0.2)
+    # With 40 tokens left (2 s) the move saves 1.6 s for the 0.3 s reload: it is taken, and says what it spends.
+    long = choose("serverlessllm", "m", 6 * GB, gpus(40), est)
+    assert (long.kind, long.move) == ("migrate", [("a-near", ("far", 0))])
+    assert long.estimate_s == pytest.approx(0.3 + est.migration_s("a", 100) + 0.2)
+    assert long.reload_s == pytest.approx(0.3)
+    assert next(c for c in long.considered if c["kind"] == "migrate")["reload_s"] == pytest.approx(0.3)
+
+
+def test_of_two_busy_instances_only_the_one_worth_moving_moves_the_other_is_waited_for(est: Estimator) -> None:
+    # "near" (7 GB) runs a (1 token left: done in 0.05 s) and b (1,000 left: 50 s), 3 GB each: m needs both
+    # gone. "far" has room for both, from DRAM. Moving a would load it elsewhere for nothing: a is drained
+    # (takes no new request) and b moves.
+    near = _gpu("near", holds={"dram": {"m"}}, memory=7 * GB,
+                instances=[_running("a", "near", 1, memory=3 * GB), _running("b", "near", 1000, memory=3 * GB)])
+    far = _gpu("far", holds={"dram": {"a", "b"}})
+    est.model_bytes["b"] = 6 * GB
+    d = choose("serverlessllm", "m", 6 * GB, [near, far], est)
+    assert (d.kind, d.gpu, d.move, d.drain) == ("migrate", ("near", 0), [("b-near", ("far", 0))], ["a-near"])
+    assert d.estimate_s == pytest.approx(0.3 + est.migration_s("b", 100) + 0.2)
+    assert d.reload_s == pytest.approx(0.3)
+
+
+def test_a_migration_is_weighed_with_the_reload_of_the_moved_model(est: Estimator) -> None:
+    # "near" holds m in DRAM and runs a for 50 s more; "far" holds a in DRAM (a move there: 0.4 s, m after it
+    # 0.2 s: 0.6 s in all) but m only in the repository; "other" holds m in DRAM behind 0.6 s of queue (0.8 s)
+    # and has no room for a. m starts 0.2 s sooner by the move, which spends a 0.3 s load of a: the load on
+    # "other" is the option. Behind a longer queue there (1.6 s) the move wins again.
+    def gpus(queue: float) -> list[GpuView]:
+        near = _gpu("near", holds={"dram": {"m"}}, instances=[_running("a", "near", 1000, memory=7 * GB)])
+        other = _gpu("other", holds={"dram": {"m"}}, memory=5 * GB, loading_s=queue)
+        return [near, _gpu("far", holds={"dram": {"a"}}), other]
+
+    d = choose("serverlessllm", "m", 4 * GB, gpus(0.6), est)
+    assert (d.kind, d.gpu) == ("load", ("other", 0))
+    migrate = next(c for c in d.considered if c["kind"] == "migrate")
+    assert migrate["estimate_s"] == pytest.approx(0.6) and migrate["reload_s"] == pytest.approx(0.3)
+    assert choose("serverlessllm", "m", 4 * GB, gpus(1.4), est).kind == "migrate"
+
+
+def test_on_cpu_devices_a_move_to_another_device_of_the_node_keeps_its_decode_on_the_host(est: Estimator) -> None:
+    # Node n1 has two cpu devices, both holding m and a in DRAM: a decodes on device 0, device 1 is free. Loading m
+    # on device 1 shares the host with a's decode: 0.2 s x 2. Moving a to device 1 frees device 0, but a's decode
+    # stays on n1's cores: its own load (0.3 s x 2) and recompute (0.1 s), then m's load still shared (0.4 s), not
+    # the 0.2 s of a quiet host it was once counted at.
+    busy0 = _gpu("n1", holds={"dram": {"m", "a"}}, instances=[_running("a", "n1", 1000)])
+    free1 = _gpu("n1", holds={"dram": {"m", "a"}})
+    free1.gpu = 1
+    for g in (busy0, free1):
+        g.kind = "cpu"
+    d = choose("serverlessllm", "m", 6 * GB, [busy0, free1], est)
+    assert (d.kind, d.gpu) == ("load", ("n1", 1)) and d.estimate_s == pytest.approx(0.2 * (1 + CPU_CONTENTION))
+    migrate = next(c for c in d.considered if c["kind"] == "migrate")
+    assert migrate["estimate_s"] == pytest.approx((0.3 + 0.2) * (1 + CPU_CONTENTION) + est.migration_s("a", 100))

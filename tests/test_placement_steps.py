@@ -254,3 +254,51 @@ def test_a_wait_for_a_gpu_about_to_free_queues_the_request_and_loads_there_once_
     actions = run(core.place("r1", "b", 0.0))
     assert kinds(actions) == ["Decided", "StartInstance"]
     assert (actions[0].decision.kind, actions[0].decision.gpu) == ("load", ("n2", 0))  # type: ignore[union-attr]
+
+
+def test_a_busy_instance_not_worth_moving_is_waited_for_beside_the_one_that_moves() -> None:
+    # n3 (10 GB) holds b in DRAM and runs a (x1, 1 token left; 4 GB) and c (x2, 1,000 left; 6 GB): b needs both
+    # gone. n2 holds a and c in DRAM and has room for one of them; n1 has room, b only in the repository
+    # (60 s). c moves to n2; a, done sooner than its move would be, is waited for: it takes no new request,
+    # and b loads once both have left.
+    core = make(holds={"n2": {"dram": {"a", "c"}}, "n3": {"dram": {"b"}}})
+    core.add_gpu("n3", 0, 10 * GB)
+    core.alive.add("n3")
+    core.add_model("c", steps.ModelLimits(2, 4))
+    core.estimator.model_bytes["c"] = 6 * GB
+    stays = core.new_instance("a", ("n3", 0), [], 0.0)
+    moves = core.new_instance("c", ("n3", 0), [], 0.0)
+    stays.memory_bytes = 4 * GB
+    for inst, request in ((stays, "x1"), (moves, "x2")):
+        run(core.ready(inst, 0.0))
+        inst.requests[request] = None
+    core.cluster.remaining.update({"x1": 1, "x2": 1000})  # type: ignore[attr-defined]
+    actions = run(core.place("r1", "b", 0.0))
+    assert kinds(actions) == ["Decided", "JoinReserved", "StartInstance", "Migrate"]
+    decision = actions[0].decision  # type: ignore[union-attr]
+    assert (decision.kind, decision.gpu, decision.drain) == ("migrate", ("n3", 0), [stays.instance_id])
+    migrate = actions[3]
+    assert isinstance(migrate, steps.Migrate) and migrate.source is moves and migrate.dest.node == "n2"
+    assert stays.draining and moves.draining
+    # a's request finishes where it is; c's has not moved yet: b waits.
+    core.request_done(stays, "x1", 0.5)
+    assert run(core.freed(stays, 0.5)) == []
+    core.request_done(moves, "x2", 1.0)
+    actions = run(core.freed(moves, 1.0))
+    assert kinds(actions) == ["Unload", "Unload", "StartInstance"]
+    assert {a.instance for a in actions[:2]} == {stays, moves}  # type: ignore[union-attr]
+    assert actions[2].instance.key == ("n3", 0) and actions[2].instance.waiters == ["r1"]  # type: ignore[union-attr]
+
+
+def test_a_reservation_given_up_lets_the_instances_it_waited_for_take_requests_again(monkeypatch: Any) -> None:
+    core = make(holds={"n1": {"dram": {"b"}}, "n2": {"dram": {"a"}}}, concurrency=1)
+    core.add_model("c", steps.ModelLimits(1, 4))
+    core.gpus[("n1", 0)] = 12 * GB
+    busy = ready_instance(core, "a", "n1", "x1")
+    stays = ready_instance(core, "c", "n1", "x2")
+    ready_instance(core, "b", "n2", "y1")  # n2 has no room for a, whatever choose decided, and b is full
+    decision = placement.Decision("migrate", ("n1", 0), 1.0, "dram", move=[(busy.instance_id, ("n2", 0))],
+                                  drain=[stays.instance_id])
+    monkeypatch.setattr(placement, "choose", lambda *args, **kwargs: decision)
+    assert kinds(run(core.place("r1", "b", 0.0))) == ["Decided", "JoinReserved", "Enqueued"]
+    assert not busy.draining and not stays.draining and core.reserved == {}

@@ -375,6 +375,28 @@ def test_migration_switched_off_makes_serverlessllm_wait_like_locality_wait() ->
     assert [r.latency_s for r in off.requests] == [r.latency_s for r in wait.requests]
 
 
+def test_on_cpu_devices_a_load_beside_a_decode_is_slowed_as_placement_estimates_it() -> None:
+    # s1 has two devices; a decodes on one (a 2,000-token request: 20 s); m then arrives. With m on SSD at s1 only,
+    # its load goes beside a's decode on the same host's cores: twice its 2 s, and the estimate says so (moving a
+    # to s1's other device would keep its decode on the host). With a copy on s2 too, placement loads it on the
+    # quiet node. Independent GPUs (cpu_devices off): 2 s beside the decode.
+    models = [_model("a", 1), _model("m", 2)]
+    work = [Arrival(0.0, "a", 1, 2001), Arrival(1.5, "m", 1, 1)]
+
+    def run(m_on: list[str], cpu: bool):
+        cfg = SimConfig([_server("s1", gpus=2), _server("s2")], models, initial_ssd={"a": ["s1"], "m": m_on},
+                        cpu_devices=cpu, check_invariants=True)
+        return simulate(cfg, work, "serverlessllm")
+
+    beside = run(["s1"], cpu=True)
+    assert _by_model(beside, "m").ttft_s == pytest.approx(2 * 2.0 + 0.001)
+    estimated, took = next((e, t) for tier, e, t in beside.estimates if t > 3.0)
+    assert estimated == pytest.approx(took) == pytest.approx(4.0)
+    quiet = run(["s1", "s2"], cpu=True)
+    assert _by_model(quiet, "m").server == "s2" and _by_model(quiet, "m").ttft_s == pytest.approx(2.0 + 0.001)
+    assert _by_model(run(["s1"], cpu=False), "m").ttft_s == pytest.approx(2.0 + 0.001)
+
+
 def test_with_the_node_pipeline_the_estimates_match_overlapping_loads() -> None:
     # One GPU with room for both: a model fetched from the repository, then one in DRAM ordered during that
     # fetch. The node runs the DRAM load beside the fetch, so its estimate must not count the fetch (it once did).

@@ -214,3 +214,18 @@ def test_a_warm_request_that_waited_for_a_slot_does_not_count_as_prefill() -> No
     records += [_record(i, "a", 5.0, 10, 11, 0.6 + 0.1, 0.6 + 0.1 + 10 * 0.05) for i in (4, 5, 6)]
     cal = derive_calibration(replay)
     assert cal["models"]["a"]["prefill_s_per_token"] == pytest.approx(0.01)
+
+
+def test_a_run_with_no_warm_request_takes_its_prefill_from_the_first_requests_after_a_load() -> None:
+    # Every request waited for a load (the GPU sweep's rayserve-cache run: its bursts left no warm request a free
+    # slot). Without a prefill measured, the simulator's default (0.2 ms a token) made its prompts ~10x too fast;
+    # the first token after the load's end gives it: a's 0.1 s and b's 0.2 s over 10 prompt tokens.
+    replay = _replay()
+    replay["records"]["locality-wait"] = [r for r in replay["records"]["locality-wait"] if r["request_id"] != "r2"]
+    cal = derive_calibration(replay)
+    # (Within 2 %: the replay's clock offset, read from its first decision's event, is 2 ms off the loads'.)
+    assert cal["models"]["a"]["prefill_s_per_token"] == pytest.approx(0.01, rel=0.03)
+    assert cal["models"]["b"]["prefill_s_per_token"] == pytest.approx(0.02, rel=0.03)
+    assert "after a load" in cal["comment"]["prefill_from"]
+    # With a warm request, its prefill is what counts, as before.
+    assert "warm" in derive_calibration(_replay())["comment"]["prefill_from"]

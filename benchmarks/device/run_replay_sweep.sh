@@ -5,14 +5,30 @@
 #   bash benchmarks/device/run_replay_sweep.sh          # device call; carry .whl and .gpu (see setup.sh)
 #   SETUP=0 DEVICE=cpu PY=.venv/bin/python SCALE=tiny bash benchmarks/device/run_replay_sweep.sh   # smoke, a CPU VM
 #
-# LAYOUT=policies (default): each (CV, seed, policy) is one replay process with its own cluster; a CV's processes
-# (3 seeds x 3 policies: 9 clusters of 2 nodes x 2 GPU budgets) run side by side on the one H200 and its 16 cores,
-# the CVs one after another. A seed's policies replay its workload at the same time, so the machine's load is the
+# LAYOUT=policies (default): each (CV, seed, policy) is one replay process with its own cluster; GROUP seeds'
+# processes (default all: 3 seeds x 3 policies, 9 clusters of 2 nodes x 2 GPU budgets) run side by side on the one
+# H200 and its 16 cores, phase after phase (a CV's groups, then the next CV's). A seed's policies replay its workload at the same time, so the machine's load is the
 # same for each (the pairing is in time as well as in workload). LAYOUT=seeds (the first run): one process per
 # (CV, seed) running its policies one after another, all side by side: a policy's place in the order was a phase
 # of the machine's load, and that, not placement, made the first run's differences (RESULTS.md). With
-# LAYOUT=policies each CV's phase gets (TOTAL - setup - 60 s) / (number of CVs): at TOTAL=360 (about 100 s a phase)
-# CV 2's nine clusters decoded too slowly to drain in time and only rayserve's runs finished. Each process has
+# LAYOUT=policies each phase gets (TOTAL - setup - 60 s) / (number of phases): at TOTAL=360 with GROUP=3 (about
+# 100 s a phase) CV 2's nine clusters decoded at 70-116 ms a token, too slowly to drain in time, and only
+# rayserve's runs finished (run 2 of 2026-12-03). GROUP=1 PHASE=seed runs one seed's policies at both CVs at a
+# time (6 clusters and rayserve-cache's on seed 0: 12-14 node processes, as many as run 1's 14, whose decode was
+# 15-47 ms a token and whose runs all drained), 3 phases of about 110 s.
+#
+# The next call (issue 19, after the placement fixes of session 3: a move is weighed with the reload of the moved
+# model, instances not worth moving are waited for, only as many leave as free the room), 9 minutes in all
+# (run(timeout_s=560, carry=[".whl", ".gpu"])):
+#
+#   GROUP=1 PHASE=seed DURATION=45 TIMEOUT=35 EXTRA=rayserve-cache TOTAL=500 bash benchmarks/device/run_replay_sweep.sh
+#
+# What to look for: every one of the 18 (CV, seed, policy) runs (and rayserve-cache on CV 8 seed 0) has its JSON
+# (summary.md's tables; none "interrupted" in the process tails); per seed, serverlessllm's ratio table against
+# random and rayserve (mean, p50, p99) in merged_cv{2,8}.json's `paired`; in serverlessllm's events, the schedule
+# decisions' `reload_s` and `drain`, and no burst where a model is loaded, moved and loaded again within seconds
+# (run 2's CV 8 seed 2: five loads of one model in 3 s). kserve is left out: its cold start (a process start,
+# 19 s under run 1's load) does not drain within a phase of this call. Each process has
 # its own keys directory (the clusters' `sllm up` would otherwise race to create the same key files).
 #
 # Sizes (full scale): 16 models of 400-1000 MB (fp32, llama shape, random weights drawn on the GPU), 11.2 GB;
@@ -79,20 +95,39 @@ if [ "$LAYOUT" = seeds ]; then
   [ -n "$EXTRA" ] && launch "cv${first_cv}_s${first_seed}_extra" "$DEADLINE" --cv "$first_cv" --policy "$EXTRA" --seeds "$first_seed"
   for p in "${pids[@]}"; do wait "$p"; done
 else
-  # One process per (seed, policy), all of a CV side by side, the CVs one after another: a seed's policies replay
-  # its workload at the same time on the same machine, so whatever load the machine is under, they share it.
-  ncv=$(echo $CVS | wc -w)
-  for cv in $CVS; do
-    limit=$(( (TOTAL - ($(date +%s) - t0) - 60) / ncv )); ncv=$(( ncv - 1 ))
+  # One process per (seed, policy); GROUP seeds' processes side by side in a phase (default: all of a CV's), the
+  # phases one after another: a seed's policies replay its workload at the same time on the same machine, so
+  # whatever load the machine is under, they share it. PHASE=cv (default): a phase is one CV's group of seeds;
+  # PHASE=seed: a phase is a group of seeds at every CV at once. Each phase gets an equal share of the time left.
+  nseeds=$(echo $SEEDS | wc -w); GROUP=${GROUP:-$nseeds}; PHASE=${PHASE:-cv}
+  groups=(); set -- $SEEDS
+  while [ $# -gt 0 ]; do
+    group=""; k=0
+    while [ $# -gt 0 ] && [ $k -lt "$GROUP" ]; do group="$group $1"; shift; k=$(( k + 1 )); done
+    groups+=("$group")
+  done
+  phase_list=()
+  if [ "$PHASE" = seed ]; then
+    for g in "${groups[@]}"; do phase_list+=("$CVS|$g"); done
+  else
+    for cv in $CVS; do for g in "${groups[@]}"; do phase_list+=("$cv|$g"); done; done
+  fi
+  phases=${#phase_list[@]}
+  for ph in "${phase_list[@]}"; do
+    cvs=${ph%%|*}; group=${ph#*|}
+    limit=$(( (TOTAL - ($(date +%s) - t0) - 60) / phases )); phases=$(( phases - 1 ))
     [ "$limit" -lt 30 ] && limit=30   # timeout 0 would mean none
-    echo "== CV $cv: $(echo $SEEDS | wc -w) seeds x ${POLICIES//,/ } side by side, ${limit}s"
+    echo "== CV $cvs, seeds$group: ${POLICIES//,/ } side by side, ${limit}s (at $(( $(date +%s) - t0 ))s)"
     pids=()
-    for s in $SEEDS; do for p in ${POLICIES//,/ }; do
-      launch "cv${cv}_s${s}_$p" "$limit" --cv "$cv" --policy "$p" --seeds "$s"
-    done; done
-    if [ -n "$EXTRA" ] && [ "$cv" = "$first_cv" ]; then for p in ${EXTRA//,/ }; do
-      launch "cv${cv}_s${first_seed}_$p" "$limit" --cv "$cv" --policy "$p" --seeds "$first_seed"
-    done; fi
+    for cv in $cvs; do
+      for s in $group; do for p in ${POLICIES//,/ }; do
+        launch "cv${cv}_s${s}_$p" "$limit" --cv "$cv" --policy "$p" --seeds "$s"
+      done; done
+      case "$group " in
+        *" $first_seed "*) if [ -n "$EXTRA" ] && [ "$cv" = "$first_cv" ]; then for p in ${EXTRA//,/ }; do
+          launch "cv${cv}_s${first_seed}_$p" "$limit" --cv "$cv" --policy "$p" --seeds "$first_seed"; done; fi ;;
+      esac
+    done
     for p in "${pids[@]}"; do wait "$p"; done
   done
 fi

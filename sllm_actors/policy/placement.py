@@ -7,7 +7,9 @@ holding m), 0 when an idle instance of m is already loaded there; with no local 
 tier's bandwidth applies. queue(g) is the wait for the loads g's node runs already, of which a node runs
 one fetch and one build at a time (:func:`pipeline_wait_s`). Migration estimate of a running inference r
 to GPU h: a_m * (tokens of r) + b_m, fitted from real resumes, plus h's start-up estimate for r's model
-(0 where a ready instance of r's model has a free slot: no load). Wait estimate on a busy GPU: the time its
+(0 where a ready instance of r's model has a free slot: no load); a move to a new instance spends a load of
+r's model there (its reload), counted when options are compared, and an instance whose requests end before
+its move plus that reload would is waited for rather than moved. Wait estimate on a busy GPU: the time its
 busy instances need to finish (each request's remaining tokens x the model's measured step time on that
 node) until the model fits, plus its start-up estimate there; ServerlessLLM waits only where that beats
 every load and migration. On ``cpu`` devices a load beside decodes on the same node is slowed by them
@@ -430,6 +432,15 @@ class Decision:
     split: list[tuple[str, tuple[str, int], tuple[str, ...]]] = field(default_factory=list)
     """(busy instance on ``gpu``, destination GPU, request ids) for an instance whose requests leave in parts,
     each to a ready instance of its model with free slots (no single destination had room for them all)."""
+    drain: list[str] = field(default_factory=list)
+    """Busy instances on ``gpu`` that are not moved but waited for: they take no new request, and the model
+    loads once they (and the moved ones) are gone. Moving them would be done no sooner than they finish, or
+    would save less than the load of their model it spends (see ``reload_s``)."""
+    reload_s: float = 0.0
+    """Seconds of loading the option spends on other models than this one: the fresh loads its moved instances
+    need at their destinations (the moved model must be loaded again for its requests to go on). Not part of
+    when the model starts (``estimate_s``), but of what the option costs: options are compared on
+    ``estimate_s + reload_s``, so a move is taken only where the time it saves pays for the load it spends."""
     considered: list[dict[str, object]] = field(default_factory=list)
     """Every option weighed, with its estimate: logged so estimator error can be checked."""
 
@@ -477,7 +488,7 @@ def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Esti
         pick.considered = considered
         return pick
 
-    best = min(options, key=lambda o: o.estimate_s, default=Decision("wait"))
+    best = min(options, key=_cost, default=Decision("wait"))
     if policy == "locality-wait" or policy not in ("serverlessllm", "shepherd"):
         best.considered = considered
         return best
@@ -496,20 +507,22 @@ def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Esti
         # The freed GPU's load alone is a lower bound of this option: where it cannot beat the best already
         # found, planning the moves (every busy instance against every GPU) is skipped; on a cluster of
         # 1,000 GPUs that planning for every busy GPU was most of a decision's time.
-        if _load_estimate(model, g, est, decoding, leaving=len(busy)) >= best.estimate_s:
+        if _load_estimate(model, g, est, decoding, leaving=len(busy)) >= _cost(best):
             continue
         plan = _plan_moves(busy, g, gpus, est, decoding, preempt=kind == "preempt")
         if plan is None:
             continue
-        cost, moves, split = plan
+        leave_s, moves, split, drain, reload_s = plan
         tier = g.best_tier(model)
-        # The freed GPU's load runs beside none of the decodes that left it.
-        estimate = cost + _load_estimate(model, g, est, decoding, leaving=len(busy))
-        considered.append({"kind": kind, "gpu": g.key, "tier": tier, "estimate_s": round(estimate, 4)})
-        if estimate < best.estimate_s:
+        # The freed GPU's load runs beside none of the decodes that left its node: those waited for, those moved
+        # to another node (a move to another device of the same ``cpu`` node keeps its decode on the host).
+        estimate = leave_s + _load_estimate(model, g, est, decoding, leaving=_leaving_node(g, busy, plan, kind))
+        considered.append({"kind": kind, "gpu": g.key, "tier": tier, "estimate_s": round(estimate, 4),
+                           "reload_s": round(reload_s, 4)})
+        if estimate + reload_s < _cost(best):
             best = Decision(kind, g.key, estimate, tier,
                             evict=[i.instance_id for i in g.instances if i.state == "ready" and not i.requests],
-                            move=moves, split=split)
+                            move=moves, split=split, drain=drain, reload_s=reload_s)
 
     if policy == "serverlessllm":
         # Waiting is an option like the others, priced from the busy instances' remaining tokens: taken only
@@ -519,10 +532,15 @@ def choose(policy: Policy, model: str, need: int, gpus: list[GpuView], est: Esti
         if wait is not None:
             considered.append({"kind": "wait", "gpu": wait.gpu, "tier": wait.tier,
                                "estimate_s": round(wait.estimate_s, 4)})
-            if wait.estimate_s < best.estimate_s:
+            if wait.estimate_s < _cost(best):
                 best = wait
     best.considered = considered
     return best
+
+
+def _cost(option: Decision) -> float:
+    """What options are compared on: when the model starts, plus the loads of other models the option spends."""
+    return option.estimate_s + option.reload_s
 
 
 def _decoding_per_node(gpus: list[GpuView]) -> dict[str, int]:
@@ -567,45 +585,103 @@ def _best_wait(model: str, need: int, gpus: list[GpuView], est: Estimator,
 
 def _plan_moves(busy: list[InstanceView], source: GpuView, gpus: list[GpuView], est: Estimator,
                 decoding: dict[str, int], preempt: bool = False
-                ) -> tuple[float, list[tuple[str, tuple[str, int]]], list[tuple[str, tuple[str, int], tuple[str, ...]]]] | None:
-    """Where each of ``source``'s busy instances' requests go: the seconds until the last has moved, the
-    whole-instance moves and the split ones; None: some instance's requests have nowhere to go.
+                ) -> tuple[float, list[tuple[str, tuple[str, int]]],
+                           list[tuple[str, tuple[str, int], tuple[str, ...]]], list[str], float] | None:
+    """How ``source``'s busy instances leave it: (the seconds until the last has
+    left, the whole-instance moves, the split ones, the instances waited for, the seconds of loads the moves
+    spend); None: some instance's requests have nowhere to go, or (migration) nothing is worth moving.
 
     An instance's requests go to one destination (a ready instance of its model with enough free slots, an
     idle one, or a GPU with room for a new instance, counting idle instances there that may be unloaded),
     whichever starts soonest; or, when none can take them all or when that is sooner, spread over ready
     instances of the model with free slots (no load at all). Destinations chosen for one instance are
-    reserved against the next."""
+    reserved against the next.
+
+    With migration, an instance may also stay and be waited for (drained): its requests finish where they
+    are. It does where its move plus the load of its model the move spends (a new instance at the
+    destination) is no sooner than its requests' own end: a move done after the requests would have finished
+    saves nothing, and one that saves less than that load spends more of the cluster than it gives back. So
+    do the instances that end before the last one leaves anyway (their move would not free the GPU sooner).
+    Every busy instance leaves (moving only as many as free the room needed let cheap moves reserve GPUs for
+    long loads others could have used: 2 % worse at CV 2 in the paper-scale sweep). Preemption (Shepherd) keeps
+    its reach as it was."""
     reserved_bytes: dict[tuple[str, int], int] = {}
     reserved_slots: dict[str, int] = {}
-    moves: list[tuple[str, tuple[str, int]]] = []
-    split: list[tuple[str, tuple[str, int], tuple[str, ...]]] = []
-    cost = 0.0
+    planned: list[tuple[InstanceView, float, float, float, list[tuple[str, tuple[str, int], tuple[str, ...]]],
+                        tuple[str, int] | None]] = []
+    """(instance, seconds to move it, the load the move spends, seconds until it ends by itself, split parts,
+    or the whole move's destination)."""
     for inst in sorted(busy, key=lambda i: sum(r.tokens for r in i.requests)):
         recompute = 0.0 if preempt else max(est.migration_s(inst.model, r.tokens) for r in inst.requests)
+        finish = math.inf if preempt else est.busy_s(inst, source.node)
         whole = _destination_for(inst, source, gpus, est, decoding, reserved_bytes, reserved_slots, widen=not preempt)
         # Preempted requests restart wherever they are placed next: only migration needs a split.
         parts = None if preempt else _split_for(inst, source, gpus, reserved_slots)
         if whole is None and parts is None:
+            # Nowhere to go. Waiting for it instead would turn the option into a wait that holds the GPU reserved
+            # meanwhile (the paper-scale sweep: a 48 s reservation for a 60 GB model that others then could not
+            # use): that is what the wait option, re-decided at every finish, is for.
             return None
         if parts is not None and (whole is None or whole[1] > 0.0):
-            for dest_inst, dest_key, ids in parts:
+            for dest_inst, _, ids in parts:
                 reserved_slots[dest_inst] = reserved_slots.get(dest_inst, 0) + len(ids)
-                split.append((inst.instance_id, dest_key, ids))
-            move_s = recompute
+            planned.append((inst, recompute, 0.0, finish, parts, None))
+            continue
+        assert whole is not None
+        dest_gpu, startup, dest_inst_id = whole
+        if dest_inst_id:
+            reserved_slots[dest_inst_id] = reserved_slots.get(dest_inst_id, 0) + len(inst.requests)
+            reload = 0.0
         else:
-            assert whole is not None
-            dest_gpu, startup, dest_inst_id = whole
-            if dest_inst_id:
-                reserved_slots[dest_inst_id] = reserved_slots.get(dest_inst_id, 0) + len(inst.requests)
-            else:
-                reserved_bytes[dest_gpu.key] = reserved_bytes.get(dest_gpu.key, 0) + inst.memory_bytes
-            moves.append((inst.instance_id, dest_gpu.key))
-            # Token-based migration: the destination loads, then recomputes the KV cache while the source keeps
-            # generating; the new model waits for the slowest move. Shepherd's preemption stops it at once.
-            move_s = 0.0 if preempt else startup + recompute
-        cost = max(cost, move_s)
-    return cost, moves, split
+            reserved_bytes[dest_gpu.key] = reserved_bytes.get(dest_gpu.key, 0) + inst.memory_bytes
+            reload = 0.0 if preempt else _own_load_s(inst.model, dest_gpu, est, decoding)
+        # Token-based migration: the destination loads, then recomputes the KV cache while the source keeps
+        # generating; the new model waits for the slowest move. Shepherd's preemption stops it at once.
+        planned.append((inst, 0.0 if preempt else startup + recompute, reload, finish, [], dest_gpu.key))
+
+    stays = {p[0].instance_id for p in planned if not preempt and p[1] + p[2] >= p[3]}
+    last = max((p[3] if p[0].instance_id in stays else p[1] for p in planned), default=0.0)
+    if not preempt:
+        # Those that end before the last one leaves anyway stay too: moving them would not free the GPU sooner.
+        stays |= {p[0].instance_id for p in planned if p[3] <= last}
+        if len(stays) == len(planned):
+            return None  # nothing is worth moving: that is the wait option (see _best_wait)
+    moves: list[tuple[str, tuple[str, int]]] = []
+    split: list[tuple[str, tuple[str, int], tuple[str, ...]]] = []
+    drain: list[str] = []
+    reload_s = 0.0
+    for inst, _, reload, _, parts, dest in planned:
+        if inst.instance_id in stays:
+            drain.append(inst.instance_id)
+            continue
+        reload_s += reload
+        if dest is not None:
+            moves.append((inst.instance_id, dest))
+        else:
+            split.extend((inst.instance_id, key, ids) for _, key, ids in parts)
+    return last, moves, split, drain, reload_s
+
+
+def _leaving_node(source: GpuView, busy: list[InstanceView], plan: tuple[float, list[tuple[str, tuple[str, int]]],
+                  list[tuple[str, tuple[str, int], tuple[str, ...]]], list[str], float], kind: str) -> int:
+    """How many of ``source``'s busy instances stop decoding on its node under ``plan``: the drained ones, and the
+    moved ones whose destinations are all on other nodes. (Preemption: all, as it always counted.)"""
+    if kind == "preempt":
+        return len(busy)
+    _, moves, split, drain, _ = plan
+    stays_on_node = {i for i, dest in moves if dest[0] == source.node}
+    stays_on_node |= {i for i, dest, _ in split if dest[0] == source.node}
+    moved = {i for i, _ in moves} | {i for i, _, _ in split}
+    return len(drain) + len(moved - stays_on_node)
+
+
+def _own_load_s(model: str, gpu: GpuView, est: Estimator, decoding: dict[str, int]) -> float:
+    """The seconds ``model``'s load on ``gpu`` takes by itself (its node's queue left out): the loading work a
+    move to a new instance there spends, slowed on a ``cpu`` node as :func:`_load_estimate` says."""
+    seconds = sum(est.load_parts(model, gpu))
+    if gpu.kind == "cpu":
+        seconds *= 1.0 + CPU_CONTENTION * decoding.get(gpu.node, 0)
+    return seconds
 
 
 def _destination_for(inst: InstanceView, source: GpuView, gpus: list[GpuView], est: Estimator,

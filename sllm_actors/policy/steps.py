@@ -3,8 +3,9 @@
 A request for a model goes to a ready instance of it with room (the one with fewest requests); else it
 waits on an instance of it that is loading; else on a GPU reserved for it; else a new instance starts where
 :func:`~sllm_actors.policy.placement.choose` says: a cold start (after unloading the idle instances it
-names), or, once the busy instances it names have moved away (migration) or been stopped (preemption), on
-the GPU they free; else the request queues until capacity appears.
+names), or, once the busy instances it names have moved away (migration), finished there (those it waits
+for rather than moves) or been stopped (preemption), on the GPU they free; else the request queues until
+capacity appears.
 
 A pure core under two IO shells: :class:`PlacementSteps` holds what the steps decide on (instances per GPU
 and their states, reservations, the queue) and reads no clock (``now`` is passed in). Each step is a
@@ -412,6 +413,12 @@ class PlacementSteps:
             if busy is not None:
                 wanted = set(ids)
                 parts.append((instance_id, dest, [r for r in self._ordered(busy.requests) if str(r) in wanted]))
+        # The busy instances ``choose`` waits for rather than moves take no new request; the model loads once
+        # they and the moved ones are gone (see try_reserved).
+        for instance_id in decision.drain:
+            stays = self.instances.get(instance_id)
+            if stays is not None:
+                stays.draining = True
         for instance_id, dest, requests in parts:
             busy = self.instances.get(instance_id)
             if busy is None or key not in self.reserved:
@@ -454,10 +461,13 @@ class PlacementSteps:
             yield StartInstance(inst, "on the GPU freed for it")
 
     def release(self, key: GpuKey, now: float) -> Steps[None]:
-        """The GPU ``key`` will not be freed: its reservation's waiters queue (and may choose again)."""
+        """The GPU ``key`` will not be freed: its reservation's waiters queue (and may choose again), and the
+        instances there that were to leave it take requests again."""
         reservation = self.reserved.pop(key, None)
         if reservation is None:
             return
+        for inst in self.on_gpu.get(key, ()):
+            inst.draining = False
         for request in reservation.waiters:
             yield from self._enqueue(Waiting(request, reservation.model, now))
 

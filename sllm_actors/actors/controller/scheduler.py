@@ -309,7 +309,8 @@ class SchedulerActor(SupervisedActor):
                 + (f" on {decision.gpu[0]}/gpu-{decision.gpu[1]} from {decision.tier}, est. "
                    f"{decision.estimate_s:.2f}s" if decision.gpu else ""),
                 {"model": action.model, "request_id": action.request, "decision": decision.kind,
-                 "estimate_s": decision.estimate_s if decision.gpu else None, "considered": decision.considered},
+                 "estimate_s": decision.estimate_s if decision.gpu else None, "considered": decision.considered,
+                 "reload_s": decision.reload_s, "drain": decision.drain},
             )
         elif isinstance(action, steps.StartInstance):
             self.health.load_started(action.instance.key, time.monotonic(), action.instance.model)
