@@ -120,6 +120,39 @@ def test_logits_match_transformers_alone_and_in_a_mixed_batch(arch: str, dtype: 
     assert engine.kv_usage()[0] == 0, "every block is free once every request finished"
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padded_prefill_steps_match_transformers(arch: str) -> None:
+    # The forward a prefill graph captures (prompts padded to a few shapes, segment ids and a device-built mask
+    # in place of per-step host tensors), run eagerly on a CPU: the graphs themselves need CUDA
+    # (tests/test_engine_cuda.py), what they compute is checked here. Chunks with a context (a long prompt's later
+    # chunks) and steps that also decode take the same path.
+    model, stock, tokenizer = _models(arch)
+    rng = random.Random(2)
+    lengths = [(3, 6), (40, 8), (17, 12), (1, 9), (64, 5), (9, 10), (29, 7), (5, 11)]
+    forced = {f"r{i}": _random_tokens(p + n + 1, len(tokenizer), tokenizer.eos_token_id, rng)
+              for i, (p, n) in enumerate(lengths)}
+    prompt_lens = {f"r{i}": p for i, (p, _) in enumerate(lengths)}
+    expected = _reference(stock, forced, prompt_lens)
+    engine = Engine(model, tokenizer, kv_cache_bytes=8 * 1024**2, max_batched_tokens=48)
+    engine.runner.pad_prefills = True
+    shapes: list[tuple[int, int, int]] = []
+    forward = engine.runner._prefill_forward
+
+    def counted(inputs: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        shapes.append(shape)
+        return forward(inputs, shape)
+
+    engine.runner._prefill_forward = counted  # type: ignore[method-assign]
+    for together in (False, True):
+        got = _teacher_forced(engine, forced, prompt_lens, together)
+        for rid in forced:
+            delta = (got[rid] - expected[rid]).abs().max().item()
+            assert delta <= TOLERANCE[torch.float32], f"{arch} {rid} together={together}: max |Δlogit| {delta}"
+    assert any(context > tokens for tokens, context, _ in shapes), "a chunk with a context ran padded"
+    assert any(rows > 1 for _, _, rows in shapes), "a step of several prompts ran padded"
+    assert engine.kv_usage()[0] == 0
+
+
 def _greedy(engine: Engine, prompts: dict[str, list[int]], max_tokens: int, together: bool) -> dict[str, list[int]]:
     seqs = [Sequence(rid, ids, [], SamplingParams(max_tokens, 0.0, 1.0, 0)) for rid, ids in prompts.items()]
     _serve(engine, seqs, together)
