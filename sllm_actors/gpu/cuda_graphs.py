@@ -8,7 +8,7 @@ only for a shape the engine has already served eagerly: a cold start's first tok
 served eagerly, with a log line saying why.
 
 Prefill steps (the prompts that arrived since the last step, packed in one forward) are captured too, per padded
-shape (tokens, context, sampled rows; :class:`PrefillGraph`): an eager prefill of a small model is ~30 ms of host
+shape (tokens and context to powers of two, sampled rows to a power of two from 8; :class:`PrefillGraph`): an eager prefill of a small model is ~30 ms of host
 time on an H200 (a thousand launches through transformers' Python), and under a burst of arrivals every new
 request waits behind it. Attention stays inside the graph: the step's whole context is gathered from the cache
 under a block-diagonal causal mask built on the device from per-token segment ids, so one graph serves any mix
@@ -50,6 +50,9 @@ DecodeForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 """The runner's decode forward: (token ids, positions, slots, block tables, context lengths) to logits."""
 
 
+PREFILL_CAPTURE_AFTER_USES = 1
+"""A prefill shape is captured at its second use (decode shapes at their third): a burst's shapes recur once per
+burst, not once per step, and the cold start's first prefill still runs eagerly."""
 MAX_PREFILL_GRAPHS = 48
 """At most this many prefill shapes are captured per runner (each capture holds a step back by about two forwards,
 and each graph keeps its logits buffer); later shapes run eagerly, padded."""
@@ -198,7 +201,7 @@ class StepGraphs:
         graph = self._prefills.get(shape)
         if graph is None and self.prefill_enabled and len(self._prefills) < MAX_PREFILL_GRAPHS:
             self._uses[shape] = self._uses.get(shape, 0) + 1
-            if self._uses[shape] > CAPTURE_AFTER_USES and time.monotonic() >= self._retry_at:
+            if self._uses[shape] > PREFILL_CAPTURE_AFTER_USES and time.monotonic() >= self._retry_at:
                 graph = self._capture_prefill(shape, forward)
         return graph
 
@@ -264,6 +267,7 @@ class StepGraphs:
         return sorted(self._prefills)
 
 
-__all__ = ["BATCH_LADDER", "CAPTURE_AFTER_USES", "CAPTURE_RETRY_S", "MAX_PREFILL_GRAPHS", "PREFILL_MIN_TOKENS", "DecodeForward",
+__all__ = ["BATCH_LADDER", "CAPTURE_AFTER_USES", "CAPTURE_RETRY_S", "MAX_PREFILL_GRAPHS", "PREFILL_CAPTURE_AFTER_USES",
+           "PREFILL_MIN_TOKENS", "DecodeForward",
            "DecodeGraph", "PrefillForward", "PrefillGraph", "PrefillShape", "StepGraphs", "batch_bucket",
            "pow2_bucket", "prefill_input_size"]

@@ -194,7 +194,8 @@ class ModelRunner:
         context = sum(f.start + len(f.ids) for f in feeds)
         rows = sum(1 for f in feeds if f.sample)
         padded = pow2_bucket(tokens)
-        shape = (padded, pow2_bucket(context + (padded > tokens)), batch_bucket(max(1, rows)))
+        # Rows to a coarse ladder: fewer shapes to capture; a few more rows through the LM head cost nothing.
+        shape = (padded, pow2_bucket(context + (padded > tokens)), pow2_bucket(rows, 8))
         if shape[0] > self.max_prefill_tokens or shape[1] > self.max_prefill_context:
             return None
         return shape
