@@ -1,9 +1,20 @@
-# The engine under load against issue 20's goals, in one call (about 7 minutes on a bare 1x H200): through the
+# The engine under load against issue 20's goals, in one call (about 7.5 minutes on a bare 1x H200): through the
 # cluster at 1/32/256 streams, 3 runs each (median and spread), transformers' generate at batch 1/32/256 3 times
 # as the in-run baseline, with per-hop TTFT traces (benchmarks/trace_ttft.py); then the A/B at 32/256 streams with
 # prefill graphs off (SLLM_PREFILL_GRAPHS=0: new prompts' prefill steps eager, the path before them; AB_ENV sets
-# another switch, e.g. SLLM_OUTPUT_THREAD=0); then the engine's CUDA tests. Everything lands in $OUT/goals.tar.gz.
+# another switch, e.g. SLLM_OUTPUT_THREAD=0); then the engine's CUDA tests. Everything lands in $OUT/goals.tar.gz
+# (goals/: machine.txt, goals.{log,json} with graphs on, goals-ab.{log,json} with them off, tests.log).
 # PROFILE=1 adds py-spy stacks (py-spy on PATH) of the first measured round at 1 and 32 streams, at the end.
+# Knobs: RUNS (3), CONCURRENCY (1,32,256), AB_CONCURRENCY (32,256), AB_ENV, and each stage's limit GOALS_S (230),
+# AB_S (120), TEST_S (100); short of time, RUNS=2.
+#
+# What to look for: per N, tok/s and TTFT p50/p99 (median of the runs, min..max) in goals.log against goals-ab.log
+# at 32 and 256 streams (the same call, so same-run ratios), and the per-hop p50s `inst_in` (an arrival waiting
+# for the running step) and `token_sampled` (its own prefill step): before prefill graphs an eager prefill step was
+# ~30 ms of host time on the H200 and arrivals waited 69 ms behind it at 32 streams (RESULTS.md, issue 20). Issue
+# 20's goals: TTFT p50 <= 50 ms / p99 <= 150 ms at 32 streams, p50 <= 150 ms at 256, >= 5x generate b32, >= 3x
+# generate b256. tests.log: 8 passed (test_prefill_graphs_... checks capture, replay against eager, and the logits
+# against the unpadded engine; the node logs "captured prefill graph (T, C, R)" for each shape).
 # Carry .whl and .gpu (see setup.sh).
 #   device run: bash benchmarks/device/run_engine_goals.sh
 source benchmarks/device/setup.sh || exit 1
