@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
+import struct
 from typing import Any
 
 import pytest
@@ -224,6 +225,34 @@ def test_sampling_follows_the_distribution() -> None:
     assert (freq - probs).abs().max().item() < 0.03, freq
     nucleus = sample(logits, [1.0] * 4000, [0.7] * 4000, [step_seed(9, k) for k in range(4000)])
     assert set(nucleus.tolist()) == {0, 1}, "top_p 0.7 keeps the two tokens whose mass reaches it"
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _fmix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_sampling_uniforms_are_the_documented_hash_of_seed_and_token() -> None:
+    # A request resumed on another node (or by another version of the engine) samples what it would have only if
+    # the uniforms stay this function of (step seed, token id): checked against the hash written out in plain
+    # integers, for seeds that use all 63 bits.
+    from sllm_actors.gpu.sampler import uniforms
+
+    seeds = [0, 1, 2**32 - 1, 2**32, 2**63 - 1] + [step_seed(s, k) for s in (3, 12345) for k in (0, 7, 99)]
+    got = uniforms(torch.tensor(seeds, dtype=torch.int64), 300)
+    for row, seed in enumerate(seeds):
+        lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+        # The top 24 bits plus a half, rounded to float32 as the device adds it, times 2**-24 (exact).
+        expected = [_f32((_fmix32(_fmix32(((t * 0x9E3779B1) & 0xFFFFFFFF) ^ lo) ^ hi) >> 8) + 0.5) / (1 << 24)
+                    for t in range(300)]
+        assert got[row].tolist() == expected, f"seed {seed}"
 
 
 def test_a_model_the_paged_attention_cannot_run_fails_at_load_with_the_reason() -> None:
