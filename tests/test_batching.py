@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
+import struct
 from typing import Any
 
 import pytest
@@ -120,6 +121,42 @@ def test_logits_match_transformers_alone_and_in_a_mixed_batch(arch: str, dtype: 
     assert engine.kv_usage()[0] == 0, "every block is free once every request finished"
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padded_prefill_steps_match_transformers(arch: str) -> None:
+    # The forward a prefill graph captures (prompts padded to a few shapes, segment ids and a device-built mask
+    # in place of per-step host tensors), run eagerly on a CPU: the graphs themselves need CUDA
+    # (tests/test_engine_cuda.py), what they compute is checked here. Chunks with a context (a long prompt's later
+    # chunks) and steps that also decode take the same path.
+    model, stock, tokenizer = _models(arch)
+    rng = random.Random(2)
+    lengths = [(3, 6), (40, 8), (17, 12), (1, 9), (64, 5), (9, 10), (29, 7), (5, 11)]
+    forced = {f"r{i}": _random_tokens(p + n + 1, len(tokenizer), tokenizer.eos_token_id, rng)
+              for i, (p, n) in enumerate(lengths)}
+    prompt_lens = {f"r{i}": p for i, (p, _) in enumerate(lengths)}
+    expected = _reference(stock, forced, prompt_lens)
+    engine = Engine(model, tokenizer, kv_cache_bytes=8 * 1024**2, max_batched_tokens=48)
+    engine.runner.pad_prefills = True
+    shapes: list[tuple[int, int, int]] = []
+    forward = engine.runner._prefill_forward
+
+    prompts_per_step: list[int] = []
+
+    def counted(inputs: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        shapes.append(shape)
+        prompts_per_step.append(int(inputs[3 * shape[0]:4 * shape[0]].max()) + 1)  # segment ids 0 .. n-1
+        return forward(inputs, shape)
+
+    engine.runner._prefill_forward = counted  # type: ignore[method-assign]
+    for together in (False, True):
+        got = _teacher_forced(engine, forced, prompt_lens, together)
+        for rid in forced:
+            delta = (got[rid] - expected[rid]).abs().max().item()
+            assert delta <= TOLERANCE[torch.float32], f"{arch} {rid} together={together}: max |Δlogit| {delta}"
+    assert any(context > tokens for tokens, context, _ in shapes), "a chunk with a context ran padded"
+    assert max(prompts_per_step) > 1, "a step of several prompts ran padded"
+    assert engine.kv_usage()[0] == 0
+
+
 def _greedy(engine: Engine, prompts: dict[str, list[int]], max_tokens: int, together: bool) -> dict[str, list[int]]:
     seqs = [Sequence(rid, ids, [], SamplingParams(max_tokens, 0.0, 1.0, 0)) for rid, ids in prompts.items()]
     _serve(engine, seqs, together)
@@ -188,6 +225,34 @@ def test_sampling_follows_the_distribution() -> None:
     assert (freq - probs).abs().max().item() < 0.03, freq
     nucleus = sample(logits, [1.0] * 4000, [0.7] * 4000, [step_seed(9, k) for k in range(4000)])
     assert set(nucleus.tolist()) == {0, 1}, "top_p 0.7 keeps the two tokens whose mass reaches it"
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _fmix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_sampling_uniforms_are_the_documented_hash_of_seed_and_token() -> None:
+    # A request resumed on another node (or by another version of the engine) samples what it would have only if
+    # the uniforms stay this function of (step seed, token id): checked against the hash written out in plain
+    # integers, for seeds that use all 63 bits.
+    from sllm_actors.gpu.sampler import uniforms
+
+    seeds = [0, 1, 2**32 - 1, 2**32, 2**63 - 1] + [step_seed(s, k) for s in (3, 12345) for k in (0, 7, 99)]
+    got = uniforms(torch.tensor(seeds, dtype=torch.int64), 300)
+    for row, seed in enumerate(seeds):
+        lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+        # The top 24 bits plus a half, rounded to float32 as the device adds it, times 2**-24 (exact).
+        expected = [_f32((_fmix32(_fmix32(((t * 0x9E3779B1) & 0xFFFFFFFF) ^ lo) ^ hi) >> 8) + 0.5) / (1 << 24)
+                    for t in range(300)]
+        assert got[row].tolist() == expected, f"seed {seed}"
 
 
 def test_a_model_the_paged_attention_cannot_run_fails_at_load_with_the_reason() -> None:

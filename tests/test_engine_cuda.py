@@ -106,6 +106,60 @@ def test_decode_graphs_are_captured_and_replay_what_eager_computes(tiny_model: P
     assert not eager.runner.graph_shapes
 
 
+def _staggered(engine: Engine, n: int, max_tokens: int) -> list[list[int]]:
+    """Half the requests start, decode a few steps, then the other half arrives: steps that decode and prefill."""
+    seqs = [Sequence(f"s{i}", engine.tokenize(PROMPT + " word" * (5 * i + 1), chat=False), [],
+                     SamplingParams(max_tokens, 0.0 if i % 2 == 0 else 0.8, 0.9, i)) for i in range(n)]
+    for seq in seqs[:n // 2]:
+        engine.add(seq)
+    for _ in range(3):
+        engine.step_batch()
+    for seq in seqs[n // 2:]:
+        engine.add(seq)
+    while engine.has_work():
+        engine.step_batch()
+    return [s.generated_ids for s in seqs]
+
+
+def test_prefill_graphs_are_captured_and_replay_what_their_eager_steps_compute(tiny_model: Path) -> None:
+    # New prompts' prefill steps, padded to a shape, run eagerly once and are then captured: every round after
+    # that replays graphs for its prefills (alone, and beside a decode graph), and gives the tokens the eager
+    # padded rounds gave. Against the unpadded eager engine, the logits of a prompt agree to float tolerance.
+    from sllm_actors.gpu.runner import Feed
+    from sllm_actors.models import load_for_inference
+
+    model, tokenizer = load_for_inference(tiny_model, "cuda:0")
+    graphs = Engine(model, tokenizer, prefill_graphs=True)
+    assert graphs.runner.pad_prefills
+    rounds = [(_batch(graphs, 8, 12), _staggered(graphs, 8, 12)) for _ in range(4)]
+    assert graphs.runner.prefill_graph_shapes, "prefill shapes served twice are captured"
+    assert not graphs.runner.graphs.note, graphs.runner.graphs.note
+    assert all(r == rounds[0] for r in rounds)
+
+    plain = Engine(model, tokenizer, cuda_graphs=False)
+    prompts = [graphs.tokenize(PROMPT + " word" * k, chat=False) for k in (0, 7, 20)]
+
+    def prefill_logits(engine: Engine, graph_prefill: bool) -> torch.Tensor:
+        tables: list[list[int]] = []
+        for ids in prompts:
+            table: list[int] = []
+            assert engine.blocks.grow(table, len(ids))
+            tables.append(table)
+        feeds = [Feed(ids, 0, table, True) for ids, table in zip(prompts, tables)]
+        with engine.gate.shared():
+            out = engine.runner.execute(feeds, 0, graph_prefill=graph_prefill).float().cpu()
+        for table in tables:
+            engine.blocks.release(table)
+        return out
+
+    expected = prefill_logits(plain, False)
+    got = [prefill_logits(graphs, True) for _ in range(3)]  # eager (padded) at first, then the captured shape
+    assert all(torch.equal(g, got[0]) for g in got)
+    assert torch.allclose(got[0], expected, atol=0.06, rtol=0.0), (got[0] - expected).abs().max()
+    deterministic = Engine(model, tokenizer, prefill_graphs=True, deterministic=True)
+    assert not deterministic.runner.pad_prefills, "deterministic mode never pads a prompt"
+
+
 def test_sampling_uniforms_are_the_same_on_every_device() -> None:
     from sllm_actors.gpu.sampler import step_seed, uniforms
 

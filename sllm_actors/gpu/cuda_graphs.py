@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps: captured lazily, one shape at a time, replayed for the live batch.
+"""CUDA graphs for engine steps: captured lazily, one shape at a time, replayed for the live batch.
 
 A decode-only step of a small model is a chain of a thousand tiny kernels, whose launches cost more than their
 work; a captured graph launches them as one. The live batch is padded to the next size of a ladder (batch sizes
@@ -6,6 +6,14 @@ work; a captured graph launches them as one. The live batch is padded to the nex
 only for a shape the engine has already served eagerly: a cold start's first tokens never wait for a capture
 (vLLM captures every size before serving, tens of seconds on a cold start). Anything that cannot be captured is
 served eagerly, with a log line saying why.
+
+Prefill steps (the prompts that arrived since the last step, packed in one forward) are captured too, per padded
+shape (tokens and context to powers of two, sampled rows to a power of two from 8; :class:`PrefillGraph`): an eager prefill of a small model is ~30 ms of host
+time on an H200 (a thousand launches through transformers' Python), and under a burst of arrivals every new
+request waits behind it. Attention stays inside the graph: the step's whole context is gathered from the cache
+under a block-diagonal causal mask built on the device from per-token segment ids, so one graph serves any mix
+of prompts whose padded sizes match. The eager step of such a shape runs the same padded forward, so a replay
+computes what the eager step did.
 
 The runner owns the forward; this module owns the graphs, their persistent inputs and the decision when to
 capture. Padded rows write to and read only the scratch block (:data:`~sllm_actors.gpu.block_manager.SCRATCH_BLOCK`).
@@ -40,6 +48,24 @@ capture is tried for this long: each try holds back the other engines' new steps
 
 DecodeForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """The runner's decode forward: (token ids, positions, slots, block tables, context lengths) to logits."""
+
+
+PREFILL_CAPTURE_AFTER_USES = 1
+"""A prefill shape is captured at its second use (decode shapes at their third): a burst's shapes recur once per
+burst, not once per step, and the cold start's first prefill still runs eagerly."""
+MAX_PREFILL_GRAPHS = 48
+"""At most this many prefill shapes are captured per runner (each capture holds a step back by about two forwards,
+and each graph keeps its logits buffer); later shapes run eagerly, padded."""
+PREFILL_MIN_TOKENS = 16
+"""The smallest padded prefill: prefill shapes are powers of two from here."""
+
+
+def pow2_bucket(n: int, least: int = PREFILL_MIN_TOKENS) -> int:
+    """The power of two (at least ``least``) a prefill's token or context count is padded to."""
+    size = least
+    while size < n:
+        size *= 2
+    return size
 
 
 def batch_bucket(n: int) -> int:
@@ -91,11 +117,53 @@ class DecodeGraph:
         return self.logits
 
 
-class DecodeGraphs:
-    """A runner's captured decode steps by shape (padded batch, context blocks), and when to capture one."""
+PrefillShape = tuple[int, int, int]
+"""A padded prefill step: (query tokens, context tokens, sampled rows)."""
+
+PrefillForward = Callable[[torch.Tensor, PrefillShape], torch.Tensor]
+"""The runner's padded prefill forward: (the step's inputs as one tensor, its shape) to the sampled rows' logits."""
+
+
+def prefill_input_size(shape: PrefillShape) -> int:
+    """Length of a padded prefill's input tensor: token ids, positions, slots and segments of the queries (4 x
+    tokens), slots, segments and positions of the context (3 x context), then the rows to sample."""
+    tokens, context, rows = shape
+    return 4 * tokens + 3 * context + rows
+
+
+class PrefillGraph:
+    """One captured prefill step of a padded shape; a replay copies the step's inputs into its persistent ones."""
+
+    def __init__(self, forward: PrefillForward, device: torch.device, shape: PrefillShape, pool: Any,
+                 capture_stream: Any) -> None:
+        self.shape = shape
+        # Zeros are valid inputs: token 0 at position 0 in segment 0, its keys in slot 0 (the scratch block's),
+        # context of that slot alone, row 0 sampled: the warm-up and the capture write only the scratch block.
+        self.inputs = torch.zeros(prefill_input_size(shape), dtype=torch.long, device=device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            forward(self.inputs, shape)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), \
+                torch.cuda.graph(self.graph, pool=pool, stream=capture_stream, capture_error_mode="thread_local"):
+            self.logits = forward(self.inputs, shape)
+
+    def replay(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Run the step for ``inputs`` (a host tensor laid out as :func:`prefill_input_size` says); returns the
+        logits of every sampled row, padding included."""
+        self.inputs.copy_(inputs, non_blocking=True)
+        self.graph.replay()
+        return self.logits
+
+
+class StepGraphs:
+    """A runner's captured steps by shape, and when to capture one: decodes by (padded batch, context blocks),
+    prefills by (tokens, context, sampled rows)."""
 
     def __init__(self, device: torch.device, block_size: int, *, enabled: bool, max_batch: int,
-                 max_blocks: int) -> None:
+                 max_blocks: int, prefill: bool = False) -> None:
         self.device = device
         self.block_size = block_size
         self.enabled = enabled and device.type == "cuda"
@@ -105,8 +173,11 @@ class DecodeGraphs:
                                              else "CUDA graphs off by configuration")
         """Why decode steps run eagerly, when they do."""
         self.capture_s = 0.0
+        self.prefill_enabled = self.enabled and prefill
+        """Whether prefill steps are captured (off after a failed prefill capture; decodes go on)."""
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
-        self._uses: dict[tuple[int, int], int] = {}
+        self._prefills: dict[PrefillShape, PrefillGraph] = {}
+        self._uses: dict[tuple[int, ...], int] = {}
         self._pool: Any = None
         self._stream: Any = None
         self._retry_at = 0.0
@@ -122,6 +193,41 @@ class DecodeGraphs:
             self._uses[key] = self._uses.get(key, 0) + 1
             if self._uses[key] > CAPTURE_AFTER_USES and time.monotonic() >= self._retry_at:
                 graph = self._capture(batch, n_blocks, forward)
+        return graph
+
+    def prefill_for(self, shape: PrefillShape, forward: PrefillForward) -> PrefillGraph | None:
+        """The prefill graph of this padded shape, captured now (running ``forward``) once the shape has been
+        served eagerly often enough; None: serve the step eagerly (with the same padded forward)."""
+        graph = self._prefills.get(shape)
+        if graph is None and self.prefill_enabled and len(self._prefills) < MAX_PREFILL_GRAPHS:
+            self._uses[shape] = self._uses.get(shape, 0) + 1
+            if self._uses[shape] > PREFILL_CAPTURE_AFTER_USES and time.monotonic() >= self._retry_at:
+                graph = self._capture_prefill(shape, forward)
+        return graph
+
+    def _capture_prefill(self, shape: PrefillShape, forward: PrefillForward) -> PrefillGraph | None:
+        started = time.perf_counter()
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+                self._stream = torch.cuda.Stream(self.device)
+            with capturing(self.device) as refused:
+                if refused:
+                    if refused != "capture":
+                        self._retry_at = time.monotonic() + CAPTURE_RETRY_S
+                    log.debug("prefill graph %s: %s busy (%s), captured later", shape, self.device, refused)
+                    return None
+                graph = PrefillGraph(forward, self.device, shape, self._pool, self._stream)
+        except Exception as exc:  # any capture failure: prefills run eagerly from now on, decodes keep theirs
+            log.warning("CUDA graph capture of prefill %s (tokens, context, rows) failed, prefills run eagerly: %s",
+                        shape, exc)
+            self.prefill_enabled = False
+            self.note = f"prefill capture failed: {exc}"
+            return None
+        self._prefills[shape] = graph
+        self.capture_s += time.perf_counter() - started
+        log.info("captured prefill graph %s (tokens, context, rows) in %.0f ms", shape,
+                 1000 * (time.perf_counter() - started))
         return graph
 
     def _capture(self, batch: int, n_blocks: int, forward: DecodeForward) -> DecodeGraph | None:
@@ -153,8 +259,15 @@ class DecodeGraphs:
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
+        """The decode shapes captured."""
         return sorted(self._graphs)
 
+    @property
+    def prefill_shapes(self) -> list[PrefillShape]:
+        return sorted(self._prefills)
 
-__all__ = ["BATCH_LADDER", "CAPTURE_AFTER_USES", "CAPTURE_RETRY_S", "DecodeForward", "DecodeGraph", "DecodeGraphs",
-           "batch_bucket"]
+
+__all__ = ["BATCH_LADDER", "CAPTURE_AFTER_USES", "CAPTURE_RETRY_S", "MAX_PREFILL_GRAPHS", "PREFILL_CAPTURE_AFTER_USES",
+           "PREFILL_MIN_TOKENS", "DecodeForward",
+           "DecodeGraph", "PrefillForward", "PrefillGraph", "PrefillShape", "StepGraphs", "batch_bucket",
+           "pow2_bucket", "prefill_input_size"]

@@ -77,7 +77,8 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, *, kv_cache_bytes: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, max_num_seqs: int = 256, max_batched_tokens: int | None = None,
-                 deterministic: bool = False, cuda_graphs: bool = True, prefix_caching: bool = False) -> None:
+                 deterministic: bool = False, cuda_graphs: bool = True, prefix_caching: bool = False,
+                 prefill_graphs: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         param = next(model.parameters())
@@ -109,7 +110,10 @@ class Engine:
         capture exclusive (:mod:`~sllm_actors.gpu.device_gate`)."""
         self.warmup_s = 0.0
         with self.gate.shared():
-            self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
+            # Prefill graphs pad a step's prompts to a captured shape: what a prompt computes would then depend on
+            # what shared its step (and on whether the shape was captured yet), which deterministic mode rules out.
+            self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs,
+                                      prefill_graphs=prefill_graphs and not deterministic)
             self._warm_up()
         self.preemptions = 0
         self.detokenize = True
@@ -296,7 +300,10 @@ class Engine:
                 who.append(seq)
         if not feeds:
             return None, []
-        logits = self.runner.execute(feeds, len(plan.decodes))
+        # Only new prompts' prefills run padded under a graph: a request recomputed from its log (resumed,
+        # preempted) is prefilled exactly as before, unpadded, as a one-request rebuild (a migration) is.
+        fresh = all(not chunk.seq.generated_ids for chunk in plan.prefills)
+        logits = self.runner.execute(feeds, len(plan.decodes), graph_prefill=fresh)
         for seq in plan.decodes:
             seq.num_cached += 1
             self.blocks.commit(seq)

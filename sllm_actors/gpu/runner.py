@@ -2,7 +2,8 @@
 
 A step's tokens go through the model packed in one row; :mod:`sllm_actors.gpu.attention` does the paging.
 On CUDA, decode steps replay a graph of :mod:`sllm_actors.gpu.cuda_graphs` once their shape has been captured
-(lazily, off the cold start's path); everything else runs eagerly.
+(lazily, off the cold start's path); so do the prefill steps of new prompts when the engine asks for prefill
+graphs (``prefill_graphs``), padded to a few shapes. Everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from sllm_actors.gpu.attention import PrefillSegment, StepLayout, set_layout, use_paged_attention
 from sllm_actors.gpu.block_manager import SCRATCH_BLOCK
-from sllm_actors.gpu.cuda_graphs import DecodeGraphs, batch_bucket
+from sllm_actors.gpu.cuda_graphs import PrefillShape, StepGraphs, batch_bucket, pow2_bucket
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ def decode_inputs(feeds: list[Feed], rows: int, n_blocks: int, block_size: int) 
 
 class ModelRunner:
     def __init__(self, model: Any, *, num_blocks: int, block_size: int, cuda_graphs: bool = True,
-                 max_graph_batch: int = 256, max_graph_context: int = 4096) -> None:
+                 max_graph_batch: int = 256, max_graph_context: int = 4096, prefill_graphs: bool = False,
+                 max_prefill_tokens: int = 8192, max_prefill_context: int = 16384) -> None:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -146,23 +148,103 @@ class ModelRunner:
         # mask). Paged attention ignores it; the layout says what each request may see.
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._block_offsets = torch.arange(block_size, device=self.device)
-        self.graphs = DecodeGraphs(self.device, block_size, enabled=cuda_graphs, max_batch=max_graph_batch,
-                                   max_blocks=-(-max_graph_context // block_size))
+        self.graphs = StepGraphs(self.device, block_size, enabled=cuda_graphs, max_batch=max_graph_batch,
+                                 max_blocks=-(-max_graph_context // block_size), prefill=prefill_graphs)
+        self.pad_prefills = self.graphs.prefill_enabled
+        """Whether prefill steps of new prompts run padded to a graph's shape (:meth:`_padded_prefill`): on with
+        prefill graphs; a test may set it on a CPU to run the path the graphs capture."""
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_context = max_prefill_context
 
     # ------------------------------------------------------------------ one step
 
-    def execute(self, feeds: list[Feed], decode_count: int) -> torch.Tensor:
+    def execute(self, feeds: list[Feed], decode_count: int, *, graph_prefill: bool = False) -> torch.Tensor:
         """Run ``feeds`` (the first ``decode_count`` one token each, then prefill chunks); returns the logits
-        ``[rows, vocab]`` of every feed with ``sample`` set, in order."""
+        ``[rows, vocab]`` of every feed with ``sample`` set, in order. ``graph_prefill``: the prefill chunks may
+        run padded, under a graph once their shape is captured (the engine's batch steps of new prompts)."""
         if decode_count == len(feeds) and decode_count > 0:
             return self._decode(feeds)
-        if decode_count and self.graphs.enabled:
+        pad = graph_prefill and self.pad_prefills
+        if decode_count and (self.graphs.enabled or pad):
             # New prompts arrive all the time under load: a step that also prefills still decodes its batch with
             # a graph (one replay), and the prefill chunks run as a forward of their own.
             decoded = self._decode(feeds[:decode_count])
-            rest = self._mixed(feeds[decode_count:], 0)
+            rest = self._prefill(feeds[decode_count:], pad)
             return torch.cat([decoded, rest]) if rest.shape[0] else decoded
+        if decode_count == 0:
+            return self._prefill(feeds, pad)
         return self._mixed(feeds, decode_count)
+
+    def _prefill(self, feeds: list[Feed], pad: bool) -> torch.Tensor:
+        shape = self._prefill_shape(feeds) if pad else None
+        if shape is None:
+            return self._mixed(feeds, 0)
+        n = sum(1 for f in feeds if f.sample)
+        inputs = self._prefill_inputs(feeds, shape)
+        graph = self.graphs.prefill_for(shape, self._prefill_forward)
+        if graph is not None:
+            return graph.replay(inputs)[:n]
+        return self._prefill_forward(inputs.to(self.device, non_blocking=True), shape)[:n]
+
+    def _prefill_shape(self, feeds: list[Feed]) -> PrefillShape | None:
+        """The padded shape of a step's prefill chunks, or None (too large for a graph: run unpadded). With padded
+        queries the context has at least one padding position, so they always see a key (a row with none would be
+        NaN, and its keys, written to the scratch block, would reach the decodes' masked reads as 0 x NaN)."""
+        tokens = sum(len(f.ids) for f in feeds)
+        context = sum(f.start + len(f.ids) for f in feeds)
+        rows = sum(1 for f in feeds if f.sample)
+        padded = pow2_bucket(tokens)
+        # Rows to a coarse ladder: fewer shapes to capture; a few more rows through the LM head cost nothing.
+        shape = (padded, pow2_bucket(context + (padded > tokens)), pow2_bucket(rows, 8))
+        if shape[0] > self.max_prefill_tokens or shape[1] > self.max_prefill_context:
+            return None
+        return shape
+
+    def _prefill_inputs(self, feeds: list[Feed], shape: PrefillShape) -> torch.Tensor:
+        """A padded prefill step's inputs as one host tensor (:func:`~sllm_actors.gpu.cuda_graphs.prefill_input_size`
+        says the layout). Padding: token 0 at position 0 in segment -1 with its keys in the scratch slot; padded
+        context positions are that slot at position 0 in segment -1 (only padded queries see them); padded rows
+        sample row 0."""
+        n_tokens, n_context, n_rows = shape
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_seg: list[int] = []
+        ctx_slots: list[int] = []
+        k_seg: list[int] = []
+        k_pos: list[int] = []
+        rows: list[int] = []
+        for index, feed in enumerate(feeds):
+            start, n, table = feed.start, len(feed.ids), feed.table
+            context = start + n
+            own = [b * bs + o for b in table[:-(-context // bs)] for o in range(bs)][:context]
+            ids += feed.ids
+            positions += range(start, context)
+            slots += own[start:]
+            q_seg += [index] * n
+            ctx_slots += own
+            k_seg += [index] * context
+            k_pos += range(context)
+            if feed.sample:
+                rows.append(len(ids) - 1)
+        scratch = SCRATCH_BLOCK * bs
+        pad_q, pad_k = n_tokens - len(ids), n_context - len(ctx_slots)
+        return torch.tensor(ids + [0] * pad_q + positions + [0] * pad_q + slots + [scratch] * pad_q
+                            + q_seg + [-1] * pad_q + ctx_slots + [scratch] * pad_k + k_seg + [-1] * pad_k
+                            + k_pos + [0] * pad_k + rows + [0] * (n_rows - len(rows)), dtype=torch.long)
+
+    def _prefill_forward(self, inputs: torch.Tensor, shape: PrefillShape) -> torch.Tensor:
+        """A padded prefill step on the device (what a prefill graph captures): every chunk's queries see their
+        own request's context up to their own positions, one attention call per layer."""
+        n_tokens, n_context, _ = shape
+        ids, positions, slots, q_seg = inputs[:4 * n_tokens].view(4, n_tokens)
+        ctx_slots, k_seg, k_pos = inputs[4 * n_tokens:4 * n_tokens + 3 * n_context].view(3, n_context)
+        rows = inputs[4 * n_tokens + 3 * n_context:]
+        mask = (q_seg[:, None] == k_seg[None, :]) & (k_pos[None, :] <= positions[:, None])
+        layout = StepLayout(self.k_cache, self.v_cache, slots,
+                            prefills=[PrefillSegment(0, n_tokens, ctx_slots, mask)])
+        return self._run(ids, positions, layout, rows)
 
     def _mixed(self, feeds: list[Feed], decode_count: int) -> torch.Tensor:
         ids: list[int] = []
@@ -283,6 +365,11 @@ class ModelRunner:
     def graph_shapes(self) -> list[tuple[int, int]]:
         """The decode shapes captured so far (padded batch, context blocks)."""
         return self.graphs.shapes
+
+    @property
+    def prefill_graph_shapes(self) -> list[PrefillShape]:
+        """The prefill shapes captured so far (tokens, context, sampled rows)."""
+        return self.graphs.prefill_shapes
 
 
 __all__ = ["Feed", "ModelRunner", "kv_bytes_per_token", "model_dims"]

@@ -23,25 +23,46 @@ def step_seed(seed: int, step: int) -> int:
     return ((seed * 6364136223846793005) ^ ((step + 1) * _MIX)) & _MASK63
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's finaliser on int64 tensors holding 32-bit values. Products may pass 2**63 and wrap (two's
-    complement on every device torch runs on); the low 32 bits kept are the same either way."""
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _M32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
+def _fmix32_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser, in place, on int64 tensors holding 32-bit values (``tmp``: scratch of ``h``'s
+    shape). Products may pass 2**63 and wrap (two's complement on every device torch runs on); the low 32 bits kept
+    are the same either way."""
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=tmp))
+    h.mul_(0x85EBCA6B).bitwise_and_(_M32)
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 13, out=tmp))
+    h.mul_(0xC2B2AE35).bitwise_and_(_M32)
+    return h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=tmp))
+
+
+_token_hashes: dict[tuple[int, torch.device], torch.Tensor] = {}
+"""``(token id * 0x9E3779B1) & 0xFFFFFFFF`` for every id of a vocabulary on a device: the same every step."""
+
+
+def _token_hash(vocab: int, device: torch.device) -> torch.Tensor:
+    key = (vocab, device)
+    hashed = _token_hashes.get(key)
+    if hashed is None:
+        hashed = torch.arange(vocab, device=device, dtype=torch.int64).mul_(0x9E3779B1).bitwise_and_(_M32)
+        _token_hashes[key] = hashed
+    return hashed
 
 
 def uniforms(step_seeds: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``[rows, vocab]`` uniforms in (0, 1), a pure function of each row's step seed and the token id."""
+    """``[rows, vocab]`` uniforms in (0, 1), a pure function of each row's step seed and the token id.
+
+    Computed in place on two ``[rows, vocab]`` int64 buffers: each step samples a whole vocabulary per row, and
+    the out-of-place chain (a new buffer per operation, ~20 of them) cost more than the arithmetic on a CPU
+    (a 4-stream decode step of the default model took 34 ms with it, 19 ms without; the values are the same bits).
+    """
     device = step_seeds.device
     lo = (step_seeds & _M32)[:, None]
     hi = ((step_seeds >> 32) & _M32)[:, None]
-    token = torch.arange(vocab, device=device, dtype=torch.int64)[None, :]
-    h = _fmix32(((token * 0x9E3779B1) & _M32) ^ lo)
-    h = _fmix32(h ^ hi)
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    h = torch.bitwise_xor(_token_hash(vocab, device)[None, :], lo)
+    tmp = torch.empty_like(h)
+    _fmix32_(h, tmp)
+    _fmix32_(h.bitwise_xor_(hi), tmp)
+    out = h.bitwise_right_shift_(8).to(torch.float32)
+    return out.add_(0.5).mul_(1.0 / (1 << 24))
 
 
 def sample(logits: torch.Tensor, temperatures: list[float], top_ps: list[float], step_seeds: list[int]) -> torch.Tensor:
@@ -61,7 +82,8 @@ def sample(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
         drop = (cumulative - sorted_probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
     seeds = torch.tensor(step_seeds, dtype=torch.int64, device=device)
-    race = probs / -torch.log(uniforms(seeds, logits.shape[-1]))
+    # probs / -log(u), in place (the same bits as the out-of-place expression).
+    race = probs.div_(uniforms(seeds, logits.shape[-1]).log_().neg_())
     chosen = torch.argmax(race, dim=-1)
     return torch.where(temps > 0.0, chosen, greedy)
 

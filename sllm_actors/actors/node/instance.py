@@ -100,6 +100,8 @@ PUBLISH_EVERY_S = 0.5
 """While decoding, the board (KV blocks in use) is refreshed at most this often."""
 GRAPHS_ENV = "SLLM_CUDA_GRAPHS"
 """``SLLM_CUDA_GRAPHS=0`` serves decode eagerly on CUDA too (the benchmark's baseline)."""
+PREFILL_GRAPHS_ENV = "SLLM_PREFILL_GRAPHS"
+"""``SLLM_PREFILL_GRAPHS=0`` runs new prompts' prefill steps eagerly on CUDA (the A/B baseline of prefill graphs)."""
 CPU_FLAGS = cpu_flags()
 """Read once: whether this CPU has native bf16 products decides a CPU instance's default dtype."""
 BATCHED_TOKENS_ENV = "SLLM_MAX_BATCHED_TOKENS"
@@ -245,7 +247,8 @@ class ModelInstanceActor(SupervisedActor):
         return Engine(model, tokenizer, kv_cache_bytes=kv_bytes, max_num_seqs=max_batch, max_batched_tokens=budget,
                       deterministic=bool(opts is not None and opts.deterministic),
                       prefix_caching=opts.prefix_caching if opts is not None else True,
-                      cuda_graphs=os.environ.get(GRAPHS_ENV, "1") != "0")
+                      cuda_graphs=os.environ.get(GRAPHS_ENV, "1") != "0",
+                      prefill_graphs=os.environ.get(PREFILL_GRAPHS_ENV, "1") != "0")
 
     def stopping(self) -> None:
         if self.output is not None:
