@@ -101,7 +101,9 @@ PUBLISH_EVERY_S = 0.5
 GRAPHS_ENV = "SLLM_CUDA_GRAPHS"
 """``SLLM_CUDA_GRAPHS=0`` serves decode eagerly on CUDA too (the benchmark's baseline)."""
 PREFILL_GRAPHS_ENV = "SLLM_PREFILL_GRAPHS"
-"""``SLLM_PREFILL_GRAPHS=0`` runs new prompts' prefill steps eagerly on CUDA (the A/B baseline of prefill graphs)."""
+"""``SLLM_PREFILL_GRAPHS=1`` captures new prompts' prefill steps in CUDA graphs. Off by default until a GPU run has
+checked them (they were written in a session without device time: benchmarks/device/run_engine_goals.sh is that
+run); ``0`` or unset runs them eagerly, as before."""
 CPU_FLAGS = cpu_flags()
 """Read once: whether this CPU has native bf16 products decides a CPU instance's default dtype."""
 BATCHED_TOKENS_ENV = "SLLM_MAX_BATCHED_TOKENS"
@@ -248,7 +250,7 @@ class ModelInstanceActor(SupervisedActor):
                       deterministic=bool(opts is not None and opts.deterministic),
                       prefix_caching=opts.prefix_caching if opts is not None else True,
                       cuda_graphs=os.environ.get(GRAPHS_ENV, "1") != "0",
-                      prefill_graphs=os.environ.get(PREFILL_GRAPHS_ENV, "1") != "0")
+                      prefill_graphs=os.environ.get(PREFILL_GRAPHS_ENV, "0") == "1")
 
     def stopping(self) -> None:
         if self.output is not None:
