@@ -44,7 +44,8 @@ def _client(cluster: Optional[str], key: Optional[Path] = None) -> Any:
         _fail(str(exc))
 
 
-ClusterOpt = typer.Option(None, "--cluster", help="client endpoint tcp://HOST:PORT (else $SLLM_CLUSTER, else ./topology.yaml)")
+ClusterOpt = typer.Option(None, "--cluster", help="client endpoint tcp://HOST:PORT, or every controller's, "
+                          "comma-separated (the client follows the leader) (else $SLLM_CLUSTER, else ./topology.yaml)")
 KeyOpt = typer.Option(None, "--key", help="our .key_secret file (else $SLLM_KEY, else the operator's or "
                       "client.key_secret under $SLLM_HOME/keys)")
 
@@ -61,6 +62,8 @@ def up(
     api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="an API key the HTTP API requires as "
                                                 "'Authorization: Bearer KEY' (repeatable; also $SLLM_API_KEY, "
                                                 "comma-separated); none: no key needed"),
+    controller_name: Optional[str] = typer.Option(None, "--controller", help="with etcd: which of the topology's "
+                                                  "controllers this is (its name; default the first)"),
 ) -> None:
     """Start the controller and the local nodes of TOPOLOGY."""
     from sllm_actors.models import ModelSourceError, prepare_default_model
@@ -106,11 +109,18 @@ def up(
             _fail(str(exc))
     from sllm_actors.actors.controller.launcher import ControllerLauncher, ControllerStartError
 
+    if controller_name:
+        from dataclasses import replace
+
+        try:
+            topo = replace(topo, controller=topo.controller_named(controller_name))  # its host and ports
+        except KeyError as exc:
+            _fail(str(exc.args[0]))
     front = _http_front_end(topo, http_port, api_key, node_log)
     # The controller is a process of its own, restarted if it dies (same ports, next epoch): the nodes, the HTTP
     # front end and the clients reconnect to it and go on.
     controller = ControllerLauncher(topology, policy=policy or "", http_endpoint=front.endpoint if front else "",
-                                    log_file=node_log, ready_timeout=ready_timeout)
+                                    log_file=node_log, ready_timeout=ready_timeout, controller=controller_name or "")
     stop = threading.Event()
     stopped = threading.Event()
 
@@ -133,6 +143,16 @@ def up(
         if front is not None:
             front.stop()
         _fail(f"cannot start the controller: {exc}")
+    if controller.standby:
+        # With etcd: another controller leads. This one answers clients with who does until it takes over.
+        print(f"standby: controller {controller_name or topo.controller.name} client endpoint "
+              f"{endpoints['client_endpoint']} (answers with the leader until it leads)", flush=True)
+        while not stop.is_set() and not controller.leading.wait(0.5):
+            pass
+        if stop.is_set():
+            stop_cluster()
+            return
+        endpoints = controller.endpoints
     client_endpoint = endpoints["client_endpoint"]
     if front is not None:
         front.start(client_endpoint)
@@ -277,6 +297,11 @@ def _gib(n: float) -> str:
 def _print_status(st: dict[str, Any]) -> None:
     out.print(f"client endpoint {st.get('client_endpoint') or '-'}   HTTP (OpenAI API) "
               f"{st.get('http_endpoint') or 'off'}", highlight=False)
+    if st.get("controllers"):
+        # With etcd: the controller that answered leads (a standby only redirects); the others stand by.
+        standbys = [c["name"] for c in st["controllers"] if c["name"] != st.get("leader")]
+        out.print(f"controller {st.get('leader')} leads (epoch {st.get('epoch')}); standby: "
+                  f"{', '.join(standbys) or 'none'}", highlight=False)
     t = Table(title="nodes")
     for col in ("name", "pid", "alive", "restarts", "placement"):
         t.add_column(col)

@@ -405,6 +405,9 @@ class SllmTui(App[None]):
         parts = [self.endpoint, f"{up}/{len(nodes)} nodes up", f"{requests} requests"]
         if self.http_endpoint:
             parts.insert(1, f"HTTP {self.http_endpoint}")
+        if self.status.get("controllers"):
+            # With etcd: which controller leads (the snapshots come from the leader alone).
+            parts.insert(1, f"leader {self.status.get('leader')} (epoch {self.status.get('epoch')})")
         if since is not None and since > STALE_S:
             parts.append(f"no snapshot for {since:.0f}s: is the cluster up?")
         self.sub_title = " · ".join(parts)
