@@ -495,6 +495,29 @@ def keys_init(topology: Optional[Path] = typer.Argument(None, help="the cluster'
               else f"every key is there already under {keys_dir()}")
 
 
+@keys_app.command("etcd")
+def keys_etcd(topology: Path = typer.Argument(..., help="the cluster's topology.yaml, with an etcd: section")) -> None:
+    """Turn authentication on in a fresh etcd with the cluster's user: root, its password derived from the
+    controller's key (every controller of the cluster holds that key; run once, on any of their hosts)."""
+    from sllm_actors.runtime.etcd import EtcdError, derive_password, enable_auth
+    from sllm_actors.runtime.security import KeyProblem, KeyRing, keys_dir
+    from sllm_actors.runtime.topology import TopologyError, load_topology
+
+    try:
+        topo = load_topology(topology)
+        ring = KeyRing(keys_dir())
+    except (TopologyError, KeyProblem) as exc:
+        _fail(str(exc))
+    if topo.etcd is None:
+        _fail(f"{topology} has no etcd: section")
+    try:
+        made = enable_auth(list(topo.etcd.endpoints), derive_password(ring.server_secret), topo.etcd.ca_file)
+    except EtcdError as exc:
+        _fail(str(exc))
+    out.print("etcd: authentication on, user root with the cluster's password" if made
+              else "etcd: authentication was on already (the controllers say if the password is not the cluster's)")
+
+
 @keys_app.command("add-client")
 def keys_add_client(name: str) -> None:
     """Make client NAME's key; give them the printed file (`--key FILE`, or save it as keys/client.key_secret)."""

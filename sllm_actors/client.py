@@ -69,13 +69,15 @@ _Socket = TypeVar("_Socket", bound="zmq.Socket[Any]")
 """A plain socket from a plain context, an asyncio one from an asyncio context (the HTTP bridge's)."""
 
 
-def router_socket(context: zmq.Context[_Socket], endpoint: str, kind: str, credentials: Any) -> _Socket:
+def router_socket(context: zmq.Context[_Socket], endpoint: str, kind: str, credentials: Any,
+                  identity: bytes = b"") -> _Socket:
     """A DEALER connected to the router, as each client holds one (this module's ``Client``, the HTTP front end's
-    bridge, on an asyncio context or not): an identity of its own (``KIND-`` and random), no linger, and CURVE with
-    ``credentials`` where the cluster has keys."""
+    bridge, on an asyncio context or not): an identity of its own (``KIND-`` and random, or ``identity``: a client
+    that moves to another controller keeps its own, which the router knows its requests' owner by), no linger, and
+    CURVE with ``credentials`` where the cluster has keys."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, f"{kind}-{uuid.uuid4().hex[:12]}".encode())
+    sock.setsockopt(zmq.IDENTITY, identity or f"{kind}-{uuid.uuid4().hex[:12]}".encode())
     if credentials is not None:
         credentials.apply_client(sock)
     sock.connect(endpoint)
@@ -186,6 +188,8 @@ class Client:
         self.leader = ""
         """The leading controller's name, when a standby named it."""
         self._silent: dict[str, float] = {}
+        self._identity = f"client-{uuid.uuid4().hex[:12]}".encode()
+        """Kept across controllers: a stream resumed on a new leader is known as ours by it."""
         self._welcome: Welcome | None = None
         self.key = key
         self.insecure = insecure
@@ -250,7 +254,10 @@ class Client:
                 raise ClusterUnavailable(str(exc)) from None
             if credentials is None:
                 raise ClusterUnavailable(no_key_message(f"the cluster at {self.endpoint}"))
-        sock = router_socket(self._context, self.endpoint, "client", credentials)
+        # One identity across controllers (the new leader knows the stream's owner by it); with one controller a
+        # socket of a new identity each time, as before (a ROUTER ignores a second connection under a name it holds).
+        sock = router_socket(self._context, self.endpoint, "client", credentials,
+                             self._identity if len(self.endpoints) > 1 else b"")
         self._socket = sock
         sock.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "client")))
         deadline = time.monotonic() + (self.connect_timeout if timeout is None else timeout)

@@ -254,14 +254,17 @@ class Election:
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
 
+    def refresh(self) -> LeaderInfo | None:
+        """Read who leads now (None: nobody); kept in ``leader``. EtcdError when etcd cannot say."""
+        current = self.client.get(self.key)
+        self.leader = LeaderInfo.decode(current[0], current[1]) if current is not None else None
+        return self.leader
+
     def campaign(self, stop: threading.Event) -> int:
         """Block until this controller leads (its epoch) or ``stop`` is set (0). etcd unreachable: keep trying."""
         while not stop.is_set():
             try:
-                current = self.client.get(self.key)
-                if current is not None:
-                    self.leader = LeaderInfo.decode(current[0], current[1])
-                else:
+                if self.refresh() is None:
                     lease = self.client.grant(self.ttl_s)
                     revision = self.client.create(self.key, self.me.encode(), lease)
                     if revision:

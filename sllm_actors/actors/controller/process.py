@@ -466,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if topo.etcd is not None:
         # Several controllers, one leader: stand by (answering clients with who leads) until this one wins the lead.
         from sllm_actors.actors.controller.standby import StandbyServer, election_for, etcd_client
+        from sllm_actors.runtime.etcd import EtcdError
 
         try:
             me = topo.controller_named(args.controller or topo.controller.name)
@@ -483,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
             standby.stop()
             say("failed", error=f"cannot start standby controller {me.name}: {exc}")
             return 2
+        try:
+            election.refresh()  # so that the standby names the leader from its first answer
+        except EtcdError as exc:
+            log.warning("controller %s: etcd cannot say who leads yet: %s", me.name, exc)
         say("standby", controller=me.name, client_endpoint=standby_endpoint)
         log.info("controller %s: standing by at %s; campaigning in etcd %s", me.name, standby_endpoint,
                  ",".join(topo.etcd.endpoints))

@@ -53,7 +53,9 @@ class StandbyServer:
         self.endpoint = ""
 
     def start(self) -> str:
-        self.endpoint = self.transport.bind_router(CLIENTS, self.spec.endpoint(self.spec.client_port), self._answer)
+        # Handover: a client asking again (it keeps its identity across controllers) is answered on its new connection.
+        self.endpoint = self.transport.bind_router(CLIENTS, self.spec.endpoint(self.spec.client_port), self._answer,
+                                                   handover=True)
         self.transport.start()
         return self.endpoint
 
