@@ -110,10 +110,8 @@ def up(
     from sllm_actors.actors.controller.launcher import ControllerLauncher, ControllerStartError
 
     if controller_name:
-        from dataclasses import replace
-
         try:
-            topo = replace(topo, controller=topo.controller_named(controller_name))  # its host and ports
+            topo = topo.as_controller(controller_name)  # its host and ports
         except KeyError as exc:
             _fail(str(exc.args[0]))
     front = _http_front_end(topo, http_port, api_key, node_log)
@@ -155,7 +153,9 @@ def up(
         endpoints = controller.endpoints
     client_endpoint = endpoints["client_endpoint"]
     if front is not None:
-        front.start(client_endpoint)
+        # With standbys, the front end follows the leader: this host's controller first, then the others.
+        others = [c.client_endpoint for c in topo.controllers if c.name != topo.controller.name] if topo.etcd else []
+        front.start(",".join([client_endpoint, *others]))
     try:
         if interactive:
             from sllm_actors.tui import run_tui

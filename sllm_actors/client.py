@@ -86,7 +86,7 @@ def router_socket(context: zmq.Context[_Socket], endpoint: str, kind: str, crede
 PROBE_S = 1.0
 """A stream silent this long sends a ``Hello``: the ``Welcome`` says whether the controller is the one that took the
 request (same epoch) or a restarted one, to which the stream is resumed from the tokens the client has."""
-FAILOVER_S = 1.0
+FAILOVER_S = 1.5
 """With several controllers: a Hello unanswered this long means the leader is gone; the client tries the next one."""
 SILENT_MEMO_S = 10.0
 """A controller found silent is not followed on a standby's word for this long (its lease may not have expired yet:
@@ -191,6 +191,8 @@ class Client:
         self._identity = f"client-{uuid.uuid4().hex[:12]}".encode()
         """Kept across controllers: a stream resumed on a new leader is known as ours by it."""
         self._welcome: Welcome | None = None
+        self._moved = False
+        """A stream's socket moved to another controller (``_fail_over``): its next Welcome resumes it."""
         self.key = key
         self.insecure = insecure
         self.connect_timeout = connect_timeout
@@ -358,9 +360,11 @@ class Client:
             while True:
                 msg = self._await_stream(request_id, give_up)
                 if isinstance(msg, Welcome):
-                    if msg.epoch != self.epoch:
-                        # The controller restarted: the stream goes on from the tokens we have.
+                    if msg.epoch != self.epoch or self._moved:
+                        # The controller restarted, or we moved to another (the leader changed, or the one we left
+                        # was only slow and cancelled our request when our socket went): go on from our tokens.
                         self.epoch = msg.epoch
+                        self._moved = False
                         self._send(resume_request(request, have, have_text))
                     continue
                 give_up = time.monotonic() + self.idle_timeout
@@ -440,6 +444,7 @@ class Client:
         welcome = self._welcome
         assert welcome is not None
         self.epoch = known
+        self._moved = True
         return welcome
 
     def complete(self, model: str, prompt: str, **kwargs: Any) -> Completion:

@@ -140,7 +140,8 @@ class StandbyCluster:
         self.models_root = models_root
         self.lease_ttl = lease_ttl
         self.topology = work / "topology.yaml"
-        self.ports = {name: [free_port() for _ in range(3)] for name in ("ctl-a", "ctl-b")}
+        self.ports = {name: [free_port() for _ in range(4)] for name in ("ctl-a", "ctl-b")}
+        """Each controller's client, cluster, state and HTTP ports."""
 
     @property
     def endpoints(self) -> str:
@@ -150,10 +151,14 @@ class StandbyCluster:
     def client_endpoint(self, controller: str) -> str:
         return f"tcp://127.0.0.1:{self.ports[controller][0]}"
 
+    def http_base(self, controller: str) -> str:
+        """The OpenAI API of the front end beside ``controller``."""
+        return f"http://127.0.0.1:{self.ports[controller][3]}"
+
     def _controller(self, name: str) -> dict[str, Any]:
-        client, cluster, state = self.ports[name]
+        client, cluster, state, http = self.ports[name]
         return {"name": name, "host": "127.0.0.1", "client_port": client, "cluster_port": cluster,
-                "state_port": state, "http_port": 0}
+                "state_port": state, "http_port": http}
 
     def start(self) -> StandbyCluster:
         from sllm_actors.runtime.etcd import derive_password, enable_auth
@@ -205,11 +210,12 @@ class StandbyCluster:
         return int(words[words.index("pid") + 1])
 
     def kill_host(self, name: str) -> float:
-        """SIGKILL a controller's host: its controller process and its ``sllm up``. When it happened."""
-        pid = self.controller_pid(name)
+        """SIGKILL a controller's host: every process of its ``sllm up`` (the controller, the HTTP front end; each
+        ``sllm up`` runs in a session of its own). When it happened."""
+        proc = self.procs[name].proc
         at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        self.procs[name].stop(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return at
 
     def stop(self) -> None:

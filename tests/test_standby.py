@@ -4,16 +4,19 @@ etcd started here (a temporary data directory, ports of its own, authentication 
 controllers (``sllm up --controller ctl-a`` leads, ``ctl-b`` stands by), two nodes joined to both, ZeroMQ clients
 given both controllers' endpoints streaming greedy requests. The leader's host is SIGKILLed mid-stream: the standby
 wins the lease, the nodes re-register with it with their token logs, and every stream completes token-identical to
-an undisturbed run, no token lost or repeated. Skips, saying why, where etcd is not installed (CI installs
+an undisturbed run, no token lost or repeated. An HTTP front end runs beside each controller: the stream through the
+killed host's is cut (counted apart), a new request to the survivor's succeeds, token-identical. Skips, saying why, where etcd is not installed (CI installs
 Debian's etcd-server, ``.ci/run``).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import zmq
 
@@ -69,6 +72,35 @@ class ZmqStream(threading.Thread):
             self.flowing.set()
 
 
+class HttpStream(threading.Thread):
+    def __init__(self, base: str, prompt: str) -> None:
+        super().__init__(daemon=True)
+        self.base, self.prompt = base, prompt
+        self.tokens: list[int] = []
+        self.finish_reason = ""
+        self.error: BaseException | None = None
+        self.flowing = threading.Event()
+
+    def run(self) -> None:
+        body = {"model": "slow", "prompt": self.prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+                "return_token_ids": True}
+        try:
+            with httpx.stream("POST", f"{self.base}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    choices = json.loads(line[len("data: "):])["choices"]
+                    if choices:
+                        self.tokens += choices[0].get("token_ids", [])
+                        self.finish_reason = choices[0].get("finish_reason") or self.finish_reason
+                    if len(self.tokens) >= 2:
+                        self.flowing.set()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's assertions
+            self.error = exc
+        finally:
+            self.flowing.set()
+
+
 def ask_hello(endpoint: str) -> Any:
     """What a controller's client port answers to a Hello (a Welcome from the leader, NotLeader from a standby)."""
     ctx = zmq.Context.instance()
@@ -101,12 +133,16 @@ def test_the_standby_takes_over_and_every_stream_completes_token_identical(stand
         assert {c["name"] for c in st["controllers"]} == {"ctl-a", "ctl-b"}
     assert all(len(r) == MAX_TOKENS for r in reference), "the references must run to max_tokens"
 
+    # Through the leader's own front end (it dies with its host) and beside it the ZeroMQ streams.
+    cut = HttpStream(cluster.http_base("ctl-a"), PROMPTS[0])
+    cut.start()
+    assert cut.flowing.wait(120), "the HTTP stream did not start"
     streams = [ZmqStream(cluster.endpoints, p) for p in PROMPTS]
     for s in streams:
         s.start()
     for s in streams:
         assert s.flowing.wait(120), "a stream did not start"
-    assert all(len(s.tokens) < MAX_TOKENS for s in streams), "a stream ended before the kill: nothing tested"
+    assert all(len(s.tokens) < MAX_TOKENS for s in [*streams, cut]), "a stream ended before the kill: nothing tested"
     cluster.kill_host("ctl-a")
     cluster.procs["ctl-b"].wait_line("controller leading: ctl-b", 30)
     for s in streams:
@@ -118,6 +154,15 @@ def test_the_standby_takes_over_and_every_stream_completes_token_identical(stand
         assert s.tokens == want, "a ZeroMQ stream lost, repeated or changed a token"
         assert s.done.token_ids == want
         assert s.indexes == sorted(set(s.indexes)), "a chunk came twice"
+    cut.join(120)
+    assert not cut.is_alive()
+    assert cut.error is not None or cut.finish_reason != "length", "the stream through the dead host's front end must be cut"
+    assert cut.tokens == reference[0][:len(cut.tokens)], "what the cut stream had was right, as far as it went"
+    # The survivor's front end serves new requests (it started when its controller took the lead).
+    reply = httpx.post(f"{cluster.http_base('ctl-b')}/v1/completions", timeout=120, json={
+        "model": "slow", "prompt": PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["token_ids"] == reference[2]
 
     with Client(cluster.endpoints, connect_timeout=30) as client:
         st = client.status()

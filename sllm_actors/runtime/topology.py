@@ -252,6 +252,11 @@ class Topology:
         raise KeyError(f"no controller {name!r} in {self.path} (controllers: "
                        f"{', '.join(c.name for c in self.controllers)})")
 
+    def as_controller(self, name: str) -> Topology:
+        """This topology as controller ``name`` runs it: its entry as ``controller``, the others as standbys."""
+        me = self.controller_named(name)
+        return replace(self, controller=me, standbys=tuple(c for c in self.controllers if c.name != name))
+
     @property
     def client_endpoints(self) -> str:
         """Every controller's client endpoint, comma-separated: what clients and ``--cluster`` take."""

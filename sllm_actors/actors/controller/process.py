@@ -469,12 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         from sllm_actors.runtime.etcd import EtcdError
 
         try:
-            me = topo.controller_named(args.controller or topo.controller.name)
+            topo = topo.as_controller(args.controller or topo.controller.name)
         except KeyError as exc:
             say("failed", error=str(exc.args[0]))
             return 2
-        others = tuple(c for c in topo.controllers if c.name != me.name)
-        topo = replace(topo, controller=me, standbys=others)
+        me = topo.controller
         etcd = etcd_client(topo.etcd, keys)
         election = election_for(topo.etcd, etcd, me)
         standby = StandbyServer(me, keys, election)
