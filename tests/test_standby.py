@@ -46,9 +46,9 @@ def standby_cluster(tmp_path: Path, slow_model: Path) -> Any:
 
 
 class ZmqStream(threading.Thread):
-    def __init__(self, endpoints: str, prompt: str) -> None:
+    def __init__(self, endpoints: str, prompt: str, max_tokens: int = MAX_TOKENS) -> None:
         super().__init__(daemon=True)
-        self.endpoints, self.prompt = endpoints, prompt
+        self.endpoints, self.prompt, self.max_tokens = endpoints, prompt, max_tokens
         self.tokens: list[int] = []
         self.indexes: list[int] = []
         self.done: Completion | None = None
@@ -58,7 +58,7 @@ class ZmqStream(threading.Thread):
     def run(self) -> None:
         try:
             with Client(self.endpoints, idle_timeout=120, connect_timeout=30) as client:
-                for event in client.generate("slow", self.prompt, max_tokens=MAX_TOKENS, temperature=0.0):
+                for event in client.generate("slow", self.prompt, max_tokens=self.max_tokens, temperature=0.0):
                     if isinstance(event, TokenEvent):
                         self.indexes.append(event.index)
                         self.tokens += event.token_ids
@@ -176,3 +176,34 @@ def test_the_standby_takes_over_and_every_stream_completes_token_identical(stand
     # The killed leader's endpoint alone no longer answers.
     with pytest.raises(ClusterUnavailable):
         Client(cluster.client_endpoint("ctl-a"), connect_timeout=2).status()
+
+
+def test_a_leader_that_loses_its_lease_stops_serving_and_stands_by(standby_cluster: StandbyCluster) -> None:
+    """Its lease revoked under it (as when etcd cannot hear it): the leader exits at once, its ``sllm up`` starts it
+    again as a standby, the other controller leads, and a stream open throughout completes token-identical."""
+    from sllm_actors.actors.controller.standby import etcd_client
+    from sllm_actors.runtime.security import KeyRing, keys_dir
+    from sllm_actors.runtime.topology import load_topology
+
+    cluster = standby_cluster
+    long = 4 * MAX_TOKENS  # a stream long enough to outlast the revoke's round trip
+    with Client(cluster.endpoints) as client:
+        reference = client.complete("slow", PROMPTS[0], max_tokens=long, temperature=0.0).token_ids
+    stream = ZmqStream(cluster.endpoints, PROMPTS[0], long)
+    stream.start()
+    assert stream.flowing.wait(120), "the stream did not start"
+    topo = load_topology(cluster.topology)
+    assert topo.etcd is not None
+    etcd = etcd_client(topo.etcd, KeyRing(keys_dir()))
+    leases = etcd.call("/v3/lease/leases", {}).get("leases") or []
+    assert len(leases) == 1, f"only the leader holds a lease: {leases}"
+    etcd.revoke(int(leases[0]["ID"]))
+    assert len(stream.tokens) < long, "the stream ended before the revoke: nothing tested"
+    cluster.procs["ctl-a"].wait_line("controller restarted:", 60)
+    cluster.procs["ctl-b"].wait_line("controller leading: ctl-b", 60)
+    stream.join(240)
+    assert not stream.is_alive() and stream.error is None, repr(stream.error)
+    assert stream.tokens == reference, "the stream lost, repeated or changed a token"
+    assert "lost the lead" in "".join(cluster.procs["ctl-a"].lines)
+    answer = ask_hello(cluster.client_endpoint("ctl-a"))
+    assert isinstance(answer, NotLeader) and answer.leader == "ctl-b", answer
