@@ -35,9 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sllm_actors.client import Client, Completion, TokenEvent  # noqa: E402 - after the path insert
-from sllm_eval.standby_cluster import StandbyCluster, etcd_missing  # noqa: E402
-from sllm_eval.tiny_models import make_tiny_model  # noqa: E402
+from sllm_actors.client import Client, Completion, TokenEvent
+from sllm_eval.standby_cluster import StandbyCluster, etcd_missing
+from sllm_eval.tiny_models import make_tiny_model
 
 PROMPTS = ["The history of the river", "Once upon a time in a", "A list of the planets:", "In the beginning the",
            "The recipe calls for", "Our ship sailed north"]

@@ -66,14 +66,13 @@ def start_etcd(work: Path, timeout: float = 30.0) -> EtcdProcess:
     client, peer = free_port(), free_port()
     data = work / "etcd-data"
     endpoint = f"http://127.0.0.1:{client}"
-    log = open(work / "etcd.log", "wb")
-    proc = subprocess.Popen(
-        ["etcd", "--name", "sllm-test", "--data-dir", str(data),
-         "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
-         "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
-         f"http://127.0.0.1:{peer}", "--initial-cluster", f"sllm-test=http://127.0.0.1:{peer}"],
-        stdout=log, stderr=subprocess.STDOUT)
-    log.close()
+    with open(work / "etcd.log", "wb") as log:  # etcd holds its own copy of the descriptor
+        proc = subprocess.Popen(
+            ["etcd", "--name", "sllm-test", "--data-dir", str(data),
+             "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
+             f"http://127.0.0.1:{peer}", "--initial-cluster", f"sllm-test=http://127.0.0.1:{peer}"],
+            stdout=log, stderr=subprocess.STDOUT)
     etcd = EtcdProcess(proc, endpoint, data)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -463,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     election = None
     epoch = args.epoch
-    if topo.etcd is not None:
+    etcd_spec = topo.etcd
+    if etcd_spec is not None:
         # Several controllers, one leader: stand by (answering clients with who leads) until this one wins the lead.
         from sllm_actors.actors.controller.standby import StandbyServer, election_for, etcd_client
         from sllm_actors.runtime.etcd import EtcdError
@@ -474,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             say("failed", error=str(exc.args[0]))
             return 2
         me = topo.controller
-        etcd = etcd_client(topo.etcd, keys)
-        election = election_for(topo.etcd, etcd, me)
+        etcd = etcd_client(etcd_spec, keys)
+        election = election_for(etcd_spec, etcd, me)
         standby = StandbyServer(me, keys, election)
         try:
             standby_endpoint = standby.start()
@@ -489,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("controller %s: etcd cannot say who leads yet: %s", me.name, exc)
         say("standby", controller=me.name, client_endpoint=standby_endpoint)
         log.info("controller %s: standing by at %s; campaigning in etcd %s", me.name, standby_endpoint,
-                 ",".join(topo.etcd.endpoints))
+                 ",".join(etcd_spec.endpoints))
         epoch = election.campaign(stop)
         standby.stop()
         if not epoch:
@@ -507,12 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     # The nodes log where the controller does (never to its stdout: that is sllm up's pipe, which a node outlives).
     controller = Controller(topo, keys=keys, epoch=epoch, state_dir=state_dir, node_log=sys.stderr.buffer)
     controller.context.http_endpoint = args.http_endpoint
-    if election is not None:
+    if election is not None and etcd_spec is not None:
         from sllm_actors.actors.controller.standby import leader_key
         from sllm_actors.actors.controller.store import EtcdStore
 
-        assert topo.etcd is not None
-        controller.context.store = EtcdStore(election.client, topo.etcd.prefix, leader_key(topo.etcd), epoch)
+        controller.context.store = EtcdStore(election.client, etcd_spec.prefix, leader_key(etcd_spec), epoch)
         controller.context.controller_name = topo.controller.name
         controller.context.controllers = [{"name": c.name, "client_endpoint": c.client_endpoint}
                                           for c in topo.controllers]
