@@ -11,7 +11,9 @@ token on one thread, ``deterministic: true``, fp32). First each prompt once undi
 ctl-a's ``sllm up`` is SIGKILLed (its host dies). Measured from the kill:
 
 - ``lead_s``: until ctl-b says it leads (it won the etcd lease: at most the lease's TTL, plus its 0.2 s poll);
-- ``serving_s``: until ctl-b's ``ready:`` line (its sockets bound, both nodes re-registered with their logs);
+- ``ready_s``: until ctl-b's ``sllm up`` prints ``ready:`` (its registry has both nodes alive again; ``sllm up`` polls
+  for it every 0.5 s, so this may come after the streams resumed: a node's requests resume as soon as its
+  re-registration is adopted);
 - ``resumed_s``: until every stream has had a token again (the last stream to resume: the clients' failover);
 - ``lost``: streams that failed, or whose tokens differ from the reference (lost, repeated or changed).
 
@@ -92,7 +94,7 @@ def one_run(work: Path, model: Path, streams: int, max_tokens: int, lease_ttl: i
         resumed = [next((t for t in s.arrivals if t > killed), float("nan")) for s in running]
         lost = sum(1 for s in running if s.error is not None or s.done is None or s.tokens != reference[s.prompt])
         before = [sum(1 for t in s.arrivals if t <= killed) for s in running]
-        return {"lead_s": led - killed, "serving_s": ready - killed, "resumed_s": max(resumed) - killed,
+        return {"lead_s": led - killed, "ready_s": ready - killed, "resumed_s": max(resumed) - killed,
                 "lost": lost, "streams": streams, "tokens_before_kill": before,
                 "errors": [repr(s.error) for s in running if s.error is not None]}
     finally:
@@ -119,12 +121,12 @@ def main() -> int:
         work.mkdir()
         r = one_run(work, model, args.streams, args.max_tokens, args.lease_ttl)
         runs.append(r)
-        print(f"run {i + 1}: leads after {r['lead_s']:.2f}s, serving (nodes re-registered) after {r['serving_s']:.2f}s, "
+        print(f"run {i + 1}: leads after {r['lead_s']:.2f}s, ready (both nodes alive) after {r['ready_s']:.2f}s, "
               f"every stream resumed after {r['resumed_s']:.2f}s, {r['lost']}/{r['streams']} streams lost", flush=True)
-    summary = {key: statistics.median(r[key] for r in runs) for key in ("lead_s", "serving_s", "resumed_s")}
+    summary = {key: statistics.median(r[key] for r in runs) for key in ("lead_s", "ready_s", "resumed_s")}
     lost = sum(r["lost"] for r in runs)
-    print(f"median over {len(runs)} run(s), lease TTL {args.lease_ttl}s: leads {summary['lead_s']:.2f}s, serving "
-          f"{summary['serving_s']:.2f}s, resumed {summary['resumed_s']:.2f}s; {lost} stream(s) lost "
+    print(f"median over {len(runs)} run(s), lease TTL {args.lease_ttl}s: leads {summary['lead_s']:.2f}s, ready "
+          f"{summary['ready_s']:.2f}s, resumed {summary['resumed_s']:.2f}s; {lost} stream(s) lost "
           f"(goal: resumed within 5 s, 0 lost)")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "median": summary, "lost": lost,

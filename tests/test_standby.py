@@ -180,7 +180,8 @@ def test_the_standby_takes_over_and_every_stream_completes_token_identical(stand
 
 def test_a_leader_that_loses_its_lease_stops_serving_and_stands_by(standby_cluster: StandbyCluster) -> None:
     """Its lease revoked under it (as when etcd cannot hear it): the leader exits at once, its ``sllm up`` starts it
-    again as a standby, the other controller leads, and a stream open throughout completes token-identical."""
+    again as a standby, the other controller leads, a stream open throughout completes token-identical, and the
+    first host's HTTP front end (still up) follows the lead and serves through the new leader."""
     from sllm_actors.actors.controller.standby import etcd_client
     from sllm_actors.runtime.security import KeyRing, keys_dir
     from sllm_actors.runtime.topology import load_topology
@@ -207,3 +208,8 @@ def test_a_leader_that_loses_its_lease_stops_serving_and_stands_by(standby_clust
     assert "lost the lead" in "".join(cluster.procs["ctl-a"].lines)
     answer = ask_hello(cluster.client_endpoint("ctl-a"))
     assert isinstance(answer, NotLeader) and answer.leader == "ctl-b", answer
+    # ctl-a's HTTP front end lived on: its link followed the lead to ctl-b, which serves what comes through it.
+    reply = httpx.post(f"{cluster.http_base('ctl-a')}/v1/completions", timeout=120, json={
+        "model": "slow", "prompt": PROMPTS[0], "max_tokens": long, "temperature": 0, "return_token_ids": True})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["token_ids"] == reference
