@@ -221,7 +221,8 @@ def tui(cluster: Optional[str] = ClusterOpt, key: Optional[Path] = KeyOpt) -> No
 
 @app.command()
 def node(
-    join: str = typer.Option(..., "--join", help="the controller's cluster endpoint, tcp://HOST:PORT"),
+    join: str = typer.Option(..., "--join", help="the controller's cluster endpoint, tcp://HOST:PORT, or every "
+                             "controller's, comma-separated (with standby controllers)"),
     name: str = typer.Option(..., "--name", help="this node's name in the topology"),
     key: Optional[Path] = typer.Option(None, "--key", help="this node's key file (from `sllm keys add-node NAME`; "
                                        "else $SLLM_HOME/keys/nodes/NAME.key_secret)"),

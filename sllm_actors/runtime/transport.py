@@ -337,8 +337,8 @@ class Transport:
         except zmq.Again:
             ep.dropped += 1
             if ep.dropped <= 20 or ep.dropped % 1000 == 0:
-                log.warning("%s: a peer on %s is not reading; dropped a frame for it (#%d)", self.name, key,
-                            ep.dropped)
+                log.warning("%s: a peer on %s is not reading (or, joined to several controllers, none leads yet); "
+                            "dropped a frame for it (#%d)", self.name, key, ep.dropped)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH and ep.on_unreachable is not None:
                 ep.on_unreachable(frames[0])
