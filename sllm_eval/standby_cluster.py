@@ -61,11 +61,12 @@ class EtcdProcess:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def start_etcd(work: Path, timeout: float = 30.0) -> EtcdProcess:
-    """etcd on two free loopback ports, its data under ``work``; returns once it answers /health."""
+def start_etcd(work: Path, timeout: float = 30.0, host: str = "127.0.0.1") -> EtcdProcess:
+    """etcd on two free ports (its clients' on ``host``: the hosts' bridge, for a cluster across namespaces), its
+    data under ``work``; returns once it answers /health."""
     client, peer = free_port(), free_port()
     data = work / "etcd-data"
-    endpoint = f"http://127.0.0.1:{client}"
+    endpoint = f"http://{host}:{client}"
     with open(work / "etcd.log", "wb") as log:  # etcd holds its own copy of the descriptor
         proc = subprocess.Popen(
             ["etcd", "--name", "sllm-test", "--data-dir", str(data),
