@@ -262,6 +262,7 @@ class Election:
 
     def campaign(self, stop: threading.Event) -> int:
         """Block until this controller leads (its epoch) or ``stop`` is set (0). etcd unreachable: keep trying."""
+        said, said_at = "", 0.0
         while not stop.is_set():
             try:
                 if self.refresh() is None:
@@ -273,7 +274,10 @@ class Election:
                         return revision
                     self.client.revoke(lease)  # another standby was faster
             except EtcdError as exc:
-                log.warning("election: %s", exc)
+                now = time.monotonic()
+                if str(exc) != said or now - said_at > 10.0:  # not five times a second while etcd is away
+                    said, said_at = str(exc), now
+                    log.warning("election: %s", exc)
             stop.wait(self.poll_s)
         return 0
 
