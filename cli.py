@@ -44,7 +44,8 @@ def _client(cluster: Optional[str], key: Optional[Path] = None) -> Any:
         _fail(str(exc))
 
 
-ClusterOpt = typer.Option(None, "--cluster", help="client endpoint tcp://HOST:PORT (else $SLLM_CLUSTER, else ./topology.yaml)")
+ClusterOpt = typer.Option(None, "--cluster", help="client endpoint tcp://HOST:PORT, or every controller's, "
+                          "comma-separated (the client follows the leader) (else $SLLM_CLUSTER, else ./topology.yaml)")
 KeyOpt = typer.Option(None, "--key", help="our .key_secret file (else $SLLM_KEY, else the operator's or "
                       "client.key_secret under $SLLM_HOME/keys)")
 
@@ -61,6 +62,8 @@ def up(
     api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="an API key the HTTP API requires as "
                                                 "'Authorization: Bearer KEY' (repeatable; also $SLLM_API_KEY, "
                                                 "comma-separated); none: no key needed"),
+    controller_name: Optional[str] = typer.Option(None, "--controller", help="with etcd: which of the topology's "
+                                                  "controllers this is (its name; default the first)"),
 ) -> None:
     """Start the controller and the local nodes of TOPOLOGY."""
     from sllm_actors.models import ModelSourceError, prepare_default_model
@@ -106,11 +109,16 @@ def up(
             _fail(str(exc))
     from sllm_actors.actors.controller.launcher import ControllerLauncher, ControllerStartError
 
+    if controller_name:
+        try:
+            topo = topo.as_controller(controller_name)  # its host and ports
+        except KeyError as exc:
+            _fail(str(exc.args[0]))
     front = _http_front_end(topo, http_port, api_key, node_log)
     # The controller is a process of its own, restarted if it dies (same ports, next epoch): the nodes, the HTTP
     # front end and the clients reconnect to it and go on.
     controller = ControllerLauncher(topology, policy=policy or "", http_endpoint=front.endpoint if front else "",
-                                    log_file=node_log, ready_timeout=ready_timeout)
+                                    log_file=node_log, ready_timeout=ready_timeout, controller=controller_name or "")
     stop = threading.Event()
     stopped = threading.Event()
 
@@ -133,9 +141,21 @@ def up(
         if front is not None:
             front.stop()
         _fail(f"cannot start the controller: {exc}")
+    if controller.standby:
+        # With etcd: another controller leads. This one answers clients with who does until it takes over.
+        print(f"standby: controller {controller_name or topo.controller.name} client endpoint "
+              f"{endpoints['client_endpoint']} (answers with the leader until it leads)", flush=True)
+        while not stop.is_set() and not controller.leading.wait(0.5):
+            pass
+        if stop.is_set():
+            stop_cluster()
+            return
+        endpoints = controller.endpoints
     client_endpoint = endpoints["client_endpoint"]
     if front is not None:
-        front.start(client_endpoint)
+        # With standbys, the front end follows the leader: this host's controller first, then the others.
+        others = [c.client_endpoint for c in topo.controllers if c.name != topo.controller.name] if topo.etcd else []
+        front.start(",".join([client_endpoint, *others]))
     try:
         if interactive:
             from sllm_actors.tui import run_tui
@@ -201,7 +221,8 @@ def tui(cluster: Optional[str] = ClusterOpt, key: Optional[Path] = KeyOpt) -> No
 
 @app.command()
 def node(
-    join: str = typer.Option(..., "--join", help="the controller's cluster endpoint, tcp://HOST:PORT"),
+    join: str = typer.Option(..., "--join", help="the controller's cluster endpoint, tcp://HOST:PORT, or every "
+                             "controller's, comma-separated (with standby controllers)"),
     name: str = typer.Option(..., "--name", help="this node's name in the topology"),
     key: Optional[Path] = typer.Option(None, "--key", help="this node's key file (from `sllm keys add-node NAME`; "
                                        "else $SLLM_HOME/keys/nodes/NAME.key_secret)"),
@@ -277,6 +298,11 @@ def _gib(n: float) -> str:
 def _print_status(st: dict[str, Any]) -> None:
     out.print(f"client endpoint {st.get('client_endpoint') or '-'}   HTTP (OpenAI API) "
               f"{st.get('http_endpoint') or 'off'}", highlight=False)
+    if st.get("controllers"):
+        # With etcd: the controller that answered leads (a standby only redirects); the others stand by.
+        standbys = [c["name"] for c in st["controllers"] if c["name"] != st.get("leader")]
+        out.print(f"controller {st.get('leader')} leads (epoch {st.get('epoch')}); standby: "
+                  f"{', '.join(standbys) or 'none'}", highlight=False)
     t = Table(title="nodes")
     for col in ("name", "pid", "alive", "restarts", "placement"):
         t.add_column(col)
@@ -469,6 +495,29 @@ def keys_init(topology: Optional[Path] = typer.Argument(None, help="the cluster'
         print(f)
     out.print(f"{len(written)} key file(s) written under {keys_dir()} (mode 0600)" if written
               else f"every key is there already under {keys_dir()}")
+
+
+@keys_app.command("etcd")
+def keys_etcd(topology: Path = typer.Argument(..., help="the cluster's topology.yaml, with an etcd: section")) -> None:
+    """Turn authentication on in a fresh etcd with the cluster's user: root, its password derived from the
+    controller's key (every controller of the cluster holds that key; run once, on any of their hosts)."""
+    from sllm_actors.runtime.etcd import EtcdError, derive_password, enable_auth
+    from sllm_actors.runtime.security import KeyProblem, KeyRing, keys_dir
+    from sllm_actors.runtime.topology import TopologyError, load_topology
+
+    try:
+        topo = load_topology(topology)
+        ring = KeyRing(keys_dir())
+    except (TopologyError, KeyProblem) as exc:
+        _fail(str(exc))
+    if topo.etcd is None:
+        _fail(f"{topology} has no etcd: section")
+    try:
+        made = enable_auth(list(topo.etcd.endpoints), derive_password(ring.server_secret), topo.etcd.ca_file)
+    except EtcdError as exc:
+        _fail(str(exc))
+    out.print("etcd: authentication on, user root with the cluster's password" if made
+              else "etcd: authentication was on already (the controllers say if the password is not the cluster's)")
 
 
 @keys_app.command("add-client")

@@ -7,7 +7,10 @@
         else:
             print(event.ttft_s, event.total_s)
 
-One ``Client`` is one ZeroMQ DEALER socket: use it from one thread; open one per thread. It presents a
+One ``Client`` is one ZeroMQ DEALER socket: use it from one thread; open one per thread. The endpoint may list every
+controller of a cluster with a standby (``tcp://A:7700,tcp://B:7700``): the client follows the leader, taking a
+standby's redirect (``NotLeader``) to it, and when the leader goes silent mid-stream it tries the next one and
+resumes its streams there as after a controller restart. It presents a
 CURVE key: ``key=`` (a ``.key_secret`` file from ``sllm keys``), else ``$SLLM_KEY``, else the operator's or
 the client's key under ``$SLLM_HOME/keys`` (see :mod:`sllm_actors.runtime.security`).
 """
@@ -40,6 +43,7 @@ from sllm_actors.messages import (
     NodeCommand,
     Message,
     MigrateCommand,
+    NotLeader,
     ProtocolError,
     StatusReply,
     StatusRequest,
@@ -65,13 +69,15 @@ _Socket = TypeVar("_Socket", bound="zmq.Socket[Any]")
 """A plain socket from a plain context, an asyncio one from an asyncio context (the HTTP bridge's)."""
 
 
-def router_socket(context: zmq.Context[_Socket], endpoint: str, kind: str, credentials: Any) -> _Socket:
+def router_socket(context: zmq.Context[_Socket], endpoint: str, kind: str, credentials: Any,
+                  identity: bytes = b"") -> _Socket:
     """A DEALER connected to the router, as each client holds one (this module's ``Client``, the HTTP front end's
-    bridge, on an asyncio context or not): an identity of its own (``KIND-`` and random), no linger, and CURVE with
-    ``credentials`` where the cluster has keys."""
+    bridge, on an asyncio context or not): an identity of its own (``KIND-`` and random, or ``identity``: a client
+    that moves to another controller keeps its own, which the router knows its requests' owner by), no linger, and
+    CURVE with ``credentials`` where the cluster has keys."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, f"{kind}-{uuid.uuid4().hex[:12]}".encode())
+    sock.setsockopt(zmq.IDENTITY, identity or f"{kind}-{uuid.uuid4().hex[:12]}".encode())
     if credentials is not None:
         credentials.apply_client(sock)
     sock.connect(endpoint)
@@ -80,6 +86,12 @@ def router_socket(context: zmq.Context[_Socket], endpoint: str, kind: str, crede
 PROBE_S = 1.0
 """A stream silent this long sends a ``Hello``: the ``Welcome`` says whether the controller is the one that took the
 request (same epoch) or a restarted one, to which the stream is resumed from the tokens the client has."""
+FAILOVER_S = 1.5
+"""With several controllers: a Hello unanswered this long means the leader is gone; the client tries the next one."""
+SILENT_MEMO_S = 10.0
+"""A controller found silent is not followed on a standby's word for this long (its lease may not have expired yet:
+the standby still names it)."""
+REDIRECT_RETRY_S = 0.2
 
 
 def resume_request(request: GenerateRequest, token_ids: list[int], text: str) -> GenerateRequest:
@@ -99,6 +111,14 @@ def take_new(chunk: TokenChunk, have: list[int]) -> TokenChunk | None:
 
 class ClusterUnavailable(ConnectionError):
     """No cluster answered at the endpoint in time."""
+
+
+class _Redirect(Exception):
+    """A standby answered: ``msg`` names the leader."""
+
+    def __init__(self, msg: NotLeader) -> None:
+        super().__init__(msg.leader)
+        self.msg = msg
 
 
 class RequestError(RuntimeError):
@@ -151,7 +171,7 @@ def resolve_endpoint(cluster: str | None = None, cwd: Path | None = None) -> str
     if path.is_file():
         from sllm_actors.runtime.topology import load_topology
 
-        return load_topology(path).controller.client_endpoint
+        return load_topology(path).client_endpoints  # every controller's, with a standby
     raise ClusterUnavailable(
         "no cluster endpoint: pass --cluster tcp://HOST:PORT, set SLLM_CLUSTER, or run where topology.yaml is"
     )
@@ -160,8 +180,19 @@ def resolve_endpoint(cluster: str | None = None, cwd: Path | None = None) -> str
 class Client:
     def __init__(self, endpoint: str, *, connect_timeout: float = 5.0, idle_timeout: float = 900.0,
                  key: str | os.PathLike[str] | None = None, insecure: bool = False) -> None:
-        """``insecure``: no CURVE, for a controller started without keys (benchmarks of what CURVE costs)."""
-        self.endpoint = endpoint
+        """``endpoint``: one controller's client endpoint, or every controller's, comma-separated. ``insecure``: no
+        CURVE, for a controller started without keys (benchmarks of what CURVE costs)."""
+        self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()] or [endpoint]
+        self.endpoint = self.endpoints[0]
+        """The controller this client talks to now (the leader, once connected)."""
+        self.leader = ""
+        """The leading controller's name, when a standby named it."""
+        self._silent: dict[str, float] = {}
+        self._identity = f"client-{uuid.uuid4().hex[:12]}".encode()
+        """Kept across controllers: a stream resumed on a new leader is known as ours by it."""
+        self._welcome: Welcome | None = None
+        self._moved = False
+        """A stream's socket moved to another controller (``_fail_over``): its next Welcome resumes it."""
         self.key = key
         self.insecure = insecure
         self.connect_timeout = connect_timeout
@@ -178,6 +209,43 @@ class Client:
     def _connect(self) -> zmq.Socket[bytes]:
         if self._socket is not None:
             return self._socket
+        if len(self.endpoints) == 1:
+            return self._connect_to(self.endpoint)
+        return self._follow_leader(time.monotonic() + self.connect_timeout)
+
+    def _follow_leader(self, deadline: float) -> zmq.Socket[bytes]:
+        """Connect to the leading controller: each in turn, a standby's redirect taken to the one it names (unless
+        that one was just found silent), until one welcomes us or ``deadline``."""
+        start = self.endpoints.index(self.endpoint) if self.endpoint in self.endpoints else 0
+        order = self.endpoints[start:] + self.endpoints[:start]
+        tried: list[str] = []
+        while time.monotonic() < deadline:
+            endpoint = order[0]
+            wait = min(FAILOVER_S, max(0.05, deadline - time.monotonic()))
+            try:
+                sock = self._connect_to(endpoint, wait, quiet=True)
+                self._silent.pop(endpoint, None)
+                return sock
+            except _Redirect as redirect:
+                tried.append(f"{endpoint}: standby {redirect.msg.controller}, leader "
+                             f"{redirect.msg.leader or 'none yet'}")
+                target = redirect.msg.leader_endpoint
+                recently_silent = time.monotonic() - self._silent.get(target, -SILENT_MEMO_S) < SILENT_MEMO_S
+                if target and target != endpoint and not recently_silent:
+                    self.leader = redirect.msg.leader
+                    order = [target] + [e for e in order if e != target]
+                else:
+                    # No leader yet, or the one named was just silent (its lease not yet expired): ask again soon.
+                    time.sleep(min(REDIRECT_RETRY_S, max(0.0, deadline - time.monotonic())))
+            except ClusterUnavailable as exc:
+                tried.append(str(exc))
+                self._silent[endpoint] = time.monotonic()
+                order = order[1:] + order[:1]
+        raise ClusterUnavailable(f"no controller of {','.join(self.endpoints)} led within "
+                                 f"{self.connect_timeout:.0f}s: " + "; ".join(tried[-len(self.endpoints):]))
+
+    def _connect_to(self, endpoint: str, timeout: float | None = None, quiet: bool = False) -> zmq.Socket[bytes]:
+        self.endpoint = endpoint
         credentials = None
         if not self.insecure:
             from sllm_actors.runtime.security import KeyProblem, find_credentials, no_key_message
@@ -188,17 +256,24 @@ class Client:
                 raise ClusterUnavailable(str(exc)) from None
             if credentials is None:
                 raise ClusterUnavailable(no_key_message(f"the cluster at {self.endpoint}"))
-        sock = router_socket(self._context, self.endpoint, "client", credentials)
+        # One identity across controllers (the new leader knows the stream's owner by it); with one controller a
+        # socket of a new identity each time, as before (a ROUTER ignores a second connection under a name it holds).
+        sock = router_socket(self._context, self.endpoint, "client", credentials,
+                             self._identity if len(self.endpoints) > 1 else b"")
         self._socket = sock
         sock.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "client")))
-        deadline = time.monotonic() + self.connect_timeout
+        deadline = time.monotonic() + (self.connect_timeout if timeout is None else timeout)
         while True:
             msg = self._recv(deadline, connecting=True)
             if isinstance(msg, Welcome):
                 self.state_endpoint = msg.state_endpoint
                 self.http_endpoint = msg.http_endpoint
                 self.epoch = msg.epoch
+                self._welcome = msg
                 return sock
+            if isinstance(msg, NotLeader):
+                self.close()
+                raise _Redirect(msg)
             if isinstance(msg, ErrorReply):
                 self.close()
                 raise ClusterUnavailable(f"the cluster at {self.endpoint} refused us: {msg.message}")
@@ -285,9 +360,11 @@ class Client:
             while True:
                 msg = self._await_stream(request_id, give_up)
                 if isinstance(msg, Welcome):
-                    if msg.epoch != self.epoch:
-                        # The controller restarted: the stream goes on from the tokens we have.
+                    if msg.epoch != self.epoch or self._moved:
+                        # The controller restarted, or we moved to another (the leader changed, or the one we left
+                        # was only slow and cancelled our request when our socket went): go on from our tokens.
                         self.epoch = msg.epoch
+                        self._moved = False
                         self._send(resume_request(request, have, have_text))
                     continue
                 give_up = time.monotonic() + self.idle_timeout
@@ -317,8 +394,10 @@ class Client:
 
     def _await_stream(self, request_id: str, give_up: float) -> Message:
         """The stream's next message, or a ``Welcome`` answering the ``Hello`` sent after ``PROBE_S`` of silence;
-        ClusterUnavailable at ``give_up`` (``idle_timeout`` after the stream's last message)."""
+        ClusterUnavailable at ``give_up`` (``idle_timeout`` after the stream's last message). With several
+        controllers, a Hello unanswered for ``FAILOVER_S`` moves the client to the leader (``_fail_over``)."""
         assert self._socket is not None
+        probed_at: float | None = None
         while True:
             now = time.monotonic()
             if now >= give_up:
@@ -326,12 +405,19 @@ class Client:
                 raise ClusterUnavailable(
                     f"the cluster at {self.endpoint} went silent for {self.idle_timeout:.0f}s; giving up")
             if not self._socket.poll(int(min(PROBE_S, give_up - now) * 1000)):
+                if len(self.endpoints) > 1 and probed_at is not None and now - probed_at >= FAILOVER_S:
+                    return self._fail_over(give_up)
+                if probed_at is None:
+                    probed_at = now
                 self._socket.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "client")))
                 continue
             try:
                 _, msg = wire.unpack(self._socket.recv_multipart())
             except ProtocolError as exc:
                 raise RequestError("", "bad_message", f"the cluster sent a frame we cannot read: {exc}") from None
+            probed_at = None
+            if isinstance(msg, NotLeader) and len(self.endpoints) > 1:
+                return self._fail_over(give_up)
             if isinstance(msg, Welcome):
                 return msg
             if getattr(msg, "request_id", None) != request_id:
@@ -339,6 +425,27 @@ class Client:
             if isinstance(msg, ErrorReply):
                 raise RequestError(request_id, msg.code, msg.message)
             return msg
+
+    def _fail_over(self, give_up: float) -> Welcome:
+        """The controller went silent (or no longer leads): connect to the one that leads now. Its Welcome is
+        returned with the epoch this stream knew left in place, so the caller sees a new epoch and resumes."""
+        self._silent[self.endpoint] = time.monotonic()
+        known = self.epoch
+        self.close()
+        order = self.endpoints
+        self.endpoint = order[(order.index(self.endpoint) + 1) % len(order)] if self.endpoint in order else order[0]
+        while True:
+            try:
+                self._follow_leader(min(give_up, time.monotonic() + self.connect_timeout))
+                break
+            except ClusterUnavailable:
+                if time.monotonic() >= give_up:
+                    raise
+        welcome = self._welcome
+        assert welcome is not None
+        self.epoch = known
+        self._moved = True
+        return welcome
 
     def complete(self, model: str, prompt: str, **kwargs: Any) -> Completion:
         """generate() without streaming: the Completion alone."""

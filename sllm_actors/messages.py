@@ -63,6 +63,7 @@ __all__ = [
     "NodeLost",
     "NodeProcessExited",
     "NodeStatus",
+    "NotLeader",
     "NodeUp",
     "Place",
     "Placed",
@@ -183,6 +184,23 @@ class Ack(Message):
     tag: ClassVar[str] = "ack"
     request_id: str
     detail: str = ""
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class NotLeader(Message):
+    """A standby controller's answer to anything a client sends it (it never serves): who leads, and where."""
+
+    tag: ClassVar[str] = "not_leader"
+    request_id: str
+    controller: str
+    """The standby that answers."""
+    leader: str = ""
+    """The controller that leads, "" while none does (a standby is taking over)."""
+    leader_endpoint: str = ""
+    """The leader's client endpoint: where to send it again."""
+    epoch: int = 0
+    """The leader's epoch (the etcd revision that made it leader)."""
 
 
 # ----------------------------------------------------------------------------- sampling parameters

@@ -53,6 +53,7 @@ __all__ = [
     "HostsError",
     "RepositoryHost",
     "faults_unavailable_reason",
+    "host_env",
     "start_cluster",
     "start_repository",
     "sweep_stale",
@@ -436,7 +437,7 @@ class Hosts:
             raise HostsError("; ".join(problems))
 
 
-def _host_env(host: Host, extra: dict[str, str] | None = None) -> dict[str, str]:
+def host_env(host: Host, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The caller's environment with this host's home as ``$HOME`` and ``$SLLM_HOME``, and nothing that names
     another host's keys or cluster."""
     env = {k: v for k, v in os.environ.items() if k not in ("SLLM_KEYS", "SLLM_KEY", "SLLM_CLUSTER")}
@@ -482,7 +483,7 @@ class HostCluster:
                ready: queue.Queue[str] | None = None) -> subprocess.Popen[str]:
         """Start ``argv`` on ``host``, its output kept in ``logs[what]`` and ``HOME/what.log``; the line that
         starts with ``ready:`` goes to ``ready`` ('' if the process ends first)."""
-        proc = host.popen(argv, env=_host_env(host), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = host.popen(argv, env=host_env(host), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         lines = self.logs.setdefault(what, [])
         log = (host.home / f"{what}.log").open("a")
 
@@ -563,7 +564,7 @@ class RepositoryHost:
 def start_repository(host: Host, root: Path, port: int = 8080, python: str = sys.executable) -> RepositoryHost:
     """Serve ``root`` (a directory in ``host``'s home, which no other host can open) on ``host``'s address."""
     proc = host.popen([python, "-m", "sllm_eval.repository_server", str(root), "--host", host.address,
-                       "--port", str(port)], env=_host_env(host), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                       "--port", str(port)], env=host_env(host), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if not line.startswith("ready: "):
@@ -597,7 +598,7 @@ def start_cluster(hosts: Hosts, models: dict[str, Path | str], *, controller: st
         **({"repositories": repositories} if repositories else {}),
         **({"scheduler": scheduler} if scheduler else {}),
     }, sort_keys=False))
-    env = _host_env(ctl)
+    env = host_env(ctl)
     made = ctl.run([python, str(REPO / "cli.py"), "keys", "init", str(topology)], env=env)
     if made.returncode != 0:
         raise HostsError(f"sllm keys init on {controller}: {made.stdout}{made.stderr}")

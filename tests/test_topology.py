@@ -150,3 +150,39 @@ def test_serving_dtype_is_bf16_only_where_it_is_native() -> None:
     assert serving_dtype("", "cpu", frozenset({"amx_bf16", "amx_tile"})) == "bfloat16"
     assert serving_dtype("bfloat16", "cpu", frozenset()) == "bfloat16"
     assert isinstance(cpu_flags(), frozenset)
+
+
+def test_standby_controllers_and_etcd(tmp_path: Path) -> None:
+    """One controller and no etcd is the default; standbys need etcd and fixed ports; each controller's view of the
+    topology puts it first."""
+    nodes = "nodes: [{name: n1, gpus: [{device: cpu}]}]\n"
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(nodes)
+    topo = load_topology(plain)
+    assert topo.etcd is None and topo.standbys == () and topo.client_endpoints == "tcp://127.0.0.1:7700"
+
+    both = tmp_path / "both.yaml"
+    both.write_text(nodes + "controller: {name: ctl-a, host: 10.0.0.1}\n"
+                    "standbys: [{name: ctl-b, host: 10.0.0.2, client_port: 7800, cluster_port: 7801}]\n"
+                    "etcd: {endpoints: [http://10.0.0.9:2379], prefix: /sllm/x/}\n")
+    topo = load_topology(both)
+    assert topo.etcd is not None and topo.etcd.lease_ttl_s == 2 and topo.etcd.prefix == "/sllm/x/"
+    assert topo.client_endpoints == "tcp://10.0.0.1:7700,tcp://10.0.0.2:7800"
+    assert topo.cluster_endpoints == "tcp://10.0.0.1:7701,tcp://10.0.0.2:7801"
+    as_b = topo.as_controller("ctl-b")
+    assert as_b.controller.name == "ctl-b" and [c.name for c in as_b.standbys] == ["ctl-a"]
+    with pytest.raises(KeyError, match="ctl-c"):
+        topo.as_controller("ctl-c")
+
+    for extra, fragment in [
+        ("standbys: [{name: ctl-b}]\n", "through etcd: add an etcd: section"),
+        ("standbys: [{name: controller, client_port: 7800, cluster_port: 7801}]\netcd: {endpoints: [http://e:1]}\n",
+         "names must differ"),
+        ("controller: {client_port: 0}\netcd: {endpoints: [http://e:1]}\n", "must be fixed"),
+        ("etcd: {endpoints: [e:1]}\n", "http(s)://"),
+        ("etcd: {endpoints: [http://e:1], lease_ttl: 1}\n", "2..60"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(nodes + extra)
+        with pytest.raises(TopologyError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            load_topology(bad)

@@ -3,6 +3,11 @@ HTTP request of this process, and a SUB on the state port for snapshots and even
 
 The router sees one client; requests are told apart by their ids, so one socket and one reader task serve
 any number of concurrent HTTP streams without a thread or a socket per request.
+
+With a standby controller (``endpoint`` lists every controller's, this host's first) the link follows the leader as
+the Python client does: a standby's ``NotLeader`` moves the socket to the leader it names, and a leader silent past
+``FAILOVER_S`` moves it to the next controller; the socket (and so its identity, by which the router knows the
+streams' owner) stays, only its connection moves, and the next Welcome resumes every open stream.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from sllm_actors.runtime import wire
-from sllm_actors.client import PROBE_S, resume_request, router_socket, take_new
+from sllm_actors.client import FAILOVER_S, PROBE_S, SILENT_MEMO_S, resume_request, router_socket, take_new
 from sllm_actors.messages import (
     PROTOCOL_VERSION,
     CancelRequest,
@@ -29,6 +34,7 @@ from sllm_actors.messages import (
     GenerateRequest,
     Hello,
     Message,
+    NotLeader,
     ProtocolError,
     StatusReply,
     StatusRequest,
@@ -62,7 +68,11 @@ class RouterUnavailable(ConnectionError):
 class RouterLink:
     def __init__(self, endpoint: str, *, connect_timeout: float = 5.0,
                  on_event: Callable[[ClusterEvent], None] | None = None) -> None:
-        self.endpoint = endpoint
+        self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()] or [endpoint]
+        self.endpoint = self.endpoints[0]
+        """The controller the socket is connected to now (the leader, once it welcomed us)."""
+        self._silent: dict[str, float] = {}
+        self._moved = False
         self.connect_timeout = connect_timeout
         self.on_event = on_event
         self.state_endpoint = ""
@@ -154,10 +164,32 @@ class RouterLink:
     async def _probe(self) -> None:
         """After ``PROBE_S`` of silence, a Hello: its Welcome tells a restarted controller (a new epoch) apart."""
         assert self._sock is not None
+        following = len(self.endpoints) > 1
         while True:
             await asyncio.sleep(PROBE_S)
-            if self._open and time.monotonic() - self._heard_at >= PROBE_S:
+            silent = time.monotonic() - self._heard_at
+            if following and silent >= PROBE_S + FAILOVER_S:
+                # The leader is gone (or was never there): the next controller answers, or names who leads.
+                self._silent[self.endpoint] = time.monotonic()
+                order = self.endpoints
+                self._move(order[(order.index(self.endpoint) + 1) % len(order)] if self.endpoint in order else order[0])
+            elif (self._open or following) and silent >= PROBE_S:
                 await self._sock.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "http")))
+
+    def _move(self, endpoint: str) -> None:
+        """Connect the socket to ``endpoint`` instead (same socket, same identity) and say Hello there."""
+        assert self._sock is not None and self._sync_sock is not None
+        if endpoint != self.endpoint:
+            log.warning("http: moving from controller %s to %s", self.endpoint, endpoint)
+            try:
+                self._sock.disconnect(self.endpoint)
+            except zmq.ZMQError:
+                pass  # not connected there (it never answered)
+            self._sock.connect(endpoint)
+            self.endpoint = endpoint
+            self._moved = True
+        self._heard_at = time.monotonic()  # the new one gets its own FAILOVER_S
+        self._sync_sock.send_multipart(wire.pack(Hello(PROTOCOL_VERSION, "http")))
 
     def _resume_all(self) -> None:
         """The controller restarted: every open stream goes on from the tokens it has (the router's log wins)."""
@@ -174,11 +206,22 @@ class RouterLink:
         except ProtocolError as exc:
             log.error("http: the router sent a frame we cannot read: %s", exc)
             return
+        if isinstance(msg, NotLeader):
+            # A standby: go to the leader it names, unless that one was just found silent (its lease is not yet
+            # expired); the probe asks again in a second.
+            target = msg.leader_endpoint
+            if target and target != self.endpoint and time.monotonic() - self._silent.get(target, -SILENT_MEMO_S) \
+                    >= SILENT_MEMO_S:
+                self._move(target)
+            return
         if isinstance(msg, Welcome):
+            self._silent.pop(self.endpoint, None)
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_result(msg)
-            elif msg.epoch != self.epoch:
+            elif msg.epoch != self.epoch or self._moved:
                 self.epoch = msg.epoch
+                self._moved = False
+                self._follow_state(msg.state_endpoint)
                 self._resume_all()
             return
         if isinstance(msg, TokenChunk) and msg.request_id in self._open:
@@ -194,6 +237,19 @@ class RouterLink:
             queue.put_nowait(msg)
         elif isinstance(msg, ErrorReply) and not msg.request_id:
             log.error("http: the router refused us: %s [%s]", msg.message, msg.code)
+
+    def _follow_state(self, state_endpoint: str) -> None:
+        """Subscribe to the new leader's snapshots instead of the old one's."""
+        if self._sub is None or not state_endpoint or state_endpoint == self.state_endpoint:
+            return
+        from sllm_actors.feed import reachable_state_endpoint
+
+        try:
+            self._sub.disconnect(reachable_state_endpoint(self.state_endpoint, self.endpoint))
+        except zmq.ZMQError:
+            pass
+        self.state_endpoint = state_endpoint
+        self._sub.connect(reachable_state_endpoint(state_endpoint, self.endpoint))
 
     async def _read_state(self) -> None:
         assert self._sub is not None

@@ -14,6 +14,8 @@ __all__ = [
     "DEFAULT_MODEL_SOURCE",
     "LOAD_MODES",
     "POLICIES",
+    "ControllerSpec",
+    "EtcdSpec",
     "GpuSpec",
     "ModelSpec",
     "NodeSpec",
@@ -177,6 +179,8 @@ class ControllerSpec:
     state_port: int = 7702
     http_port: int = 8000
     """The OpenAI-compatible HTTP front end; 0 turns it off."""
+    name: str = "controller"
+    """Its name among the controllers (``sllm up --controller NAME`` picks a standby's entry)."""
 
     def endpoint(self, port: int) -> str:
         return f"tcp://{self.host}:{port}"
@@ -184,6 +188,24 @@ class ControllerSpec:
     @property
     def client_endpoint(self) -> str:
         return self.endpoint(self.client_port)
+
+    @property
+    def cluster_endpoint(self) -> str:
+        return self.endpoint(self.cluster_port)
+
+
+@dataclass(frozen=True)
+class EtcdSpec:
+    """``etcd:``: where the controllers elect their leader and keep the cluster's store (deployments, estimates)."""
+
+    endpoints: tuple[str, ...]
+    """``http(s)://HOST:PORT`` of etcd's client port, one per etcd member."""
+    lease_ttl_s: int = 2
+    """The leader's lease: a killed leader's standby takes over after at most this long."""
+    prefix: str = "/sllm/cluster/"
+    """Every key of this cluster lies under it (several clusters may share one etcd)."""
+    ca_file: str = ""
+    """For ``https://`` endpoints: the CA that signed etcd's certificate (default: the system's)."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +235,37 @@ class Topology:
     """Directories ``sllm deploy`` may take models from (besides the default model's package)."""
     repositories: tuple[RepositorySpec, ...] = ()
     """HTTP(S) repositories models may come from (``source: https://...``), for the topology and ``sllm deploy``."""
+    standbys: tuple[ControllerSpec, ...] = ()
+    """Standby controllers (``standbys:``, each with a name and its own ports); they need ``etcd:``."""
+    etcd: EtcdSpec | None = None
+    """None: one controller, no etcd (the default)."""
+
+    @property
+    def controllers(self) -> list[ControllerSpec]:
+        """Every controller: the topology's ``controller:`` first, then the standbys."""
+        return [self.controller, *self.standbys]
+
+    def controller_named(self, name: str) -> ControllerSpec:
+        for spec in self.controllers:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no controller {name!r} in {self.path} (controllers: "
+                       f"{', '.join(c.name for c in self.controllers)})")
+
+    def as_controller(self, name: str) -> Topology:
+        """This topology as controller ``name`` runs it: its entry as ``controller``, the others as standbys."""
+        me = self.controller_named(name)
+        return replace(self, controller=me, standbys=tuple(c for c in self.controllers if c.name != name))
+
+    @property
+    def client_endpoints(self) -> str:
+        """Every controller's client endpoint, comma-separated: what clients and ``--cluster`` take."""
+        return ",".join(c.client_endpoint for c in self.controllers)
+
+    @property
+    def cluster_endpoints(self) -> str:
+        """Every controller's cluster endpoint, comma-separated: what a node joins."""
+        return ",".join(c.cluster_endpoint for c in self.controllers)
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -355,22 +408,24 @@ def parse_topology(data: Any, path: Path) -> Topology:
     if data is None:
         raise r.fail("(top level)", "the file is empty")
     top = r.mapping(data, "(top level)", {"controller", "nodes", "models", "scheduler", "models_roots",
-                                          "repositories"})
+                                          "repositories", "standbys", "etcd"})
     base_dir = path.parent
     repositories = _parse_repositories(r, r.get(top, "repositories", "", list, []))
 
-    ctl = r.mapping(top.get("controller", {}), "controller", {"host", "client_port", "cluster_port", "state_port",
-                                                           "http_port"})
-    ports = {}
-    for key, default in (("client_port", 7700), ("cluster_port", 7701), ("state_port", 7702), ("http_port", 8000)):
-        port = r.get(ctl, key, "controller", int, default)
-        if not 0 <= port <= 65535:
-            raise r.fail(f"controller.{key}", f"port must be 0..65535, got {port}")
-        ports[key] = port
-    nonzero = [p for p in ports.values() if p]
-    if len(nonzero) != len(set(nonzero)):
-        raise r.fail("controller", f"ports must differ, got {ports}")
-    controller = ControllerSpec(host=r.get(ctl, "host", "controller", str, "127.0.0.1"), **ports)
+    controller = _parse_controller(r, top.get("controller", {}), "controller")
+    standbys = tuple(_parse_controller(r, raw, f"standbys[{i}]")
+                     for i, raw in enumerate(r.get(top, "standbys", "", list, [])))
+    etcd = _parse_etcd(r, top["etcd"]) if top.get("etcd") is not None else None
+    if standbys and etcd is None:
+        raise r.fail("standbys", "standby controllers elect their leader through etcd: add an etcd: section")
+    names = [c.name for c in (controller, *standbys)]
+    if len(names) != len(set(names)):
+        raise r.fail("standbys", f"controller names must differ (the first is {controller.name!r}), got {names}")
+    if etcd is not None:
+        for spec in (controller, *standbys):
+            if not spec.client_port or not spec.cluster_port:
+                raise r.fail(f"controller {spec.name}", "with etcd, client_port and cluster_port must be fixed "
+                             "(nodes and clients follow the leader to them), not 0")
 
     raw_nodes = r.get(top, "nodes", "", list)
     if not raw_nodes:
@@ -485,7 +540,37 @@ def parse_topology(data: Any, path: Path) -> Topology:
             raise r.fail(f"models_roots[{i}]", f"expected a directory path, got {root!r}")
     models_roots = tuple((base_dir / Path(root).expanduser()).resolve() for root in roots)
     return Topology(path=path, controller=controller, nodes=nodes, models=models, scheduler=scheduler,
-                    models_roots=models_roots, repositories=repositories)
+                    models_roots=models_roots, repositories=repositories, standbys=standbys, etcd=etcd)
+
+
+def _parse_controller(r: _Reader, raw: Any, where: str) -> ControllerSpec:
+    ctl = r.mapping(raw, where, {"host", "client_port", "cluster_port", "state_port", "http_port", "name"})
+    ports = {}
+    for key, default in (("client_port", 7700), ("cluster_port", 7701), ("state_port", 7702), ("http_port", 8000)):
+        port = r.get(ctl, key, where, int, default)
+        if not 0 <= port <= 65535:
+            raise r.fail(f"{where}.{key}", f"port must be 0..65535, got {port}")
+        ports[key] = port
+    nonzero = [p for p in ports.values() if p]
+    if len(nonzero) != len(set(nonzero)):
+        raise r.fail(where, f"ports must differ, got {ports}")
+    default_name = "controller" if where == "controller" else where
+    return ControllerSpec(host=r.get(ctl, "host", where, str, "127.0.0.1"),
+                          name=r.get(ctl, "name", where, str, default_name), **ports)
+
+
+def _parse_etcd(r: _Reader, raw: Any) -> EtcdSpec:
+    etcd = r.mapping(raw, "etcd", {"endpoints", "lease_ttl", "prefix", "ca_file"})
+    endpoints = r.get(etcd, "endpoints", "etcd", list)
+    if not endpoints or not all(isinstance(e, str) and e.startswith(("http://", "https://")) for e in endpoints):
+        raise r.fail("etcd.endpoints", f"expected a list of http(s)://HOST:PORT, got {endpoints!r}")
+    ttl = r.get(etcd, "lease_ttl", "etcd", int, 2)
+    if not 2 <= ttl <= 60:
+        raise r.fail("etcd.lease_ttl", f"seconds, 2..60 (etcd's smallest lease is about 1.5 s), got {ttl}")
+    prefix = r.get(etcd, "prefix", "etcd", str, "/sllm/cluster/")
+    if not prefix.startswith("/") or not prefix.endswith("/"):
+        raise r.fail("etcd.prefix", f"a key prefix like /sllm/NAME/, got {prefix!r}")
+    return EtcdSpec(tuple(endpoints), ttl, prefix, r.get(etcd, "ca_file", "etcd", str, ""))
 
 
 def _parse_repositories(r: _Reader, raw: list[Any]) -> tuple[RepositorySpec, ...]:

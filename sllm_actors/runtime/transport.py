@@ -24,7 +24,7 @@ import zmq.utils.monitor
 from sllm_actors.runtime import wire
 from sllm_actors.messages import MAX_BODY_BYTES, ErrorReply, Message, ProtocolError
 
-__all__ = ["Transport"]
+__all__ = ["Transport", "connect_each"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,8 @@ class Transport:
         return bound
 
     def connect_dealer(self, key: str, endpoint: str, identity: str, on_message: OnMessage) -> None:
+        """``endpoint``: one, or several comma-separated (the controllers of a cluster with a standby): then the
+        socket connects to each and sends only on connections made (see ``connect_each``)."""
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, identity.encode())
@@ -152,7 +154,7 @@ class Transport:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         if self._credentials is not None:
             self._credentials.apply_client(sock)
-        sock.connect(endpoint)
+        connect_each(sock, endpoint)
         self._endpoints[key] = _Endpoint(sock, zmq.DEALER, on_message)
 
     def bind_pub(self, key: str, endpoint: str) -> str:
@@ -335,8 +337,8 @@ class Transport:
         except zmq.Again:
             ep.dropped += 1
             if ep.dropped <= 20 or ep.dropped % 1000 == 0:
-                log.warning("%s: a peer on %s is not reading; dropped a frame for it (#%d)", self.name, key,
-                            ep.dropped)
+                log.warning("%s: a peer on %s is not reading (or, joined to several controllers, none leads yet); "
+                            "dropped a frame for it (#%d)", self.name, key, ep.dropped)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH and ep.on_unreachable is not None:
                 ep.on_unreachable(frames[0])
@@ -379,6 +381,19 @@ class Transport:
             except Exception:
                 # A dispatch bug must not take the whole process's IO down with it.
                 log.exception("%s: handling %s from %r failed", self.name, msg.tag, peer)
+
+
+def connect_each(sock: zmq.Socket, endpoints: str) -> None:
+    """Connect ``sock`` to each of the comma-separated ``endpoints``. With several (every controller's cluster port),
+    ``ZMQ_IMMEDIATE`` queues frames only on connections made: only the leading controller binds its cluster port,
+    so what a node sends goes to the leader and to no one else, and when a standby takes over and binds, ZeroMQ's
+    reconnect finds it within its interval. With one endpoint nothing changes: frames wait in the pipe for a
+    restarted controller on the same port."""
+    listed = [e.strip() for e in endpoints.split(",") if e.strip()]
+    if len(listed) > 1:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    for endpoint in listed:
+        sock.connect(endpoint)
 
 
 def _user_id(frame: zmq.Frame) -> str:

@@ -331,6 +331,8 @@ class SllmTui(App[None]):
                     status = client.status(timeout=5.0)
                     state_endpoint = client.state_endpoint
                     self.http_endpoint = client.http_endpoint
+                    reached = client.endpoint  # the leader, of several
+
             except (ClusterUnavailable, RequestError) as exc:
                 if not said:
                     self.post_message(Note(
@@ -338,7 +340,7 @@ class SllmTui(App[None]):
                     said = True
                 self._threads_stop.wait(RECONNECT_S)
                 continue
-            feed = ClusterFeed(reachable_state_endpoint(state_endpoint, self.endpoint))
+            feed = ClusterFeed(reachable_state_endpoint(state_endpoint, reached))
             feed.offer_status(status)
             feed.start()
             if not self.post_message(Attached(feed)):
@@ -366,6 +368,13 @@ class SllmTui(App[None]):
             return
         update = self.feed.take()
         self._since_message = update.since_last_message_s
+        if "," in self.endpoint and (update.since_last_message_s or 0.0) > STALE_S:
+            # Several controllers: the leader went silent; attach to whichever leads now (the client follows it).
+            self.feed.stop()
+            self.feed = None
+            self.note("the leading controller is silent; attaching to the one that leads now")
+            self._spawn(self._connect, "sllm-tui-connect")
+            return
         for event in update.events:
             self.memory.observe(event)
             self._write_log(event)
@@ -405,6 +414,9 @@ class SllmTui(App[None]):
         parts = [self.endpoint, f"{up}/{len(nodes)} nodes up", f"{requests} requests"]
         if self.http_endpoint:
             parts.insert(1, f"HTTP {self.http_endpoint}")
+        if self.status.get("controllers"):
+            # With etcd: which controller leads (the snapshots come from the leader alone).
+            parts.insert(1, f"leader {self.status.get('leader')} (epoch {self.status.get('epoch')})")
         if since is not None and since > STALE_S:
             parts.append(f"no snapshot for {since:.0f}s: is the cluster up?")
         self.sub_title = " · ".join(parts)

@@ -105,6 +105,12 @@ class ClusterContext:
     """The cluster's state under ``$SLLM_HOME`` (local nodes' pids, the store); None: nothing persists."""
     store: Any = None
     """The cluster's persistent store (``store.ClusterStore``), or None."""
+    controller_name: str = "controller"
+    """This controller's name in the topology (several with etcd: ``sllm status`` shows which leads)."""
+    controllers: list[dict[str, Any]] = field(default_factory=list)
+    """Every controller of the cluster (name, client endpoint), with etcd; empty with one controller."""
+    join_endpoint: str = ""
+    """What local nodes join: every controller's cluster endpoint with etcd, else this one's (``cluster_endpoint``)."""
 
     def to_client(self, peer: bytes, msg: Message) -> None:
         self.transport.send(CLIENTS, msg, peer=peer)

@@ -7,6 +7,10 @@ running (``process.py``). The same directory holds the local nodes' pids (a rest
 still running) and the cluster's SQLite store (``store.py``). A clean stop forgets the ports (a topology that asks
 for port 0 gets fresh ones next time); a killed ``sllm up`` leaves them, so the next ``sllm up`` on the same
 topology comes back on the same endpoints and adopts the nodes, which keep their requests for a grace period.
+
+With ``etcd:`` in the topology (a standby controller on another host), the epoch is the one etcd's election gives
+(``standby.py``): the child first says ``standby`` (its client port answers with who leads), then ``started`` once it
+leads; ``leading`` is set then. A leader that loses its lease exits and is started again here, as a standby.
 """
 
 from __future__ import annotations
@@ -39,24 +43,27 @@ class ControllerStartError(RuntimeError):
     """The controller process did not come up; the message says why."""
 
 
-def cluster_state_dir(topology_path: Path) -> Path:
-    """Where a cluster's state lives: one directory per topology file (by its resolved path)."""
+def cluster_state_dir(topology_path: Path, controller: str = "") -> Path:
+    """Where a cluster's state lives: one directory per topology file (by its resolved path), and per controller
+    when several of one topology run on one host (``controller``: its name)."""
     from sllm_actors.models import sllm_home
 
     resolved = Path(topology_path).expanduser().resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
-    return sllm_home() / "clusters" / f"{resolved.stem}-{digest}"
+    return sllm_home() / "clusters" / (f"{resolved.stem}-{digest}" + (f"-{controller}" if controller else ""))
 
 
 class ControllerLauncher:
     def __init__(self, topology_path: Path, *, policy: str = "", http_endpoint: str = "",
-                 log_file: IO[bytes] | None = None, ready_timeout: float = 300.0) -> None:
+                 log_file: IO[bytes] | None = None, ready_timeout: float = 300.0, controller: str = "") -> None:
+        """``controller``: which of the topology's controllers this is (with etcd; "" for the first)."""
         self.topology_path = Path(topology_path).resolve()
+        self.controller = controller
         self.policy = policy
         self.http_endpoint = http_endpoint
         self.log_file = log_file
         self.ready_timeout = ready_timeout
-        self.state_dir = cluster_state_dir(self.topology_path)
+        self.state_dir = cluster_state_dir(self.topology_path, controller)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = self.state_dir / "state.json"
         self.state = self._load_state()
@@ -67,6 +74,10 @@ class ControllerLauncher:
         self.missing: list[str] = []
         self.restarted = threading.Event()
         """Set on each restart (tests and the soak wait on it)."""
+        self.leading = threading.Event()
+        """Set while this controller leads (at once without etcd; with etcd once it wins the election)."""
+        self.standby = False
+        """The child stands by (with etcd): its client port answers with who leads."""
         self._started: queue.Queue[dict[str, Any]] = queue.Queue()
         self._stopping = threading.Event()
         self._restarts = RestartIntensity(MAX_RESTARTS, RESTART_PERIOD_S)
@@ -120,13 +131,24 @@ class ControllerLauncher:
         except queue.Empty:
             proc.kill()
             raise ControllerStartError(f"the controller did not start within {START_TIMEOUT_S:.0f}s") from None
-        if started.get("event") != "started":
+        if started.get("event") not in ("started", "standby"):
             proc.wait()
             raise ControllerStartError(str(started.get("error") or f"the controller exited with code {proc.returncode}"))
         self.endpoints = started
+        if started.get("event") == "standby":
+            self.standby = True
+            return  # its ports are the topology's (fixed with etcd); the epoch comes with the lead
+        self._leads(started)
+
+    def _leads(self, started: dict[str, Any]) -> None:
+        self.endpoints = started
+        self.standby = False
+        if "epoch" in started:
+            self.epoch = int(started["epoch"])
         self.state["ports"] = [int(started[k].rsplit(":", 1)[1])
                                for k in ("client_endpoint", "cluster_endpoint", "state_endpoint")]
         self._save_state()
+        self.leading.set()
 
     def _spawn(self, ports: list[int] | None) -> subprocess.Popen[bytes]:
         self.epoch = int(self.state.get("epoch", 0)) + 1
@@ -140,12 +162,15 @@ class ControllerLauncher:
             cmd += ["--policy", self.policy]
         if self.http_endpoint:
             cmd += ["--http-endpoint", self.http_endpoint]
+        if self.controller:
+            cmd += ["--controller", self.controller]
         # This checkout's package first on the path, as the nodes get it.
         root = str(Path(sllm_actors.__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log_file, env=env)
         self.proc = proc
         self.ready.clear()
+        self.leading.clear()
         log.info("controller: started pid %d, epoch %d", proc.pid, self.epoch)
         threading.Thread(target=self._read, args=(proc,), name="controller-out", daemon=True).start()
         return proc
@@ -161,7 +186,13 @@ class ControllerLauncher:
                 continue  # not ours
             if not isinstance(line, dict):
                 continue
-            if line.get("event") in ("started", "failed"):
+            if line.get("event") == "started" and said and proc is self.proc:
+                # A standby that won the lead: it serves now.
+                log.warning("controller: %s leads from epoch %s", line.get("controller", "?"), line.get("epoch"))
+                print(f"controller leading: {line.get('controller', '')} epoch {line.get('epoch')} pid {proc.pid}",
+                      flush=True)
+                self._leads(line)
+            elif line.get("event") in ("started", "failed", "standby"):
                 said = True
                 self._started.put(line)
             elif line.get("event") == "ready" and proc is self.proc:

@@ -142,7 +142,8 @@ class NodeProcessActor(SupervisedActor):
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             return 0
-        wanted = [b"sllm_actors.actors.node", self.node.encode(), self.cluster.cluster_endpoint.encode()]
+        wanted = [b"sllm_actors.actors.node", self.node.encode(),
+                  (self.cluster.join_endpoint or self.cluster.cluster_endpoint).encode()]
         return pid if all(w in args for w in wanted) else 0
 
     def _adopt(self, pid: int) -> None:
@@ -210,7 +211,8 @@ class NodeProcessActor(SupervisedActor):
     def _spawn(self) -> None:
         cmd = [
             sys.executable, "-m", "sllm_actors.actors.node",
-            "--join", self.cluster.cluster_endpoint, "--name", self.node, "--exit-with-controller",
+            "--join", self.cluster.join_endpoint or self.cluster.cluster_endpoint, "--name", self.node,
+            "--exit-with-controller",
         ]
         key_dir = self.cluster.node_key_dir
         cmd += ["--key", str(key_dir / f"{self.node}.key_secret")] if key_dir is not None else ["--insecure"]

@@ -59,6 +59,8 @@ __all__ = ["Controller", "main"]
 
 log = logging.getLogger(__name__)
 
+EXIT_LOST_LEAD = 75
+"""The exit code of a leader that lost its etcd lease (``sllm up`` starts it again, as a standby)."""
 TICK_S = 0.5
 SEEN_EVERY_S = 0.2
 SNAPSHOT_S = 0.5
@@ -424,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="")
     parser.add_argument("--http-endpoint", default="")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument("--controller", default="", help="this controller's name in the topology (with etcd: which "
+                        "of the controllers this one is)")
     args = parser.parse_args(argv)
     _die_with_parent()
     logging.basicConfig(level=os.environ.get("SLLM_LOG_LEVEL", "INFO"),
@@ -454,10 +458,66 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else None
     import sys
 
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    election = None
+    epoch = args.epoch
+    etcd_spec = topo.etcd
+    if etcd_spec is not None:
+        # Several controllers, one leader: stand by (answering clients with who leads) until this one wins the lead.
+        from sllm_actors.actors.controller.standby import StandbyServer, election_for, etcd_client
+        from sllm_actors.runtime.etcd import EtcdError
+
+        try:
+            topo = topo.as_controller(args.controller or topo.controller.name)
+        except KeyError as exc:
+            say("failed", error=str(exc.args[0]))
+            return 2
+        me = topo.controller
+        etcd = etcd_client(etcd_spec, keys)
+        election = election_for(etcd_spec, etcd, me)
+        standby = StandbyServer(me, keys, election)
+        try:
+            standby_endpoint = standby.start()
+        except Exception as exc:  # noqa: BLE001 - a port in use, most often: say which
+            standby.stop()
+            say("failed", error=f"cannot start standby controller {me.name}: {exc}")
+            return 2
+        try:
+            election.refresh()  # so that the standby names the leader from its first answer
+        except EtcdError as exc:
+            log.warning("controller %s: etcd cannot say who leads yet: %s", me.name, exc)
+        say("standby", controller=me.name, client_endpoint=standby_endpoint)
+        log.info("controller %s: standing by at %s; campaigning in etcd %s", me.name, standby_endpoint,
+                 ",".join(etcd_spec.endpoints))
+        epoch = election.campaign(stop)
+        standby.stop()
+        if not epoch:
+            return 0
+        log.warning("controller %s: leads the cluster from epoch %d (etcd revision)", me.name, epoch)
+
+        def lost(why: str) -> None:
+            # Stop serving at once: a process gone is a fence no socket of ours can leak through. `sllm up` starts
+            # this controller again, as a standby.
+            log.error("controller %s: lost the lead: %s; exiting", me.name, why)
+            os._exit(EXIT_LOST_LEAD)
+
+        election.keep_alive(lost)
+
     # The nodes log where the controller does (never to its stdout: that is sllm up's pipe, which a node outlives).
-    controller = Controller(topo, keys=keys, epoch=args.epoch, state_dir=state_dir, node_log=sys.stderr.buffer)
+    controller = Controller(topo, keys=keys, epoch=epoch, state_dir=state_dir, node_log=sys.stderr.buffer)
     controller.context.http_endpoint = args.http_endpoint
-    if state_dir is not None:
+    if election is not None and etcd_spec is not None:
+        from sllm_actors.actors.controller.standby import leader_key
+        from sllm_actors.actors.controller.store import EtcdStore
+
+        controller.context.store = EtcdStore(election.client, etcd_spec.prefix, leader_key(etcd_spec), epoch)
+        controller.context.controller_name = topo.controller.name
+        controller.context.controllers = [{"name": c.name, "client_endpoint": c.client_endpoint}
+                                          for c in topo.controllers]
+        controller.context.join_endpoint = topo.cluster_endpoints
+    elif state_dir is not None:
         from sllm_actors.actors.controller.store import ClusterStore, StoreError
 
         try:
@@ -466,9 +526,6 @@ def main(argv: list[str] | None = None) -> int:
             # What must survive a restart is lost, not the cluster: it starts from what the nodes report.
             log.error("controller: %s; starting without it (deployments and estimates of earlier runs are lost)", exc)
             controller.events.emit("error", str(exc))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         controller.start()
     except Exception as exc:  # noqa: BLE001 - a port in use, most often: say which
@@ -476,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         say("failed", error=f"cannot start the controller: {exc}")
         return 2
     ctx = controller.context
-    say("started", epoch=args.epoch, client_endpoint=ctx.client_endpoint, cluster_endpoint=ctx.cluster_endpoint,
-        state_endpoint=ctx.state_endpoint)
+    say("started", epoch=epoch, client_endpoint=ctx.client_endpoint, cluster_endpoint=ctx.cluster_endpoint,
+        state_endpoint=ctx.state_endpoint, controller=ctx.controller_name)
     deadline = time.monotonic() + args.ready_timeout
     while not stop.is_set() and time.monotonic() < deadline:
         if set(controller.alive_nodes()) >= controller.node_names:
@@ -489,4 +546,6 @@ def main(argv: list[str] | None = None) -> int:
     controller.stop()
     if ctx.store is not None:
         ctx.store.close()
+    if election is not None:
+        election.resign()  # a standby takes over now rather than a lease's TTL from now
     return 0

@@ -644,6 +644,9 @@ class RouterActor(SupervisedActor):
             "time": time.time(),
             "client_endpoint": self.cluster.client_endpoint,
             "epoch": self.cluster.epoch,
+            # Which controller leads (this one: only the leader answers a status) and every controller, with etcd.
+            "leader": self.cluster.controller_name,
+            "controllers": self.cluster.controllers,
             "nodes": nodes,
             "gpus": gpus,
             "instances": instances,

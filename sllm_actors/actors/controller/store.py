@@ -6,6 +6,9 @@ What a restart would otherwise lose lives only in the controller: the models dep
 per node and tier, decode step times), which took real loads and requests to learn. Everything else is
 rebuilt from what the nodes report when they re-register (their instances, their requests' token logs).
 
+With ``etcd:`` in the topology the same records live in etcd instead (:class:`EtcdStore`), so a standby controller on
+another host has them when it takes over; every write is a transaction that holds only while the writer still leads.
+
 SQLite: in the standard library, transactional (a write killed half-way leaves the last whole state), one
 file. A file that is not a database (or is corrupt) or that another process holds locked is a
 :class:`StoreError` naming the file; the controller then starts without it, from what the nodes report.
@@ -20,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ClusterStore", "StoreError"]
+from sllm_actors.runtime.etcd import EtcdClient, EtcdError
+
+__all__ = ["ClusterStore", "EtcdStore", "StoreError"]
 
 LOCK_TIMEOUT_S = 2.0
 
@@ -98,3 +103,50 @@ class ClusterStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class EtcdStore:
+    """The store's records in etcd under ``prefix`` (``deployments/NAME``, ``estimates/KEY``), written only while
+    the leader key ``leader_key`` is still the one created at ``epoch`` (a controller that lost the lead cannot
+    overwrite its successor's records). Same calls as :class:`ClusterStore`; a failed call is a StoreError."""
+
+    def __init__(self, client: EtcdClient, prefix: str, leader_key: str, epoch: int) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.leader_key = leader_key
+        self.epoch = epoch
+        self.path = f"etcd {','.join(client.endpoints)} {prefix}"
+
+    def _write(self, key: str, value: Any) -> None:
+        try:
+            if not self.client.put_if_created_at(self.prefix + key, json.dumps(value), self.leader_key, self.epoch):
+                raise StoreError(f"not written to {self.path}{key}: this controller no longer leads (epoch {self.epoch})")
+        except EtcdError as exc:
+            raise StoreError(f"cannot write the cluster store {self.path}: {exc}") from None
+
+    def save_deployment(self, name: str, source: str) -> None:
+        self._write(f"deployments/{name}", {"source": source, "deployed_at": time.time()})
+
+    def deployments(self) -> list[tuple[str, str]]:
+        try:
+            rows = self.client.get_prefix(self.prefix + "deployments/")
+        except EtcdError as exc:
+            raise StoreError(f"cannot read the cluster store {self.path}: {exc}") from None
+        found = []
+        for key, value in rows:
+            record = json.loads(value)
+            found.append((float(record.get("deployed_at", 0.0)), key.rsplit("/", 1)[1], str(record["source"])))
+        return [(name, source) for _, name, source in sorted(found)]
+
+    def save_estimates(self, key: str, value: Any) -> None:
+        self._write(f"estimates/{key}", value)
+
+    def estimates(self, key: str) -> Any:
+        try:
+            found = self.client.get(self.prefix + f"estimates/{key}")
+        except EtcdError as exc:
+            raise StoreError(f"cannot read the cluster store {self.path}: {exc}") from None
+        return json.loads(found[0]) if found else None
+
+    def close(self) -> None:
+        pass  # no connection is kept

@@ -19,6 +19,7 @@ import zmq
 from sllm_actors.runtime import wire
 from sllm_actors.messages import ClusterEvent, Message
 from sllm_actors.runtime.supervisor import Directory
+from sllm_actors.runtime.transport import connect_each
 
 __all__ = ["LINK_SEPARATOR", "Link", "Loaded", "NodeContext"]
 
@@ -110,7 +111,7 @@ class Link:
         self.socket.setsockopt(zmq.IDENTITY, identity.encode())
         if credentials is not None:
             credentials.apply_client(self.socket)  # the node's own key: the controller checks the name
-        self.socket.connect(endpoint)
+        connect_each(self.socket, endpoint)  # every controller's, with a standby: frames reach the leader only
 
     def send(self, msg: Message, address: str = "") -> None:
         frames = wire.pack(msg, address)

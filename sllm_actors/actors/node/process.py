@@ -338,7 +338,8 @@ class Node:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sllm-node")
-    parser.add_argument("--join", required=True, help="the controller's cluster endpoint, tcp://HOST:PORT")
+    parser.add_argument("--join", required=True, help="the controller's cluster endpoint, tcp://HOST:PORT, or every "
+                        "controller's, comma-separated (with standby controllers: the node follows the leader)")
     parser.add_argument("--name", required=True)
     parser.add_argument("--exit-with-controller", action="store_true")
     parser.add_argument("--key", help="this node's .key_secret file (default: $SLLM_HOME/keys/nodes/NAME.key_secret)")
