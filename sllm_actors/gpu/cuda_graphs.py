@@ -205,12 +205,17 @@ class StepGraphs:
                 graph = self._capture_prefill(shape, forward)
         return graph
 
+    def _ensure_pool(self) -> None:
+        """The memory pool and side stream every graph of this device shares (decode and prefill alike), made at
+        the first capture."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(self.device)
+
     def _capture_prefill(self, shape: PrefillShape, forward: PrefillForward) -> PrefillGraph | None:
         started = time.perf_counter()
         try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-                self._stream = torch.cuda.Stream(self.device)
+            self._ensure_pool()
             with capturing(self.device) as refused:
                 if refused:
                     if refused != "capture":
@@ -233,9 +238,7 @@ class StepGraphs:
     def _capture(self, batch: int, n_blocks: int, forward: DecodeForward) -> DecodeGraph | None:
         started = time.perf_counter()
         try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-                self._stream = torch.cuda.Stream(self.device)
+            self._ensure_pool()
             with capturing(self.device) as refused:
                 if refused:
                     if refused != "capture":  # another capture is over in milliseconds: try at the next use
