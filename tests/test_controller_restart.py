@@ -12,7 +12,6 @@ requests) re-register with their token logs, and the clients reconnect and go on
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -21,15 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import zmq
 
 from sllm_actors.actors.controller.store import ClusterStore, StoreError
-from sllm_actors.client import Completion, TokenEvent
 from sllm_actors.messages import PROTOCOL_VERSION, ErrorReply, Heartbeat, NodeConfig, NodeHello, NodeStatus
 from sllm_actors.runtime import wire
 
+from . import streams
 from .conftest import RunningCluster, with_key
 
 PROMPTS = ["The history of the river", "Once upon a time in a", "A list of the planets:"]
@@ -69,60 +67,13 @@ def restart_cluster(cluster_factory: Any, slow_model: Path) -> RunningCluster:
     })
 
 
-class ZmqStream(threading.Thread):
-    def __init__(self, cluster: RunningCluster, prompt: str) -> None:
-        super().__init__(daemon=True)
-        self.cluster, self.prompt = cluster, prompt
-        self.tokens: list[int] = []
-        self.indexes: list[int] = []
-        self.done: Completion | None = None
-        self.error: BaseException | None = None
-        self.flowing = threading.Event()
-
-    def run(self) -> None:
-        try:
-            with self.cluster.client(idle_timeout=120) as client:
-                for event in client.generate("slow", self.prompt, max_tokens=MAX_TOKENS, temperature=0.0):
-                    if isinstance(event, TokenEvent):
-                        self.indexes.append(event.index)
-                        self.tokens += event.token_ids
-                        if len(self.tokens) >= 2:
-                            self.flowing.set()
-                    elif isinstance(event, Completion):
-                        self.done = event
-        except BaseException as exc:  # noqa: BLE001 - reported by the test's assertions
-            self.error = exc
-        finally:
-            self.flowing.set()
+def ZmqStream(cluster: RunningCluster, prompt: str) -> streams.ZmqStream:
+    """A greedy stream through the cluster's own client."""
+    return streams.ZmqStream(lambda: cluster.client(idle_timeout=120), prompt, MAX_TOKENS)
 
 
-class HttpStream(threading.Thread):
-    def __init__(self, base: str, prompt: str) -> None:
-        super().__init__(daemon=True)
-        self.base, self.prompt = base, prompt
-        self.tokens: list[int] = []
-        self.finish_reason = ""
-        self.error: BaseException | None = None
-        self.flowing = threading.Event()
-
-    def run(self) -> None:
-        body = {"model": "slow", "prompt": self.prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
-                "return_token_ids": True}
-        try:
-            with httpx.stream("POST", f"{self.base}/v1/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    choices = json.loads(line[len("data: "):])["choices"]
-                    if choices:
-                        self.tokens += choices[0].get("token_ids", [])
-                        self.finish_reason = choices[0].get("finish_reason") or self.finish_reason
-                    if len(self.tokens) >= 4:
-                        self.flowing.set()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test's assertions
-            self.error = exc
-        finally:
-            self.flowing.set()
+def HttpStream(base: str, prompt: str) -> streams.HttpStream:
+    return streams.HttpStream(base, prompt, MAX_TOKENS, flowing_after=4)
 
 
 def test_controller_killed_mid_stream_every_stream_completes_token_identical(restart_cluster: RunningCluster,

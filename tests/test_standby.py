@@ -11,8 +11,6 @@ Debian's etcd-server, ``.ci/run``).
 
 from __future__ import annotations
 
-import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +18,12 @@ import httpx
 import pytest
 import zmq
 
-from sllm_actors.client import Client, ClusterUnavailable, Completion, TokenEvent
+from sllm_actors.client import Client, ClusterUnavailable
 from sllm_actors.messages import PROTOCOL_VERSION, Hello, NotLeader
 from sllm_actors.runtime import wire
 from sllm_eval.standby_cluster import StandbyCluster, etcd_missing
 
+from . import streams
 from .conftest import with_key
 
 pytestmark = pytest.mark.skipif(bool(etcd_missing()), reason=etcd_missing() or "etcd present")
@@ -45,60 +44,13 @@ def standby_cluster(tmp_path: Path, slow_model: Path) -> Any:
         cluster.stop()
 
 
-class ZmqStream(threading.Thread):
-    def __init__(self, endpoints: str, prompt: str, max_tokens: int = MAX_TOKENS) -> None:
-        super().__init__(daemon=True)
-        self.endpoints, self.prompt, self.max_tokens = endpoints, prompt, max_tokens
-        self.tokens: list[int] = []
-        self.indexes: list[int] = []
-        self.done: Completion | None = None
-        self.error: BaseException | None = None
-        self.flowing = threading.Event()
-
-    def run(self) -> None:
-        try:
-            with Client(self.endpoints, idle_timeout=120, connect_timeout=30) as client:
-                for event in client.generate("slow", self.prompt, max_tokens=self.max_tokens, temperature=0.0):
-                    if isinstance(event, TokenEvent):
-                        self.indexes.append(event.index)
-                        self.tokens += event.token_ids
-                        if len(self.tokens) >= 2:
-                            self.flowing.set()
-                    elif isinstance(event, Completion):
-                        self.done = event
-        except BaseException as exc:  # noqa: BLE001 - reported by the test's assertions
-            self.error = exc
-        finally:
-            self.flowing.set()
+def ZmqStream(endpoints: str, prompt: str, max_tokens: int = MAX_TOKENS) -> streams.ZmqStream:
+    """A greedy stream through a client given every controller's endpoint (it follows the leader)."""
+    return streams.ZmqStream(lambda: Client(endpoints, idle_timeout=120, connect_timeout=30), prompt, max_tokens)
 
 
-class HttpStream(threading.Thread):
-    def __init__(self, base: str, prompt: str) -> None:
-        super().__init__(daemon=True)
-        self.base, self.prompt = base, prompt
-        self.tokens: list[int] = []
-        self.finish_reason = ""
-        self.error: BaseException | None = None
-        self.flowing = threading.Event()
-
-    def run(self) -> None:
-        body = {"model": "slow", "prompt": self.prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
-                "return_token_ids": True}
-        try:
-            with httpx.stream("POST", f"{self.base}/v1/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    choices = json.loads(line[len("data: "):])["choices"]
-                    if choices:
-                        self.tokens += choices[0].get("token_ids", [])
-                        self.finish_reason = choices[0].get("finish_reason") or self.finish_reason
-                    if len(self.tokens) >= 2:
-                        self.flowing.set()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test's assertions
-            self.error = exc
-        finally:
-            self.flowing.set()
+def HttpStream(base: str, prompt: str) -> streams.HttpStream:
+    return streams.HttpStream(base, prompt, MAX_TOKENS)
 
 
 def ask_hello(endpoint: str) -> Any:
